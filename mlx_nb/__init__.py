@@ -1,0 +1,19 @@
+"""mlx_nb: distributed MLX from the notebook.
+
+``Cluster`` starts MLX ranks as ipyparallel engines; ``%load_ext mlx_nb`` adds
+``%mlx_cluster`` and ``%%mlx_dist``.
+"""
+
+__version__ = "0.1.0"
+
+from .cluster import Cluster, ClusterError  # noqa: E402
+from .run import CellResult, DistCellError  # noqa: E402
+
+
+def load_ipython_extension(ipython) -> None:
+    from .magics import MLXMagics
+
+    ipython.register_magics(MLXMagics)
+
+
+__all__ = ["Cluster", "ClusterError", "CellResult", "DistCellError", "load_ipython_extension"]

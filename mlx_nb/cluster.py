@@ -1,0 +1,384 @@
+"""Cluster: an ipyparallel controller plus one engine per MLX rank, bound into one group.
+
+    with Cluster(n=4) as c:
+        c.run("print(mx.distributed.all_sum(mx.array([rank])))")
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence, Union
+
+import ipyparallel as ipp
+import psutil
+
+from . import engine, hostfile
+
+BACKENDS = ("ring", "jaccl", "jaccl-ring", "mpi", "nccl")
+# what every local engine gets on top of the notebook's environment
+ENGINE_ENV = {"MPLBACKEND": "Agg", "PYTHONUNBUFFERED": "1"}
+
+
+class ClusterError(RuntimeError):
+    """The cluster could not start, or a rank is not usable; the message says which and why."""
+
+
+@dataclass
+class RankInfo:
+    rank: int
+    engine_id: int
+    host: str = ""
+    pid: int = 0
+    device: str = ""
+    mlx: str = ""
+    active_memory: int = 0
+    peak_memory: int = 0
+    state: str = "starting"
+
+
+@dataclass
+class SetupCell:
+    code: str
+    push: dict = field(default_factory=dict)
+
+
+class Cluster:
+    """``n`` local MLX ranks (ipyparallel engines) bound into one ``mx.distributed`` group.
+
+    Example::
+
+        c = Cluster(n=4).start()
+        c.run("x = mx.distributed.all_sum(mx.array([rank]))\\nx")
+        c.stop()
+    """
+
+    def __init__(
+        self,
+        n: int = 4,
+        backend: str = "ring",
+        *,
+        env: Optional[dict[str, str]] = None,
+        start_timeout: float = 60.0,
+        init_timeout: float = 60.0,
+        grace: float = 3.0,
+        spares: bool = True,
+    ) -> None:
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be a positive number of ranks, got {n!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+        if backend != "ring":
+            raise ValueError(
+                f"backend {backend!r} needs a hostfile; a local cluster runs the ring backend"
+            )
+        self.n, self.backend = n, backend
+        self.env = dict(env or {})
+        self.start_timeout, self.init_timeout, self.grace = start_timeout, init_timeout, grace
+        self.ranks: list[RankInfo] = []
+        self.setup_cells: list[SetupCell] = []
+        self.spares = spares
+        self.client: Optional[ipp.Client] = None
+        self._engines: dict[int, dict] = {}  # engine id -> identify() of every engine seen
+        self._generation = 0
+        self._tag: Optional[str] = None  # engine set tag of the ranks in use
+        self._spare: Optional[str] = None  # tag of the warm spare set
+        self._ipp: Optional[ipp.Cluster] = None
+        self._cell_count = 0
+        self.on_message: Callable[[str], None] = print
+
+    # ---------------------------------------------------------------- lifecycle
+    def __enter__(self) -> "Cluster":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    @property
+    def running(self) -> bool:
+        return self._ipp is not None
+
+    def start(self) -> "Cluster":
+        """Start the controller and the ranks, form the group and check it."""
+        if self.running:
+            raise ClusterError("this cluster is already running: stop() it first")
+        self._ipp = ipp.Cluster(
+            n=0, controller_ip="127.0.0.1", log_level=40, shutdown_atexit=True
+        )
+        try:
+            self._ipp.start_controller_sync()
+            self.client = self._ipp.connect_client_sync()
+            self._start_ranks()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        """Stop every engine and the controller; nothing is left running."""
+        if self._ipp is None:
+            return
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+        self._kill_ranks()
+        if self._spare:
+            self._tag, self._spare = self._spare, None
+            self._kill_ranks()
+        procs = []
+        if self._ipp.controller is not None:
+            procs += _process_tree(self._ipp.controller.pid)
+        try:
+            self._ipp.stop_cluster_sync()
+        finally:
+            self._ipp = None
+            self.ranks, self._tag, self._spare, self._engines = [], None, None, {}
+            # engines' nannies and the controller's schedulers exit a moment after their parents
+            _, alive = psutil.wait_procs(procs, timeout=5)
+            for p in alive:
+                p.kill()
+
+    def restart(self, reason: str = "restart requested") -> float:
+        """New rank processes, a new group, and the setup cells replayed.
+
+        Returns the seconds the replay took.
+        """
+        self._require_running()
+        self._kill_ranks()
+        self._start_ranks()
+        return self.replay_setup()
+
+    # ------------------------------------------------------------------- ranks
+    def _require_running(self) -> None:
+        if not self.running:
+            raise ClusterError("the cluster is not running: start it first (%mlx_cluster start)")
+
+    def _spawn(self) -> str:
+        """Start one engine process per rank (not yet a group); return the set's tag."""
+        self._generation += 1
+        tag = f"g{self._generation}"
+        for rank in range(self.n):
+            env = {**ENGINE_ENV, **self.env, "MLX_RANK": str(rank), "MLX_NB_SET": tag}
+            self._ipp.start_engines_sync(n=1, engine_set_id=f"{tag}-rank{rank}", environment=env)
+        return tag
+
+    def _start_ranks(self) -> None:
+        """Bind a set of engines into a group: the warm spare set if there is one."""
+        tag = self._spare or self._spawn()
+        self._spare = None
+        self._tag = tag
+        found = self._wait_for_set(tag)
+        self.ranks = [
+            RankInfo(r, found[r]["engine_id"], found[r]["host"], found[r]["pid"]) for r in range(self.n)
+        ]
+        launches = hostfile.ring_launch(hostfile.local(self.n), hostfile.free_ports(self.n))
+        self._init_group({launch.rank: launch.files for launch in launches})
+        if self.spares:
+            # the next restart takes these: new processes are the slow part of recovery
+            self._spare = self._spawn()
+
+    def _wait_for_set(self, tag: str) -> dict[int, dict]:
+        deadline = time.monotonic() + self.start_timeout
+        while True:
+            new = [eid for eid in self.client.ids if eid not in self._engines]
+            if new:
+                infos = self.client[new].apply_async(engine.identify).get(timeout=self.start_timeout)
+                for eid, info in zip(new, infos):
+                    self._engines[eid] = {**info, "engine_id": eid}
+            found = {
+                e["rank"]: e for eid, e in self._engines.items()
+                if e["set"] == tag and eid in self.client.ids
+            }
+            if len(found) == self.n:
+                return found
+            dead = self._dead_ranks(tag)
+            if dead:
+                raise ClusterError(self._engine_failed_message(tag, dead))
+            if time.monotonic() > deadline:
+                raise ClusterError(
+                    f"only {len(found)} of {self.n} engines registered within "
+                    f"{self.start_timeout:.0f} s; engine logs are in {self._ipp.profile_dir}/log"
+                )
+            time.sleep(0.05)
+
+    def _init_group(self, files: dict[int, dict]) -> None:
+        # mx.distributed.init is collective: start it on every rank, then wait for all
+        ars = {
+            r.rank: self.client[r.engine_id].apply_async(
+                engine.init_group, self.backend, self.n, files[r.rank]
+            )
+            for r in self.ranks
+        }
+        deadline = time.monotonic() + self.init_timeout
+        for rank, ar in ars.items():
+            try:
+                info = ar.get(timeout=max(0.1, deadline - time.monotonic()))
+            except ipp.error.TimeoutError:
+                waiting = [k for k, a in ars.items() if not a.ready()]
+                raise ClusterError(
+                    f"mx.distributed.init(backend={self.backend!r}) did not complete within "
+                    f"{self.init_timeout:.0f} s on rank(s) {_ranges(waiting)}: the ranks could "
+                    "not reach each other (a port in the ring hostfile taken or blocked?)"
+                ) from None
+            except ipp.RemoteError as e:
+                raise ClusterError(
+                    f"mx.distributed.init failed on rank {rank}: {e.ename}: {e.evalue}"
+                ) from None
+            r = self.ranks[rank]
+            r.device, r.mlx, r.state = info["device"], info["mlx"], "idle"
+        values = self.client[[r.engine_id for r in self.ranks]].apply_async(
+            engine.check_group
+        ).get(timeout=self.init_timeout)
+        want = self.n * (self.n + 1) / 2
+        wrong = [r for r, v in enumerate(values) if v != want]
+        if wrong:
+            raise ClusterError(
+                f"the group check failed: all_sum gave {values} (expected {want} on every rank)"
+            )
+
+    def _launchers(self, rank: int, tag: Optional[str] = None) -> list:
+        engine_set = self._ipp.engines.get(f"{tag or self._tag}-rank{rank}") if self._ipp else None
+        return list(engine_set.launchers.values()) if engine_set else []
+
+    def _dead_ranks(self, tag: Optional[str] = None) -> list[int]:
+        """Ranks whose engine process has exited."""
+        dead = []
+        for rank in range(self.n):
+            launchers = self._launchers(rank, tag)
+            if not launchers or any(el.state != "running" for el in launchers):
+                dead.append(rank)
+        return dead
+
+    def _engine_failed_message(self, tag: str, dead: list[int]) -> str:
+        out = []
+        for rank in dead:
+            engine_set = self._ipp.engines.get(f"{tag}-rank{rank}")
+            text = engine_set.get_output() if engine_set else ""
+            out.append(f"rank {rank}: engine exited" + (f"\n{text.strip()[-2000:]}" if text else ""))
+        return "engine(s) failed to start:\n" + "\n".join(out)
+
+    def _kill_ranks(self) -> None:
+        """Kill the ranks' processes (and their nannies) and forget their engine sets."""
+        # a rank blocked in a native collective ignores SIGTERM: kill outright
+        if self._ipp is None or self._tag is None:
+            return
+        procs = []
+        for rank in range(self.n):
+            for el in self._launchers(rank):
+                procs.extend(_process_tree(el.pid))
+        for p in procs:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(procs, timeout=5)
+        for rank in range(self.n):
+            set_id = f"{self._tag}-rank{rank}"
+            if set_id in self._ipp.engines:
+                self._ipp.stop_engines_sync(set_id)
+        self._tag = None
+
+    def signal(self, sig: int, ranks: Optional[Sequence[int]] = None) -> None:
+        """Send a signal to the engine processes of ``ranks`` (default all)."""
+        for rank in ranks if ranks is not None else range(self.n):
+            for el in self._launchers(rank):
+                el.signal(sig)
+
+    # ------------------------------------------------------------------- cells
+    @property
+    def view(self) -> ipp.DirectView:
+        """A DirectView on every rank, in rank order."""
+        self._require_running()
+        return self.client[[r.engine_id for r in self.ranks]]
+
+    def run(self, code: str, **kwargs) -> "Any":
+        """Run ``code`` SPMD on every rank; see :func:`mlx_nb.run.run_cell`."""
+        from .run import run_cell
+
+        return run_cell(self, code, **kwargs)
+
+    def next_cell_id(self) -> int:
+        self._cell_count += 1
+        return self._cell_count
+
+    def push(self, values: dict, ranks: Optional[Sequence[int]] = None) -> None:
+        """Send ``values`` into the cell namespace of every rank (or of ``ranks``)."""
+        self._require_running()
+        targets = [self.ranks[r].engine_id for r in (ranks if ranks is not None else range(self.n))]
+        self.client[targets].apply_sync(engine.push, values)
+
+    def pull(self, name: str, ranks: Union[int, Sequence[int], str] = 0) -> Any:
+        """A rank's value of ``name`` (rank 0 by default); a list for several ranks."""
+        self._require_running()
+        if isinstance(ranks, int):
+            return self.client[self.ranks[ranks].engine_id].apply_sync(engine.pull_value, name)
+        targets = range(self.n) if ranks == "all" else ranks
+        return self.client[[self.ranks[r].engine_id for r in targets]].apply_sync(
+            engine.pull_value, name
+        )
+
+    def replay_setup(self) -> float:
+        """Run the registered setup cells again, in order; return the seconds it took."""
+        t0 = time.perf_counter()
+        for i, cell in enumerate(self.setup_cells):
+            result = self.run(cell.code, push=cell.push, quiet=True, register=False)
+            if not result.ok:
+                raise ClusterError(
+                    f"replaying setup cell {i + 1} of {len(self.setup_cells)} failed:\n"
+                    + result.error_text()
+                )
+        return time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ status
+    def status(self) -> list[RankInfo]:
+        """Each rank's host, pid, device, memory and state (idle / busy / dead)."""
+        self._require_running()
+        dead = set(self._dead_ranks())
+        queues = self.client.queue_status()
+        idle = []
+        for r in self.ranks:
+            q = queues.get(r.engine_id, {})
+            if r.rank in dead:
+                r.state = "dead"
+            elif not isinstance(q, dict):
+                r.state = "lost"
+            else:
+                r.state = "busy" if q.get("tasks", 0) or q.get("queue", 0) else "idle"
+                if r.state == "idle":
+                    idle.append(r)
+        if idle and len(idle) == len(self.ranks):
+            try:
+                infos = self.client[[r.engine_id for r in idle]].apply_async(engine.describe).get(
+                    timeout=5
+                )
+                for r, info in zip(idle, infos):
+                    r.active_memory, r.peak_memory = info["active_memory"], info["peak_memory"]
+            except Exception:
+                pass
+        return self.ranks
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped"
+        return f"<mlx_nb.Cluster n={self.n} backend={self.backend!r} {state}>"
+
+
+def _process_tree(pid: int) -> list:
+    try:
+        p = psutil.Process(pid)
+        return [p, *p.children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
+def _ranges(ranks: Sequence[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2,5'"""
+    ranks = sorted(set(ranks))
+    out, i = [], 0
+    while i < len(ranks):
+        j = i
+        while j + 1 < len(ranks) and ranks[j + 1] == ranks[j] + 1:
+            j += 1
+        out.append(str(ranks[i]) if i == j else f"{ranks[i]}-{ranks[j]}")
+        i = j + 1
+    return ",".join(out)

@@ -1,0 +1,600 @@
+"""MLX hostfiles: parse, validate, and turn into per-rank launch environments.
+
+Mirrors ``mlx._distributed_utils`` (the code behind ``mlx.launch``): a hostfile
+``mlx.launch`` accepts works here and gives each rank the same environment, and
+one it rejects is rejected with the same reason, followed by the host and field
+at fault and what to do. Pure: no I/O beyond reading the hostfile (and printing,
+in ``check_main``).
+
+    hf = load("m3-ultra-jaccl.json")
+    print(describe(hf))
+    launches = rank_launch(hf, "jaccl")
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import json
+import socket
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Union
+
+BACKENDS = ("ring", "mpi", "nccl", "jaccl", "jaccl-ring")
+# mlx.launch's argparse defaults
+STARTING_PORT = 32323
+NCCL_PORT = 12345
+
+Rdma = Optional[Union[str, list[str]]]
+
+
+class HostfileError(ValueError):
+    """A hostfile (or host list) that cannot describe a cluster."""
+
+
+@dataclass
+class Host:
+    """One rank: the host to ssh into, its IPs, and its RDMA device towards each rank."""
+
+    rank: int
+    ssh_hostname: str
+    ips: list[str] = field(default_factory=list)
+    rdma: list[Rdma] = field(default_factory=list)
+
+
+@dataclass
+class Hostfile:
+    """The ranks in order, plus the backend and "NAME=value" envs the hostfile names."""
+
+    hosts: list[Host]
+    backend: str = ""
+    envs: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {
+            "backend": self.backend,
+            "envs": self.envs,
+            "hosts": [{"ssh": h.ssh_hostname, "ips": h.ips, "rdma": h.rdma} for h in self.hosts],
+        }
+
+
+@dataclass
+class RankLaunch:
+    """What one rank needs at process start, as ``mlx.launch`` would give it.
+
+    ``env`` is set as is; each entry of ``files`` names an environment variable
+    whose value must be the path of a file holding the given content (MLX reads
+    ``MLX_HOSTFILE`` and ``MLX_IBV_DEVICES`` that way; ``mlx.launch`` writes the
+    content with ``echo``, so its files end with one extra newline).
+    """
+
+    rank: int
+    host: str
+    env: dict[str, str]
+    files: dict[str, str] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------- reading
+def _fail(source: str, what: str) -> HostfileError:
+    return HostfileError(
+        f"Failed to parse hostfile {source}: {what}. A hostfile is a JSON list of hosts "
+        '[{"ssh": "mac1", "ips": ["192.168.1.2"], "rdma": [...]}, ...] or the object '
+        'mlx.distributed_config writes {"backend": ..., "envs": [...], "hosts": [...]}.'
+    )
+
+
+def _typo(source: str, obj: dict, known: tuple[str, ...], where: str) -> None:
+    # mlx.launch ignores unknown keys, so "ip" for "ips" fails later with a confusing reason
+    for key in obj:
+        close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+        if key not in known and close:
+            raise _fail(source, f'{where} has a field "{key}": did you mean "{close[0]}"?')
+
+
+def _check_env(entry: object, where: str) -> None:
+    if not isinstance(entry, str):
+        raise HostfileError(
+            f'{where}: {entry!r} is not a string; each environment entry is "NAME=value".'
+        )
+    name = entry.split("=", 1)[0]
+    if not name or not all(c.isalnum() or c == "_" for c in name):
+        raise HostfileError(
+            f"{where}: '{entry}' is an invalid environment variable (mlx.launch ignores it "
+            "with a warning); use NAME=value with a name of letters, digits and _."
+        )
+
+
+def _host(source: str, i: int, raw: object) -> Host:
+    if not isinstance(raw, dict):
+        raise _fail(
+            source,
+            f"host entry {i} is a {type(raw).__name__} ({raw!r}), not an object; "
+            f'write it as {{"ssh": {json.dumps(raw if isinstance(raw, str) else "hostname")}}}',
+        )
+    _typo(source, raw, ("ssh", "ips", "rdma"), f"host entry {i}")
+    ssh = raw.get("ssh")
+    if not isinstance(ssh, str) or not ssh.strip():
+        got = "is missing" if "ssh" not in raw else f"is {ssh!r}"
+        raise _fail(
+            source,
+            f'"ssh" of host entry {i} ({json.dumps(raw)}) {got}; it must be the hostname to ssh into',
+        )
+    name = f"host '{ssh}' (rank {i})"
+    ips = raw.get("ips", [])
+    if not isinstance(ips, list) or not all(isinstance(ip, str) and ip for ip in ips):
+        raise _fail(
+            source, f'"ips" of {name} is {ips!r}; it must be a list of IP strings, e.g. ["192.168.1.2"]'
+        )
+    rdma = raw.get("rdma", [])
+    ok = isinstance(rdma, list) and all(
+        d is None
+        or (isinstance(d, str) and d)
+        or (isinstance(d, list) and d and all(isinstance(x, str) and x for x in d))
+        for d in rdma
+    )
+    if not ok:
+        raise _fail(
+            source,
+            f'"rdma" of {name} is {rdma!r}; it must be a list with one entry per rank: '
+            "null, a device name, or a list of device names",
+        )
+    return Host(i, ssh, ips, rdma)
+
+
+def loads(text: str, source: str = "<string>") -> Hostfile:
+    """Parse hostfile JSON text; ``source`` names it in errors.
+
+    >>> loads('[{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}]').hosts[0].ips
+    ['127.0.0.1']
+    """
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise _fail(
+            source,
+            f"invalid JSON at line {e.lineno}, column {e.colno} ({e.msg}; a trailing "
+            "or missing comma or quote is the usual cause)",
+        ) from None
+    backend, envs = "", []
+    if isinstance(data, dict):
+        _typo(source, data, ("backend", "envs", "hosts"), "the top-level object")
+        if "hosts" not in data:
+            raise _fail(source, 'the object has no "hosts" list')
+        backend, envs, data = data.get("backend", ""), data.get("envs", []), data["hosts"]
+        if not isinstance(backend, str):
+            raise _fail(source, f'"backend" is {backend!r}; it must be one of {set(BACKENDS)}')
+        if not isinstance(envs, list):
+            raise _fail(source, f'"envs" is {envs!r}; it must be a list like ["NAME=value"]')
+        for e in envs:
+            _check_env(e, f'Hostfile {source}, "envs"')
+    if not isinstance(data, list):
+        raise _fail(source, f"the hosts are a {type(data).__name__}, not a list")
+    if not data:
+        raise _fail(source, "it lists no hosts; add one entry per rank")
+    return Hostfile([_host(source, i, h) for i, h in enumerate(data)], backend, envs)
+
+
+def load(path: Union[str, Path]) -> Hostfile:
+    """Read and parse the hostfile at ``path`` (either MLX form).
+
+    >>> hf = load("hosts.json")  # doctest: +SKIP
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise HostfileError(
+            f"Hostfile {p} doesn't exist. Check the path, or write one with "
+            "mlx.distributed_config --output-hostfile."
+        )
+    return loads(p.read_text(), str(p))
+
+
+def from_hosts(hostlist: str, repeats: int = 1) -> Hostfile:
+    """Hosts from ``--hosts h1,h2`` and ``-n repeats``, as ``mlx.launch`` builds them.
+
+    A host that is an IP address is also its only IP; each host is repeated
+    ``repeats`` times in a row.
+
+    >>> [h.ips for h in from_hosts("127.0.0.1", 2).hosts]
+    [['127.0.0.1'], ['127.0.0.1']]
+    """
+    if not isinstance(repeats, int) or repeats < 1:
+        raise HostfileError(f"Number should be positive: repeats (-n) is {repeats!r}; use 1 or more.")
+    hosts: list[Host] = []
+    for name in (h.strip() for h in hostlist.split(",")):
+        if not name:
+            raise HostfileError(
+                f"Hostname cannot be empty: the host list {hostlist!r} has an empty entry; "
+                "write it as h1,h2 with no empty names."
+            )
+        try:
+            ipaddress.ip_address(name)
+            ips = [name]
+        except ValueError:
+            ips = []
+        hosts += [Host(len(hosts) + k, name, list(ips), []) for k in range(repeats)]
+    return Hostfile(hosts)
+
+
+def local(n: int, ip: str = "127.0.0.1") -> Hostfile:
+    """A ring hostfile of ``n`` ranks on this machine, all on ``ip``."""
+    if n < 1:
+        raise HostfileError(f"A cluster needs at least 1 rank, got n={n}")
+    return Hostfile([Host(i, "localhost", [ip], []) for i in range(n)], "ring")
+
+
+# --------------------------------------------------------------- validation
+def _name(h: Host) -> str:
+    return f"host '{h.ssh_hostname}' (rank {h.rank})"
+
+
+def rdma_devices(d: Rdma) -> list[str]:
+    """The device names of one "rdma" entry: null, a name, or a list of names (one per cable)."""
+    return [] if d is None else [d] if isinstance(d, str) else list(d)
+
+
+def _ring_pairs(n: int, i: int) -> list[int]:
+    return sorted({(i - 1) % n, (i + 1) % n} - {i})
+
+
+def resolve_backend(hostfile: Hostfile, backend: Optional[str] = None) -> str:
+    """The backend ``mlx.launch`` would use: ``backend``, else the hostfile's, else nccl with CUDA or ring."""
+    chosen = backend or hostfile.backend
+    if not chosen:
+        import mlx.core as mx
+
+        return "nccl" if mx.cuda.is_available() else "ring"
+    if chosen not in BACKENDS:
+        origin = "backend argument" if backend else 'hostfile\'s "backend" field'
+        close = difflib.get_close_matches(chosen, BACKENDS, n=1)
+        hint = f"did you mean '{close[0]}'?" if close else "pick one of them."
+        raise HostfileError(
+            "The backend should be one of {'ring', 'mpi', 'nccl', 'jaccl', 'jaccl-ring'}: "
+            f"the {origin} is {chosen!r}; {hint}"
+        )
+    return chosen
+
+
+def _loopback(ip: str) -> bool:
+    # MLX's ring resolves names too, so "ips" may hold a hostname
+    try:
+        return ipaddress.ip_address(ip).is_loopback
+    except ValueError:
+        return ip == "localhost"
+
+
+def _check_ring(hosts: list[Host]) -> None:
+    missing = [h for h in hosts if not h.ips]
+    if missing:
+        raise HostfileError(
+            "The ring backend requires IPs to be provided instead of hostnames: "
+            f"{', '.join(map(_name, missing))} {'has' if len(missing) == 1 else 'have'} no \"ips\". "
+            'Add the address each rank listens on, e.g. "ips": ["192.168.1.2"] '
+            "(mlx.distributed_config --over ethernet finds them)."
+        )
+    owner: dict[str, Host] = {}
+    for h in hosts:
+        for ip in h.ips:
+            o = owner.setdefault(ip, h)
+            if o.ssh_hostname != h.ssh_hostname and not _loopback(ip):
+                raise HostfileError(
+                    f'The ring backend listens on each rank\'s "ips": {ip} is listed for both '
+                    f"{_name(o)} and {_name(h)}, but an address belongs to one machine. "
+                    "Give each host its own address (or the same ssh name if it is one machine)."
+                )
+
+
+def _check_coordinator(hosts: list[Host], backend: str) -> None:
+    if not hosts[0].ips:
+        raise HostfileError(
+            "Rank 0 should have an IP reachable from all other ranks: "
+            f'{_name(hosts[0])} has no "ips", and the {backend} backend uses its first IP as '
+            'the coordinator. Add it, e.g. "ips": ["192.168.1.2"].'
+        )
+
+
+def _check_jaccl(hosts: list[Host], backend: str) -> None:
+    _check_coordinator(hosts, backend)
+    n = len(hosts)
+    bad = [h for h in hosts if len(h.rdma) != n]
+    if bad:
+        raise HostfileError(
+            "The hostfile is malformed: number of RDMA devices does not match hosts: "
+            + ", ".join(
+                f'{_name(h)} has {len(h.rdma)} "rdma" entr{"y" if len(h.rdma) == 1 else "ies"}'
+                for h in bad
+            )
+            + f' for {n} hosts. Each rank\'s "rdma" has one entry per rank, in rank order: '
+            "null for itself and the device that reaches each other rank."
+        )
+    selfs = [h for h in hosts if h.rdma[h.rank] is not None]
+    if selfs:
+        raise HostfileError(
+            "The hostfile is malformed: RDMA device of self should be null: "
+            + ", ".join(f'{_name(h)} has "rdma"[{h.rank}] = {h.rdma[h.rank]!r}' for h in selfs)
+            + "; entry i of rank i's list is the rank itself, so set it to null."
+        )
+    ring = backend == "jaccl-ring"
+    missing = [
+        (i, j)
+        for i in range(n)
+        for j in (_ring_pairs(n, i) if ring else range(n))
+        if i != j and hosts[i].rdma[j] is None
+    ]
+    if missing:
+        pairs = ", ".join(f"{hosts[i].ssh_hostname} to {hosts[j].ssh_hostname}" for i, j in missing[:3])
+        if len(missing) > 3:
+            pairs += f" and {len(missing) - 3} more"
+        i, j = missing[0]
+        need = "its two ring neighbours" if ring else "every other rank (a full mesh)"
+        raise HostfileError(
+            f"The hostfile is malformed: no RDMA device is listed for {pairs}: "
+            f'{_name(hosts[i])} has "rdma"[{j}] = null, but {backend} needs a device towards '
+            f"{need}. Add the device (ibv_devices on that host lists them)"
+            + (", or use jaccl-ring if the Macs are cabled as a ring." if not ring else ".")
+        )
+    for i, h in enumerate(hosts):
+        peers = _ring_pairs(n, i) if ring else [j for j in range(n) if j != i]
+        used = Counter(d for j in peers for d in rdma_devices(h.rdma[j]))
+        twice = [d for d, c in used.items() if c > 1]
+        if twice:
+            raise HostfileError(
+                f'{_name(h)} lists RDMA device {twice[0]} in "rdma" for more than one peer, '
+                "but a Thunderbolt port is cabled to one peer. Give each peer its own device."
+            )
+        for j in peers:
+            mine, theirs = rdma_devices(h.rdma[j]), rdma_devices(hosts[j].rdma[i])
+            if len(mine) != len(theirs):
+                raise HostfileError(
+                    f'{_name(h)} lists {len(mine)} RDMA device(s) in "rdma"[{j}] towards '
+                    f"'{hosts[j].ssh_hostname}', but {_name(hosts[j])} lists {len(theirs)} in "
+                    f'"rdma"[{i}] back; the k-th device on each side must be the two ends of '
+                    "the k-th cable, so list the same number on both."
+                )
+    seen: dict[str, Host] = {}
+    for h in hosts:
+        o = seen.setdefault(h.ssh_hostname, h)
+        if o is not h:
+            raise HostfileError(
+                f"{backend} connects ranks over RDMA cables between Macs, but ssh host "
+                f"'{h.ssh_hostname}' is both rank {o.rank} and rank {h.rank}. "
+                "List each Mac once, or use the ring backend to run several ranks on one machine."
+            )
+
+
+def _gpus(hosts: list[Host], repeat_hosts: int) -> None:
+    seen: dict[tuple[str, int], Host] = {}
+    for h in hosts:
+        o = seen.setdefault((h.ssh_hostname, h.rank % repeat_hosts), h)
+        if o is not h:
+            per_host = Counter(x.ssh_hostname for x in hosts)[h.ssh_hostname]
+            raise HostfileError(
+                f"The nccl backend gives rank r CUDA_VISIBLE_DEVICES=r % repeat_hosts, so on "
+                f"ssh host '{h.ssh_hostname}' rank {o.rank} and rank {h.rank} would share GPU "
+                f"{h.rank % repeat_hosts} (repeat_hosts={repeat_hosts}). Pass repeat_hosts="
+                f"{per_host} (mlx.launch -n {per_host}) with the host's ranks listed in a row."
+            )
+
+
+def validate(hostfile: Hostfile, backend: Optional[str] = None, *, repeat_hosts: int = 1) -> str:
+    """Check ``hostfile`` for ``backend`` with ``mlx.launch``'s rules and more; return the backend.
+
+    >>> validate(from_hosts("127.0.0.1", 2), "ring")
+    'ring'
+    """
+    backend = resolve_backend(hostfile, backend)
+    hosts = hostfile.hosts
+    if not hosts:
+        raise HostfileError("The hostfile lists no hosts; add one entry per rank.")
+    for e in hostfile.envs:
+        _check_env(e, 'Hostfile "envs"')
+    if backend == "ring":
+        _check_ring(hosts)
+    elif backend == "nccl":
+        _check_coordinator(hosts, backend)
+        _gpus(hosts, repeat_hosts)
+    elif backend in ("jaccl", "jaccl-ring"):
+        _check_jaccl(hosts, backend)
+    return backend
+
+
+# ----------------------------------------------------------- environments
+def _env_dict(entries: list[str], where: str) -> dict[str, str]:
+    out = {}
+    for e in entries:
+        _check_env(e, where)
+        name, _, value = e.partition("=")
+        out[name] = value
+    return out
+
+
+def rank_launch(
+    hostfile: Hostfile,
+    backend: Optional[str] = None,
+    *,
+    starting_port: int = STARTING_PORT,
+    ports: Optional[list[int]] = None,
+    connections_per_ip: int = 1,
+    env: Optional[Union[dict[str, str], list[str]]] = None,
+    nccl_port: int = NCCL_PORT,
+    repeat_hosts: int = 1,
+) -> list[RankLaunch]:
+    """Per-rank environment and files, exactly as ``mlx.launch --backend BACKEND`` sets them.
+
+    Every rank gets the hostfile's ``envs`` then ``env`` (a dict or "K=V" list), then:
+
+    - ring: ``MLX_RANK``, file ``MLX_HOSTFILE`` (per rank a list of "ip:port", one per
+      IP and connection, ports counting up from ``starting_port``; empty for one rank).
+    - jaccl, jaccl-ring: ``MLX_RANK``, ``MLX_JACCL_COORDINATOR`` (rank 0's first IP and
+      ``starting_port``), ``MLX_JACCL_RING=1`` for jaccl-ring, file ``MLX_IBV_DEVICES``
+      (the rdma matrix).
+    - nccl: ``MLX_RANK``, ``NCCL_HOST_IP`` (rank 0's first IP), ``NCCL_PORT``,
+      ``MLX_WORLD_SIZE``, ``CUDA_VISIBLE_DEVICES`` = rank % ``repeat_hosts``.
+    - mpi: only the envs: mpirun assigns ranks, filling each host's slots in the order of
+      ``mpirun_hostfile`` (ranks are listed in that order). Start the engines under
+      ``mpirun --hostfile FILE -x K=V ...``; ``mlx.launch --backend mpi`` itself fails on
+      Open MPI 4.1 (it passes ``--output :raw``). Where MLX should load a libmpi other
+      than libmpi.so/.dylib, put ``MLX_MPI_LIBNAME`` (and on macOS ``DYLD_LIBRARY_PATH``)
+      in ``env``, as mlx.launch does after probing ``ompi_info``.
+
+    ``ports`` replaces the counted ports: ring, one per (host, IP, connection); jaccl,
+    ``[coordinator port]``; nccl, ``[NCCL_PORT]``.
+
+    >>> [l.env["MLX_RANK"] for l in rank_launch(from_hosts("127.0.0.1", 2), "ring")]
+    ['0', '1']
+    """
+    backend = validate(hostfile, backend, repeat_hosts=repeat_hosts)
+    hosts = hostfile.hosts
+    extra = [f"{k}={v}" for k, v in env.items()] if isinstance(env, dict) else list(env or [])
+    base = _env_dict(hostfile.envs, 'Hostfile "envs"') | _env_dict(extra, "env")
+    if backend == "mpi":
+        order = list(Counter(h.ssh_hostname for h in hosts))
+        ranked = sorted(hosts, key=lambda h: order.index(h.ssh_hostname))
+        return [RankLaunch(r, h.ssh_hostname, dict(base)) for r, h in enumerate(ranked)]
+    files: dict[str, str] = {}
+    per_rank: list[dict[str, str]] = [{} for _ in hosts]
+    if backend == "ring":
+        needed = sum(len(h.ips) for h in hosts) * connections_per_ip
+        it = iter(ports if ports is not None else range(starting_port, starting_port + needed))
+        if ports is not None and len(ports) < needed:
+            raise HostfileError(
+                f"ring_launch got {len(ports)} ports but the ring needs {needed}: one per host, "
+                f"IP and connection (connections_per_ip={connections_per_ip})."
+            )
+        ring = [[f"{ip}:{next(it)}" for ip in h.ips for _ in range(connections_per_ip)] for h in hosts]
+        files["MLX_HOSTFILE"] = json.dumps(ring) if len(ring) > 1 else ""
+    elif backend == "nccl":
+        port = ports[0] if ports else nccl_port
+        base |= {
+            "NCCL_HOST_IP": hosts[0].ips[0],
+            "NCCL_PORT": str(port),
+            "MLX_WORLD_SIZE": str(len(hosts)),
+        }
+        per_rank = [{"CUDA_VISIBLE_DEVICES": str(r % repeat_hosts)} for r in range(len(hosts))]
+    else:
+        port = ports[0] if ports else starting_port
+        base["MLX_JACCL_COORDINATOR"] = f"{hosts[0].ips[0]}:{port}"
+        if backend == "jaccl-ring":
+            base["MLX_JACCL_RING"] = "1"
+        files["MLX_IBV_DEVICES"] = json.dumps([h.rdma for h in hosts])
+    return [
+        RankLaunch(
+            r,
+            h.ssh_hostname,
+            {k: v for k, v in (base | per_rank[r]).items() if k not in files} | {"MLX_RANK": str(r)},
+            dict(files),
+        )
+        for r, h in enumerate(hosts)
+    ]
+
+
+def ring_launch(
+    hostfile: Hostfile,
+    ports: list[int],
+    connections_per_ip: int = 1,
+    env: Optional[dict[str, str]] = None,
+) -> list[RankLaunch]:
+    """Per-rank environment for the ring backend, as ``mlx.launch --backend ring``.
+
+    ``ports`` holds one port per (host, ip, connection), in that order.
+    """
+    return rank_launch(hostfile, "ring", ports=ports, connections_per_ip=connections_per_ip, env=env)
+
+
+def mpirun_hostfile(hostfile: Hostfile) -> str:
+    """The Open MPI hostfile ``mlx.launch --backend mpi`` writes: ``host slots=N`` per ssh host.
+
+    >>> mpirun_hostfile(from_hosts("a,b", 2))
+    'a slots=2\\nb slots=2\\n'
+    """
+    return "".join(f"{h} slots={n}\n" for h, n in Counter(h.ssh_hostname for h in hostfile.hosts).items())
+
+
+def free_ports(n: int, ip: str = "127.0.0.1") -> list[int]:
+    """``n`` distinct TCP ports that are free on ``ip`` right now."""
+    socks, ports = [], []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((ip, 0))
+            socks.append(s)
+            ports.append(s.getsockname()[1])
+    finally:
+        for s in socks:
+            s.close()
+    return ports
+
+
+# ------------------------------------------------------------------ describe
+def describe(hostfile: Hostfile, backend: Optional[str] = None) -> str:
+    """A readable account of the cluster ``hostfile`` describes (validated first).
+
+    >>> print(describe(from_hosts("127.0.0.1", 2), "ring"))  # doctest: +ELLIPSIS
+    2 ranks on 1 host, backend ring
+    ...
+    """
+    origin = "" if backend else " (from the hostfile)" if hostfile.backend else " (mlx.launch's default)"
+    backend = validate(hostfile, backend)
+    hosts, n = hostfile.hosts, len(hostfile.hosts)
+    nhosts = len({h.ssh_hostname for h in hosts})
+    lines = [f"{n} rank{'s' * (n != 1)} on {nhosts} host{'s' * (nhosts != 1)}, backend {backend}{origin}"]
+    width = max(4, *(len(h.ssh_hostname) for h in hosts))
+    lines.append(f"  rank  {'host':<{width}}  ips")
+    lines += [f"  {h.rank:<4}  {h.ssh_hostname:<{width}}  {', '.join(h.ips) or '-'}" for h in hosts]
+    launches = rank_launch(hostfile, backend)
+    env0 = launches[0].env
+    if backend == "ring":
+        addrs = json.loads(launches[0].files["MLX_HOSTFILE"] or "[[]]")
+        order = [f"{h.ssh_hostname} ({', '.join(a)})" for h, a in zip(hosts, addrs)]
+        lines.append("ring order: " + " -> ".join(order + [hosts[0].ssh_hostname]))
+    elif backend in ("jaccl", "jaccl-ring"):
+        lines.append(f"coordinator: {env0['MLX_JACCL_COORDINATOR']} (rank 0's first IP)")
+        if backend == "jaccl-ring":
+            lines.append(
+                "ring order: " + " -> ".join([h.ssh_hostname for h in hosts] + [hosts[0].ssh_hostname])
+            )
+        lines.append("links (RDMA device at each end):")
+        pairs = {
+            tuple(sorted((i, j)))
+            for i in range(n)
+            for j in (_ring_pairs(n, i) if backend == "jaccl-ring" else range(n))
+            if i != j
+        }
+        for i, j in sorted(pairs):
+            a, b = rdma_devices(hosts[i].rdma[j]), rdma_devices(hosts[j].rdma[i])
+            lines.append(
+                f"  {hosts[i].ssh_hostname} {','.join(a)} <-> {','.join(b)} {hosts[j].ssh_hostname}"
+            )
+    elif backend == "nccl":
+        lines.append(f"coordinator: {env0['NCCL_HOST_IP']}:{env0['NCCL_PORT']} (rank 0's first IP)")
+        lines.append(
+            "GPUs: "
+            + ", ".join(
+                f"rank {l.rank} CUDA_VISIBLE_DEVICES={l.env['CUDA_VISIBLE_DEVICES']}" for l in launches
+            )
+        )
+    else:
+        lines.append("mpirun hostfile: " + mpirun_hostfile(hostfile).strip().replace("\n", ", "))
+        lines.append("ranks as mpirun numbers them: " + ", ".join(f"{l.rank} {l.host}" for l in launches))
+    if hostfile.envs:
+        lines.append("envs: " + " ".join(hostfile.envs))
+    return "\n".join(lines)
+
+
+def check_main(path: str, backend: Optional[str] = None) -> int:
+    """``mlx-nb hostfile check PATH``: print ``describe`` and warnings and return 0, or the error and 2."""
+    from .preflight import warnings
+
+    try:
+        hf = load(path)
+        text = describe(hf, backend)
+        notes = warnings(hf)
+    except HostfileError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(text)
+    for note in notes:
+        print(f"warning: {note}")
+    return 0

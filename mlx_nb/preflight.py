@@ -1,0 +1,391 @@
+"""Preflight: turn what a host's commands printed into findings about the cluster.
+
+Pure: the commands run elsewhere (``gather_command`` is one ``sh -c`` string to run on
+each host over SSH); these functions only read their output.
+
+    out = {h: ssh(h, gather_command()) for h in hosts}
+    for f in check_cluster(hostfile, out, "jaccl"):
+        print(f)
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import shlex
+from dataclasses import dataclass, field
+from typing import Optional
+
+from .hostfile import Hostfile, rdma_devices, resolve_backend
+
+MARK = "@@mlx_nb"
+NOT_FOUND = 127  # the shell's status for a command it cannot find
+JACCL_MACOS = (26, 2)  # RDMA over Thunderbolt arrived in macOS 26.2
+# set per rank by the launch, overriding the hostfile's "envs"
+LAUNCH_VARS = {"MLX_RANK", "MLX_HOSTFILE", "MLX_IBV_DEVICES", "MLX_JACCL_COORDINATOR", "MLX_JACCL_RING"}
+LAUNCH_VARS |= {"MLX_WORLD_SIZE", "NCCL_HOST_IP", "NCCL_PORT", "CUDA_VISIBLE_DEVICES"}
+RDMA_ENABLE = "start the Mac in recovery mode, run `rdma_ctl enable` in Terminal and reboot"
+_VERSIONS_PY = """import platform, sys
+from importlib import metadata
+print('python', platform.python_version())
+print('executable', sys.executable)
+for name in ('mlx', 'mlx_nb'):
+    try:
+        print(name, metadata.version(name))
+    except metadata.PackageNotFoundError:
+        print(name, '-')
+"""
+
+
+@dataclass
+class Finding:
+    """One result of a check on one host; ``status`` is ok, warn, fail or skip (could not run)."""
+
+    host: str
+    check: str
+    status: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"[{self.status}] {self.host} {self.check}: {self.message}"
+
+
+@dataclass
+class Section:
+    """What one gathered command printed (stdout and stderr) and its exit status."""
+
+    output: str
+    rc: int
+
+
+@dataclass
+class Interface:
+    """A network interface: its IPv4 addresses, whether it is up, and its bridge members."""
+
+    ipv4: list[str] = field(default_factory=list)
+    up: bool = False
+    members: list[str] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------ gather
+def gather_command(python: str = "python3") -> str:
+    """One ``sh -c`` command gathering everything ``check_host`` reads, in one SSH round trip.
+
+    Each section is ``@@mlx_nb NAME``, the command's output, then ``@@mlx_nb rc=STATUS``;
+    ``python`` is the interpreter the engines will run (its versions are reported).
+
+    >>> gather_command().startswith("sh -c ")
+    True
+    """
+    script = "\n".join(
+        [
+            f'm() {{ printf "{MARK} %s\\n" "$1"; shift; "$@" 2>&1; r=$?; printf "\\n{MARK} rc=%s\\n" $r; }}',
+            "ifs() { if command -v ifconfig >/dev/null 2>&1; then ifconfig -a; else ip -4 addr; fi; }",
+            "m uname uname -sm",
+            "m sw_vers sw_vers",
+            "m ibv_devices ibv_devices",
+            "m interfaces ifs",
+            f'm versions {shlex.quote(python)} -c "{_VERSIONS_PY}"',
+        ]
+    )
+    return "sh -c " + shlex.quote(script)
+
+
+def parse_gathered(text: str) -> dict[str, Section]:
+    """Split the output of ``gather_command`` into its sections."""
+    sections: dict[str, Section] = {}
+    name, lines = None, []
+    for line in text.replace("\r\n", "\n").split("\n"):
+        if line.startswith(MARK + " rc=") and name is not None:
+            sections[name] = Section("\n".join(lines).strip("\n"), int(line.split("=", 1)[1] or 0))
+            name, lines = None, []
+        elif line.startswith(MARK + " "):
+            name, lines = line[len(MARK) + 1 :].strip(), []
+        elif name is not None:
+            lines.append(line)
+    return sections
+
+
+# ------------------------------------------------------------------ parsers
+def parse_ibv_devices(text: str) -> list[str]:
+    """Device names listed by ``ibv_devices`` (the first column under the dashes)."""
+    lines = text.splitlines()
+    start = next((i + 1 for i, l in enumerate(lines) if l.strip().startswith("---")), len(lines))
+    return [l.split()[0] for l in lines[start:] if l.strip()]
+
+
+def parse_interfaces(text: str) -> dict[str, Interface]:
+    """Interfaces from ``ifconfig`` (macOS or Linux) or ``ip -4 addr`` output."""
+    out: dict[str, Interface] = {}
+    cur: Optional[Interface] = None
+    for line in text.splitlines():
+        head = re.match(
+            r"^(?:\d+:\s+)?([^\s:]+?)(?:@\S+)?:?\s+(?:flags=\S*<([^>]*)>|<([^>]*)>|Link encap)", line
+        )
+        if head and not line[0].isspace():
+            cur = out.setdefault(head.group(1), Interface())
+            flags = (head.group(2) or head.group(3) or "").split(",")
+            cur.up = "UP" in flags or "Link encap" in line
+            continue
+        if cur is None:
+            continue
+        words = line.split()
+        if words[:1] == ["inet"] and len(words) > 1:
+            cur.ipv4.append(words[1].removeprefix("addr:").split("/")[0])
+        elif words[:1] == ["member:"] and len(words) > 1:
+            cur.members.append(words[1])
+        elif words[:1] == ["status:"] and words[1:2] == ["inactive"]:
+            cur.up = False
+    return out
+
+
+def parse_sw_vers(text: str) -> dict[str, str]:
+    """``sw_vers`` fields: ProductName, ProductVersion, BuildVersion."""
+    return {
+        k.strip(): v.strip() for k, _, v in (l.partition(":") for l in text.splitlines()) if v.strip()
+    }
+
+
+def parse_versions(text: str) -> dict[str, str]:
+    """The versions section: python, executable, mlx and mlx_nb (``-`` when not installed)."""
+    return {k: v.strip() for k, _, v in (l.partition(" ") for l in text.splitlines()) if k and v}
+
+
+def rdma_interface(device: str) -> str:
+    """The network interface behind an RDMA device: ``rdma_en5`` -> ``en5``."""
+    return device.removeprefix("rdma_")
+
+
+def _is_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        return False
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", text)[:3])
+
+
+# ------------------------------------------------------------------ checks
+def _unavailable(s: dict[str, Section], name: str) -> Optional[str]:
+    if name not in s:
+        return f"no {name} output was gathered"
+    return f"{name} not found" if s[name].rc == NOT_FOUND else None
+
+
+def _macos(s: dict[str, Section], backend: str) -> tuple[str, str]:
+    if _unavailable(s, "sw_vers"):
+        system = s["uname"].output.strip() if "uname" in s else "unknown system"
+        return (
+            "skip",
+            f"cannot check the macOS version on this host ({system}): {_unavailable(s, 'sw_vers')}",
+        )
+    v = parse_sw_vers(s["sw_vers"].output)
+    version = v.get("ProductVersion", "?")
+    if backend.startswith("jaccl") and _version(version) < JACCL_MACOS:
+        return (
+            "fail",
+            f"macOS {version}: {backend} needs RDMA over Thunderbolt, which needs macOS 26.2 or later",
+        )
+    return "ok", f"{v.get('ProductName', 'macOS')} {version} ({v.get('BuildVersion', '?')})"
+
+
+def _rdma(s: dict[str, Section], wanted: list[str], label: str) -> tuple[str, str]:
+    if _unavailable(s, "ibv_devices"):
+        return "skip", f"cannot check RDMA on this host: {_unavailable(s, 'ibv_devices')}"
+    have = parse_ibv_devices(s["ibv_devices"].output)
+    absent = [d for d in wanted if d not in have]
+    if not have:
+        return "fail", f"RDMA is not enabled (ibv_devices lists no device): {RDMA_ENABLE}"
+    if absent:
+        return "fail", (
+            f'{", ".join(absent)} from "rdma" of {label} not present; ibv_devices lists '
+            f"{', '.join(have)}: fix the hostfile or the cabling"
+        )
+    return "ok", f"RDMA devices {', '.join(have)}"
+
+
+def _interfaces(s: dict[str, Section], ips: list[str], wanted: list[str], label: str) -> tuple[str, str]:
+    if _unavailable(s, "interfaces"):
+        return "skip", "cannot check interfaces on this host: neither ifconfig nor ip found"
+    ifaces = parse_interfaces(s["interfaces"].output)
+    have = sorted({ip for i in ifaces.values() for ip in i.ipv4})
+    problems = [
+        f'IP {ip} from "ips" of {label} is on no interface (this host has {", ".join(have) or "none"}): '
+        'ranks listen there, so fix "ips"'
+        for ip in ips
+        if ip not in have
+    ]
+    names = [rdma_interface(d) for d in wanted]
+    for d, name in zip(wanted, names):
+        if name not in ifaces:
+            problems.append(f"interface {name} (of {d}) does not exist")
+        elif not ifaces[name].ipv4:
+            problems.append(
+                f"interface {name} (of {d}) has no IPv4 address; mlx.distributed_config --auto-setup assigns one"
+            )
+    bridged = [m for i in ifaces.values() if i.up for m in i.members if m in names]
+    if problems:
+        return "fail", "; ".join(problems)
+    if bridged:
+        return "warn", (
+            f"{', '.join(bridged)} are in an active bridge (the Thunderbolt Bridge): take it down with "
+            "`sudo ifconfig bridge0 down`, as mlx.distributed_config does"
+        )
+    return "ok", f"{', '.join(ips + names) or 'nothing to check'} present"
+
+
+def _versions(s: dict[str, Section]) -> tuple[str, str]:
+    sec = s.get("versions")
+    v = parse_versions(sec.output) if sec else {}
+    if sec is None or sec.rc or "python" not in v:
+        why = sec.output.strip().splitlines()[-1] if sec and sec.output.strip() else "no versions output"
+        return "fail", f"cannot run the engines' Python on this host: {why}"
+    if v.get("mlx", "-") == "-":
+        return "fail", f"mlx is not installed for {v.get('executable', 'python')}: pip install mlx"
+    return (
+        "ok",
+        f"python {v['python']}, mlx {v['mlx']}, mlx_nb {v.get('mlx_nb', '-')} ({v.get('executable')})",
+    )
+
+
+def check_host(
+    hostfile: Hostfile, ssh_hostname: str, gathered: str, backend: Optional[str] = None
+) -> list[Finding]:
+    """Findings for the host ``ssh_hostname`` of ``hostfile`` from its ``gather_command`` output.
+
+    Checks: macos (version; 26.2+ for jaccl), rdma (for jaccl or when the host lists RDMA
+    devices: ibv_devices has them), interfaces (each "ips" address and each RDMA device's
+    interface has an IPv4 address; no active bridge over them), versions (the engines'
+    Python runs and has mlx).
+    """
+    backend = resolve_backend(hostfile, backend)
+    s = parse_gathered(gathered)
+    ranks = [h for h in hostfile.hosts if h.ssh_hostname == ssh_hostname]
+    if not ranks:
+        raise ValueError(f"{ssh_hostname!r} is not an ssh host of this hostfile")
+    label = ("ranks " if len(ranks) > 1 else "rank ") + ", ".join(str(h.rank) for h in ranks)
+    wanted = sorted(
+        {d for h in ranks for j, x in enumerate(h.rdma) if j != h.rank for d in rdma_devices(x)}
+    )
+    # "ips" may hold hostnames (MLX's ring resolves them); only addresses can be looked for
+    ips = sorted({ip for h in ranks for ip in h.ips if _is_address(ip)})
+    checks = {"macos": _macos(s, backend)}
+    if backend.startswith("jaccl") or wanted:
+        checks["rdma"] = _rdma(s, wanted, label)
+    checks["interfaces"] = _interfaces(s, ips, wanted, label)
+    checks["versions"] = _versions(s)
+    return [Finding(ssh_hostname, check, status, message) for check, (status, message) in checks.items()]
+
+
+def check_cluster(
+    hostfile: Hostfile,
+    outputs: dict[str, str],
+    backend: Optional[str] = None,
+    local_versions: Optional[dict[str, str]] = None,
+) -> list[Finding]:
+    """Findings for every host (``outputs`` maps ssh hostname to gathered text) and across hosts.
+
+    ``local_versions`` (``parse_versions`` of the notebook's side) adds a check that every
+    host runs the notebook's mlx and mlx_nb.
+    """
+    found: list[Finding] = []
+    versions: dict[str, dict[str, str]] = {}
+    for host in dict.fromkeys(h.ssh_hostname for h in hostfile.hosts):
+        if host not in outputs:
+            found.append(
+                Finding(host, "gather", "skip", "cannot check this host: no output was gathered from it")
+            )
+            continue
+        found += check_host(hostfile, host, outputs[host], backend)
+        s = parse_gathered(outputs[host]).get("versions")
+        if s is not None and not s.rc:
+            versions[host] = parse_versions(s.output)
+    if local_versions:
+        versions = {"(notebook)": local_versions, **versions}
+    for key in ("python", "mlx", "mlx_nb"):
+        seen = {h: v.get(key, "-") for h, v in versions.items()}
+        if key == "python":
+            seen = {h: ".".join(x.split(".")[:2]) for h, x in seen.items()}
+        if len(set(seen.values())) > 1:
+            detail = ", ".join(f"{h} {x}" for h, x in seen.items())
+            found.append(
+                Finding(
+                    "*",
+                    "versions",
+                    "warn",
+                    f"{key} differs across hosts ({detail}): install the same version everywhere",
+                )
+            )
+    return found
+
+
+def warnings(hostfile: Hostfile) -> list[str]:
+    """Lessons users learned the hard way, for this hostfile (no host needed)."""
+    notes = []
+    names = {e.split("=", 1)[0]: e for e in hostfile.envs}
+    if "MLX_METAL_FAST_SYNCH" in names:
+        notes.append(
+            f'the hostfile\'s "envs" sets {names["MLX_METAL_FAST_SYNCH"]}: MLX\'s docs now '
+            "advise leaving MLX_METAL_FAST_SYNCH unset; remove it unless you measured that it helps"
+        )
+    managed = sorted(n for n in names if n in LAUNCH_VARS)
+    if managed:
+        notes.append(
+            f'the hostfile\'s "envs" sets {", ".join(managed)}, which the launch sets per rank '
+            "and overrides: remove them"
+        )
+    return notes
+
+
+def _errno(*codes: int) -> str:
+    # Python says "[Errno 65]", MLX says "(error: 65)"
+    return rf"(?:errno|error)\W*(?:{'|'.join(map(str, codes))})\b"
+
+
+# macOS errno first, then Linux
+_HINTS = [
+    (
+        _errno(65, 113) + "|no route to host",
+        "On macOS, errno 65 (No route to host) between hosts that can ping each other usually means the "
+        "Python running the engine lacks the Local Network permission: allow it in System Settings > "
+        "Privacy & Security > Local Network (for the app or Python that started the engine), or run it "
+        "once from Terminal on that Mac to get the prompt; otherwise check the cable and route to that IP.",
+    ),
+    (
+        _errno(48, 98) + "|address already in use",
+        "The port is taken, usually by a rank of an earlier run still alive: stop it, or use another starting port.",
+    ),
+    (
+        _errno(49, 99) + "|assign requested address",
+        'The rank tried to listen on an IP its host does not have: fix "ips" in the hostfile for that host.',
+    ),
+    (
+        _errno(61, 111) + "|connection refused",
+        "Nothing listens at the peer's address yet: the peer rank did not start or crashed; read its output.",
+    ),
+    (
+        _errno(60, 110) + "|timed out",
+        "The peer's address did not answer: check the IP in the hostfile, the cable, and any firewall.",
+    ),
+    (
+        r"provide via environment variables both a rank",
+        "The engine started without the launch environment (MLX_RANK, MLX_HOSTFILE): start it through the launcher.",
+    ),
+]
+
+
+def hint(error_text: str) -> Optional[str]:
+    """Advice for a known distributed error text, or None.
+
+    >>> hint("RuntimeError: [ring] Couldn't bind socket (error: 99)")[:40]
+    'The rank tried to listen on an IP its ho'
+    >>> hint("all good") is None
+    True
+    """
+    for pattern, advice in _HINTS:
+        if re.search(pattern, error_text, re.IGNORECASE):
+            return advice
+    return None

@@ -1,0 +1,417 @@
+"""SPMD execution of one cell: dispatch, live output, results, errors and recovery."""
+
+from __future__ import annotations
+
+import queue
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence, Union
+
+import ipyparallel as ipp
+
+from . import engine
+from .cluster import Cluster, ClusterError, SetupCell, _ranges
+
+# lines MLX's ring backend writes on fd 2 when a peer goes away: noise, not news
+_NOISE = ("[ring]",)
+
+
+def parse_ranks(spec: Union[int, str, Sequence[int]], n: int) -> list[int]:
+    """'0' / 'all' / '0,2' / 1 / [0, 2] -> sorted rank list, checked against n."""
+    if isinstance(spec, int):
+        ranks = [spec]
+    elif isinstance(spec, str):
+        if spec.strip() == "all":
+            return list(range(n))
+        try:
+            ranks = [int(x) for x in spec.split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(f"--ranks takes 'all' or rank numbers like 0,2; got {spec!r}") from None
+    else:
+        ranks = list(spec)
+    bad = [r for r in ranks if not 0 <= r < n]
+    if bad or not ranks:
+        raise ValueError(f"--ranks {spec!r}: this cluster has ranks 0-{n - 1}")
+    return sorted(set(ranks))
+
+
+def label(ranks: Sequence[int]) -> str:
+    return f"[rank {ranks[0]}]" if len(ranks) == 1 else f"[ranks {_ranges(ranks)}]"
+
+
+@dataclass
+class CellResult:
+    """What a %%mlx_dist cell produced: per-rank reports, rank 0's value, pulled values."""
+
+    results: list[dict]
+    value: Optional[dict] = None
+    pulled: Any = None
+    wall: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def _repr_mimebundle_(self, include=None, exclude=None):
+        return self.value
+
+    @property
+    def ok(self) -> bool:
+        return all(r and not r.get("error") for r in self.results)
+
+
+class DistCellError(Exception):
+    """A %%mlx_dist cell failed; the message leads with the root-cause rank."""
+
+    def __init__(self, report: str, root: Optional[dict] = None, result: Optional[CellResult] = None):
+        super().__init__(report)
+        self.report, self.root, self.result = report, root, result
+
+    def _render_traceback_(self) -> list[str]:
+        # IPython shows this instead of a traceback through mlx_nb's own frames
+        return self.report.splitlines()
+
+
+class _Printer:
+    """Rank output into the notebook: live, labelled, whole lines, duplicates merged."""
+
+    def __init__(self, show: list[int]):
+        self.show, self.single = show, len(show) == 1
+        self.partial = {(r, s): "" for r in show for s in ("stdout", "stderr")}
+        self.lines: dict[tuple, list[str]] = {(r, s): [] for r in show for s in ("stdout", "stderr")}
+        self.emitted = {"stdout": 0, "stderr": 0}
+        self.finished: set[int] = set()
+
+    def feed(self, rank: int, stream: str, text: str) -> None:
+        if rank not in self.show:
+            return
+        key = (rank, stream)
+        if self.single and stream == "stdout":
+            _write(stream, text)  # live, even without a newline (streamed tokens)
+            return
+        text = self.partial[key] + text
+        *whole, self.partial[key] = text.split("\n")
+        self.lines[key].extend(whole)
+        self._emit(stream)
+
+    def finish(self, rank: int) -> None:
+        self.finished.add(rank)
+        for stream in ("stdout", "stderr"):
+            key = (rank, stream)
+            if key in self.partial and self.partial[key]:
+                self.lines[key].append(self.partial[key])
+                self.partial[key] = ""
+            self._emit(stream)
+
+    def _emit(self, stream: str) -> None:
+        while True:
+            k = self.emitted[stream]
+            have = {r: self.lines[(r, stream)] for r in self.show}
+            if any(len(lines) <= k and r not in self.finished for r, lines in have.items()):
+                return
+            texts: dict[str, list[int]] = {}
+            for r, lines in have.items():
+                if len(lines) > k:
+                    texts.setdefault(lines[k], []).append(r)
+            if not texts:
+                return
+            self.emitted[stream] = k + 1
+            for text, ranks in texts.items():
+                if stream == "stderr" and text.lstrip().startswith(_NOISE):
+                    continue
+                prefix = "" if self.single else label(ranks) + " "
+                _write(stream, prefix + text + "\n")
+
+
+def _write(stream: str, text: str) -> None:
+    out = sys.stdout if stream == "stdout" else sys.stderr
+    out.write(text)
+    out.flush()
+
+
+def _display(content: dict) -> None:
+    from IPython.display import publish_display_data
+
+    publish_display_data(content.get("data", {}), content.get("metadata", {}))
+
+
+def run_cell(
+    cluster: Cluster,
+    code: str,
+    *,
+    ranks: Union[int, str, Sequence[int]] = 0,
+    timeout: Optional[float] = None,
+    push: Optional[dict] = None,
+    pull: Optional[str] = None,
+    setup: bool = False,
+    quiet: bool = False,
+    register: bool = True,
+) -> CellResult:
+    """Run ``code`` on every rank at once, streaming the output of ``ranks`` live.
+
+    Raises DistCellError (root cause first) if any rank fails; a cluster left
+    unusable by the failure is restarted, and its setup cells replayed, first.
+
+    Example::
+
+        cluster.run("x = mx.distributed.all_sum(mx.array([rank]))\\nx")
+    """
+    cluster._require_running()
+    show = [] if quiet else parse_ranks(ranks, cluster.n)
+    _heal_lost_ranks(cluster)
+    if push:
+        cluster.push(push)
+    cell_id = cluster.next_cell_id()
+    printer = _Printer(show)
+    events: "queue.Queue[tuple]" = queue.Queue()
+    traces: dict[int, dict] = {}
+    ars = {}
+    t0 = time.perf_counter()
+    for r in cluster.ranks:
+        ar = cluster.client[r.engine_id].apply_async(
+            engine.run_cell, code, cell_id, r.rank in show, pull if r.rank in show or pull else None
+        )
+        ar._children[0].iopub_callbacks.append(_relay(events, r.rank))
+        ar.add_done_callback(lambda _f, rank=r.rank: events.put(("done", rank, None)))
+        ars[r.rank] = ar
+
+    results: dict[int, Optional[dict]] = {}
+    failure: Optional[str] = None  # why we stopped waiting: timeout / interrupt / rank failure
+    first_error_at = None
+    try:
+        while len(results) < cluster.n:
+            try:
+                kind, rank, payload = events.get(timeout=0.25)
+            except queue.Empty:
+                kind = None
+            if kind == "stream":
+                printer.feed(rank, *payload)
+            elif kind == "display" and rank in show:
+                if not printer.single:
+                    _write("stdout", label([rank]) + "\n")
+                _display(payload)
+            elif kind == "trace":
+                traces[rank] = payload
+            elif kind == "done":
+                results[rank] = _outcome(ars[rank])
+                printer.finish(rank)
+                if results[rank].get("error") and first_error_at is None:
+                    first_error_at = time.perf_counter()
+            now = time.perf_counter()
+            lost = [r for r in cluster._dead_ranks() if r not in results]
+            for r in lost:
+                results[r] = {"rank": r, "lost": True, "error": None}
+            if lost and first_error_at is None:
+                first_error_at = now
+            if timeout is not None and now - t0 > timeout and len(results) < cluster.n:
+                failure = f"--timeout {timeout:g} s expired"
+                break
+            if first_error_at is not None and (
+                now - first_error_at > cluster.grace or _all_stuck(cluster.n, results, traces)
+            ):
+                failure = "a rank failed"
+                break
+    except KeyboardInterrupt:
+        failure = "interrupted"
+    wall = time.perf_counter() - t0
+
+    if failure is not None:
+        return _recover(cluster, ars, results, traces, printer, events, failure, wall)
+    for r in show:
+        printer.finish(r)
+    cell = CellResult(
+        [results[r] for r in range(cluster.n)],
+        value=_value_of(results, show),
+        pulled=_pulled(results, ranks, pull, cluster.n),
+        wall=wall,
+    )
+    if not cell.ok:
+        raise _error(cluster, cell, traces, restarted=None)
+    if setup and register:
+        cluster.setup_cells.append(SetupCell(code, dict(push or {})))
+    return cell
+
+
+def _all_stuck(n: int, results: dict, traces: dict) -> bool:
+    """Every unfinished rank waits in MLX's native eval on a collective."""
+    running = [r for r in range(n) if r not in results]
+    return bool(running) and all(
+        traces.get(r, {}).get("in_eval") and traces[r].get("pending") for r in running
+    )
+
+
+def _relay(events: "queue.Queue", rank: int):
+    def relay(msg: dict) -> None:
+        kind = msg["header"]["msg_type"]
+        content = msg["content"]
+        if kind == "stream":
+            events.put(("stream", rank, (content["name"], content["text"])))
+        elif kind == "display_data":
+            events.put(("display", rank, content))
+        elif kind == "data_message":
+            from ipyparallel import serialize
+
+            data, _ = serialize.deserialize_object(msg["buffers"])
+            if "mlx_nb_trace" in data:
+                events.put(("trace", rank, data["mlx_nb_trace"]))
+
+    return relay
+
+
+def _outcome(ar) -> dict:
+    try:
+        ar.wait_for_output(timeout=5)
+    except Exception:
+        pass
+    try:
+        return ar.get(timeout=0)
+    except ipp.error.EngineError:
+        return {"rank": None, "lost": True, "error": None}
+    except ipp.RemoteError as e:
+        return {"error": {"type": e.ename, "message": str(e.evalue), "traceback": e.traceback or "", "time": time.time()}}
+
+
+def _value_of(results: dict, show: list[int]) -> Optional[dict]:
+    for r in sorted(results):
+        if r in show and results[r].get("value"):
+            return results[r]["value"]
+    return None
+
+
+def _pulled(results: dict, ranks, pull: Optional[str], n: int) -> Any:
+    if pull is None:
+        return None
+    if ranks == "all" or (not isinstance(ranks, (int, str)) and len(ranks) > 1):
+        return [results[r].get("pulled") for r in range(n)]
+    return results[0].get("pulled")
+
+
+def _heal_lost_ranks(cluster: Cluster) -> None:
+    dead = cluster._dead_ranks()
+    if dead:
+        cluster.on_message(
+            f"{label(dead)} lost: engine process exited while idle; restarting the cluster"
+        )
+        took = cluster.restart()
+        _say_replayed(cluster, took)
+
+
+def _say_replayed(cluster: Cluster, took: float) -> None:
+    if cluster.setup_cells:
+        cluster.on_message(
+            f"replayed {len(cluster.setup_cells)} setup cell(s) on the new ranks in {took:.1f} s"
+        )
+
+
+def _recover(cluster, ars, results, traces, printer, events, failure, wall) -> CellResult:
+    """Stop waiting: interrupt what still runs, restart if the group cannot go on."""
+    running = [r for r in range(cluster.n) if r not in results]
+    interrupted = set()
+    # SIGINT cannot break MLX's native wait: only try it when some rank may be in Python
+    if running and not _all_stuck(cluster.n, results, traces):
+        cluster.signal(signal.SIGINT, running)
+        deadline = time.perf_counter() + cluster.grace
+        while running and time.perf_counter() < deadline:
+            try:
+                kind, rank, payload = events.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if kind == "done" and rank not in results:
+                results[rank] = _outcome(ars[rank])
+                interrupted.add(rank)
+                running.remove(rank)
+            elif kind == "trace":
+                traces[rank] = payload
+            elif kind == "stream":
+                printer.feed(rank, *payload)
+    for r in range(cluster.n):
+        printer.finish(r) if r in printer.show else None
+    blocked = {r: traces.get(r, {}) for r in running}
+    for r in running:
+        results[r] = {"rank": r, "blocked": True, "error": None, "trace": blocked[r]}
+    for r in interrupted:
+        results[r]["interrupted"] = True
+    # the group survives only if no rank is stuck and no rank was lost
+    must_restart = bool(running) or any(res.get("lost") for res in results.values())
+    cell = CellResult([results[r] for r in range(cluster.n)], wall=wall)
+    cell.notes.append(failure)
+    restarted = None
+    if must_restart:
+        t0 = time.perf_counter()
+        try:
+            replay = cluster.restart(reason=failure)
+            restarted = (time.perf_counter() - t0, replay)
+        except ClusterError as e:
+            restarted = e
+    raise _error(cluster, cell, traces, restarted=restarted, failure=failure)
+
+
+def _describe_rank(res: dict, trace: Optional[dict]) -> str:
+    if res.get("lost"):
+        return "lost: its engine process died"
+    if res.get("blocked"):
+        pending = (trace or {}).get("pending") or []
+        if pending:
+            c = pending[-1]
+            what = f"{c['op']} #{c['seq']}"
+            if "shape" in c:
+                what += f" (shape {tuple(c['shape'])}, {c['dtype']})"
+            return f"blocked in a collective: {what}"
+        return "still running (not in a recorded collective)"
+    err = res.get("error")
+    if err:
+        where = f" at line {err['lineno']}" if err.get("lineno") else ""
+        state = "interrupted" if res.get("interrupted") else "raised"
+        return f"{state} {err['type']}: {err['message']}{where}"
+    return "finished"
+
+
+def _root_cause(cell: CellResult) -> Optional[int]:
+    lost = [r for r, res in enumerate(cell.results) if res.get("lost")]
+    if lost:
+        return lost[0]
+    errs = [
+        (res["error"].get("time", 0), r)
+        for r, res in enumerate(cell.results)
+        if res.get("error") and not res.get("interrupted") and "peer was lost" not in res["error"]["message"]
+    ]
+    if not errs:
+        errs = [(res["error"].get("time", 0), r) for r, res in enumerate(cell.results) if res.get("error")]
+    return min(errs)[1] if errs else None
+
+
+def _error(cluster, cell: CellResult, traces: dict, restarted=None, failure=None) -> DistCellError:
+    results = cell.results
+    errors = [res.get("error") for res in results]
+    lines: list[str] = []
+    if all(errors) and len({(e["type"], e["message"], e.get("lineno")) for e in errors}) == 1:
+        e = errors[0]
+        lines.append(f"{label(list(range(cluster.n)))} all raised {e['type']}: {e['message']}")
+        lines.append(e["traceback"].rstrip())
+        lines.append("Every rank failed the same way; no restart was needed: the ranks and their state are kept.")
+        return DistCellError("\n".join(lines), root=e, result=cell)
+    root = _root_cause(cell)
+    if failure and failure != "a rank failed":
+        lines.append(f"%%mlx_dist: {failure}.")
+    if root is not None:
+        res = results[root]
+        if res.get("lost"):
+            lines.append(f"Root cause: rank {root} was lost (its engine process died mid-cell).")
+        else:
+            e = res["error"]
+            where = f", line {e['lineno']}: {e['line']}" if e.get("lineno") else ""
+            lines.append(f"Root cause: rank {root} raised {e['type']}: {e['message']}{where}")
+            lines.append(e["traceback"].rstrip())
+    for r, res in enumerate(results):
+        if r != root:
+            lines.append(f"  rank {r}: {_describe_rank(res, traces.get(r))}")
+    if isinstance(restarted, Exception):
+        lines.append(f"Restarting the cluster failed: {restarted}")
+    elif restarted is not None:
+        took, replay = restarted
+        lines.append(
+            f"The group could not go on, so all {cluster.n} ranks were restarted ({took:.1f} s); "
+            "the cluster is ready for the next cell."
+        )
+        if cluster.setup_cells:
+            lines.append(f"Replayed {len(cluster.setup_cells)} setup cell(s) in {replay:.1f} s.")
+    return DistCellError("\n".join(lines), root=results[root] if root is not None else None, result=cell)
