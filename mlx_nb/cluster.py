@@ -135,9 +135,17 @@ class Cluster:
             self._ipp = None
             self.ranks, self._tag, self._spare, self._engines = [], None, None, {}
             # engines' nannies and the controller's schedulers exit a moment after their parents
-            _, alive = psutil.wait_procs(procs, timeout=5)
-            for p in alive:
+            for p in _wait_exited(procs, timeout=5):
                 p.kill()
+
+    def processes(self) -> list[psutil.Process]:
+        """Every process of this cluster: controller, engines (spares too), nannies."""
+        if self._ipp is None:
+            return []
+        pids = [el.pid for es in self._ipp.engines.values() for el in es.launchers.values()]
+        if self._ipp.controller is not None:
+            pids.append(self._ipp.controller.pid)
+        return [p for pid in pids for p in _process_tree(pid)]
 
     def restart(self, reason: str = "restart requested") -> float:
         """New rank processes, a new group, and the setup cells replayed.
@@ -272,7 +280,7 @@ class Cluster:
                 p.kill()
             except psutil.Error:
                 pass
-        psutil.wait_procs(procs, timeout=5)
+        _wait_exited(procs, timeout=5)
         for rank in range(self.n):
             set_id = f"{self._tag}-rank{rank}"
             if set_id in self._ipp.engines:
@@ -312,10 +320,10 @@ class Cluster:
         """A rank's value of ``name`` (rank 0 by default); a list for several ranks."""
         self._require_running()
         if isinstance(ranks, int):
-            return self.client[self.ranks[ranks].engine_id].apply_sync(engine.pull_value, name)
+            return self.client[self.ranks[ranks].engine_id].apply_sync(engine.pull, name)
         targets = range(self.n) if ranks == "all" else ranks
         return self.client[[self.ranks[r].engine_id for r in targets]].apply_sync(
-            engine.pull_value, name
+            engine.pull, name
         )
 
     def replay_setup(self) -> float:
@@ -361,6 +369,35 @@ class Cluster:
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
         return f"<mlx_nb.Cluster n={self.n} backend={self.backend!r} {state}>"
+
+
+def _wait_exited(procs: list, timeout: float) -> list:
+    """Wait until each process has exited; return those still running after ``timeout``.
+
+    An exited process whose parent died stays a zombie until init reaps it (seconds,
+    on some systems): it holds nothing, so it counts as gone.
+    """
+    deadline = time.monotonic() + timeout
+    alive = list(procs)
+    while alive:
+        alive = [p for p in alive if _running(p)]
+        if not alive or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    return alive
+
+
+def _running(p: psutil.Process) -> bool:
+    try:
+        if p.status() == psutil.STATUS_ZOMBIE:
+            try:
+                p.wait(0)  # reap our own children
+            except (psutil.Error, ChildProcessError):
+                pass
+            return False
+        return True
+    except psutil.Error:
+        return False
 
 
 def _process_tree(pid: int) -> list:

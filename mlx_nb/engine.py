@@ -218,6 +218,7 @@ def push(values: dict) -> None:
 
 
 def pull(name: str) -> Any:
+    """A value of the cell namespace, as it can travel (mx.array pickles itself)."""
     if name not in namespace:
         raise NameError(f"name {name!r} is not defined on rank {namespace.get('rank')}")
     return namespace[name]
@@ -261,10 +262,18 @@ def _display_figures(rank_shows: bool) -> None:
     import matplotlib.pyplot as plt
 
     if rank_shows:
-        from IPython.display import display
+        import base64
+        import io
+
+        from IPython.display import publish_display_data
 
         for num in plt.get_fignums():
-            display(plt.figure(num))
+            fig = plt.figure(num)
+            buf = io.BytesIO()
+            fig.savefig(buf, format="png", bbox_inches="tight")
+            publish_display_data(
+                {"image/png": base64.b64encode(buf.getvalue()).decode(), "text/plain": repr(fig)}
+            )
     plt.close("all")
 
 
@@ -278,7 +287,7 @@ def _mimebundle(value: Any) -> dict:
         return {"text/plain": repr(value)}
 
 
-def run_cell(code: str, cell_id: int, show: bool, pull: Optional[str] = None) -> dict:
+def run_cell(code: str, cell_id: int, show: bool, pull_name: Optional[str] = None) -> dict:
     """Run one %%mlx_dist cell on this rank and report what happened.
 
     Errors are returned, not raised, so the notebook sees every rank's outcome.
@@ -302,8 +311,8 @@ def run_cell(code: str, cell_id: int, show: bool, pull: Optional[str] = None) ->
                 result["value"] = bundle if show else None
                 namespace["_"] = value
         _display_figures(show)
-        if pull is not None:
-            result["pulled"] = pull_value(pull)
+        if pull_name is not None:
+            result["pulled"] = pull(pull_name)
     except BaseException as exc:  # KeyboardInterrupt too: report it as this rank's outcome
         result["error"] = _format_error(exc, filename)
         result["error"]["pending"] = trace.calls[trace.done :][-3:]
@@ -319,13 +328,3 @@ def run_cell(code: str, cell_id: int, show: bool, pull: Optional[str] = None) ->
     return result
 
 
-def pull_value(name: str) -> Any:
-    value = pull(name)
-    if type(value).__module__.startswith("mlx"):
-        import numpy as np
-
-        try:
-            return np.array(value)
-        except Exception:
-            return value
-    return value

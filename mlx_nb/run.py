@@ -166,13 +166,14 @@ def run_cell(
     traces: dict[int, dict] = {}
     ars = {}
     t0 = time.perf_counter()
+    pull_from = show if len(show) > 1 else [0]
     for r in cluster.ranks:
         ar = cluster.client[r.engine_id].apply_async(
-            engine.run_cell, code, cell_id, r.rank in show, pull if r.rank in show or pull else None
+            engine.run_cell, code, cell_id, r.rank in show, pull if r.rank in pull_from else None
         )
-        ar._children[0].iopub_callbacks.append(_relay(events, r.rank))
         ar.add_done_callback(lambda _f, rank=r.rank: events.put(("done", rank, None)))
         ars[r.rank] = ar
+    inbox = _Inbox(ars, events, printer, traces)
 
     results: dict[int, Optional[dict]] = {}
     failure: Optional[str] = None  # why we stopped waiting: timeout / interrupt / rank failure
@@ -183,16 +184,11 @@ def run_cell(
                 kind, rank, payload = events.get(timeout=0.25)
             except queue.Empty:
                 kind = None
-            if kind == "stream":
-                printer.feed(rank, *payload)
-            elif kind == "display" and rank in show:
-                if not printer.single:
-                    _write("stdout", label([rank]) + "\n")
-                _display(payload)
-            elif kind == "trace":
-                traces[rank] = payload
+            if kind == "poke":
+                inbox.drain(rank)
             elif kind == "done":
                 results[rank] = _outcome(ars[rank])
+                inbox.drain(rank)
                 printer.finish(rank)
                 if results[rank].get("error") and first_error_at is None:
                     first_error_at = time.perf_counter()
@@ -215,13 +211,15 @@ def run_cell(
     wall = time.perf_counter() - t0
 
     if failure is not None:
-        return _recover(cluster, ars, results, traces, printer, events, failure, wall)
+        return _recover(cluster, ars, results, traces, printer, inbox, events, failure, wall)
     for r in show:
         printer.finish(r)
     cell = CellResult(
         [results[r] for r in range(cluster.n)],
         value=_value_of(results, show),
-        pulled=_pulled(results, ranks, pull, cluster.n),
+        pulled=None if pull is None else (
+            [results[r].get("pulled") for r in pull_from] if len(pull_from) > 1 else results[0].get("pulled")
+        ),
         wall=wall,
     )
     if not cell.ok:
@@ -239,22 +237,38 @@ def _all_stuck(n: int, results: dict, traces: dict) -> bool:
     )
 
 
-def _relay(events: "queue.Queue", rank: int):
-    def relay(msg: dict) -> None:
-        kind = msg["header"]["msg_type"]
-        content = msg["content"]
-        if kind == "stream":
-            events.put(("stream", rank, (content["name"], content["text"])))
-        elif kind == "display_data":
-            events.put(("display", rank, content))
-        elif kind == "data_message":
-            from ipyparallel import serialize
+class _Inbox:
+    """What each rank's engine has sent so far, read from ipyparallel's own record.
 
-            data, _ = serialize.deserialize_object(msg["buffers"])
-            if "mlx_nb_trace" in data:
-                events.put(("trace", rank, data["mlx_nb_trace"]))
+    The iopub callback only pokes the main thread; reading the accumulated record
+    means output that arrived before we subscribed is not lost.
+    """
 
-    return relay
+    def __init__(self, ars: dict, events: "queue.Queue", printer: _Printer, traces: dict):
+        self.md = {r: ar._children[0].output.metadata for r, ar in ars.items()}
+        self.printer, self.traces = printer, traces
+        self.seen = {(r, s): 0 for r in ars for s in ("stdout", "stderr", "outputs")}
+        for r, ar in ars.items():
+            ar._children[0].iopub_callbacks.append(lambda _msg, r=r: events.put(("poke", r, None)))
+        for r in ars:
+            self.drain(r)
+
+    def drain(self, rank: int) -> None:
+        md = self.md[rank]
+        for name in ("stdout", "stderr"):
+            text, k = md[name] or "", (rank, name)
+            if len(text) > self.seen[k]:
+                self.printer.feed(rank, name, text[self.seen[k] :])
+                self.seen[k] = len(text)
+        outputs, k = md["outputs"], (rank, "outputs")
+        for content in outputs[self.seen[k] :]:
+            if rank in self.printer.show:
+                if not self.printer.single:
+                    _write("stdout", label([rank]) + "\n")
+                _display(content)
+        self.seen[k] = len(outputs)
+        if "mlx_nb_trace" in md["data"]:
+            self.traces[rank] = md["data"]["mlx_nb_trace"]
 
 
 def _outcome(ar) -> dict:
@@ -277,14 +291,6 @@ def _value_of(results: dict, show: list[int]) -> Optional[dict]:
     return None
 
 
-def _pulled(results: dict, ranks, pull: Optional[str], n: int) -> Any:
-    if pull is None:
-        return None
-    if ranks == "all" or (not isinstance(ranks, (int, str)) and len(ranks) > 1):
-        return [results[r].get("pulled") for r in range(n)]
-    return results[0].get("pulled")
-
-
 def _heal_lost_ranks(cluster: Cluster) -> None:
     dead = cluster._dead_ranks()
     if dead:
@@ -302,7 +308,7 @@ def _say_replayed(cluster: Cluster, took: float) -> None:
         )
 
 
-def _recover(cluster, ars, results, traces, printer, events, failure, wall) -> CellResult:
+def _recover(cluster, ars, results, traces, printer, inbox, events, failure, wall) -> CellResult:
     """Stop waiting: interrupt what still runs, restart if the group cannot go on."""
     running = [r for r in range(cluster.n) if r not in results]
     interrupted = set()
@@ -315,14 +321,12 @@ def _recover(cluster, ars, results, traces, printer, events, failure, wall) -> C
                 kind, rank, payload = events.get(timeout=0.1)
             except queue.Empty:
                 continue
+            inbox.drain(rank)
             if kind == "done" and rank not in results:
                 results[rank] = _outcome(ars[rank])
+                inbox.drain(rank)
                 interrupted.add(rank)
                 running.remove(rank)
-            elif kind == "trace":
-                traces[rank] = payload
-            elif kind == "stream":
-                printer.feed(rank, *payload)
     for r in range(cluster.n):
         printer.finish(r) if r in printer.show else None
     blocked = {r: traces.get(r, {}) for r in running}

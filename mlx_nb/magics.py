@@ -1,0 +1,165 @@
+"""IPython magics, thin over the Python API: %mlx_cluster, %%mlx_dist, %mlx_push, %mlx_pull."""
+
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+
+from .cluster import BACKENDS, Cluster, ClusterError
+from .display import Table, human_bytes
+from .run import parse_ranks
+
+_current: Optional[Cluster] = None
+
+
+def current() -> Cluster:
+    """The cluster the magics work on (started by %mlx_cluster start)."""
+    if _current is None or not _current.running:
+        raise UsageError("no MLX cluster is running: start one with %mlx_cluster start -n 4")
+    return _current
+
+
+def status_table(cluster: Cluster) -> Table:
+    rows = [
+        [r.rank, r.host, r.pid, r.device, human_bytes(r.active_memory), human_bytes(r.peak_memory), r.state]
+        for r in cluster.status()
+    ]
+    title = f"{cluster.n} ranks, backend {cluster.backend}, {len(cluster.setup_cells)} setup cell(s)"
+    return Table(["rank", "host", "pid", "device", "memory", "peak", "state"], rows, title)
+
+
+def _names(spec: Optional[str]) -> list[str]:
+    return [x.strip() for x in (spec or "").replace(" ", ",").split(",") if x.strip()]
+
+
+@magics_class
+class MLXMagics(Magics):
+    def _ns_values(self, names: list[str]) -> dict:
+        missing = [n for n in names if n not in self.shell.user_ns]
+        if missing:
+            raise UsageError(f"not defined in the notebook: {', '.join(missing)}")
+        return {n: self.shell.user_ns[n] for n in names}
+
+    @magic_arguments()
+    @argument(
+        "action",
+        choices=["start", "stop", "restart", "status", "forget-setup"],
+        help="start a cluster, stop it, restart its ranks (replaying setup cells), "
+        "show each rank's state, or forget the registered --setup cells",
+    )
+    @argument("-n", type=int, default=4, help="number of ranks (default 4)")
+    @argument("--backend", default="ring", choices=BACKENDS, help="mx.distributed backend (default ring)")
+    @argument("--grace", type=float, default=3.0, help="seconds a failing cell's other ranks get before recovery")
+    @line_magic
+    def mlx_cluster(self, line: str):
+        """Manage the MLX cluster behind %%mlx_dist.
+
+        %mlx_cluster start -n 4      4 local ranks over the ring backend on 127.0.0.1
+        %mlx_cluster status          rank, host, pid, device, memory, state
+        %mlx_cluster restart         new rank processes; --setup cells are replayed
+        %mlx_cluster stop            nothing is left running
+        """
+        global _current
+        args = parse_argstring(self.mlx_cluster, line)
+        if args.action == "start":
+            if _current is not None and _current.running:
+                raise UsageError("a cluster is already running: %mlx_cluster stop (or restart) first")
+            if args.n < 1:
+                raise UsageError(f"-n must be at least 1, got {args.n}")
+            try:
+                cluster = Cluster(n=args.n, backend=args.backend, grace=args.grace)
+            except ValueError as e:
+                raise UsageError(str(e)) from None
+            print(f"Starting {args.n} MLX ranks ({args.backend})...", flush=True)
+            t0 = time.perf_counter()
+            try:
+                cluster.start()
+            except ClusterError as e:
+                raise UsageError(f"the cluster did not start: {e}") from None
+            _current = cluster
+            print(f"Cluster ready in {time.perf_counter() - t0:.1f} s.")
+            return status_table(cluster)
+        cluster = current()
+        if args.action == "stop":
+            cluster.stop()
+            _current = None
+            print("Cluster stopped.")
+        elif args.action == "restart":
+            t0 = time.perf_counter()
+            replay = cluster.restart()
+            print(f"Restarted {cluster.n} ranks in {time.perf_counter() - t0:.1f} s", end="")
+            print(f"; replayed {len(cluster.setup_cells)} setup cell(s) in {replay:.1f} s." if cluster.setup_cells else ".")
+            return status_table(cluster)
+        elif args.action == "status":
+            dead = cluster._dead_ranks()
+            if dead:
+                print(f"rank(s) {dead} lost: engine process exited; restarting the cluster")
+                replay = cluster.restart()
+                if cluster.setup_cells:
+                    print(f"replayed {len(cluster.setup_cells)} setup cell(s) in {replay:.1f} s")
+            return status_table(cluster)
+        elif args.action == "forget-setup":
+            print(f"Forgot {len(cluster.setup_cells)} setup cell(s).")
+            cluster.setup_cells.clear()
+
+    @magic_arguments()
+    @argument("--ranks", default="0", help="whose output to show: 0 (default), all, or a list like 0,2")
+    @argument("--timeout", type=float, default=None, help="seconds before the cell is stopped and the cluster recovered")
+    @argument("--push", default=None, help="notebook variables to send to every rank first, e.g. a,b")
+    @argument("--pull", default=None, help="a rank variable to bring back into the notebook (rank 0's; a list per rank with --ranks all)")
+    @argument("--setup", action="store_true", help="remember this cell and replay it on new ranks after any restart")
+    @cell_magic
+    def mlx_dist(self, line: str, cell: str):
+        """Run the cell SPMD on every rank of the MLX cluster.
+
+        Each rank has mx, nn, world, rank and size. Rank 0's output streams live;
+        the value of the last expression on rank 0 is the cell's result.
+
+        %%mlx_dist --ranks all --timeout 30
+        x = mx.distributed.all_sum(mx.array([rank]))
+        print(x)
+        """
+        args = parse_argstring(self.mlx_dist, line)
+        cluster = current()
+        if args.timeout is not None and args.timeout <= 0:
+            raise UsageError(f"--timeout must be positive seconds, got {args.timeout:g}")
+        try:
+            parse_ranks(args.ranks, cluster.n)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        push = self._ns_values(_names(args.push)) if args.push else None
+        ranks = args.ranks if args.ranks == "all" else parse_ranks(args.ranks, cluster.n)
+        result = cluster.run(cell, ranks=ranks, timeout=args.timeout, push=push, pull=args.pull, setup=args.setup)
+        if args.pull:
+            self.shell.user_ns[args.pull] = result.pulled
+        return result if result.value is not None else None
+
+    @line_magic
+    def mlx_push(self, line: str):
+        """%mlx_push a b: send notebook variables a and b to every rank."""
+        names = _names(line)
+        if not names:
+            raise UsageError("usage: %mlx_push NAME [NAME ...]")
+        current().push(self._ns_values(names))
+
+    @magic_arguments()
+    @argument("name", help="the rank variable to bring back")
+    @argument("--ranks", default="0", help="0 (default), all, or a list like 0,2: a list comes back per rank")
+    @line_magic
+    def mlx_pull(self, line: str):
+        """%mlx_pull x [--ranks all]: return a rank variable (rank 0's, or a list per rank)."""
+        args = parse_argstring(self.mlx_pull, line)
+        cluster = current()
+        try:
+            ranks = parse_ranks(args.ranks, cluster.n)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        spec = ranks[0] if args.ranks not in ("all",) and len(ranks) == 1 else ranks
+        try:
+            return cluster.pull(args.name, spec)
+        except Exception as e:
+            raise UsageError(str(getattr(e, "evalue", e))) from None

@@ -1,0 +1,122 @@
+"""matplotlib figures from benchmark rows and sharding reports.
+
+Figures are made with pyplot and closed before they are returned, so a
+notebook shows each once (as the cell's value) and scripts can ``savefig``.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional, Sequence
+
+from .display import human_bytes
+
+
+def _figure(ncols: int = 1, width: float = 5.5, height: float = 4.0):
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, height), squeeze=False)
+    plt.close(fig)
+    return fig, list(axes[0])
+
+
+def _size_ticks(ax, sizes: Sequence[int]) -> None:
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
+    ticks = sorted(set(sizes))
+    step = max(1, len(ticks) // 8)
+    ax.xaxis.set_major_locator(FixedLocator(ticks[::step]))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: human_bytes(x).replace(".0 ", " ")))
+    ax.set_xlabel("message size")
+
+
+def plot_bench(rows: Sequence, reference=None, title: str = "",
+               crossovers: Optional[Mapping[str, Optional[tuple]]] = None):
+    """Latency (median, p90 shaded) and bus bandwidth against size, both log-log.
+
+    ``reference`` (a bench.Reference) adds its bandwidth as a line on the right
+    and the time to move each size at that speed on the left; ``crossovers``
+    ({op: (a, b, a*b)}) marks where each op turns from latency- to bandwidth-bound.
+
+    Example::
+
+        fig = plot_bench(result.rows, reference=as_reference("tb5"))
+    """
+    fig, (lat, bw) = _figure(2)
+    colors = {}
+    for key in dict.fromkeys((r.op, r.dtype) for r in rows):
+        sel = sorted((r for r in rows if (r.op, r.dtype) == key), key=lambda r: r.size)
+        sizes = [r.size for r in sel]
+        label = key[0] if len({r.dtype for r in rows}) == 1 else f"{key[0]} {key[1]}"
+        (line,) = lat.plot(sizes, [r.median for r in sel], "o-", ms=4, label=label)
+        colors.setdefault(key[0], line.get_color())
+        lat.fill_between(sizes, [r.median for r in sel], [r.p90 for r in sel], color=line.get_color(), alpha=0.2)
+        bw.plot(sizes, [r.busbw / 1e9 for r in sel], "o-", ms=4, color=line.get_color(), label=label)
+    all_sizes = [r.size for r in rows]
+    if reference is not None and all_sizes:
+        gbs = reference.bandwidth / 1e9
+        bw.axhline(gbs, color="k", ls="--", lw=1, label=reference.label)
+        span = [min(all_sizes), max(all_sizes)]
+        lat.plot(span, [s / reference.bandwidth for s in span], "k--", lw=1, label=f"size / {reference.label}")
+    for op, c in (crossovers or {}).items():
+        if c is not None:
+            for ax in (lat, bw):
+                ax.axvline(c[2], color=colors.get(op, "gray"), ls=":", lw=1)
+    lat.set(xscale="log", yscale="log", ylabel="latency (s), slowest rank", title="latency")
+    bw.set(xscale="log", yscale="log", ylabel="bus bandwidth (GB/s)", title="bandwidth")
+    for ax in (lat, bw):
+        if all_sizes:
+            _size_ticks(ax, all_sizes)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize="small")
+    if crossovers:
+        lat.annotate("dotted: latency | bandwidth crossover", (0.02, 0.97), xycoords="axes fraction",
+                     va="top", fontsize="x-small", color="gray")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_memory(per_rank: Mapping[str, Sequence[int]], title: str = "weight memory per rank"):
+    """Grouped bars: bytes held by each rank under each layout.
+
+    The hook for any model: ``per_rank`` maps a layout name to one byte count
+    per rank, e.g. ``{"unsharded": [b] * n, "tensor": tensor_bytes, "pipeline": pipe_bytes}``.
+    """
+    from matplotlib.ticker import FuncFormatter
+
+    fig, (ax,) = _figure(1, width=max(5.0, 1.2 * max(len(v) for v in per_rank.values()) + 3))
+    n_layouts = len(per_rank)
+    width = 0.8 / max(1, n_layouts)
+    for i, (name, counts) in enumerate(per_rank.items()):
+        xs = [r + (i - (n_layouts - 1) / 2) * width for r in range(len(counts))]
+        bars = ax.bar(xs, counts, width, label=name)
+        ax.bar_label(bars, [human_bytes(c) for c in counts], fontsize="x-small", rotation=90, padding=2)
+    ranks = max(len(v) for v in per_rank.values())
+    ax.set_xticks(range(ranks), [f"rank {r}" for r in range(ranks)])
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: human_bytes(y)))
+    ax.set_ylabel("bytes")
+    ax.margins(y=0.25)
+    ax.set_title(title)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def plot_scaling(rows: Sequence, title: str = "forward time against rank count"):
+    """Forward time (median, p90 as error bar) against the number of ranks, from sharding ScaleRows."""
+    fig, (ax,) = _figure(1)
+    for label in dict.fromkeys(r.label for r in rows):
+        sel = sorted((r for r in rows if r.label == label), key=lambda r: r.ranks)
+        xs = [r.ranks for r in sel]
+        med = [r.median * 1e3 for r in sel]
+        err = [(r.p90 - r.median) * 1e3 for r in sel]
+        ax.errorbar(xs, med, yerr=[[0] * len(err), err], fmt="o-", capsize=3, label=label)
+    ax.set_xticks(sorted({r.ranks for r in rows}))
+    ax.set(xlabel="ranks", ylabel="forward time (ms), slowest rank", title=title)
+    ax.set_ylim(bottom=0)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    return fig

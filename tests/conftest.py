@@ -1,0 +1,55 @@
+"""Shared fixtures: one real cluster per module, and a check that nothing is left running."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import psutil
+import pytest
+
+from mlx_nb import Cluster
+
+_PROJECT = ("ipyparallel.engine", "ipyparallel.controller", "ipyparallel.cluster", "ipengine", "ipcontroller")
+
+
+# every process this test session starts inherits the mark, orphans included
+os.environ["MLX_NB_TEST_SESSION"] = SESSION = uuid.uuid4().hex
+
+
+def project_processes(session: str = SESSION) -> list[psutil.Process]:
+    """Engines, nannies and controllers started by this test session (or marked ``session``)."""
+    found = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if not any(k in cmd for k in _PROJECT):
+            continue
+        try:
+            if p.environ().get("MLX_NB_TEST_SESSION") == session:
+                found.append(p)
+        except psutil.Error:
+            pass
+    return found
+
+
+def wait_gone(timeout: float = 10.0) -> list[psutil.Process]:
+    """Project processes still alive after waiting up to ``timeout`` for them to exit."""
+    _, alive = psutil.wait_procs(project_processes(), timeout=timeout)
+    return alive
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A real 4-rank local cluster shared by the tests of one module."""
+    with Cluster(n=4) as c:
+        yield c
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_left_running():
+    """Fail the session if any engine or controller outlives the tests."""
+    yield
+    alive = wait_gone()
+    assert not alive, "processes left running: " + "; ".join(
+        f"{p.pid} {' '.join(p.cmdline())}" for p in alive
+    )
