@@ -23,7 +23,9 @@ import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Callable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union
+
+import mlx.core as mx
 
 from .display import Table, human_bytes
 
@@ -97,8 +99,6 @@ def parse_names(spec: Union[str, Sequence[str]], known: Sequence[str], what: str
 
 
 def check_dtypes(spec: Union[str, Sequence[str]]) -> list[str]:
-    import mlx.core as mx
-
     names = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
     bad = [n for n in names if not isinstance(getattr(mx, n, None), mx.Dtype)]
     if bad or not names:
@@ -152,7 +152,7 @@ def make_row(op: str, size: int, dtype: str, ranks: int, backend: str,
 
 
 # ------------------------------------------------------------------ rank side
-def _case(mx, op: str, size: int, dtype, rank: int, n: int):
+def _case(op: str, size: int, dtype, rank: int, n: int):
     """Input, message bytes, and the check of the output for one case on this rank."""
     count = max(1, size // dtype.size // (n if op == "all_gather" else 1))
     x = mx.full((count,), rank + 1, dtype=dtype)
@@ -165,7 +165,7 @@ def _case(mx, op: str, size: int, dtype, rank: int, n: int):
     return x, count * dtype.size, lambda y: mx.all(y == rank).item() if rank % 2 else True
 
 
-def _step(mx, op: str, group, x, rank: int, n: int):
+def _step(op: str, group, x, rank: int, n: int):
     dist = mx.distributed
     if op == "all_sum":
         return dist.all_sum(x, group=group)
@@ -181,8 +181,6 @@ def slowest(group, times: Sequence[float], ok: bool = True) -> tuple[list[float]
 
     Collective: every rank of ``group`` must call it with the same number of times.
     """
-    import mlx.core as mx
-
     mine = mx.array([*times, 1.0 if ok else 0.0], dtype=mx.float32)
     every = mx.distributed.all_gather(mine, group=group).reshape(group.size(), -1)
     mx.eval(every)
@@ -201,34 +199,42 @@ def sweep(group, sizes: Sequence[int], ops: Sequence[str] = OPS, dtypes: Sequenc
 
         rows = sweep(mx.distributed.init(), [1024, 1 << 20], ops=["all_sum"])
     """
-    import mlx.core as mx
-
     rank, n = group.rank(), group.size()
-    one = mx.array([1.0])
     cases = [(d, op, s) for d in dtypes for op in ops for s in sizes]
     rows = []
     for i, (dname, op, size) in enumerate(cases):
         if progress:
             progress(i, len(cases), f"{op} {human_bytes(size)} {dname}")
-        x, nbytes, check = _case(mx, op, size, getattr(mx, dname), rank, n)
+        x, nbytes, check = _case(op, size, getattr(mx, dname), rank, n)
         mx.eval(x)
-        times, y = [], None
-        for it in range(warmup + iters):
-            mx.eval(mx.distributed.all_sum(one, group=group))  # barrier: start together
-            t0 = time.perf_counter()
-            y = _step(mx, op, group, x, rank, n)
-            if y is not None:
-                mx.eval(y)
-            if it >= warmup:
-                times.append(time.perf_counter() - t0)
-        ok = bool(check(y)) if y is not None else True
-        worst, wrong = slowest(group, times, ok)
+        times, y = time_iters(lambda: _step(op, group, x, rank, n), warmup, iters, group)
+        worst, wrong = slowest(group, times, y is None or bool(check(y)))
         rows.append(make_row(op, nbytes, dname, n, backend, worst, wrong))
         del x, y
         mx.clear_cache()
     if progress:
         progress(len(cases), len(cases), "done")
     return rows
+
+
+def time_iters(run: Callable[[], Any], warmup: int, iters: int, group=None) -> tuple[list[float], Any]:
+    """Seconds of each timed ``mx.eval(run())`` (after ``warmup`` untimed ones), and the last output.
+
+    With a ``group``, every iteration starts after a barrier (a one-element all_sum),
+    so the ranks start together and the slowest rank's time is the collective's.
+    """
+    one = mx.array([1.0])
+    times, out = [], None
+    for it in range(warmup + iters):
+        if group is not None:
+            mx.eval(mx.distributed.all_sum(one, group=group))
+        t0 = time.perf_counter()
+        out = run()
+        if out is not None:
+            mx.eval(out)
+        if it >= warmup:
+            times.append(time.perf_counter() - t0)
+    return times, out
 
 
 def _on_rank(sizes, ops, dtypes, warmup, iters, backend):
@@ -404,6 +410,46 @@ class _Bar:
             self.widget.bar_style = "success"
 
 
+def apply_collective(cluster: "Cluster", fn: Callable, *args, what: str = "the call",
+                     timeout: Optional[float] = None, on_data: Optional[Progress] = None) -> list:
+    """``fn(*args)`` on every rank at once (it may use the group); results in rank order.
+
+    ``on_data`` gets what rank 0 publishes as ``{"mlx_nb_bench": (done, total, what)}``.
+    A rank that raises leaves the others inside a collective, as do a timeout and an
+    interrupt: the ranks are restarted and BenchError says what happened.
+    """
+    t0 = time.perf_counter()
+    ars = [cluster.client[r.engine_id].apply_async(fn, *args) for r in cluster.ranks]
+    failed_at, why = None, None
+    try:
+        while not all(a.ready() for a in ars):
+            now = time.perf_counter()
+            if failed_at is None and any(a.ready() and not a.successful() for a in ars):
+                failed_at = now
+            if failed_at is not None and now - failed_at > cluster.grace:
+                why = "the other ranks were left waiting"
+            elif timeout is not None and now - t0 > timeout:
+                why = f"not done within {timeout:g} s"
+            if why:
+                break
+            state = (ars[0].data or {}).get("mlx_nb_bench")
+            if state and on_data:
+                on_data(*state)
+            next((a for a in ars if not a.ready()), ars[0]).wait(0.1)
+    except KeyboardInterrupt:
+        why = "interrupted"
+    errors = [(r, a.exception()) for r, a in enumerate(ars) if a.ready() and not a.successful()]
+    if not errors and not why:
+        return [a.get() for a in ars]
+    lines = [f"{what} failed" + (f": {why}" if why else "")]
+    for r, e in errors[:1]:
+        lines.append(f"rank {r} raised {getattr(e, 'ename', type(e).__name__)}: {getattr(e, 'evalue', e)}")
+    if why:
+        cluster.restart(reason=why)
+        lines.append(f"the {cluster.n} ranks were restarted; the cluster is ready again")
+    raise BenchError("\n".join(lines))
+
+
 def run_bench(cluster: "Cluster", sizes: Union[str, Sequence[int]] = DEFAULT_SIZES,
               ops: Union[str, Sequence[str]] = OPS, dtypes: Union[str, Sequence[str]] = ("float32",),
               warmup: int = 5, iters: int = 20, *, factor: int = DEFAULT_FACTOR,
@@ -425,40 +471,11 @@ def run_bench(cluster: "Cluster", sizes: Union[str, Sequence[int]] = DEFAULT_SIZ
     ref = as_reference(reference)
     bar = _Bar(progress)
     t0 = time.perf_counter()
-    ars = [cluster.client[r.engine_id].apply_async(_on_rank, sizes, ops, dtypes, warmup, iters, cluster.backend)
-           for r in cluster.ranks]
-    failed_at, why = None, None
     try:
-        while not all(a.ready() for a in ars):
-            now = time.perf_counter()
-            if failed_at is None and any(a.ready() and not a.successful() for a in ars):
-                failed_at = now
-            if failed_at is not None and now - failed_at > cluster.grace:
-                why = "left waiting by a failed rank"
-            elif timeout is not None and now - t0 > timeout:
-                why = f"not done within {timeout:g} s"
-            if why:
-                break
-            state = (ars[0].data or {}).get("mlx_nb_bench")
-            if state:
-                bar.update(*state)
-            next((a for a in ars if not a.ready()), ars[0]).wait(0.1)
-    except KeyboardInterrupt:
-        why = "interrupted"
+        rows = apply_collective(cluster, _on_rank, sizes, ops, dtypes, warmup, iters, cluster.backend,
+                                what="the sweep", timeout=timeout, on_data=bar.update)[0]
     finally:
         bar.close()
-    errors = [(r, a) for r, a in enumerate(ars) if a.ready() and not a.successful()]
-    if why:
-        cluster.restart(reason=why)
-    if errors or why:
-        lines = [f"the sweep failed: {why}" if why else "the sweep failed"]
-        for r, a in errors[:1]:
-            e = a.exception()
-            lines.append(f"rank {r} raised {getattr(e, 'ename', type(e).__name__)}: {getattr(e, 'evalue', e)}")
-        if why:
-            lines.append(f"the ranks were restarted ({cluster.n} new processes); the cluster is ready again")
-        raise BenchError("\n".join(lines))
-    rows = ars[0].get()
     result = BenchResult(rows, cluster.n, cluster.backend, ref, time.perf_counter() - t0)
     wrong = [r for r in rows if not r.correct]
     if wrong:

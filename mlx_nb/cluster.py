@@ -250,11 +250,17 @@ class Cluster:
         return list(engine_set.launchers.values()) if engine_set else []
 
     def _dead_ranks(self, tag: Optional[str] = None) -> list[int]:
-        """Ranks whose engine process has exited."""
+        """Ranks whose engine process has exited, or that the controller has dropped."""
+        # the launchers' own state is updated on an event loop that only runs during
+        # ipyparallel's *_sync calls, so look at the processes themselves
+        in_use = (tag or self._tag) == self._tag and len(self.ranks) == self.n
+        ids = set(self.client.ids) if in_use and self.client is not None else set()
         dead = []
         for rank in range(self.n):
             launchers = self._launchers(rank, tag)
-            if not launchers or any(el.state != "running" for el in launchers):
+            if not launchers or not all(_alive(el.pid) for el in launchers):
+                dead.append(rank)
+            elif in_use and self.ranks[rank].engine_id not in ids:
                 dead.append(rank)
         return dead
 
@@ -385,6 +391,13 @@ def _wait_exited(procs: list, timeout: float) -> list:
             break
         time.sleep(0.02)
     return alive
+
+
+def _alive(pid: Optional[int]) -> bool:
+    try:
+        return bool(pid) and _running(psutil.Process(pid))
+    except psutil.Error:
+        return False
 
 
 def _running(p: psutil.Process) -> bool:

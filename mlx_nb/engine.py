@@ -287,12 +287,18 @@ def _mimebundle(value: Any) -> dict:
         return {"text/plain": repr(value)}
 
 
-def run_cell(code: str, cell_id: int, show: bool, pull_name: Optional[str] = None) -> dict:
+def run_cell(
+    code: str, cell_id: int, show_ranks: list[int], pull_name: Optional[str], pull_ranks: list[int]
+) -> dict:
     """Run one %%mlx_dist cell on this rank and report what happened.
 
     Errors are returned, not raised, so the notebook sees every rank's outcome.
     """
     import mlx.core as mx
+
+    show = namespace.get("rank") in show_ranks
+    if namespace.get("rank") not in pull_ranks:
+        pull_name = None
 
     filename = f"<mlx_dist cell {cell_id}>"
     linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)

@@ -80,6 +80,6 @@ def stream(
             # On the generation stream, so it queues behind the model's own
             # collectives in the same order on every rank.
             with mx.stream(generation_stream):
-                stop = mx.distributed.all_sum(mx.array(stop), group=group).item() > 0
+                stop = mx.distributed.all_sum(mx.array(int(stop)), group=group).item() > 0
         if stop:
             return

@@ -73,6 +73,7 @@ def bundled_model(progress: Optional[Progress] = None) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         _convert(gguf_path(), tmp, progress or (lambda done, total, message: None))
+        tmp.chmod(0o755)
         try:
             tmp.rename(target)
         except OSError:
@@ -111,34 +112,37 @@ def check_split(model_path: str | Path, n_ranks: int, pipeline: bool = False) ->
         Traceback (most recent call last):
         ValueError: Tensor parallelism cannot split ... over 2 ranks: ...
     """
-    config = json.loads((_local(model_path) / "config.json").read_text())
+    path = _local(model_path)
+    config = json.loads((path / "config.json").read_text())
     config = {**config.get("text_config", {}), **config}
-    model_type = config.get("model_type", "this model")
+    name = path.name
+    layers = config["num_hidden_layers"]
+    pipeline_hint = f"a pipeline (pipeline=True) takes 1 to {layers} ranks"
     if pipeline:
-        layers = config["num_hidden_layers"]
         if not _supports(config, "pipeline"):
             raise ValueError(
-                f"mlx-lm has no pipeline parallelism for {model_type} models; "
+                f"mlx-lm cannot split {name} ({config['model_type']}) into a pipeline; "
                 "use tensor parallelism (pipeline=False) instead."
             )
         if n_ranks > layers:
             raise ValueError(
-                f"A pipeline of {n_ranks} ranks needs at least {n_ranks} layers; "
-                f"{model_type} has {layers}. Use 1 to {layers} ranks."
+                f"A pipeline cannot split {name} over {n_ranks} ranks: it has only "
+                f"{layers} layers and each rank needs one; {pipeline_hint}."
             )
         return
     if not _supports(config, "shard"):
         raise ValueError(
-            f"mlx-lm has no tensor parallelism for {model_type} models; "
+            f"mlx-lm has no tensor parallelism for {name} ({config['model_type']}); "
             "try pipeline=True instead."
         )
-    reasons = _tensor_blockers(config, n_ranks)
-    if reasons:
-        works = [n for n in range(1, 65) if not _tensor_blockers(config, n)]
+    if reasons := _tensor_blockers(config, n_ranks):
+        heads = config["num_attention_heads"]
+        works = [n for n in range(1, heads + 1) if not _tensor_blockers(config, n)]
+        hint = f"; {pipeline_hint}" if _supports(config, "pipeline") else ""
         raise ValueError(
-            f"Tensor parallelism cannot split {model_type} over {n_ranks} ranks: "
+            f"Tensor parallelism cannot split {name} over {n_ranks} ranks: "
             f"{'; '.join(reasons)}. Rank counts that work: "
-            f"{', '.join(map(str, works))}."
+            f"{', '.join(map(str, works))}{hint}."
         )
 
 
@@ -155,7 +159,7 @@ def _tensor_blockers(config: dict, n: int) -> list[str]:
         # Quantized sharded-to-all layers split whole quantization groups.
         sizes["quantization groups of o_proj"] = heads * head_dim // group
         sizes["quantization groups of down_proj"] = config["intermediate_size"] // group
-    return [f"{size} {what} do not divide by {n}" for what, size in sizes.items() if size % n]
+    return [f"its {size} {what} do not divide by {n}" for what, size in sizes.items() if size % n]
 
 
 def _supports(config: dict, feature: str) -> bool:

@@ -6,6 +6,7 @@ notebook shows each once (as the cell's value) and scripts can ``savefig``.
 
 from __future__ import annotations
 
+import math
 from typing import Mapping, Optional, Sequence
 
 from .display import human_bytes
@@ -59,7 +60,7 @@ def plot_bench(rows: Sequence, reference=None, title: str = "",
         span = [min(all_sizes), max(all_sizes)]
         lat.plot(span, [s / reference.bandwidth for s in span], "k--", lw=1, label=f"size / {reference.label}")
     for op, c in (crossovers or {}).items():
-        if c is not None:
+        if c is not None and min(all_sizes) <= c[2] <= max(all_sizes):
             for ax in (lat, bw):
                 ax.axvline(c[2], color=colors.get(op, "gray"), ls=":", lw=1)
     lat.set(xscale="log", yscale="log", ylabel="latency (s), slowest rank", title="latency")
@@ -84,22 +85,25 @@ def plot_memory(per_rank: Mapping[str, Sequence[int]], title: str = "weight memo
     The hook for any model: ``per_rank`` maps a layout name to one byte count
     per rank, e.g. ``{"unsharded": [b] * n, "tensor": tensor_bytes, "pipeline": pipe_bytes}``.
     """
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import FuncFormatter, MultipleLocator
 
-    fig, (ax,) = _figure(1, width=max(5.0, 1.2 * max(len(v) for v in per_rank.values()) + 3))
-    n_layouts = len(per_rank)
-    width = 0.8 / max(1, n_layouts)
-    for i, (name, counts) in enumerate(per_rank.items()):
-        xs = [r + (i - (n_layouts - 1) / 2) * width for r in range(len(counts))]
-        bars = ax.bar(xs, counts, width, label=name)
-        ax.bar_label(bars, [human_bytes(c) for c in counts], fontsize="x-small", rotation=90, padding=2)
     ranks = max(len(v) for v in per_rank.values())
+    fig, (ax,) = _figure(1, width=max(5.0, 1.2 * ranks + 3), height=4.5)
+    width = 0.8 / max(1, len(per_rank))
+    for i, (name, counts) in enumerate(per_rank.items()):
+        xs = [r + (i - (len(per_rank) - 1) / 2) * width for r in range(len(counts))]
+        bars = ax.bar(xs, counts, width, label=name)
+        ax.bar_label(bars, [human_bytes(c) for c in counts], fontsize="x-small", padding=2)
+    top = max(max(v) for v in per_rank.values())
+    unit = 1024 ** max(0, min(4, int(math.log(max(top, 1), 1024))))
+    step = next(s for s in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000) if top / unit / s <= 6)
+    ax.yaxis.set_major_locator(MultipleLocator(unit * step))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: human_bytes(y).replace(".0 ", " ")))
     ax.set_xticks(range(ranks), [f"rank {r}" for r in range(ranks)])
-    ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: human_bytes(y)))
-    ax.set_ylabel("bytes")
-    ax.margins(y=0.25)
+    ax.set_ylabel("weight bytes")
+    ax.margins(y=0.12)
     ax.set_title(title)
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=min(3, len(per_rank)))
     fig.tight_layout()
     return fig
 
