@@ -210,8 +210,15 @@ def _rename(weights: dict[str, mx.array]) -> dict[str, mx.array]:
             stem = f"model.layers.{m[1]}.{_LAYER_NAMES[m[2]]}"
         else:
             stem = _TOP_NAMES[stem]
-        # One float dtype throughout: see the note in _convert.
-        renamed[f"{stem}.{suffix}"] = value.astype(mx.float32) if value.dtype == mx.float16 else value
+        # The GGUF mixes float16 scales with float32 norms, so the embedding
+        # comes out float16 and the hidden state float32. mlx-lm's pipeline
+        # receives the previous stage's hidden state into a buffer shaped like
+        # the embedding (recv_like), reads float32 bytes as float16 and emits
+        # only <|endoftext|>. All float32 keeps one dtype end to end (float16
+        # alone overflows in this model, and is slow on CPU).
+        if value.dtype == mx.float16:
+            value = value.astype(mx.float32)
+        renamed[f"{stem}.{suffix}"] = value
         if re.search(r"[qkv]_proj$", stem) and suffix == "weight":
             renamed[f"{stem}.bias"] = mx.zeros(value.shape[:1], mx.float32)
     return renamed
@@ -222,7 +229,7 @@ def _config(meta: dict, weights: dict[str, mx.array]) -> dict:
         value = meta[f"llama.{key}"]
         return value.item() if isinstance(value, mx.array) else value
 
-    group_size = 32
+    group_size = 32  # GGML's 4- and 8-bit blocks hold 32 weights each
     quantization: dict = {"group_size": group_size, "bits": 4, "mode": "affine"}
     for key, w in weights.items():
         if key.endswith(".scales"):

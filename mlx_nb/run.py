@@ -381,11 +381,15 @@ def _root_cause(cell: CellResult) -> Optional[int]:
     return min(errs)[1] if errs else None
 
 
+def _same_error(a: Optional[dict], b: Optional[dict]) -> bool:
+    return bool(a and b) and (a["type"], a["message"], a.get("lineno")) == (b["type"], b["message"], b.get("lineno"))
+
+
 def _error(cluster, cell: CellResult, traces: dict, restarted=None, failure=None) -> DistCellError:
     results = cell.results
     errors = [res.get("error") for res in results]
     lines: list[str] = []
-    if all(errors) and len({(e["type"], e["message"], e.get("lineno")) for e in errors}) == 1:
+    if all(errors) and all(_same_error(e, errors[0]) for e in errors):
         e = errors[0]
         lines.append(f"{label(list(range(cluster.n)))} all raised {e['type']}: {e['message']}")
         lines.append(e["traceback"].rstrip())
@@ -394,17 +398,21 @@ def _error(cluster, cell: CellResult, traces: dict, restarted=None, failure=None
     root = _root_cause(cell)
     if failure and failure != "a rank failed":
         lines.append(f"%%mlx_dist: {failure}.")
+    same = [root] if root is not None else []
     if root is not None:
         res = results[root]
         if res.get("lost"):
             lines.append(f"Root cause: rank {root} was lost (its engine process died mid-cell).")
         else:
             e = res["error"]
+            # ranks that raised the very same error share the root-cause line
+            same = [r for r, x in enumerate(results) if not x.get("interrupted") and _same_error(x.get("error"), e)]
             where = f", line {e['lineno']}: {e['line']}" if e.get("lineno") else ""
-            lines.append(f"Root cause: rank {root} raised {e['type']}: {e['message']}{where}")
+            who = f"rank {root}" if len(same) == 1 else f"ranks {_ranges(same)}"
+            lines.append(f"Root cause: {who} raised {e['type']}: {e['message']}{where}")
             lines.append(e["traceback"].rstrip())
     for r, res in enumerate(results):
-        if r != root:
+        if r not in same:
             lines.append(f"  rank {r}: {_describe_rank(res, traces.get(r))}")
     if isinstance(restarted, Exception):
         lines.append(f"Restarting the cluster failed: {restarted}")
