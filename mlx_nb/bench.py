@@ -50,6 +50,10 @@ Progress = Callable[[int, int, str], None]
 class BenchError(RuntimeError):
     """A sweep gave wrong results or could not finish; the message says where."""
 
+    def _render_traceback_(self) -> list[str]:
+        # IPython shows the message, not a traceback through mlx_nb's frames
+        return [f"BenchError: {line}" if i == 0 else line for i, line in enumerate(str(self).splitlines())]
+
 
 # ------------------------------------------------------------------- arguments
 def parse_size(text: str) -> int:
@@ -495,15 +499,31 @@ def bench_parser(prog: str = "mlx-nb bench") -> argparse.ArgumentParser:
     return p
 
 
-def add_sweep_arguments(p) -> None:
-    """The sweep's options, shared by the CLI (argparse) and %mlx_bench (magic_arguments)."""
-    p.add_argument("--sizes", default=DEFAULT_SIZES, help=f"message sizes: a range like 1KB-256MB or a list like 4KB,1MB (default {DEFAULT_SIZES})")
-    p.add_argument("--factor", type=int, default=DEFAULT_FACTOR, help=f"step between sizes of a range (default {DEFAULT_FACTOR})")
-    p.add_argument("--ops", default=",".join(OPS), help=f"collectives to time (default {','.join(OPS)})")
-    p.add_argument("--dtypes", default="float32", help="MLX dtypes, e.g. float32,bfloat16 (default float32)")
-    p.add_argument("--warmup", type=int, default=5, help="untimed iterations per case (default 5)")
-    p.add_argument("--iters", type=int, default=20, help="timed iterations per case (default 20)")
-    p.add_argument("--reference", default=None, help="a reference line: a link speed in Gb/s (80), tb5, tb4, 10gbe, or memcpy")
+SWEEP_ARGUMENTS = [
+    (("--sizes",), dict(default=DEFAULT_SIZES, help="message sizes: a range like 1KB-256MB or a list like "
+                        f"4KB,1MB (default {DEFAULT_SIZES})")),
+    (("--factor",), dict(type=int, default=DEFAULT_FACTOR, help=f"step between the sizes of a range (default {DEFAULT_FACTOR})")),
+    (("--ops",), dict(default=",".join(OPS), help=f"collectives to time (default {','.join(OPS)})")),
+    (("--dtypes",), dict(default="float32", help="MLX dtypes, e.g. float32,bfloat16 (default float32)")),
+    (("--warmup",), dict(type=int, default=5, help="untimed iterations per case (default 5)")),
+    (("--iters",), dict(type=int, default=20, help="timed iterations per case (default 20)")),
+    (("--reference",), dict(default=None, help="a reference line: a link speed in Gb/s (80), tb5, tb4, 10gbe, 100gbe, or memcpy")),
+]
+
+
+def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
+    """The sweep's options on an argparse parser (the CLI, the benchmark script)."""
+    for args, kwargs in SWEEP_ARGUMENTS:
+        parser.add_argument(*args, **kwargs)
+
+
+def sweep_arguments(func):
+    """The same options as IPython magic_arguments, for %mlx_bench."""
+    from IPython.core.magic_arguments import argument
+
+    for args, kwargs in reversed(SWEEP_ARGUMENTS):
+        func = argument(*args, **kwargs)(func)
+    return func
 
 
 def sweep_options(args) -> dict:

@@ -1,4 +1,4 @@
-"""IPython magics, thin over the Python API: %mlx_cluster, %%mlx_dist, %mlx_push, %mlx_pull."""
+"""IPython magics, thin over the Python API: %mlx_cluster, %%mlx_dist, %mlx_push, %mlx_pull, %mlx_bench."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
+from .bench import run_bench, sweep_arguments, sweep_options
 from .cluster import BACKENDS, Cluster, ClusterError
 from .display import Table, human_bytes
 from .run import parse_ranks
@@ -163,3 +164,33 @@ class MLXMagics(Magics):
             return cluster.pull(args.name, spec)
         except Exception as e:
             raise UsageError(str(getattr(e, "evalue", e))) from None
+
+    @magic_arguments()
+    @sweep_arguments
+    @argument("--out", default=None, help="also save the plot to this file (PNG)")
+    @argument("--no-plot", action="store_true", help="show no plot, only return the rows")
+    @line_magic
+    def mlx_bench(self, line: str):
+        """Benchmark all_sum, all_gather and send/recv between rank pairs on the cluster.
+
+        Each iteration starts after a barrier and counts the slowest rank; every size
+        is checked. Shows the log-log latency and bandwidth plot and returns a
+        BenchResult (a table; .rows, .plot(), .reading()).
+
+        %mlx_bench --sizes 1KB-256MB --factor 4 --reference tb5
+        res = %mlx_bench --ops all_sum --dtypes float32,bfloat16 --iters 50
+        """
+        from IPython.display import display
+
+        args = parse_argstring(self.mlx_bench, line)
+        cluster = current()
+        try:
+            options = sweep_options(args)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        result = run_bench(cluster, **options)
+        if args.out or not args.no_plot:
+            fig = result.plot(args.out)
+            if not args.no_plot:
+                display(fig)
+        return result

@@ -39,13 +39,9 @@ print("RESULT " + json.dumps({{"rank": group.rank(), "full": full, "stopped": se
 def cache(tmp_path_factory) -> Path:
     """A fresh model cache for this module, inherited by the ranks it launches."""
     path = tmp_path_factory.mktemp("models")
-    old = os.environ.get("MLX_NB_CACHE")
-    os.environ["MLX_NB_CACHE"] = str(path)
-    yield path
-    if old is None:
-        del os.environ["MLX_NB_CACHE"]
-    else:
-        os.environ["MLX_NB_CACHE"] = old
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLX_NB_CACHE", str(path))
+        yield path
 
 
 @pytest.fixture(scope="module")
