@@ -312,6 +312,15 @@ class Cluster:
 
         return run_cell(self, code, **kwargs)
 
+    def request_stop(self) -> None:
+        """Ask the running cell to stop: ``mlx_nb.engine.stop_requested()`` turns true on every rank."""
+        self._require_running()
+        for r in self.ranks:
+            ident = self.client._engines[r.engine_id]
+            self.client.session.send(
+                self.client._control_socket, "mlx_nb_stop", content={}, ident=[ident.encode()]
+            )
+
     def next_cell_id(self) -> int:
         self._cell_count += 1
         return self._cell_count

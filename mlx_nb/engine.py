@@ -34,11 +34,13 @@ class _Trace:
         self.done = 0  # calls[:done] are known to have completed (an eval returned after them)
         self.in_eval = False
         self.eval_time = 0.0
+        self.polls_stop = False
         self.version = 0
 
     def begin(self, cell: str) -> None:
         self.cell, self.started = cell, time.time()
         self.calls, self.done, self.in_eval, self.eval_time = [], 0, False, 0.0
+        self.polls_stop = False
         self.version += 1
 
     def end(self) -> None:
@@ -53,6 +55,7 @@ class _Trace:
             "n_calls": len(self.calls),
             "pending": pending[-3:],
             "in_eval": self.in_eval,
+            "polls_stop": self.polls_stop,
         }
 
 
@@ -120,6 +123,7 @@ def init_group(backend: str, size: int, files: dict[str, str]) -> dict:
     _install_recorder(mx)
     namespace.update(mx=mx, nn=nn, world=world, rank=world.rank(), size=world.size())
     _state.update(backend=backend, world=world)
+    _install_stop_handler()
     threading.Thread(target=_watch, name="mlx_nb-watch", daemon=True).start()
     return describe()
 
@@ -211,6 +215,38 @@ def _watch() -> None:
             publish_data({"mlx_nb_trace": trace.snapshot()})
         except Exception:
             pass
+
+
+_stop = threading.Event()
+_reports = [0]
+
+
+def _install_stop_handler() -> None:
+    # the control channel is served by its own thread, so this arrives while a cell runs
+    from IPython import get_ipython
+
+    kernel = get_ipython().kernel
+    kernel.control_handlers["mlx_nb_stop"] = lambda stream, ident, parent: _stop.set()
+
+
+def stop_requested() -> bool:
+    """True once the notebook asked this cell to stop (Cluster.request_stop, the stop buttons).
+
+    Only a flag: ranks must agree on when to stop (e.g. an all_sum of it every
+    step), since a rank that stops alone leaves the others in a collective.
+    """
+    if not trace.polls_stop:
+        trace.polls_stop = True
+        trace.version += 1
+    return _stop.is_set()
+
+
+def report(**data: Any) -> None:
+    """Send ``data`` to the notebook now, while the cell runs (``Cluster.run(on_report=...)``)."""
+    from ipyparallel.datapub import publish_data
+
+    _reports[0] += 1
+    publish_data({f"mlx_nb_report_{_reports[0]:09d}": data})
 
 
 def push(values: dict) -> None:
@@ -305,6 +341,7 @@ def run_cell(
     result: dict[str, Any] = {"rank": namespace.get("rank"), "error": None, "value": None}
     mx.reset_peak_memory()
     trace.begin(filename)
+    _stop.clear()
     t0 = time.perf_counter()
     try:
         body, last = _split_last_expression(code, filename)

@@ -8,7 +8,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import ipyparallel as ipp
 
@@ -146,6 +146,7 @@ def run_cell(
     setup: bool = False,
     quiet: bool = False,
     register: bool = True,
+    on_report: Optional[Callable[[int, dict], None]] = None,
 ) -> CellResult:
     """Run ``code`` on every rank at once, streaming the output of ``ranks`` live.
 
@@ -172,7 +173,7 @@ def run_cell(
     ars = dict(zip(range(cluster.n), ar._children))  # per-rank message futures, rank order
     for rank, child in ars.items():
         child.add_done_callback(lambda _f, rank=rank: events.put(("done", rank, None)))
-    inbox = _Inbox(ars, events, printer, traces)
+    inbox = _Inbox(ars, events, printer, traces, on_report)
 
     results: dict[int, Optional[dict]] = {}
     failure: Optional[str] = None  # why we stopped waiting: timeout / interrupt / rank failure
@@ -206,7 +207,7 @@ def run_cell(
                 failure = "a rank failed"
                 break
     except KeyboardInterrupt:
-        failure = "interrupted"
+        failure = _stop_cooperatively(cluster, results, inbox, events, ars, printer)
     wall = time.perf_counter() - t0
 
     if failure is not None:
@@ -228,6 +229,32 @@ def run_cell(
     return cell
 
 
+def _stop_cooperatively(cluster, results, inbox, events, ars, printer) -> Optional[str]:
+    """First interrupt: ask the ranks to stop at a point they agree on, and wait.
+
+    Returns None when every rank finished (the cell ends normally), else why not.
+    """
+    if not any(t.get("polls_stop") for t in inbox.traces.values()):
+        return "interrupted"  # the cell never looks at the stop flag: interrupt the ranks
+    cluster.on_message("Interrupt: asking every rank to stop (interrupt again to force)...")
+    cluster.request_stop()
+    deadline = time.perf_counter() + cluster.grace
+    try:
+        while len(results) < cluster.n and time.perf_counter() < deadline:
+            try:
+                kind, rank, _ = events.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            inbox.drain(rank)
+            if kind == "done" and rank not in results:
+                results[rank] = _outcome(ars[rank])
+                inbox.drain(rank)
+                printer.finish(rank)
+    except KeyboardInterrupt:
+        pass
+    return None if len(results) == cluster.n else "interrupted"
+
+
 def _all_stuck(n: int, results: dict, traces: dict) -> bool:
     """Every unfinished rank waits in MLX's native eval on a collective."""
     running = [r for r in range(n) if r not in results]
@@ -243,9 +270,10 @@ class _Inbox:
     means output that arrived before we subscribed is not lost.
     """
 
-    def __init__(self, ars: dict, events: "queue.Queue", printer: _Printer, traces: dict):
+    def __init__(self, ars: dict, events: "queue.Queue", printer: _Printer, traces: dict, on_report=None):
         self.md = {r: child.output.metadata for r, child in ars.items()}
-        self.printer, self.traces = printer, traces
+        self.printer, self.traces, self.on_report = printer, traces, on_report
+        self.last_report = {r: "" for r in ars}
         self.seen = {(r, s): 0 for r in ars for s in ("stdout", "stderr", "outputs")}
         for r, child in ars.items():
             child.iopub_callbacks.append(lambda _msg, r=r: events.put(("poke", r, None)))
@@ -266,6 +294,11 @@ class _Inbox:
                     _write("stdout", label([rank]) + "\n")
                 _display(content)
         self.seen[k] = len(outputs)
+        reports = sorted(k for k in md["data"] if k.startswith("mlx_nb_report_") and k > self.last_report[rank])
+        for key in reports:
+            self.last_report[rank] = key
+            if self.on_report is not None:
+                self.on_report(rank, md["data"][key])
         if "mlx_nb_trace" in md["data"]:
             self.traces[rank] = md["data"]["mlx_nb_trace"]
 
