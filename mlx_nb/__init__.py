@@ -7,6 +7,7 @@
 __version__ = "0.1.0"
 
 from .cluster import Cluster, ClusterError  # noqa: E402
+from .profile import last_profile  # noqa: E402
 from .run import CellResult, DistCellError  # noqa: E402
 
 
@@ -16,4 +17,4 @@ def load_ipython_extension(ipython) -> None:
     ipython.register_magics(MLXMagics)
 
 
-__all__ = ["Cluster", "ClusterError", "CellResult", "DistCellError", "load_ipython_extension"]
+__all__ = ["Cluster", "ClusterError", "CellResult", "DistCellError", "last_profile", "load_ipython_extension"]

@@ -64,6 +64,7 @@ class Cluster:
         init_timeout: float = 60.0,
         grace: float = 3.0,
         spares: bool = True,
+        ports: Optional[Sequence[int]] = None,
     ) -> None:
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be a positive number of ranks, got {n!r}")
@@ -73,12 +74,18 @@ class Cluster:
             raise ValueError(
                 f"backend {backend!r} needs a hostfile; a local cluster runs the ring backend"
             )
+        if ports is not None and len(ports) != n:
+            raise ValueError(f"ports: the ring needs one port per rank ({n}), got {len(ports)}")
         self.n, self.backend = n, backend
+        # the ring's TCP port of each rank on 127.0.0.1; None: free ones, picked at every (re)start
+        self.ports = list(ports) if ports is not None else None
         self.env = dict(env or {})
         self.start_timeout, self.init_timeout, self.grace = start_timeout, init_timeout, grace
         self.ranks: list[RankInfo] = []
         self.setup_cells: list[SetupCell] = []
         self.spares = spares
+        self.busy = False  # a cell is running
+        self.live: dict[int, dict] = {}  # while a cell runs: each rank's latest whereabouts and memory
         self.client: Optional[ipp.Client] = None
         self._engines: dict[int, dict] = {}  # engine id -> identify() of every engine seen
         self._generation = 0
@@ -154,7 +161,12 @@ class Cluster:
         """
         self._require_running()
         self._kill_ranks()
-        self._start_ranks()
+        try:
+            self._start_ranks()
+        except BaseException:
+            # a half-formed group is of no use: leave none, so the next cell starts afresh
+            self._kill_ranks()
+            raise
         return self.replay_setup()
 
     # ------------------------------------------------------------------- ranks
@@ -175,13 +187,12 @@ class Cluster:
         """Bind a set of engines into a group: the warm spare set if there is one."""
         tag = self._spare or self._spawn()
         self._spare = None
-        self._tag = tag
+        self._tag, self.ranks = tag, []
         found = self._wait_for_set(tag)
         self.ranks = [
             RankInfo(r, found[r]["engine_id"], found[r]["host"], found[r]["pid"]) for r in range(self.n)
         ]
-        launches = hostfile.ring_launch(hostfile.local(self.n), hostfile.free_ports(self.n))
-        self._init_group({launch.rank: launch.files for launch in launches})
+        self._init_group(self.ports or hostfile.free_ports(self.n))
         if self.spares:
             # the next restart takes these: new processes are the slow part of recovery
             self._spare = self._spawn()
@@ -204,37 +215,51 @@ class Cluster:
             if dead:
                 raise ClusterError(self._engine_failed_message(tag, dead))
             if time.monotonic() > deadline:
+                missing = [r for r in range(self.n) if r not in found]
                 raise ClusterError(
-                    f"only {len(found)} of {self.n} engines registered within "
-                    f"{self.start_timeout:.0f} s; engine logs are in {self._ipp.profile_dir}/log"
+                    f"rank(s) {_ranges(missing)} did not come up within {self.start_timeout:.0f} s: "
+                    "the engine process runs but never registered with the controller "
+                    f"(stopped, or stuck starting up); engine logs are in {self._ipp.profile_dir}/log"
                 )
             time.sleep(0.05)
 
-    def _init_group(self, files: dict[int, dict]) -> None:
-        # mx.distributed.init is collective: start it on every rank, then wait for all
-        ars = {
-            r.rank: self.client[r.engine_id].apply_async(
-                engine.init_group, self.backend, self.n, files[r.rank]
+    def _init_group(self, ports: list[int]) -> None:
+        """Form the group on ``self.ranks``: mx.distributed.init is collective, so start it
+        on every rank, then wait for all; the first failure, or a rank that never joins, is named."""
+        launches = hostfile.ring_launch(hostfile.local(self.n), ports)
+        started: set[int] = set()  # the engine has taken the request
+        ars = {}
+        for r in self.ranks:
+            ar = self.client[r.engine_id].apply_async(
+                engine.init_group, self.backend, self.n, launches[r.rank].files
             )
-            for r in self.ranks
-        }
+            ar._children[0].iopub_callbacks.append(lambda _msg, rank=r.rank: started.add(rank))
+            ars[r.rank] = ar
         deadline = time.monotonic() + self.init_timeout
-        for rank, ar in ars.items():
-            try:
-                info = ar.get(timeout=max(0.1, deadline - time.monotonic()))
-            except ipp.error.TimeoutError:
-                waiting = [k for k, a in ars.items() if not a.ready()]
+        pending = dict(ars)
+        while pending:
+            for rank, ar in list(pending.items()):
+                if not ar.ready():
+                    continue
+                del pending[rank]
+                try:
+                    info = ar.get(timeout=0)
+                except ipp.error.EngineError:
+                    pending[rank] = ar  # reported below, with the engine's output
+                    break
+                except ipp.RemoteError as e:
+                    raise ClusterError(self._init_failed(rank, e, ports)) from None
+                r = self.ranks[rank]
+                r.device, r.mlx, r.state = info["device"], info["mlx"], "idle"
+            dead = [r for r in self._dead_ranks() if r in pending]
+            if dead:
                 raise ClusterError(
-                    f"mx.distributed.init(backend={self.backend!r}) did not complete within "
-                    f"{self.init_timeout:.0f} s on rank(s) {_ranges(waiting)}: the ranks could "
-                    "not reach each other (a port in the ring hostfile taken or blocked?)"
-                ) from None
-            except ipp.RemoteError as e:
-                raise ClusterError(
-                    f"mx.distributed.init failed on rank {rank}: {e.ename}: {e.evalue}"
-                ) from None
-            r = self.ranks[rank]
-            r.device, r.mlx, r.state = info["device"], info["mlx"], "idle"
+                    "during mx.distributed.init: " + self._engine_failed_message(self._tag, dead)
+                )
+            if pending and time.monotonic() > deadline:
+                joining = {r for r, ar in pending.items() if "mlx_nb_init" in ar.data}
+                raise ClusterError(self._init_stuck(sorted(pending), started, joining, ports))
+            time.sleep(0.02)
         values = self.client[[r.engine_id for r in self.ranks]].apply_async(
             engine.check_group
         ).get(timeout=self.init_timeout)
@@ -244,6 +269,40 @@ class Cluster:
             raise ClusterError(
                 f"the group check failed: all_sum gave {values} (expected {want} on every rank)"
             )
+
+    def _init_failed(self, rank: int, e: Exception, ports: list[int]) -> str:
+        text = f"mx.distributed.init failed on rank {rank}: {e.ename}: {e.evalue}"
+        if "bind" in str(e.evalue):
+            fix = (
+                "pass other ports= or free it" if self.ports else
+                "it was free a moment before; start again to pick new ports"
+            )
+            text += (
+                f"\nport {ports[rank]} on 127.0.0.1, rank {rank}'s address in the ring, is in use "
+                f"by another process: {fix}."
+            )
+        return text
+
+    def _init_stuck(self, waiting: list[int], started: set, joining: set, ports: list[int]) -> str:
+        head = (
+            f"mx.distributed.init(backend={self.backend!r}) did not complete within "
+            f"{self.init_timeout:.0f} s"
+        )
+        absent = [r for r in waiting if r not in joining]
+        if absent:
+            quiet = [r for r in absent if r not in started]
+            why = (
+                "its engine is not responding" if quiet == absent else
+                "it is stuck before the call, e.g. importing mlx"
+            )
+            rest = [r for r in waiting if r in joining]
+            tail = f"; rank(s) {_ranges(rest)} waited for it in the ring" if rest else ""
+            return f"{head}: rank(s) {_ranges(absent)} never called it ({why}){tail}."
+        addrs = ", ".join(f"rank {r} 127.0.0.1:{ports[r]}" for r in waiting)
+        return (
+            f"{head} on rank(s) {_ranges(waiting)}: every one of them is in the call, but they "
+            f"could not connect to each other ({addrs}): is a port blocked?"
+        )
 
     def _launchers(self, rank: int, tag: Optional[str] = None) -> list:
         engine_set = self._ipp.engines.get(f"{tag or self._tag}-rank{rank}") if self._ipp else None
@@ -291,7 +350,7 @@ class Cluster:
             set_id = f"{self._tag}-rank{rank}"
             if set_id in self._ipp.engines:
                 self._ipp.stop_engines_sync(set_id)
-        self._tag = None
+        self._tag, self.ranks = None, []
 
     def signal(self, sig: int, ranks: Optional[Sequence[int]] = None) -> None:
         """Send a signal to the engine processes of ``ranks`` (default all)."""
@@ -310,7 +369,11 @@ class Cluster:
         """Run ``code`` SPMD on every rank; see :func:`mlx_nb.run.run_cell`."""
         from .run import run_cell
 
-        return run_cell(self, code, **kwargs)
+        self.busy = True
+        try:
+            return run_cell(self, code, **kwargs)
+        finally:
+            self.busy = False
 
     def request_stop(self) -> None:
         """Ask the running cell to stop: ``mlx_nb.engine.stop_requested()`` turns true on every rank."""

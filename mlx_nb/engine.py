@@ -35,12 +35,14 @@ class _Trace:
         self.in_eval = False
         self.eval_time = 0.0
         self.polls_stop = False
+        self.evals: list[tuple[float, float, int]] = []
         self.version = 0
 
     def begin(self, cell: str) -> None:
         self.cell, self.started = cell, time.time()
         self.calls, self.done, self.in_eval, self.eval_time = [], 0, False, 0.0
         self.polls_stop = False
+        self.evals: list[tuple[float, float, int]] = []
         self.version += 1
 
     def end(self) -> None:
@@ -53,10 +55,27 @@ class _Trace:
             "cell": self.cell,
             "elapsed": time.time() - self.started if self.cell else 0.0,
             "n_calls": len(self.calls),
-            "pending": pending[-3:],
+            "pending": pending[:3],  # the first is the one an eval waits in
+            "n_pending": len(pending),
             "in_eval": self.in_eval,
+            "line": self.line(),
             "polls_stop": self.polls_stop,
+            "active_memory": _memory()[0],
+            "peak_memory": _memory()[1],
         }
+
+
+    def line(self) -> Optional[int]:
+        """The cell line the main thread is at (read from another thread)."""
+        frame = sys._current_frames().get(threading.main_thread().ident)
+        while frame is not None and frame.f_code.co_filename != self.cell:
+            frame = frame.f_back
+        return frame.f_lineno if frame is not None else None
+
+
+def _memory() -> tuple[int, int]:
+    mx = namespace.get("mx")
+    return (mx.get_active_memory(), mx.get_peak_memory()) if mx else (0, 0)
 
 
 trace = _Trace()
@@ -112,7 +131,9 @@ def init_group(backend: str, size: int, files: dict[str, str]) -> dict:
     _write_files(files)
     import mlx.core as mx
     import mlx.nn as nn
+    from ipyparallel.datapub import publish_data
 
+    publish_data({"mlx_nb_init": "joining"})  # so a rank stuck before the call can be named
     world = mx.distributed.init(strict=True, backend=backend)
     expected = int(os.environ.get("MLX_RANK", world.rank()))
     if world.size() != size or world.rank() != expected:
@@ -181,18 +202,48 @@ def _install_recorder(mx) -> None:
     def eval(*args, **kwargs):
         if trace.cell is None:
             return real_eval(*args, **kwargs)
-        trace.in_eval, n, t0 = True, len(trace.calls), time.perf_counter()
+        trace.in_eval, n, t0 = True, len(trace.calls), time.time()
         trace.version += 1
         try:
             return real_eval(*args, **kwargs)
         finally:
-            trace.eval_time += time.perf_counter() - t0
+            t1 = time.time()
+            trace.eval_time += t1 - t0
+            if len(trace.evals) < 10000:
+                # (start, end, collectives this eval completed)
+                trace.evals.append((t0, t1, n - trace.done))
             trace.in_eval, trace.done = False, max(trace.done, n)
             trace.version += 1
 
     eval.__doc__ = real_eval.__doc__
     mx.eval = eval
+    for name in _EVALUATING:
+        setattr(mx.array, name, _evaluating(getattr(mx.array, name)))
     dist._mlx_nb_recorded = True
+
+
+# array methods that evaluate: a rank waiting in one may be waiting in a collective
+_EVALUATING = (
+    "item", "tolist", "__repr__", "__str__", "__format__", "__bool__", "__int__", "__float__",
+    "__index__", "__array__",
+)
+
+
+def _evaluating(method):
+    def evaluating(self, *args, **kwargs):
+        if trace.cell is None or trace.in_eval:
+            return method(self, *args, **kwargs)
+        trace.in_eval, n = True, len(trace.calls)
+        trace.version += 1
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            trace.in_eval, trace.done = False, max(trace.done, n)
+            trace.version += 1
+
+    evaluating.__name__ = evaluating.__qualname__ = method.__name__
+    evaluating.__doc__ = method.__doc__
+    return evaluating
 
 
 def _watch() -> None:
@@ -203,14 +254,15 @@ def _watch() -> None:
     """
     from ipyparallel.datapub import publish_data
 
-    published = -1
+    published = None
     while True:
         time.sleep(0.2)
-        if trace.cell is None or trace.version == published:
+        if trace.cell is None or time.time() - trace.started < 0.4:
             continue
-        if time.time() - trace.started < 0.4:
+        where = (trace.version, trace.line(), _memory()[0] >> 20)
+        if where == published:
             continue
-        published = trace.version
+        published = where
         try:
             publish_data({"mlx_nb_trace": trace.snapshot()})
         except Exception:
@@ -324,7 +376,12 @@ def _mimebundle(value: Any) -> dict:
 
 
 def run_cell(
-    code: str, cell_id: int, show_ranks: list[int], pull_name: Optional[str], pull_ranks: list[int]
+    code: str,
+    cell_id: int,
+    show_ranks: list[int],
+    pull_name: Optional[str],
+    pull_ranks: list[int],
+    profile: bool = False,
 ) -> dict:
     """Run one %%mlx_dist cell on this rank and report what happened.
 
@@ -368,6 +425,13 @@ def run_cell(
         sys.stderr.flush()
     result["active_memory"] = mx.get_active_memory()
     result["peak_memory"] = mx.get_peak_memory()
+    if profile:
+        result["profile"] = {
+            "start": trace.started,
+            "end": trace.started + result["wall"],
+            "evals": trace.evals,
+            "collective_time": sum(e - s for s, e, c in trace.evals if c),
+        }
     return result
 
 

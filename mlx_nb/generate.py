@@ -69,6 +69,7 @@ def stream(
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
         prompt = tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
     shared = group is not None and group.size() > 1
+    agreed: Optional[mx.array] = None
     for n, response in enumerate(
         stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, **kwargs), 1
     ):
@@ -76,10 +77,15 @@ def stream(
         if response.finish_reason is not None or n % stop_every:
             continue
         stop = should_stop is not None and should_stop()
-        if shared:
-            # On the generation stream, so it queues behind the model's own
-            # collectives in the same order on every rank.
-            with mx.stream(generation_stream):
-                stop = mx.distributed.all_sum(mx.array(int(stop)), group=group).item() > 0
-        if stop:
+        if not shared:
+            if stop:
+                return
+            continue
+        # The previous check's sum is ready by now, so reading it costs no
+        # wait; the new one queues on the generation stream behind the model's
+        # own collectives, in the same order on every rank.
+        if agreed is not None and agreed.item() > 0:
             return
+        with mx.stream(generation_stream):
+            agreed = mx.distributed.all_sum(mx.array(int(stop)), group=group)
+        mx.async_eval(agreed)

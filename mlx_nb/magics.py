@@ -55,6 +55,7 @@ class MLXMagics(Magics):
     @argument("-n", type=int, default=4, help="number of ranks (default 4)")
     @argument("--backend", default="ring", choices=BACKENDS, help="mx.distributed backend (default ring)")
     @argument("--grace", type=float, default=3.0, help="seconds a failing cell's other ranks get before recovery")
+    @argument("--watch", action="store_true", help="with status: a panel that refreshes itself (live memory while cells run)")
     @line_magic
     def mlx_cluster(self, line: str):
         """Manage the MLX cluster behind %%mlx_dist.
@@ -95,6 +96,10 @@ class MLXMagics(Magics):
             print(f"Restarted {cluster.n} ranks in {time.perf_counter() - t0:.1f} s", end="")
             print(f"; replayed {len(cluster.setup_cells)} setup cell(s) in {replay:.1f} s." if cluster.setup_cells else ".")
             return status_table(cluster)
+        elif args.action == "status" and args.watch:
+            from .widgets import StatusWidget
+
+            return StatusWidget(cluster)
         elif args.action == "status":
             dead = cluster._dead_ranks()
             if dead:
@@ -113,6 +118,8 @@ class MLXMagics(Magics):
     @argument("--push", default=None, help="notebook variables to send to every rank first, e.g. a,b")
     @argument("--pull", default=None, help="a rank variable to bring back into the notebook (rank 0's; a list per rank with --ranks all)")
     @argument("--setup", action="store_true", help="remember this cell and replay it on new ranks after any restart")
+    @argument("--profile", action="store_true", help="time each rank (wall, mx.eval, collectives) and its memory; "
+              "show a timeline and a memory chart under the output (mlx_nb.last_profile() has the data)")
     @cell_magic
     def mlx_dist(self, line: str, cell: str):
         """Run the cell SPMD on every rank of the MLX cluster.
@@ -134,7 +141,17 @@ class MLXMagics(Magics):
             raise UsageError(str(e)) from None
         push = self._ns_values(_names(args.push)) if args.push else None
         ranks = args.ranks if args.ranks == "all" else parse_ranks(args.ranks, cluster.n)
-        result = cluster.run(cell, ranks=ranks, timeout=args.timeout, push=push, pull=args.pull, setup=args.setup)
+        result = cluster.run(
+            cell, ranks=ranks, timeout=args.timeout, push=push, pull=args.pull, setup=args.setup, profile=args.profile
+        )
+        if args.profile:
+            import matplotlib.pyplot as plt
+            from IPython.display import display
+
+            display(result.profile.table())
+            fig = result.profile.figure()
+            display(fig)
+            plt.close(fig)
         if args.pull:
             self.shell.user_ns[args.pull] = result.pulled
         return result if result.value is not None else None

@@ -17,6 +17,8 @@ from .cluster import Cluster, ClusterError, SetupCell, _ranges
 
 # lines MLX's ring backend writes on fd 2 when a peer goes away: noise, not news
 _NOISE = ("[ring]",)
+RANK_FAILED = "a rank failed"  # why run_cell stopped waiting, besides a timeout or an interrupt
+_SETTLE = 0.5  # seconds after a failure before a rank's trace can say it is stuck
 
 
 def parse_ranks(spec: Union[int, str, Sequence[int]], n: int) -> list[int]:
@@ -51,6 +53,7 @@ class CellResult:
     pulled: Any = None
     wall: float = 0.0
     notes: list[str] = field(default_factory=list)
+    profile: Any = None  # a CellProfile with profile=True
 
     def _repr_mimebundle_(self, include=None, exclude=None):
         return self.value
@@ -147,6 +150,7 @@ def run_cell(
     quiet: bool = False,
     register: bool = True,
     on_report: Optional[Callable[[int, dict], None]] = None,
+    profile: bool = False,
 ) -> CellResult:
     """Run ``code`` on every rank at once, streaming the output of ``ranks`` live.
 
@@ -166,10 +170,11 @@ def run_cell(
     printer = _Printer(show)
     events: "queue.Queue[tuple]" = queue.Queue()
     traces: dict[int, dict] = {}
+    cluster.live = traces  # where each rank is, while the cell runs
     t0 = time.perf_counter()
     pull_from = show if len(show) > 1 else [0]
     # one apply to the whole view: the same dispatch cost as a raw DirectView call
-    ar = cluster.view.apply_async(engine.run_cell, code, cell_id, show, pull, pull_from)
+    ar = cluster.view.apply_async(engine.run_cell, code, cell_id, show, pull, pull_from, profile)
     ars = dict(zip(range(cluster.n), ar._children))  # per-rank message futures, rank order
     for rank, child in ars.items():
         child.add_done_callback(lambda _f, rank=rank: events.put(("done", rank, None)))
@@ -202,9 +207,11 @@ def run_cell(
                 failure = f"--timeout {timeout:g} s expired"
                 break
             if first_error_at is not None and (
-                now - first_error_at > cluster.grace or _all_stuck(cluster.n, results, traces)
+                now - first_error_at > cluster.grace
+                # a trace is a moment old: give the ranks time to report leaving a collective
+                or (now - first_error_at > _SETTLE and _stuck(cluster.n, results, traces))
             ):
-                failure = "a rank failed"
+                failure = RANK_FAILED
                 break
     except KeyboardInterrupt:
         failure = _stop_cooperatively(cluster, results, inbox, events, ars, printer)
@@ -214,6 +221,9 @@ def run_cell(
         return _recover(cluster, ars, results, traces, printer, inbox, events, failure, wall)
     for r in show:
         printer.finish(r)
+    for r, res in results.items():
+        if "active_memory" in res:
+            cluster.ranks[r].active_memory, cluster.ranks[r].peak_memory = res["active_memory"], res["peak_memory"]
     cell = CellResult(
         [results[r] for r in range(cluster.n)],
         value=_value_of(results, show),
@@ -222,6 +232,11 @@ def run_cell(
         ),
         wall=wall,
     )
+    if profile:
+        from .profile import CellProfile, record
+
+        cell.profile = CellProfile.from_results(cell.results)
+        record(cell.profile)
     if not cell.ok:
         raise _error(cluster, cell, traces, restarted=None)
     if setup and register:
@@ -255,12 +270,22 @@ def _stop_cooperatively(cluster, results, inbox, events, ars, printer) -> Option
     return None if len(results) == cluster.n else "interrupted"
 
 
-def _all_stuck(n: int, results: dict, traces: dict) -> bool:
-    """Every unfinished rank waits in MLX's native eval on a collective."""
-    running = [r for r in range(n) if r not in results]
-    return bool(running) and all(
-        traces.get(r, {}).get("in_eval") and traces[r].get("pending") for r in running
-    )
+def _stuck(n: int, results: dict, traces: dict) -> list[int]:
+    """Unfinished ranks waiting in a collective that can no longer complete.
+
+    Such a rank evaluates a pending collective whose other side has stopped: a
+    group-wide one once any rank has stopped, or a send/recv whose peer has. It
+    sits in MLX's native wait, where SIGINT does not reach it.
+    """
+    stuck = []
+    for r in range(n):
+        t = traces.get(r) or {}
+        if r in results or not (t.get("in_eval") and t.get("pending")):
+            continue
+        peer = t["pending"][0].get("peer")
+        if (peer is None and results) or (peer is not None and peer in results):
+            stuck.append(r)
+    return stuck
 
 
 class _Inbox:
@@ -323,48 +348,50 @@ def _value_of(results: dict, show: list[int]) -> Optional[dict]:
 
 
 def _heal_lost_ranks(cluster: Cluster) -> None:
+    """Before a cell: a rank that died while idle (or a failed restart) means new ranks."""
     dead = cluster._dead_ranks()
-    if dead:
-        cluster.on_message(
-            f"{label(dead)} lost: engine process exited while idle; restarting the cluster"
-        )
-        took = cluster.restart()
-        _say_replayed(cluster, took)
-
-
-def _say_replayed(cluster: Cluster, took: float) -> None:
+    if not dead:
+        return
+    if cluster.ranks:
+        why = f"{label(dead)} lost: engine process exited while idle"
+    else:
+        why = "no ranks are running (the last restart failed)"
+    cluster.on_message(f"{why}; restarting the cluster...")
+    t0 = time.perf_counter()
+    took = cluster.restart(reason=why)
+    cluster.on_message(f"Restarted {cluster.n} ranks in {time.perf_counter() - t0:.1f} s.")
     if cluster.setup_cells:
-        cluster.on_message(
-            f"replayed {len(cluster.setup_cells)} setup cell(s) on the new ranks in {took:.1f} s"
-        )
+        cluster.on_message(_replayed(cluster, took) + ".")
 
 
 def _recover(cluster, ars, results, traces, printer, inbox, events, failure, wall) -> CellResult:
     """Stop waiting: interrupt what still runs, restart if the group cannot go on."""
     running = [r for r in range(cluster.n) if r not in results]
-    interrupted = set()
-    # SIGINT cannot break MLX's native wait: only try it when some rank may be in Python
-    if running and not _all_stuck(cluster.n, results, traces):
+    if running:
+        # a rank in Python stops at once; one in MLX's native wait only when (if) it returns
         cluster.signal(signal.SIGINT, running)
-        deadline = time.perf_counter() + cluster.grace
+        # after a rank failed, the others have had the grace period already
+        wait = cluster.grace if failure != RANK_FAILED else min(cluster.grace, 1.0)
+        deadline = time.perf_counter() + wait
         while running and time.perf_counter() < deadline:
+            if set(running) <= set(_stuck(cluster.n, results, traces)):
+                break
             try:
-                kind, rank, payload = events.get(timeout=0.1)
+                kind, rank, _ = events.get(timeout=0.1)
             except queue.Empty:
                 continue
             inbox.drain(rank)
             if kind == "done" and rank not in results:
                 results[rank] = _outcome(ars[rank])
                 inbox.drain(rank)
-                interrupted.add(rank)
                 running.remove(rank)
+                err = results[rank].get("error")
+                if err and err["type"] == "KeyboardInterrupt":
+                    results[rank]["interrupted"] = True
     for r in range(cluster.n):
         printer.finish(r) if r in printer.show else None
-    blocked = {r: traces.get(r, {}) for r in running}
     for r in running:
-        results[r] = {"rank": r, "blocked": True, "error": None, "trace": blocked[r]}
-    for r in interrupted:
-        results[r]["interrupted"] = True
+        results[r] = {"rank": r, "blocked": True, "error": None, "trace": traces.get(r, {})}
     # the group survives only if no rank is stuck and no rank was lost
     must_restart = bool(running) or any(res.get("lost") for res in results.values())
     cell = CellResult([results[r] for r in range(cluster.n)], wall=wall)
@@ -375,43 +402,75 @@ def _recover(cluster, ars, results, traces, printer, inbox, events, failure, wal
         try:
             replay = cluster.restart(reason=failure)
             restarted = (time.perf_counter() - t0, replay)
-        except ClusterError as e:
+        except (ClusterError, ipp.error.TimeoutError) as e:
             restarted = e
     raise _error(cluster, cell, traces, restarted=restarted, failure=failure)
 
 
 def _describe_rank(res: dict, trace: Optional[dict]) -> str:
+    trace = trace or {}
+    at = f" at line {trace['line']}" if trace.get("line") else ""
     if res.get("lost"):
-        return "lost: its engine process died"
+        seen = f" (last seen at line {trace['line']})" if trace.get("line") else ""
+        return f"lost: its engine process died{seen}"
     if res.get("blocked"):
-        pending = (trace or {}).get("pending") or []
-        if pending:
-            c = pending[-1]
-            what = f"{c['op']} #{c['seq']}"
-            if "shape" in c:
-                what += f" (shape {tuple(c['shape'])}, {c['dtype']})"
-            return f"blocked in a collective: {what}"
-        return "still running (not in a recorded collective)"
+        if _in_collective(trace):
+            return f"blocked in a collective: {_collective(trace)}{at}"
+        return f"still running{at}, not in a collective; stopped by the restart"
     err = res.get("error")
     if err:
         where = f" at line {err['lineno']}" if err.get("lineno") else ""
-        state = "interrupted" if res.get("interrupted") else "raised"
-        return f"{state} {err['type']}: {err['message']}{where}"
+        if res.get("interrupted"):
+            return f"interrupted{where}" + (f": {err['line']}" if err.get("line") else "")
+        return f"raised {err['type']}: {err['message']}{where}"
     return "finished"
 
 
-def _root_cause(cell: CellResult) -> Optional[int]:
-    lost = [r for r, res in enumerate(cell.results) if res.get("lost")]
+def _in_collective(trace: dict) -> bool:
+    return bool(trace.get("in_eval") and trace.get("pending"))
+
+
+def _collective(trace: dict) -> str:
+    """'all_sum #2 (shape (4,), float32)': the first pending call, the one an eval waits in."""
+    call = trace["pending"][0]
+    details = [f"shape {tuple(call['shape'])}, {call['dtype']}"] if "shape" in call else []
+    if call.get("peer") is not None:
+        details.append(f"{'to' if call['op'] == 'send' else 'from'} rank {call['peer']}")
+    text = f"{call['op']} #{call['seq']}" + (f" ({'; '.join(details)})" if details else "")
+    more = trace.get("n_pending", 1) - 1
+    return text + (f", {more} more pending after it" if more > 0 else "")
+
+
+def _root_cause(results: list[dict]) -> Optional[int]:
+    """The rank that failed first: lost, else the earliest real error, else a straggler."""
+    lost = [r for r, res in enumerate(results) if res.get("lost")]
     if lost:
         return lost[0]
     errs = [
         (res["error"].get("time", 0), r)
-        for r, res in enumerate(cell.results)
-        if res.get("error") and not res.get("interrupted") and "peer was lost" not in res["error"]["message"]
+        for r, res in enumerate(results)
+        if res.get("error") and not res.get("interrupted") and not _consequence(res["error"])
     ]
-    if not errs:
-        errs = [(res["error"].get("time", 0), r) for r, res in enumerate(cell.results) if res.get("error")]
+    if errs:
+        return min(errs)[1]
+    # stopped by an interrupt or --timeout while others waited in a collective: it held them up
+    if any(res.get("blocked") for res in results):
+        late = [r for r, res in enumerate(results) if res.get("interrupted")]
+        if late:
+            return late[0]
+    errs = [(res["error"].get("time", 0), r) for r, res in enumerate(results) if res.get("error") and not res.get("interrupted")]
     return min(errs)[1] if errs else None
+
+
+def _consequence(err: dict) -> bool:
+    """An error a rank gets because another rank went away, not a cause."""
+    return "peer was lost" in err.get("message", "")
+
+
+def _replayed(cluster: Cluster, took: float) -> str:
+    firsts = [(c.code.strip().splitlines() or [""])[0] for c in cluster.setup_cells]
+    shown = "; ".join(f if len(f) <= 50 else f[:47] + "..." for f in firsts)
+    return f"Replayed {len(firsts)} setup cell(s) on the new ranks in {took:.1f} s: {shown}"
 
 
 def _same_error(a: Optional[dict], b: Optional[dict]) -> bool:
@@ -422,20 +481,29 @@ def _error(cluster, cell: CellResult, traces: dict, restarted=None, failure=None
     results = cell.results
     errors = [res.get("error") for res in results]
     lines: list[str] = []
-    if all(errors) and all(_same_error(e, errors[0]) for e in errors):
+    if failure is None and all(errors) and all(_same_error(e, errors[0]) for e in errors):
         e = errors[0]
         lines.append(f"{label(list(range(cluster.n)))} all raised {e['type']}: {e['message']}")
         lines.append(e["traceback"].rstrip())
         lines.append("Every rank failed the same way; no restart was needed: the ranks and their state are kept.")
         return DistCellError("\n".join(lines), root=e, result=cell)
-    root = _root_cause(cell)
-    if failure and failure != "a rank failed":
+    root = _root_cause(results)
+    if failure and failure != RANK_FAILED:
         lines.append(f"%%mlx_dist: {failure}.")
     same = [root] if root is not None else []
     if root is not None:
         res = results[root]
         if res.get("lost"):
-            lines.append(f"Root cause: rank {root} was lost (its engine process died mid-cell).")
+            t = traces.get(root) or {}
+            seen = f", last seen at line {t['line']}" if t.get("line") else ""
+            lines.append(f"Root cause: rank {root} was lost (its engine process died mid-cell{seen}).")
+        elif res.get("interrupted"):
+            e = res["error"]
+            where = f" line {e['lineno']}: {e['line']}" if e.get("lineno") else " Python code"
+            lines.append(
+                f"Root cause: rank {root} had not reached the collective the others wait in: "
+                f"it was running{where} when interrupted."
+            )
         else:
             e = res["error"]
             # ranks that raised the very same error share the root-cause line
@@ -448,7 +516,10 @@ def _error(cluster, cell: CellResult, traces: dict, restarted=None, failure=None
         if r not in same:
             lines.append(f"  rank {r}: {_describe_rank(res, traces.get(r))}")
     if isinstance(restarted, Exception):
-        lines.append(f"Restarting the cluster failed: {restarted}")
+        lines.append(
+            f"Restarting the cluster failed: {restarted}\n"
+            "The next cell tries again (or %mlx_cluster restart now)."
+        )
     elif restarted is not None:
         took, replay = restarted
         lines.append(
@@ -456,5 +527,7 @@ def _error(cluster, cell: CellResult, traces: dict, restarted=None, failure=None
             "the cluster is ready for the next cell."
         )
         if cluster.setup_cells:
-            lines.append(f"Replayed {len(cluster.setup_cells)} setup cell(s) in {replay:.1f} s.")
+            lines.append(_replayed(cluster, replay) + ".")
+    else:
+        lines.append("No restart was needed: the ranks and their state are kept.")
     return DistCellError("\n".join(lines), root=results[root] if root is not None else None, result=cell)
