@@ -57,3 +57,72 @@ class StatusWidget(widgets.HTML):
     def close(self) -> None:
         self._stop.set()
         super().close()
+
+
+class ChatWidget(widgets.VBox):
+    """Chat with the model loaded on the cluster: history, live tokens, stop.
+
+    Each reply streams in as rank 0 produces it; the line under it has prompt and
+    generation tokens/s, time to first token and peak memory per rank. Stop
+    asks every rank to end at the same token (no collective is left hanging).
+    """
+
+    def __init__(self, cluster: Cluster, max_tokens: int = 256, system: str | None = None):
+        self.cluster, self.max_tokens = cluster, max_tokens
+        self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
+        self.log = widgets.HTML(layout=widgets.Layout(max_height="420px", overflow_y="auto"))
+        self.box = widgets.Text(placeholder="Ask something, then Enter or Send", layout=widgets.Layout(width="70%"))
+        self.send = widgets.Button(description="Send", button_style="primary")
+        self.stop = widgets.Button(description="Stop", disabled=True)
+        self.send.on_click(lambda _: self.ask(self.box.value))
+        self.box.on_submit(lambda _: self.ask(self.box.value))
+        self.stop.on_click(lambda _: self.cluster.request_stop())
+        self._turns: list[str] = []
+        self._thread: threading.Thread | None = None
+        super().__init__([self.log, widgets.HBox([self.box, self.send, self.stop])])
+
+    def _render(self, live: str = "") -> None:
+        import html
+
+        parts = self._turns + ([f"<div><b>model</b>: {html.escape(live)}</div>"] if live else [])
+        self.log.value = "".join(parts)
+
+    def ask(self, text: str, wait: bool = False) -> None:
+        """Send ``text`` as the next user turn; the reply streams in the background."""
+        import html
+
+        if not text.strip() or (self._thread and self._thread.is_alive()):
+            return
+        self.box.value = ""
+        self.messages.append({"role": "user", "content": text})
+        self._turns.append(f"<div><b>you</b>: {html.escape(text)}</div>")
+        self._render()
+        self.send.disabled, self.stop.disabled = True, False
+        self._thread = threading.Thread(target=self._reply, daemon=True)
+        self._thread.start()
+        if wait:
+            self._thread.join()
+
+    def _reply(self) -> None:
+        import html
+
+        from .generate import generate
+
+        chunks: list[str] = []
+
+        def on_text(chunk: str) -> None:
+            chunks.append(chunk)
+            self._render("".join(chunks))
+
+        try:
+            stats = generate(self.cluster, self.messages, self.max_tokens, on_text=on_text, quiet=True)
+            reply = stats.text
+            self.messages.append({"role": "assistant", "content": reply})
+            self._turns.append(
+                f"<div><b>model</b>: {html.escape(reply)}</div><div><small>{html.escape(stats.summary())}</small></div>"
+            )
+        except Exception as e:  # shown in the panel: a background thread has no cell to raise into
+            self._turns.append(f"<div style='color:#b00'>{html.escape(str(e))}</div>")
+        finally:
+            self.send.disabled, self.stop.disabled = False, True
+            self._render()

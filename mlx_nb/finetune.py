@@ -1,0 +1,253 @@
+"""Data-parallel LoRA fine-tuning on the cluster, built on mlx-lm's own tuner.
+
+Every rank holds the whole model with LoRA layers; each reads its own slice of
+every global batch (``mlx_lm.tuner.trainer.iterate_batches``), and gradients
+are averaged by the trainer (``mlx.nn.average_gradients``). The notebook sees
+the loss and tokens/s of every step live, and can stop training on all ranks
+at the same step.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+DATA = Path(__file__).parent / "data"
+
+
+@dataclass
+class FinetuneConfig:
+    model: Optional[str] = None  # None: the bundled SmolLM2; else any mlx-lm path or repo id
+    data: Union[str, list, None] = None  # jsonl path or chat rows; None: the bundled mascot facts
+    iters: int = 30
+    batch_size: int = 2  # per rank: the global batch is batch_size x ranks
+    learning_rate: float = 2e-4
+    num_layers: int = 8  # LoRA on the last num_layers blocks
+    lora_rank: int = 8
+    lora_scale: float = 20.0
+    max_seq_length: int = 256
+    seed: int = 0
+    adapter_path: str = "adapters"
+
+
+class _Stopped(Exception):
+    pass
+
+
+def load_rows(data: Union[str, list, None]) -> list[dict]:
+    """Chat rows ({"messages": [...]}) from a jsonl file, a list, or the bundled set."""
+    if isinstance(data, list):
+        return data
+    path = Path(data) if data else DATA / "mascot.jsonl"
+    if path.is_dir():
+        path = path / "train.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def train_on_rank(cfg: dict) -> dict:
+    """Run inside every rank (collectively): LoRA-train, report each step, save on rank 0."""
+    import contextlib
+    import io
+
+    import mlx.core as mx
+    import mlx.optimizers as optim
+    import numpy as np
+    from mlx.nn import losses as nn_losses
+    from mlx.utils import tree_flatten
+    from mlx_lm import load
+    from mlx_lm.tuner.callbacks import TrainingCallback
+    from mlx_lm.tuner.datasets import CacheDataset, ChatDataset
+    from mlx_lm.tuner.trainer import TrainingArgs, train
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    from .engine import report, stop_requested
+    from .models import resolve
+
+    c = FinetuneConfig(**cfg)
+    world = mx.distributed.init()
+    size, rank = world.size(), world.rank()
+    global_batch = c.batch_size * size
+    rows = load_rows(c.data)
+    if len(rows) < global_batch:
+        raise ValueError(f"{len(rows)} training rows cannot fill a global batch of {global_batch} ({c.batch_size} x {size} ranks)")
+
+    model, tokenizer = load(resolve(c.model))
+    model.freeze()
+    lora = {"rank": c.lora_rank, "dropout": 0.0, "scale": c.lora_scale}
+    mx.random.seed(c.seed)
+    linear_to_lora_layers(model, c.num_layers, lora)
+    np.random.seed(c.seed)  # iterate_batches shuffles with numpy: the same order on every rank
+
+    def loss(model, batch, lengths):
+        # the mean over the *global* batch's tokens, so 1 rank x 4 rows and
+        # 2 ranks x 2 rows train identically (mlx-lm's default averages per rank)
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        logits = model(inputs)
+        steps = mx.arange(1, targets.shape[1] + 1)
+        mask = mx.logical_and(steps >= lengths[:, 0:1], steps <= lengths[:, 1:])
+        ce = (nn_losses.cross_entropy(logits, targets) * mask).astype(mx.float32).sum()
+        ntoks = mask.sum()
+        total = mx.stop_gradient(mx.distributed.all_sum(ntoks, group=world))
+        return ce * size / total, ntoks
+
+    history: list[dict] = []
+
+    class Live(TrainingCallback):
+        def on_train_loss_report(self, info: dict) -> None:
+            row = {k: info[k] for k in ("iteration", "train_loss", "tokens_per_second", "trained_tokens")}
+            history.append(row)
+            if rank == 0:
+                report(**row, iters=c.iters)
+            stop = mx.distributed.all_sum(mx.array(int(stop_requested())), stream=mx.cpu, group=world)
+            if stop.item():
+                raise _Stopped(info["iteration"])
+
+    adapter_dir = Path(c.adapter_path)
+    args = TrainingArgs(
+        batch_size=global_batch, iters=c.iters, steps_per_report=1, steps_per_eval=10**9,
+        steps_per_save=10**9, max_seq_length=c.max_seq_length,
+        adapter_file=str(adapter_dir / "adapters.safetensors"),
+    )
+    if rank == 0:
+        adapter_dir.mkdir(parents=True, exist_ok=True)
+    stopped_at = None
+    t0 = time.perf_counter()
+    quiet = io.StringIO()  # mlx-lm's console progress: the notebook draws its own
+    try:
+        with contextlib.redirect_stdout(quiet):
+            train(model, optim.Adam(learning_rate=c.learning_rate), CacheDataset(ChatDataset(rows, tokenizer)),
+                  None, args, loss=loss, training_callback=Live())
+    except _Stopped as s:
+        stopped_at = s.args[0]
+        if rank == 0:
+            mx.save_safetensors(args.adapter_file, dict(tree_flatten(model.trainable_parameters())))
+    if rank == 0:
+        config = {"fine_tune_type": "lora", "num_layers": c.num_layers, "lora_parameters": lora, "model": c.model}
+        (adapter_dir / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    return {"history": history, "stopped_at": stopped_at, "seconds": time.perf_counter() - t0,
+            "adapter_path": str(adapter_dir.resolve()), "ranks": size, "global_batch": global_batch}
+
+
+@dataclass
+class FinetuneResult:
+    history: list[dict]
+    adapter_path: str
+    stopped_at: Optional[int]
+    seconds: float
+    ranks: int
+    global_batch: int
+
+    @property
+    def losses(self) -> list[float]:
+        return [h["train_loss"] for h in self.history]
+
+
+def loss_figure(history: list[dict], iters: int, title: str = "LoRA fine-tuning"):
+    """Loss per step and tokens/s, rank 0's view of the averaged numbers."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3))
+    steps = [h["iteration"] for h in history]
+    ax.plot(steps, [h["train_loss"] for h in history], marker=".", color="#4c72b0")
+    ax.set_xlim(0, max(iters, 1))
+    ax.set_xlabel("step")
+    ax.set_ylabel("train loss")
+    if history:
+        last = history[-1]
+        title += f" | step {last['iteration']}/{iters}, loss {last['train_loss']:.3f}, {last['tokens_per_second']:.0f} tok/s"
+    ax.set_title(title, fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+class FinetuneRun:
+    """A training run in the background: a live loss curve, a stop button, ``wait()``.
+
+    Example::
+
+        run = mlx_nb.finetune(cluster, iters=30)   # shows the live panel
+        result = run.wait()                          # FinetuneResult
+    """
+
+    def __init__(self, cluster, config: FinetuneConfig):
+        import ipywidgets as widgets
+
+        self.cluster, self.config = cluster, config
+        self.history: list[dict] = []
+        self.result: Optional[FinetuneResult] = None
+        self.error: Optional[BaseException] = None
+        self.image = widgets.Image(format="png")
+        self.label = widgets.HTML("starting: loading the model on every rank...")
+        self.stop_button = widgets.Button(description="Stop", button_style="warning")
+        self.stop_button.on_click(lambda _: self.stop())
+        self.panel = widgets.VBox([self.label, self.image, self.stop_button])
+        self._thread = threading.Thread(target=self._run, name="mlx_nb-finetune", daemon=True)
+        self._thread.start()
+
+    def _ipython_display_(self) -> None:
+        from IPython.display import display
+
+        display(self.panel)
+
+    def _on_report(self, rank: int, row: dict) -> None:
+        import io
+
+        import matplotlib.pyplot as plt
+
+        self.history.append(row)
+        fig = loss_figure(self.history, self.config.iters)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+        plt.close(fig)
+        self.image.value = buf.getvalue()
+        self.label.value = f"training on {self.cluster.n} ranks: step {row['iteration']}/{self.config.iters}"
+
+    def _run(self) -> None:
+        try:
+            self.cluster.push({"_mlx_nb_finetune": asdict(self.config)})
+            cell = self.cluster.run(
+                "from mlx_nb.finetune import train_on_rank\n_mlx_nb_trained = train_on_rank(_mlx_nb_finetune)",
+                quiet=True, pull="_mlx_nb_trained", on_report=self._on_report,
+            )
+            r = cell.pulled
+            self.result = FinetuneResult(r["history"], r["adapter_path"], r["stopped_at"], r["seconds"], r["ranks"], r["global_batch"])
+            how = f"stopped at step {r['stopped_at']}" if r["stopped_at"] else "done"
+            self.label.value = f"{how}: {len(r['history'])} steps in {r['seconds']:.1f} s; adapters in {r['adapter_path']}"
+        except BaseException as e:
+            self.error = e
+            self.label.value = f"<span style='color:#b00'>training failed: {e}</span>"
+        finally:
+            self.stop_button.disabled = True
+
+    def stop(self) -> None:
+        """End training on every rank at the same step (the adapters so far are saved)."""
+        self.cluster.request_stop()
+
+    def wait(self, timeout: Optional[float] = None) -> FinetuneResult:
+        """Block until training ends; an interrupt stops it cleanly first."""
+        try:
+            self._thread.join(timeout)
+        except KeyboardInterrupt:
+            self.stop()
+            self._thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+def finetune(cluster, **options: Any) -> FinetuneRun:
+    """LoRA-fine-tune a model data-parallel over the cluster's ranks, in the background.
+
+    Options are those of :class:`FinetuneConfig`. Returns a :class:`FinetuneRun`
+    that shows a live loss curve and a stop button; ``.wait()`` gives the result.
+
+    Example::
+
+        run = mlx_nb.finetune(cluster, iters=30, batch_size=2)
+        run
+    """
+    return FinetuneRun(cluster, FinetuneConfig(**options))
