@@ -3,8 +3,10 @@
 Both sides call ``mlx_nb.bench.sweep`` (this file is also the launched script,
 with ``--rank-side``), alternating for ``--rounds`` rounds; each case's latency
 is the median over rounds of the per-round medians. The table shows the ratio
-mlx_nb / mlx.launch per case and for the whole sweep (sum of the medians),
-and an MPI column when MLX's MPI backend and mpirun are available.
+mlx_nb / mlx.launch per case and for the whole sweep (sum of the medians), each
+side's round-to-round spread (the noise floor to read the ratio against), and
+an MPI column (the same sweep over MLX's mpi backend under mpirun) where MLX
+can load libmpi and mpirun is on PATH.
 
     .venv/bin/python benchmarks/collectives.py -n 4 --sizes 1KB-16MB --factor 4 --rounds 3
 """
@@ -17,6 +19,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -25,6 +28,7 @@ import tempfile
 import time
 
 import mlx.core as mx
+import psutil
 
 from mlx_nb import Cluster
 from mlx_nb.bench import BenchRow, add_sweep_arguments, run_bench, sweep, sweep_options
@@ -71,18 +75,59 @@ def launched(n: int, backend: str, sizes: list[int], args) -> list[BenchRow]:
     """Run the sweep in n processes started by mlx.launch; rank 0's rows."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rows.json")
-        cmd = [*mlx_launch(), "-n", str(n), "--backend", backend]
         if backend == "ring":
-            cmd += ["-p", str(consecutive_free_ports(n))]
-        cmd += ["--", sys.executable, os.path.abspath(__file__), "--rank-side", "--backend", backend,
+            cmd = [*mlx_launch(), "-n", str(n), "--backend", "ring", "-p", str(consecutive_free_ports(n)), "--"]
+        else:
+            # mpirun itself: mlx.launch passes options (--output) that Open MPI 4 does not know
+            cmd = ["mpirun", "-np", str(n), "--oversubscribe", "--bind-to", "none"]
+            cmd += ["--allow-run-as-root"] if os.geteuid() == 0 else []
+        cmd += [sys.executable, os.path.abspath(__file__), "--rank-side", "--backend", backend,
                 "--json", out, "--sizes", ",".join(map(str, sizes)), "--ops", args.ops,
                 "--dtypes", args.dtypes, "--warmup", str(args.warmup), "--iters", str(args.iters)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        if backend == "ring" and args.pause_launcher:
+            pause_while_ranks_run(proc, n)
+        _, err = proc.communicate(timeout=1800)
         if proc.returncode or not os.path.exists(out):
-            raise RuntimeError(f"{' '.join(cmd[:6])} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+            raise RuntimeError(f"{' '.join(cmd[:5])} failed ({proc.returncode}):\n{err[-2000:]}")
         with open(out) as f:
             return [BenchRow(**{**r, "wrong_ranks": tuple(r["wrong_ranks"]), "times": tuple(r["times"])})
                     for r in json.load(f)]
+
+
+def pause_while_ranks_run(launcher: subprocess.Popen, n: int, timeout: float = 1800) -> None:
+    """Stop mlx.launch itself (not its ranks) until the ranks have exited.
+
+    mlx.launch's per-rank I/O threads busy-wait (select() on the ranks' stdin
+    pipes, which are always writable): about one core, taken from the ranks
+    when ranks + launcher outnumber the cores. The ranks write their rows to a
+    file and print nothing, so nothing waits on the stopped launcher.
+    """
+    parent = psutil.Process(launcher.pid)
+    deadline = time.monotonic() + timeout
+    ranks: list = []
+    while len(ranks) < n and launcher.poll() is None and time.monotonic() < deadline:
+        ranks = [p for p in parent.children(recursive=True) if "--rank-side" in " ".join(_cmdline(p))]
+        time.sleep(0.01)
+    if launcher.poll() is not None:
+        return
+    launcher.send_signal(signal.SIGSTOP)
+    try:
+        while time.monotonic() < deadline and any(
+            p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in ranks
+        ):
+            time.sleep(0.02)
+    except psutil.NoSuchProcess:
+        pass
+    finally:
+        launcher.send_signal(signal.SIGCONT)
+
+
+def _cmdline(p) -> list[str]:
+    try:
+        return p.cmdline()
+    except psutil.Error:
+        return []
 
 
 def mpi_status() -> tuple[bool, str]:
@@ -90,18 +135,18 @@ def mpi_status() -> tuple[bool, str]:
         return False, "MPI not available: mx.distributed.is_available('mpi') is False"
     if shutil.which("mpirun") is None:
         return False, "MPI not available: no mpirun on PATH"
-    return True, "MLX mpi backend via mlx.launch --backend mpi (mpirun)"
+    return True, "mpi: the same sweep over MLX's mpi backend, started by mpirun -np N"
 
 
-def combine(rounds: list[list[BenchRow]]) -> dict:
-    """(op, dtype, size) -> median over rounds of each round's median latency."""
+def per_case(rounds: list[list[BenchRow]]) -> dict:
+    """(op, dtype, size) -> each round's median latency; a wrong result stops the benchmark."""
     out: dict = {}
     for rows in rounds:
         for r in rows:
             if not r.correct:
                 raise RuntimeError(f"{r.op} {human_bytes(r.size)} {r.dtype}: wrong on ranks {r.wrong_ranks}")
             out.setdefault((r.op, r.dtype, r.size), []).append(r.median)
-    return {k: statistics.median(v) for k, v in out.items()}
+    return out
 
 
 def us(t: float) -> str:
@@ -113,6 +158,8 @@ def main(argv=None) -> int:
     p.add_argument("-n", type=int, default=4, help="ranks (default 4)")
     add_sweep_arguments(p)
     p.add_argument("--rounds", type=int, default=3, help="alternations of the two sides (default 3)")
+    p.add_argument("--launcher-as-is", dest="pause_launcher", action="store_false",
+                   help="leave mlx.launch running while its ranks run (by default it is paused: it busy-waits)")
     p.add_argument("--rank-side", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--backend", default="ring", help=argparse.SUPPRESS)
     p.add_argument("--json", default=None, help=argparse.SUPPRESS)
@@ -133,24 +180,29 @@ def main(argv=None) -> int:
             ring.append(launched(args.n, "ring", sizes, args))
             if mpi_ok:
                 mpi.append(launched(args.n, "mpi", sizes, args))
-    a, b = combine(nb), combine(ring)
-    m = combine(mpi) if mpi else {}
+    a, b, m = per_case(nb), per_case(ring), per_case(mpi)
+    med = {k: (statistics.median(a[k]), statistics.median(b[k])) for k in a}
     rows = []
-    for key in a:
-        op, dtype, size = key
-        rows.append([op, dtype, human_bytes(size), us(a[key]), us(b[key]), f"{a[key] / b[key]:.3f}",
-                     us(m[key]) if key in m else "n/a"])
-    total_a, total_b = sum(a.values()), sum(b.values())
-    geo = math.exp(statistics.fmean(math.log(a[k] / b[k]) for k in a))
+    for (op, dtype, size), (x, y) in med.items():
+        rows.append([op, dtype, human_bytes(size), us(x), us(y), f"{x / y:.3f}",
+                     us(statistics.median(m[op, dtype, size])) if m else "n/a"])
+    total_a, total_b = sum(x for x, _ in med.values()), sum(y for _, y in med.values())
     rows.append(["whole sweep", "", "(sum)", us(total_a), us(total_b), f"{total_a / total_b:.3f}",
-                 us(sum(m.values())) if m else "n/a"])
-    title = (f"{args.n} ranks, ring backend, median latency in µs (slowest rank; median of {args.rounds} "
-             f"rounds x {args.iters} iterations); baseline: plain mlx.launch script, same sweep function")
+                 us(sum(statistics.median(v) for v in m.values())) if m else "n/a"])
+    title = (f"{args.n} ranks, ring backend, latency in µs: slowest rank, median of {args.iters} iterations, "
+             f"median over {args.rounds} alternating rounds; ratio = mlx_nb / plain mlx.launch script "
+             "(the same sweep function)")
     print(Table(["op", "dtype", "size", "mlx_nb", "mlx.launch", "ratio", "mpi"], rows, title))
+    geo = math.exp(statistics.fmean(math.log(x / y) for x, y in med.values()))
     print(f"\ngeometric mean of per-case ratios: {geo:.3f}")
     ratio = total_a / total_b
     verdict = "within" if abs(ratio - 1) <= TOLERANCE else "OUTSIDE"
     print(f"whole sweep mlx_nb / mlx.launch = {ratio:.3f}: {verdict} {TOLERANCE:.0%}")
+    # the noise floor: how much one side's whole sweep varies from round to round
+    for name, d in (("mlx_nb", a), ("mlx.launch", b)):
+        totals = [sum(v[i] for v in d.values()) for i in range(args.rounds)]
+        print(f"{name} whole sweep per round (µs): {', '.join(us(t) for t in totals)} "
+              f"(max/min {max(totals) / min(totals):.2f})")
     print(mpi_note)
     print(f"({time.perf_counter() - t0:.0f} s in all; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
     return 0

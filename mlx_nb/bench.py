@@ -328,13 +328,14 @@ class BenchResult:
     def crossover(self, op: str, dtype: Optional[str] = None) -> Optional[tuple[float, float, float]]:
         """(latency a, peak algbw b, size a*b) of the model t = a + size/b, or None.
 
-        Below a*b bytes a message costs mostly the fixed latency; above it, mostly bandwidth.
+        Below a*b bytes a message costs mostly the fixed latency; above it, mostly
+        bandwidth. a is the lowest median latency of any size (a noisy small size
+        cannot inflate it), b the highest algorithm bandwidth.
         """
-        rows = sorted((r for r in self.rows if r.op == op and (dtype is None or r.dtype == dtype)),
-                      key=lambda r: r.size)
-        if len(rows) < 2:
+        rows = [r for r in self.rows if r.op == op and (dtype is None or r.dtype == dtype)]
+        if len({r.size for r in rows}) < 2:
             return None
-        a, b = rows[0].median, max(r.algbw for r in rows)
+        a, b = min(r.median for r in rows), max(r.algbw for r in rows)
         return a, b, a * b
 
     def reading(self) -> str:
@@ -439,7 +440,7 @@ def apply_collective(cluster: "Cluster", fn: Callable, *args, what: str = "the c
             state = (ars[0].data or {}).get("mlx_nb_bench")
             if state and on_data:
                 on_data(*state)
-            next((a for a in ars if not a.ready()), ars[0]).wait(0.1)
+            next((a for a in ars if not a.ready()), ars[0]).wait(0.5)
     except KeyboardInterrupt:
         why = "interrupted"
     errors = [(r, a.exception()) for r, a in enumerate(ars) if a.ready() and not a.successful()]

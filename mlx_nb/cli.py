@@ -1,4 +1,4 @@
-"""The `mlx-nb` command: demo, hostfile check."""
+"""The `mlx-nb` command: demo, bench, hostfile check."""
 
 from __future__ import annotations
 
@@ -55,11 +55,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="start local ranks, all-reduce, shard a layer, stop")
     p.add_argument("-n", type=int, default=4, help="number of ranks (default 4)")
+    sub.add_parser("bench", help="collective benchmark sweep (mlx-nb bench --help)", add_help=False)
     p = sub.add_parser("hostfile", help="MLX hostfile tools")
     hsub = p.add_subparsers(dest="hostfile_command", required=True)
     c = hsub.add_parser("check", help="validate a hostfile and print the cluster it describes")
     c.add_argument("file")
     c.add_argument("--backend", default=None, help="check for this backend (default: the file's, else ring)")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        from .bench import bench_main
+
+        return bench_main(argv[1:])
     args = parser.parse_args(argv)
     if args.command == "demo":
         if args.n < 1:

@@ -128,13 +128,24 @@ def _remove_files() -> None:
 
 def init_group(backend: str, size: int, files: dict[str, str]) -> dict:
     """Form the mx.distributed group (collective: every rank calls it at once)."""
+    from ipyparallel.datapub import publish_data
+
+    def progress(step: str) -> None:
+        # so the notebook can name a rank that never gets to the call; flush waits until
+        # the IOPub thread has sent it, since init holds the GIL
+        publish_data({"mlx_nb_init": step})
+        sys.stdout.flush()
+
+    progress("started")
     _write_files(files)
     import mlx.core as mx
     import mlx.nn as nn
-    from ipyparallel.datapub import publish_data
 
-    publish_data({"mlx_nb_init": "joining"})  # so a rank stuck before the call can be named
-    world = mx.distributed.init(strict=True, backend=backend)
+    progress("joining")
+    if size == 1:
+        world = mx.distributed.init()  # a group of one needs no backend (MLX's ring rejects it)
+    else:
+        world = mx.distributed.init(strict=True, backend=backend)
     expected = int(os.environ.get("MLX_RANK", world.rank()))
     if world.size() != size or world.rank() != expected:
         raise RuntimeError(
@@ -328,8 +339,8 @@ def _format_error(exc: BaseException, filename: str) -> dict:
         if frame.filename == filename:
             tb = tb[i:]
             break
-    else:
-        tb = traceback.StackSummary.from_list([f for f in tb if f.filename != __file__])
+    # and the recorder's wrappers (mx.eval, array methods) between the cell and MLX
+    tb = traceback.StackSummary.from_list([f for f in tb if f.filename != __file__])
     lineno = next((f.lineno for f in reversed(tb) if f.filename == filename), None)
     if isinstance(exc, SyntaxError) and exc.filename == filename:
         lineno = exc.lineno
