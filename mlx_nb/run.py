@@ -216,6 +216,8 @@ def run_cell(
     except KeyboardInterrupt:
         failure = _stop_cooperatively(cluster, results, inbox, events, ars, printer)
     wall = time.perf_counter() - t0
+    if failure is None and any(res.get("lost") for res in results.values()):
+        failure = RANK_FAILED  # every rank has reported, but a group that lost one cannot go on
 
     if failure is not None:
         return _recover(cluster, ars, results, traces, printer, inbox, events, failure, wall)
@@ -332,7 +334,8 @@ def _outcome(child) -> dict:
     """A finished rank's report; waits (briefly) for its last output to arrive."""
     concurrent.futures.wait([child.output], timeout=5)
     result = child.result()
-    if isinstance(result, ipp.error.EngineError):
+    # an engine that died mid-task comes back as EngineError, raised or wrapped
+    if isinstance(result, ipp.error.EngineError) or getattr(result, "ename", "") == "EngineError":
         return {"lost": True, "error": None}
     if isinstance(result, ipp.RemoteError):
         return {"error": {"type": result.ename, "message": str(result.evalue),
