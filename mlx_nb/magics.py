@@ -12,7 +12,7 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 from .bench import run_bench, sweep_arguments, sweep_options
 from .cluster import BACKENDS, Cluster, ClusterError
 from .display import Table, human_bytes
-from .run import parse_ranks
+from .run import heal_lost_ranks, parse_ranks
 
 _current: Optional[Cluster] = None
 
@@ -101,12 +101,7 @@ class MLXMagics(Magics):
 
             return StatusWidget(cluster)
         elif args.action == "status":
-            dead = cluster._dead_ranks()
-            if dead:
-                print(f"rank(s) {dead} lost: engine process exited; restarting the cluster")
-                replay = cluster.restart()
-                if cluster.setup_cells:
-                    print(f"replayed {len(cluster.setup_cells)} setup cell(s) in {replay:.1f} s")
+            heal_lost_ranks(cluster)
             return status_table(cluster)
         elif args.action == "forget-setup":
             print(f"Forgot {len(cluster.setup_cells)} setup cell(s).")
@@ -211,3 +206,49 @@ class MLXMagics(Magics):
             if not args.no_plot:
                 display(fig)
         return result
+
+    @magic_arguments()
+    @argument("prompt", nargs="*", help="the user message (a chat-templated turn)")
+    @argument("--load", metavar="MODEL", default=None,
+              help="load MODEL on every rank first: 'bundled' (SmolLM2, offline), an mlx-lm path or repo id")
+    @argument("--pipeline", action="store_true", help="with --load: pipeline parallel instead of tensor parallel")
+    @argument("--adapter", default=None, help="with --load: LoRA adapters to apply (every rank holds the whole model)")
+    @argument("--max-tokens", type=int, default=256, help="most tokens to generate (default 256)")
+    @line_magic
+    def mlx_generate(self, line: str):
+        """Generate with a model sharded over the ranks; tokens stream in as rank 0 makes them.
+
+        %mlx_generate --load bundled --pipeline            load SmolLM2, split as a pipeline
+        %mlx_generate What is the capital of France?      one chat turn, greedy
+        Interrupt stops every rank at the same token.
+        """
+        from .generate import generate, load_model
+
+        args = parse_argstring(self.mlx_generate, line)
+        cluster = current()
+        if args.max_tokens < 1:
+            raise UsageError(f"--max-tokens must be at least 1, got {args.max_tokens}")
+        if args.load is not None:
+            model = None if args.load == "bundled" else args.load
+            try:
+                info = load_model(cluster, model, pipeline=args.pipeline, adapter_path=args.adapter)
+            except ValueError as e:
+                raise UsageError(str(e)) from None
+            how = "pipeline" if args.pipeline else "tensor parallel"
+            mem = ", ".join(human_bytes(m) for m in info["active_memory"])
+            print(f"Loaded {args.load} ({how}) on {cluster.n} ranks in {info['seconds']:.1f} s; memory per rank: {mem}")
+        if args.prompt:
+            stats = generate(cluster, [{"role": "user", "content": " ".join(args.prompt)}], args.max_tokens)
+            print(stats.summary())
+            return None
+
+    @magic_arguments()
+    @argument("--max-tokens", type=int, default=256, help="most tokens per reply (default 256)")
+    @argument("--system", default=None, help="a system prompt for the conversation")
+    @line_magic
+    def mlx_chat(self, line: str):
+        """A chat box for the model loaded on the ranks (%mlx_generate --load first)."""
+        from .widgets import ChatWidget
+
+        args = parse_argstring(self.mlx_chat, line)
+        return ChatWidget(current(), max_tokens=args.max_tokens, system=args.system)

@@ -214,8 +214,8 @@ def _rename(weights: dict[str, mx.array]) -> dict[str, mx.array]:
         # comes out float16 and the hidden state float32. mlx-lm's pipeline
         # receives the previous stage's hidden state into a buffer shaped like
         # the embedding (recv_like), reads float32 bytes as float16 and emits
-        # only <|endoftext|>. All float32 keeps one dtype end to end (float16
-        # alone overflows in this model, and is slow on CPU).
+        # only <|endoftext|>. All float32 keeps one dtype end to end (all
+        # float16 garbles this model's answers, and is slow on CPU).
         if value.dtype == mx.float16:
             value = value.astype(mx.float32)
         renamed[f"{stem}.{suffix}"] = value

@@ -163,7 +163,7 @@ def run_cell(
     """
     cluster._require_running()
     show = [] if quiet else parse_ranks(ranks, cluster.n)
-    _heal_lost_ranks(cluster)
+    heal_lost_ranks(cluster)
     if push:
         cluster.push(push)
     cell_id = cluster.next_cell_id()
@@ -350,7 +350,7 @@ def _value_of(results: dict, show: list[int]) -> Optional[dict]:
     return None
 
 
-def _heal_lost_ranks(cluster: Cluster) -> None:
+def heal_lost_ranks(cluster: Cluster) -> None:
     """Before a cell: a rank that died while idle (or a failed restart) means new ranks."""
     dead = cluster._dead_ranks()
     if not dead:

@@ -70,22 +70,23 @@ class ChatWidget(widgets.VBox):
     def __init__(self, cluster: Cluster, max_tokens: int = 256, system: str | None = None):
         self.cluster, self.max_tokens = cluster, max_tokens
         self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
-        self.log = widgets.HTML(layout=widgets.Layout(max_height="420px", overflow_y="auto"))
-        self.box = widgets.Text(placeholder="Ask something, then Enter or Send", layout=widgets.Layout(width="70%"))
+        self.transcript = widgets.HTML(layout=widgets.Layout(max_height="420px", overflow="auto"))
+        self.box = widgets.Text(placeholder="Ask something, then Enter", layout=widgets.Layout(width="70%"))
         self.send = widgets.Button(description="Send", button_style="primary")
         self.stop = widgets.Button(description="Stop", disabled=True)
         self.send.on_click(lambda _: self.ask(self.box.value))
-        self.box.on_submit(lambda _: self.ask(self.box.value))
+        self.box.continuous_update = False  # a value change is an Enter (or leaving the box)
+        self.box.observe(lambda change: self.ask(change["new"]), "value")
         self.stop.on_click(lambda _: self.cluster.request_stop())
         self._turns: list[str] = []
         self._thread: threading.Thread | None = None
-        super().__init__([self.log, widgets.HBox([self.box, self.send, self.stop])])
+        super().__init__([self.transcript, widgets.HBox([self.box, self.send, self.stop])])
 
     def _render(self, live: str = "") -> None:
         import html
 
         parts = self._turns + ([f"<div><b>model</b>: {html.escape(live)}</div>"] if live else [])
-        self.log.value = "".join(parts)
+        self.transcript.value = "".join(parts)
 
     def ask(self, text: str, wait: bool = False) -> None:
         """Send ``text`` as the next user turn; the reply streams in the background."""

@@ -1,0 +1,108 @@
+"""Sharded generation with the bundled model: identical to one process, streamed, stoppable."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from IPython.core.error import UsageError
+
+from mlx_nb import Cluster
+from mlx_nb.generate import generate, load_model
+from mlx_nb.models import resolve
+from mlx_nb.widgets import ChatWidget
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def reference() -> list[int]:
+    """Greedy tokens from one plain mlx-lm process."""
+    from mlx_lm import load, stream_generate
+
+    model, tokenizer = load(resolve(None))
+    prompt = tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True)
+    return [r.token for r in stream_generate(model, tokenizer, prompt, max_tokens=10)]
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """Two ranks: the bundled model split as a pipeline (its 9 heads do not split over 2)."""
+    with Cluster(n=2) as c:
+        load_model(c, pipeline=True)
+        yield c
+
+
+def test_tensor_parallel_on_three_ranks_equals_one_process(reference):
+    with Cluster(n=3) as c:
+        load_model(c)
+        stats = generate(c, QUESTION, 10, quiet=True)
+    assert stats.tokens == reference
+    assert "Paris" in stats.text
+
+
+def test_pipeline_on_two_ranks_equals_one_process(pair, reference, capsys):
+    stats = generate(pair, QUESTION, 10)
+    assert stats.tokens == reference
+    out = capsys.readouterr().out
+    assert "Paris" in out and out.strip() == stats.text.strip()
+    assert stats.generation_tps > 0 and stats.ttft > 0 and len(stats.peak_memory) == 2
+    assert all(m > 10 * 2**20 for m in stats.peak_memory)  # each rank holds its share of the weights
+
+
+def test_a_split_the_model_cannot_take_fails_before_loading(pair):
+    with pytest.raises(ValueError, match=r"9 attention heads do not divide by 2.*Rank counts that work: 1, 3"):
+        load_model(pair)  # tensor parallel over 2 ranks
+    # nothing was loaded or broken: the pipeline model still answers
+    assert "Paris" in generate(pair, QUESTION, 10, quiet=True).text
+
+
+def test_tokens_reach_the_notebook_as_they_are_made(pair):
+    arrivals = []
+    stats = generate(pair, QUESTION, 10, on_text=lambda text: arrivals.append(time.monotonic()))
+    assert len(arrivals) >= 3 and arrivals[0] < arrivals[-1]
+    assert len(stats.delays) == len(arrivals)
+    assert sorted(stats.delays)[len(stats.delays) // 2] < 0.5
+
+
+def test_generate_magic_loads_and_streams(pair, capsys):
+    from IPython.testing.globalipapp import start_ipython
+
+    from mlx_nb import magics
+
+    ip = start_ipython()
+    ip.run_line_magic("load_ext", "mlx_nb")
+    magics._current = pair
+    try:
+        ip.run_line_magic("mlx_generate", "--load bundled --pipeline")
+        assert "Loaded bundled (pipeline) on 2 ranks" in capsys.readouterr().out
+        ip.run_line_magic("mlx_generate", "What is the capital of France? --max-tokens 10")
+        out = capsys.readouterr().out
+        assert "Paris" in out and "tok/s" in out and "peak memory per rank" in out
+        with pytest.raises(UsageError, match="do not divide by 2"):
+            ip.run_line_magic("mlx_generate", "--load bundled")
+    finally:
+        magics._current = None
+
+
+def test_chat_widget_keeps_history_and_stop_ends_every_rank(pair):
+    chat = ChatWidget(pair, max_tokens=10)
+    chat.ask("What is the capital of France?", wait=True)
+    assert "Paris" in chat.transcript.value and "tok/s" in chat.transcript.value
+    assert [m["role"] for m in chat.messages] == ["user", "assistant"]
+    # a long reply, stopped from the button's handler once text is flowing
+    chat.max_tokens = 400
+    chat.ask("Write a long story about a lighthouse keeper.")
+    deadline = time.monotonic() + 120
+    while "<b>model</b>" not in chat.transcript.value.split("lighthouse")[-1] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    chat.stop.click()
+    chat._thread.join(120)
+    assert not chat._thread.is_alive()
+    assert "(stopped)" in chat.transcript.value
+    assert len(chat.messages) == 4
+    # every rank stopped at the same token: the next collective is fine
+    assert pair.run("mx.distributed.all_sum(mx.array([1.0]))").value["text/plain"] == "array([2], dtype=float32)"
