@@ -9,6 +9,7 @@ __version__ = "0.1.0"
 from .cluster import Cluster, ClusterError  # noqa: E402
 from .profile import last_profile  # noqa: E402
 from .run import CellResult, DistCellError  # noqa: E402
+from . import generate, widgets  # noqa: E402  (mlx_nb.generate.load_model / generate, ChatWidget)
 
 
 def load_ipython_extension(ipython) -> None:
