@@ -35,3 +35,17 @@ class Table:
         )
         caption = f"<caption>{html.escape(self.title)}</caption>" if self.title else ""
         return f"<table>{caption}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def show_figure(fig) -> None:
+    """Publish a matplotlib figure as PNG, whatever the matplotlib backend, then close it."""
+    import base64
+    import io
+
+    import matplotlib.pyplot as plt
+    from IPython.display import publish_display_data
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    publish_display_data({"image/png": base64.b64encode(buf.getvalue()).decode(), "text/plain": repr(fig)})
+    plt.close(fig)

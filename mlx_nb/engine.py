@@ -361,18 +361,10 @@ def _display_figures(rank_shows: bool) -> None:
     import matplotlib.pyplot as plt
 
     if rank_shows:
-        import base64
-        import io
-
-        from IPython.display import publish_display_data
+        from .display import show_figure
 
         for num in plt.get_fignums():
-            fig = plt.figure(num)
-            buf = io.BytesIO()
-            fig.savefig(buf, format="png", bbox_inches="tight")
-            publish_display_data(
-                {"image/png": base64.b64encode(buf.getvalue()).decode(), "text/plain": repr(fig)}
-            )
+            show_figure(plt.figure(num))
     plt.close("all")
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import shlex
 import time
 from typing import Optional
 
@@ -11,6 +13,7 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 
 from .bench import run_bench, sweep_arguments, sweep_options
 from .cluster import BACKENDS, Cluster, ClusterError
+from .hostfile import HostfileError
 from .display import Table, human_bytes
 from .run import heal_lost_ranks, parse_ranks
 
@@ -30,7 +33,52 @@ def status_table(cluster: Cluster) -> Table:
         for r in cluster.status()
     ]
     title = f"{cluster.n} ranks, backend {cluster.backend}, {len(cluster.setup_cells)} setup cell(s)"
+    if cluster.backend == "ring" and not cluster.remote and cluster.n > 1 and _mpi_here():
+        title += (
+            "\nMPI is available here: `--backend mpi` was faster for large all_sums on this machine "
+            "type (64 MB, 2 local ranks: 0.48 GB/s vs ring 0.24 GB/s)"
+        )
     return Table(["rank", "host", "pid", "device", "memory", "peak", "state"], rows, title)
+
+
+@functools.lru_cache(maxsize=1)
+def _mpi_here() -> bool:
+    from .launchers import mpi_available
+
+    return mpi_available()[0]
+
+
+def findings_table(findings) -> Table:
+    failed = sorted({f.host for f in findings if f.status == "fail"})
+    title = f"preflight: {'problems on ' + ', '.join(failed) if failed else 'every host is ready'}"
+    return Table(["host", "check", "status", "message"], [[f.host, f.check, f.status, f.message] for f in findings], title)
+
+
+def _env(pairs: Optional[list[str]]) -> dict[str, str]:
+    out = {}
+    for pair in pairs or []:
+        name, eq, value = pair.partition("=")
+        if not eq or not name:
+            raise UsageError(f"--env takes NAME=value, got {pair!r}")
+        out[name] = value
+    return out
+
+
+def _cluster_from_args(args) -> Cluster:
+    """The Cluster that %mlx_cluster start / check arguments describe (not started)."""
+    if args.hostfile and args.hosts:
+        raise UsageError("give either --hostfile or --hosts, not both")
+    if args.n is not None and args.n < 1:
+        raise UsageError(f"-n must be at least 1, got {args.n}")
+    try:
+        return Cluster(
+            n=args.n, backend=args.backend, grace=args.grace, hostfile=args.hostfile, hosts=args.hosts,
+            python=args.python, ssh_cmd=shlex.split(args.ssh) if args.ssh else None, env=_env(args.env),
+        )
+    except HostfileError as e:
+        raise UsageError(" ".join(str(e).split())) from None
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def _names(spec: Optional[str]) -> list[str]:
@@ -48,12 +96,19 @@ class MLXMagics(Magics):
     @magic_arguments()
     @argument(
         "action",
-        choices=["start", "stop", "restart", "status", "forget-setup"],
+        choices=["start", "stop", "restart", "status", "forget-setup", "check"],
         help="start a cluster, stop it, restart its ranks (replaying setup cells), "
-        "show each rank's state, or forget the registered --setup cells",
+        "show each rank's state, forget the registered --setup cells, or check the hosts "
+        "of --hostfile / --hosts over ssh without starting anything",
     )
-    @argument("-n", type=int, default=4, help="number of ranks (default 4)")
-    @argument("--backend", default="ring", choices=BACKENDS, help="mx.distributed backend (default ring)")
+    @argument("-n", type=int, default=None, help="number of local ranks (default 4); with --hosts, ranks per host (default 1)")
+    @argument("--backend", default=None, choices=BACKENDS,
+              help="mx.distributed backend (default: the hostfile's, else ring; mpi: local ranks under mpirun)")
+    @argument("--hostfile", default=None, help="an MLX hostfile (mlx.distributed_config --output-hostfile): one rank per entry")
+    @argument("--hosts", default=None, help="h1,h2: ranks on these hosts, as mlx.launch --hosts")
+    @argument("--python", default=None, help="the Python of the engines on the hosts (default: this one's path)")
+    @argument("--ssh", default=None, help="the ssh command, e.g. 'ssh -F ~/.ssh/cluster_config' (default ssh)")
+    @argument("--env", action="append", metavar="NAME=value", help="set in every rank (repeatable)")
     @argument("--grace", type=float, default=3.0, help="seconds a failing cell's other ranks get before recovery")
     @argument("--watch", action="store_true", help="with status: a panel that refreshes itself (live memory while cells run)")
     @line_magic
@@ -61,22 +116,27 @@ class MLXMagics(Magics):
         """Manage the MLX cluster behind %%mlx_dist.
 
         %mlx_cluster start -n 4      4 local ranks over the ring backend on 127.0.0.1
+        %mlx_cluster start --hostfile hosts.json     one rank per host entry, over ssh
+        %mlx_cluster start -n 2 --backend mpi        2 local ranks under mpirun
+        %mlx_cluster check --hostfile hosts.json     ssh, Python, MLX, RDMA, IPs on each host
         %mlx_cluster status          rank, host, pid, device, memory, state
         %mlx_cluster restart         new rank processes; --setup cells are replayed
         %mlx_cluster stop            nothing is left running
         """
         global _current
         args = parse_argstring(self.mlx_cluster, line)
+        if args.action == "check":
+            if not (args.hostfile or args.hosts):
+                if _current is None or not _current.running:
+                    raise UsageError("%mlx_cluster check needs --hostfile F or --hosts h1,h2 (or a running cluster)")
+                return findings_table(_current.check())
+            return findings_table(_cluster_from_args(args).check())
         if args.action == "start":
             if _current is not None and _current.running:
                 raise UsageError("a cluster is already running: %mlx_cluster stop (or restart) first")
-            if args.n < 1:
-                raise UsageError(f"-n must be at least 1, got {args.n}")
-            try:
-                cluster = Cluster(n=args.n, backend=args.backend, grace=args.grace)
-            except ValueError as e:
-                raise UsageError(str(e)) from None
-            print(f"Starting {args.n} MLX ranks ({args.backend})...", flush=True)
+            cluster = _cluster_from_args(args)
+            where = f" on {len({h.ssh_hostname for h in cluster.hostfile.hosts})} host(s)" if cluster.remote else ""
+            print(f"Starting {cluster.n} MLX ranks ({cluster.backend}){where}...", flush=True)
             t0 = time.perf_counter()
             try:
                 cluster.start()
@@ -140,13 +200,12 @@ class MLXMagics(Magics):
             cell, ranks=ranks, timeout=args.timeout, push=push, pull=args.pull, setup=args.setup, profile=args.profile
         )
         if args.profile:
-            import matplotlib.pyplot as plt
             from IPython.display import display
 
+            from .display import show_figure
+
             display(result.profile.table())
-            fig = result.profile.figure()
-            display(fig)
-            plt.close(fig)
+            show_figure(result.profile.figure())
         if args.pull:
             self.shell.user_ns[args.pull] = result.pulled
         return result if result.value is not None else None

@@ -239,3 +239,52 @@ def test_demo_command_runs_and_stops_cleanly():
     assert "max error vs unsharded" in out.stdout
     assert "Stopped" in out.stdout
     assert project_processes(mark) == []
+
+
+def test_profile_shows_per_rank_timeline_and_memory(ip):
+    from IPython.core.interactiveshell import InteractiveShell
+    import mlx_nb
+
+    shown = []
+    pub = InteractiveShell.instance().display_pub
+    old = pub.publish
+    pub.publish = lambda data, *a, **k: shown.append(data)
+    try:
+        ip.run_cell_magic(
+            "mlx_dist", "--profile",
+            "x = mx.random.normal((256, 256))\nfor _ in range(3):\n    mx.eval(mx.distributed.all_sum(x @ x, group=world))",
+        )
+    finally:
+        pub.publish = old
+    profile = mlx_nb.last_profile()
+    assert [p.rank for p in profile.ranks] == [0, 1, 2, 3]
+    for p in profile.ranks:
+        assert p.collectives == 3 and len(p.evals) == 3
+        assert 0 < p.collective_time <= p.eval_time <= p.wall
+        assert p.peak_memory >= 256 * 256 * 4
+    assert any("image/png" in d for d in shown), "the timeline figure is shown under the cell"
+    assert any("in collectives (ms)" in d.get("text/plain", "") for d in shown)
+
+
+def test_status_widget_shows_live_state_while_a_cell_runs(cluster):
+    from mlx_nb.widgets import StatusWidget
+
+    panel = StatusWidget(cluster, interval=0.1)
+    done = threading.Event()
+    worker = threading.Thread(
+        target=lambda: (cluster.run("import time\nbig = mx.ones((1024, 1024)); mx.eval(big)\ntime.sleep(3)"), done.set())
+    )
+    worker.start()
+    deadline = time.monotonic() + 20
+    while "busy" not in panel.value and not done.is_set() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "busy" in panel.value, panel.value
+    worker.join(60)
+    panel.refresh()
+    assert "busy" not in panel.value and "idle" in panel.value
+    # each rank's memory column now counts the 4 MB array the cell left behind
+    import re
+
+    memory = [float(m) for m in re.findall(r"<td>([\d.]+) MB</td><td>[\d.]+ MB</td><td>idle", panel.value)]
+    assert len(memory) == 4 and all(m >= 4.0 for m in memory)
+    panel.close()
