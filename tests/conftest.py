@@ -53,3 +53,11 @@ def nothing_left_running():
     assert not alive, "processes left running: " + "; ".join(
         f"{p.pid} {' '.join(p.cmdline())}" for p in alive
     )
+
+
+def ipython_shell():
+    """The test IPython shell (IPython's global test app starts once per process)."""
+    from IPython import get_ipython
+    from IPython.testing.globalipapp import start_ipython
+
+    return start_ipython() or get_ipython()

@@ -17,7 +17,7 @@ import psutil
 import pytest
 from IPython.core.error import UsageError
 
-from conftest import project_processes
+from conftest import ipython_shell, project_processes
 from mlx_nb import Cluster, DistCellError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -132,11 +132,9 @@ def test_bad_arguments_are_clear():
 # ---------------------------------------------------------------------- magics
 @pytest.fixture(scope="module")
 def ip(cluster):
-    from IPython.testing.globalipapp import start_ipython
-
     from mlx_nb import magics
 
-    shell = start_ipython()
+    shell = ipython_shell()
     shell.run_line_magic("load_ext", "mlx_nb")
     magics._current = cluster  # the magics drive the module's cluster
     yield shell

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from IPython.core.error import UsageError
 
+from conftest import ipython_shell
 from mlx_nb import Cluster
 from mlx_nb.generate import generate, load_model
 from mlx_nb.models import resolve
@@ -69,11 +70,9 @@ def test_tokens_reach_the_notebook_as_they_are_made(pair):
 
 
 def test_generate_magic_loads_and_streams(pair, capsys):
-    from IPython.testing.globalipapp import start_ipython
-
     from mlx_nb import magics
 
-    ip = start_ipython()
+    ip = ipython_shell()
     ip.run_line_magic("load_ext", "mlx_nb")
     magics._current = pair
     try:
