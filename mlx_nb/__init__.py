@@ -9,7 +9,15 @@ __version__ = "0.1.0"
 from .cluster import Cluster, ClusterError  # noqa: E402
 from .profile import last_profile  # noqa: E402
 from .run import CellResult, DistCellError  # noqa: E402
-from . import generate, widgets  # noqa: E402  (mlx_nb.generate.load_model / generate, ChatWidget)
+
+
+def __getattr__(name: str):
+    # imported on first use: engines import mlx_nb, and must not pull in mlx-lm or widgets
+    if name in ("generate", "widgets", "finetune", "bench", "models"):
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module 'mlx_nb' has no attribute {name!r}")
 
 
 def load_ipython_extension(ipython) -> None:

@@ -1,0 +1,81 @@
+"""Local ranks under mpirun (--backend mpi): one engine set, one job, restarted together."""
+
+from __future__ import annotations
+
+import time
+
+import psutil
+import pytest
+
+from mlx_nb import magics
+from mlx_nb.launchers import mpi_available
+
+
+@pytest.fixture(scope="module")
+def ip():
+    ok, why = mpi_available()
+    if not ok:
+        pytest.fail(f"the mpi tests need Open MPI: {why}", pytrace=False)
+    from IPython.testing.globalipapp import get_ipython
+
+    shell = get_ipython()
+    shell.run_line_magic("load_ext", "mlx_nb")
+    t = time.monotonic()
+    shell.run_line_magic("mlx_cluster", "start -n 2 --backend mpi")
+    print(f"\nmpi cluster of 2 started in {time.monotonic() - t:.1f} s")
+    try:
+        yield shell
+    finally:
+        if magics._current is not None and magics._current.running:
+            magics._current.stop()
+        magics._current = None
+
+
+def _all_sum(ip) -> str:
+    return ip.run_cell_magic("mlx_dist", "", "mx.distributed.all_sum(mx.array([rank + 1.0]), group=world)").value["text/plain"]
+
+
+def test_mpi_ranks_run_cells(ip):
+    cluster = magics._current
+    assert cluster.backend == "mpi" and [r.rank for r in cluster.status()] == [0, 1]
+    assert _all_sum(ip) == "array([3], dtype=float32)"
+    ip.run_cell_magic("mlx_dist", "--ranks all --pull b", "b = (world.size(), type(world).__name__, rank)")
+    assert [x[0] for x in ip.user_ns["b"]] == [2, 2]
+    assert magics.status_note(cluster) is None
+
+
+def test_restart_replaces_the_whole_mpirun_job(ip):
+    cluster = magics._current
+    old = {r.pid for r in cluster.ranks}
+    ip.run_line_magic("mlx_cluster", "restart")
+    assert not old & {r.pid for r in cluster.ranks}
+    assert not [pid for pid in old if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+    assert _all_sum(ip) == "array([3], dtype=float32)"
+
+
+def test_a_dead_mpi_rank_is_noticed_and_the_job_restarts(ip):
+    cluster = magics._current
+    psutil.Process(cluster.ranks[1].pid).kill()
+    deadline = time.monotonic() + 20
+    while 1 not in cluster._dead_ranks() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert 1 in cluster._dead_ranks()
+    cluster.restart()
+    assert _all_sum(ip) == "array([3], dtype=float32)"
+
+
+def test_stop_leaves_no_mpirun_or_engines(ip):
+    cluster = magics._current
+    procs = cluster.processes()
+    assert any("mpirun" in " ".join(p.cmdline()) for p in procs)
+    ip.run_line_magic("mlx_cluster", "stop")
+    _, alive = psutil.wait_procs(procs, timeout=10)
+    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_local_ring_status_suggests_mpi_where_it_is_available():
+    from mlx_nb import Cluster
+
+    with Cluster(n=2, spares=False) as c:
+        note = magics.status_note(c) or ""
+    assert ("MPI is available here" in note) == mpi_available()[0]
