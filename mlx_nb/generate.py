@@ -171,29 +171,55 @@ class GenerationStats:
         )
 
 
+_LOAD = "from mlx_nb.generate import _rank_load\n_mlx_nb_loaded = _rank_load(_mlx_nb_model, _mlx_nb_pipeline, _mlx_nb_adapter)"
+
+
+def _progress_line(done: int, total: int, message: str) -> None:
+    bar = "#" * (20 * done // max(total, 1))
+    print(f"\rconverting the bundled model [{bar:<20}] {done}/{total} {message:<40}", end="", flush=True)
+    if done >= total:
+        print()
+
+
 def load_model(
-    cluster, model: Optional[str] = None, *, pipeline: bool = False, adapter_path: Optional[str] = None
+    cluster,
+    model: Optional[str] = None,
+    *,
+    pipeline: bool = False,
+    adapter_path: Optional[str] = None,
+    progress: bool = True,
 ) -> dict:
     """Load ``model`` on every rank, split tensor-parallel (or ``pipeline=True``), and keep it.
 
     ``model``: None for the bundled SmolLM2, else any mlx-lm path or repo id.
     A split the model cannot take fails before anything is loaded, saying which
-    rank counts work. Returns load seconds and per-rank memory.
+    rank counts work. The load is a setup cell: it is replayed if the ranks are
+    ever restarted. Returns load seconds and per-rank memory.
 
     Example::
 
         load_model(cluster)                       # tensor parallel over all ranks
         generate(cluster, "What is the capital of France?")
     """
-    if model is None or resolve(model) == resolve(None):
-        pass  # resolve() converted the bundled model once here: the ranks do not race to convert it
+    import time
+
+    from .models import bundled_model
+
+    if model is None or str(model).lower() in ("smollm2", "bundled"):
+        # converted here, once, with a progress line: the ranks then only read it
+        bundled_model(progress=_progress_line if progress else None)
     if adapter_path is None:
         check_split(resolve(model), cluster.n, pipeline)
+    if progress:
+        print(f"loading on {cluster.n} ranks...", end="", flush=True)
+    t0 = time.perf_counter()
+    cluster.setup_cells[:] = [c for c in cluster.setup_cells if c.code != _LOAD]  # the latest load replaces earlier ones
     cell = cluster.run(
-        "from mlx_nb.generate import _rank_load\n_mlx_nb_loaded = _rank_load(_mlx_nb_model, _mlx_nb_pipeline, _mlx_nb_adapter)",
-        push={"_mlx_nb_model": model, "_mlx_nb_pipeline": pipeline, "_mlx_nb_adapter": adapter_path},
+        _LOAD, push={"_mlx_nb_model": model, "_mlx_nb_pipeline": pipeline, "_mlx_nb_adapter": adapter_path},
         quiet=True, pull="_mlx_nb_loaded", setup=True,
     )
+    if progress:
+        print(f" done in {time.perf_counter() - t0:.1f} s")
     return {**cell.pulled, "peak_memory": [r["peak_memory"] for r in cell.results],
             "active_memory": [r["active_memory"] for r in cell.results]}
 

@@ -8,7 +8,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import ipyparallel as ipp
 
@@ -255,21 +255,26 @@ def _stop_cooperatively(cluster, results, inbox, events, ars, printer) -> Option
         return "interrupted"  # the cell never looks at the stop flag: interrupt the ranks
     cluster.on_message("Interrupt: asking every rank to stop (interrupt again to force)...")
     cluster.request_stop()
-    deadline = time.perf_counter() + cluster.grace
     try:
-        while len(results) < cluster.n and time.perf_counter() < deadline:
-            try:
-                kind, rank, _ = events.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            inbox.drain(rank)
-            if kind == "done" and rank not in results:
-                results[rank] = _outcome(ars[rank])
-                inbox.drain(rank)
-                printer.finish(rank)
+        for rank in _finishing(events, inbox, ars, results, time.perf_counter() + cluster.grace, lambda: False):
+            printer.finish(rank)
     except KeyboardInterrupt:
         pass
     return None if len(results) == cluster.n else "interrupted"
+
+
+def _finishing(events, inbox, ars, results, deadline, give_up) -> Iterator[int]:
+    """Yield each rank that finishes before ``deadline`` (or until ``give_up()``), recording it."""
+    while len(results) < len(ars) and time.perf_counter() < deadline and not give_up():
+        try:
+            kind, rank, _ = events.get(timeout=0.1)
+        except queue.Empty:
+            continue
+        inbox.drain(rank)
+        if kind == "done" and rank not in results:
+            results[rank] = _outcome(ars[rank])
+            inbox.drain(rank)
+            yield rank
 
 
 def _stuck(n: int, results: dict, traces: dict) -> list[int]:
@@ -375,24 +380,14 @@ def _recover(cluster, ars, results, traces, printer, inbox, events, failure, wal
         cluster.signal(signal.SIGINT, running)
         # after a rank failed, the others have had the grace period already
         wait = cluster.grace if failure != RANK_FAILED else min(cluster.grace, 1.0)
-        deadline = time.perf_counter() + wait
-        while running and time.perf_counter() < deadline:
-            if set(running) <= set(_stuck(cluster.n, results, traces)):
-                break
-            try:
-                kind, rank, _ = events.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            inbox.drain(rank)
-            if kind == "done" and rank not in results:
-                results[rank] = _outcome(ars[rank])
-                inbox.drain(rank)
-                running.remove(rank)
-                err = results[rank].get("error")
-                if err and err["type"] == "KeyboardInterrupt":
-                    results[rank]["interrupted"] = True
-    for r in range(cluster.n):
-        printer.finish(r) if r in printer.show else None
+        stuck = lambda: set(running) <= set(_stuck(cluster.n, results, traces))  # noqa: E731
+        for rank in _finishing(events, inbox, ars, results, time.perf_counter() + wait, stuck):
+            running.remove(rank)
+            err = results[rank].get("error")
+            if err and err["type"] == "KeyboardInterrupt":
+                results[rank]["interrupted"] = True
+    for r in printer.show:
+        printer.finish(r)
     for r in running:
         results[r] = {"rank": r, "blocked": True, "error": None, "trace": traces.get(r, {})}
     # the group survives only if no rank is stuck and no rank was lost

@@ -286,3 +286,16 @@ def test_status_widget_shows_live_state_while_a_cell_runs(cluster):
     memory = [float(m) for m in re.findall(r"<td>([\d.]+) MB</td><td>[\d.]+ MB</td><td>idle", panel.value)]
     assert len(memory) == 4 and all(m >= 4.0 for m in memory)
     panel.close()
+
+
+def test_interpreter_exit_without_stop_leaves_nothing_running():
+    mark = uuid.uuid4().hex
+    script = "from mlx_nb import Cluster\nc = Cluster(n=2).start()\nprint(c.run('rank').value['text/plain'])\n"
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+        env={**os.environ, "MLX_NB_TEST_SESSION": mark},
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "0"
+    _, alive = psutil.wait_procs(project_processes(mark), timeout=10)
+    assert alive == []
