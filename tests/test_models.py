@@ -3,8 +3,11 @@ generation that matches one process token for token."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +20,8 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 MAX_TOKENS = 12
 
 # Runs in every rank under mlx.launch: a full greedy answer, then one that rank 0
-# stops after 3 tokens, then prints what this rank saw.
+# asks to stop at its 3rd token (all ranks end one check later, at the 4th),
+# then prints what this rank saw.
 RANK_SCRIPT = """
 import json, sys
 import mlx.core as mx
@@ -67,18 +71,38 @@ def single_tokens(bundled) -> list[int]:
     return [r.token for r in mlx_lm.stream_generate(model, tokenizer, prompt, MAX_TOKENS)]
 
 
+def free_port_run(n: int) -> int:
+    """The first of ``n`` consecutive free local ports (mlx.launch's ring takes a run)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            start = s.getsockname()[1]
+        with contextlib.ExitStack() as stack:
+            try:
+                for port in range(start, start + n):
+                    stack.enter_context(socket.socket()).bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return start
+
+
 def launch(tmp_path: Path, n: int, mode: str) -> dict[int, dict]:
     """Run RANK_SCRIPT on ``n`` local ring ranks; each rank's RESULT by rank."""
     script = tmp_path / "rank.py"
     script.write_text(RANK_SCRIPT)
     launcher = Path(sys.executable).parent / "mlx.launch"
-    cmd = [str(launcher), "-n", str(n), "--backend", "ring", "--python", sys.executable]
-    done = subprocess.run(
-        [*cmd, str(script), mode, json.dumps(QUESTION)],
-        capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    rows = [json.loads(line[7:]) for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    cmd = [str(launcher), "-n", str(n), "--backend", "ring", "--python", sys.executable,
+           "--starting-port", str(free_port_run(n)), str(script), mode, json.dumps(QUESTION)]
+    # A new session, so that on timeout the launcher and every rank die together.
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+    assert proc.returncode == 0, out + err
+    rows = [json.loads(line[7:]) for line in out.splitlines() if line.startswith("RESULT ")]
     return {row["rank"]: row for row in rows}
 
 
@@ -167,4 +191,4 @@ def test_sharded_greedy_matches_one_process_and_stops_together(
     assert sorted(results) == list(range(n))
     for row in results.values():
         assert row["full"] == single_tokens
-        assert row["stopped"] == single_tokens[:3]
+        assert row["stopped"] == single_tokens[:4]
