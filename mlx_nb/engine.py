@@ -137,7 +137,8 @@ def init_group(backend: str, size: int, files: dict[str, str]) -> dict:
         sys.stdout.flush()
 
     progress("started")
-    _write_files(files)
+    if size > 1:  # a group of one reads no hostfile (and MLX rejects an empty one)
+        _write_files(files)
     import mlx.core as mx
     import mlx.nn as nn
 

@@ -299,3 +299,8 @@ def test_interpreter_exit_without_stop_leaves_nothing_running():
     assert out.stdout.strip() == "0"
     _, alive = psutil.wait_procs(project_processes(mark), timeout=10)
     assert alive == []
+
+
+def test_a_cluster_of_one_rank_works():
+    with Cluster(n=1) as c:
+        assert c.run("mx.distributed.all_sum(mx.array([5.0]), group=world)").value["text/plain"] == "array([5], dtype=float32)"
