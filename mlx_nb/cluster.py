@@ -591,7 +591,9 @@ class Cluster:
             elif not isinstance(q, dict):
                 r.state = "lost"
             else:
-                r.state = "busy" if q.get("tasks", 0) or q.get("queue", 0) else "idle"
+                # the hub's "tasks" count lags a reply the notebook already has: our own
+                # cells are known exactly, other clients' work shows as queued
+                r.state = "busy" if self.busy or q.get("queue", 0) else "idle"
                 if r.state == "idle":
                     idle.append(r)
         if idle and len(idle) == len(self.ranks):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import time
 import uuid
 
 import psutil
@@ -61,3 +63,21 @@ def ipython_shell():
     from IPython.testing.globalipapp import start_ipython
 
     return start_ipython() or get_ipython()
+
+
+@contextlib.contextmanager
+def magic_cluster(line: str):
+    """``%mlx_cluster start LINE`` in the test shell; stopped, nothing left, afterwards."""
+    from mlx_nb import magics
+
+    shell = ipython_shell()
+    shell.run_line_magic("load_ext", "mlx_nb")
+    t = time.monotonic()
+    shell.run_line_magic("mlx_cluster", f"start {line}")
+    print(f"\ncluster ({line}) started in {time.monotonic() - t:.1f} s")
+    try:
+        yield shell
+    finally:
+        if magics._current is not None and magics._current.running:
+            magics._current.stop()
+        magics._current = None

@@ -7,6 +7,7 @@ import time
 import psutil
 import pytest
 
+from conftest import magic_cluster
 from mlx_nb import magics
 from mlx_nb.launchers import mpi_available
 
@@ -16,19 +17,8 @@ def ip():
     ok, why = mpi_available()
     if not ok:
         pytest.fail(f"the mpi tests need Open MPI: {why}", pytrace=False)
-    from IPython.testing.globalipapp import get_ipython
-
-    shell = get_ipython()
-    shell.run_line_magic("load_ext", "mlx_nb")
-    t = time.monotonic()
-    shell.run_line_magic("mlx_cluster", "start -n 2 --backend mpi")
-    print(f"\nmpi cluster of 2 started in {time.monotonic() - t:.1f} s")
-    try:
+    with magic_cluster("-n 2 --backend mpi") as shell:
         yield shell
-    finally:
-        if magics._current is not None and magics._current.running:
-            magics._current.stop()
-        magics._current = None
 
 
 def _all_sum(ip) -> str:

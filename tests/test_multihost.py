@@ -15,6 +15,7 @@ import pytest
 from IPython.core.error import UsageError
 
 pytest.register_assert_rewrite("testhosts")
+from conftest import magic_cluster  # noqa: E402
 from testhosts import TestHosts  # noqa: E402
 
 from mlx_nb import Cluster, hostfile, magics  # noqa: E402
@@ -80,15 +81,8 @@ def shell():
 def ip(hosts, shell):
     """The magics, with a cluster started by %mlx_cluster start --hostfile over the test hosts."""
     path = ring_hostfile(hosts)
-    t = time.monotonic()
-    shell.run_line_magic("mlx_cluster", f"start --hostfile {path} --ssh '{' '.join(hosts.ssh_cmd)}' --env MLXNB_CHECK=yes")
-    print(f"\n2-host ssh cluster started in {time.monotonic() - t:.1f} s")
-    try:
-        yield shell
-    finally:
-        if magics._current is not None and magics._current.running:
-            magics._current.stop()
-        magics._current = None
+    with magic_cluster(f"--hostfile {path} --ssh '{' '.join(hosts.ssh_cmd)}' --env MLXNB_CHECK=yes") as ip:
+        yield ip
 
 
 # ------------------------------------------------------------- across hosts
