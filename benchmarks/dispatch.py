@@ -8,7 +8,6 @@ Prints one table measured in this run; ratios are against the baselines measured
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import json
-import random
 import re
 import signal as signals
 import socket
@@ -26,8 +25,8 @@ from ipyparallel.cluster.launcher import SSHLauncher
 
 from . import engine, launchers
 from . import hostfile as hostfiles
-from .hostfile import Hostfile, HostfileError
-from .preflight import Finding, check_cluster, gather_command, parse_versions
+from .hostfile import Hostfile
+from .preflight import Finding, check_cluster, gather_command
 
 BACKENDS = ("ring", "jaccl", "jaccl-ring", "mpi", "nccl")
 # what every local engine gets on top of the notebook's environment
@@ -302,7 +301,7 @@ class Cluster:
         ]
         self._check_versions(found)
         needed = sum(len(h.ips) for h in self.hostfile.hosts)
-        self._init_group(self.ports or ring_ports(needed))
+        self._init_group(self.ports or hostfiles.free_ports(needed))
         if self.spares:
             # the next restart takes these: new processes are the slow part of recovery
             self._spare = self._spawn()
@@ -731,30 +730,6 @@ def _quietly(f: Callable, *args: Any) -> None:
         f(*args)
     except Exception:
         pass
-
-
-# below the ranges the OS picks outgoing connections' ports from (Linux 32768-60999, macOS
-# 49152-65535), so no connection, the ring's own included, takes one before the ring binds it
-RING_PORTS = range(20000, 32768)
-
-
-def ring_ports(n: int, ip: str = "127.0.0.1") -> list[int]:
-    """``n`` distinct TCP ports free on ``ip`` now, for the ring (one per rank).
-
-    >>> len(set(ring_ports(4)))
-    4
-    """
-    ports: list[int] = []
-    for port in random.sample(RING_PORTS, len(RING_PORTS)):
-        if len(ports) == n:
-            break
-        with socket.socket() as s:
-            try:
-                s.bind((ip, port))
-            except OSError:
-                continue
-        ports.append(port)
-    return ports
 
 
 def _engine_output(text: str, lines: int = 20) -> str:

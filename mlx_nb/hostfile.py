@@ -16,6 +16,7 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import json
+import random
 import socket
 import sys
 from collections import Counter
@@ -512,18 +513,27 @@ def mpirun_hostfile(hostfile: Hostfile) -> str:
     return "".join(f"{h} slots={n}\n" for h, n in Counter(h.ssh_hostname for h in hostfile.hosts).items())
 
 
+# below the ranges the OS picks outgoing connections' ports from (Linux 32768-60999, macOS
+# 49152-65535), so no connection, the ring's own included, takes one before the ring binds it
+RING_PORTS = range(20000, 32768)
+
+
 def free_ports(n: int, ip: str = "127.0.0.1") -> list[int]:
-    """``n`` distinct TCP ports that are free on ``ip`` right now."""
-    socks, ports = [], []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind((ip, 0))
-            socks.append(s)
-            ports.append(s.getsockname()[1])
-    finally:
-        for s in socks:
-            s.close()
+    """``n`` distinct TCP ports free on ``ip`` now, for the ring (one per rank).
+
+    >>> len(set(free_ports(4)))
+    4
+    """
+    ports: list[int] = []
+    for port in random.sample(RING_PORTS, len(RING_PORTS)):
+        if len(ports) == n:
+            break
+        with socket.socket() as s:
+            try:
+                s.bind((ip, port))
+            except OSError:
+                continue
+        ports.append(port)
     return ports
 
 

@@ -24,7 +24,7 @@ import pytest
 
 from conftest import project_processes
 from mlx_nb import Cluster, ClusterError, DistCellError
-from mlx_nb.cluster import ring_ports
+from mlx_nb.hostfile import free_ports
 
 ROOT = Path(__file__).resolve().parent.parent
 BOUND = 10.0  # seconds from a fault to the prompt back
@@ -119,7 +119,7 @@ def faulty(cluster):
 # ------------------------------------------------------- start-up faults (own clusters)
 def test_port_taken_names_the_rank_and_leaves_nothing_running():
     keep = {p.pid for p in project_processes()}
-    ports = ring_ports(4)
+    ports = free_ports(4)
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", ports[2]))
         holder.listen()
@@ -233,7 +233,7 @@ def test_engine_killed_while_idle_is_replaced_by_the_next_cell(faulty, capsys):
     assert value["text/plain"] == "10.0"
     out = capsys.readouterr().out
     assert "[rank 1] lost: engine process exited while idle; restarting the cluster..." in out
-    assert f"Replayed 1 setup cell(s) on the new ranks in" in out
+    assert "Replayed 1 setup cell(s) on the new ranks in" in out
     _within_bound(took)
     _assert_healthy(faulty, restarted=True, before=before)
 
@@ -328,7 +328,7 @@ def test_rank_out_of_memory_is_reported_and_recovers(faulty):
 
 def test_failed_restart_is_retried_by_the_next_cell(faulty):
     """A restart that fails leaves no half-formed group: the next cell starts one afresh."""
-    faulty.ports = ring_ports(4)
+    faulty.ports = free_ports(4)
     before = [r.pid for r in faulty.ranks]
     try:
         with socket.socket() as holder:
