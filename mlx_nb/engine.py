@@ -424,9 +424,9 @@ def run_cell(
         result["wall"] = time.perf_counter() - t0
         result["eval_time"] = trace.eval_time
         result["calls"] = len(trace.calls)
+        # no flush here: ipyparallel flushes stdout/stderr before it sends the reply, and
+        # each flush is a round trip to the IOPub thread
         trace.end()
-        sys.stdout.flush()
-        sys.stderr.flush()
     result["active_memory"] = mx.get_active_memory()
     result["peak_memory"] = mx.get_peak_memory()
     if profile:

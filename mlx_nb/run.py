@@ -6,6 +6,7 @@ import concurrent.futures
 import queue
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
@@ -176,8 +177,7 @@ def run_cell(
     # one apply to the whole view: the same dispatch cost as a raw DirectView call
     ar = cluster.view.apply_async(engine.run_cell, code, cell_id, show, pull, pull_from, profile)
     ars = dict(zip(range(cluster.n), ar._children))  # per-rank message futures, rank order
-    for rank, child in ars.items():
-        child.add_done_callback(lambda _f, rank=rank: events.put(("done", rank, None)))
+    finished = _Finished(ars, events)
     inbox = _Inbox(ars, events, printer, traces, on_report)
 
     results: dict[int, Optional[dict]] = {}
@@ -191,7 +191,7 @@ def run_cell(
                 kind = None
             if kind == "poke":
                 inbox.drain(rank)
-            elif kind == "done":
+            for rank in finished.new(results):
                 results[rank] = _outcome(ars[rank])
                 inbox.drain(rank)
                 printer.finish(rank)
@@ -216,13 +216,13 @@ def run_cell(
                 failure = RANK_FAILED
                 break
     except KeyboardInterrupt:
-        failure = _stop_cooperatively(cluster, results, inbox, events, ars, printer)
+        failure = _stop_cooperatively(cluster, results, inbox, events, ars, finished, printer)
     wall = time.perf_counter() - t0
     if failure is None and any(res.get("lost") for res in results.values()):
         failure = RANK_FAILED  # every rank has reported, but a group that lost one cannot go on
 
     if failure is not None:
-        return _recover(cluster, ars, results, traces, printer, inbox, events, failure, wall)
+        return _recover(cluster, ars, results, traces, printer, inbox, events, finished, failure, wall)
     for r in show:
         printer.finish(r)
     for r, res in results.items():
@@ -248,7 +248,7 @@ def run_cell(
     return cell
 
 
-def _stop_cooperatively(cluster, results, inbox, events, ars, printer) -> Optional[str]:
+def _stop_cooperatively(cluster, results, inbox, events, ars, finished, printer) -> Optional[str]:
     """First interrupt: ask the ranks to stop at a point they agree on, and wait.
 
     Returns None when every rank finished (the cell ends normally), else why not.
@@ -258,22 +258,23 @@ def _stop_cooperatively(cluster, results, inbox, events, ars, printer) -> Option
     cluster.on_message("Interrupt: asking every rank to stop (interrupt again to force)...")
     cluster.request_stop()
     try:
-        for rank in _finishing(events, inbox, ars, results, time.perf_counter() + cluster.grace, lambda: False):
+        for rank in _finishing(events, inbox, ars, finished, results, time.perf_counter() + cluster.grace, lambda: False):
             printer.finish(rank)
     except KeyboardInterrupt:
         pass
     return None if len(results) == cluster.n else "interrupted"
 
 
-def _finishing(events, inbox, ars, results, deadline, give_up) -> Iterator[int]:
+def _finishing(events, inbox, ars, finished, results, deadline, give_up) -> Iterator[int]:
     """Yield each rank that finishes before ``deadline`` (or until ``give_up()``), recording it."""
+    finished.every = True  # each rank that finishes now matters at once
     while len(results) < len(ars) and time.perf_counter() < deadline and not give_up():
         try:
             kind, rank, _ = events.get(timeout=0.1)
+            inbox.drain(rank)
         except queue.Empty:
-            continue
-        inbox.drain(rank)
-        if kind == "done" and rank not in results:
+            pass
+        for rank in finished.new(results):
             results[rank] = _outcome(ars[rank])
             inbox.drain(rank)
             yield rank
@@ -310,7 +311,7 @@ class _Inbox:
         self.last_report = {r: "" for r in ars}
         self.seen = {(r, s): 0 for r in ars for s in ("stdout", "stderr", "outputs")}
         for r, child in ars.items():
-            child.iopub_callbacks.append(lambda _msg, r=r: events.put(("poke", r, None)))
+            child.iopub_callbacks.append(lambda msg, r=r: _poke(events, r, msg))
         for r in ars:
             self.drain(r)
 
@@ -335,6 +336,57 @@ class _Inbox:
                 self.on_report(rank, md["data"][key])
         if "mlx_nb_trace" in md["data"]:
             self.traces[rank] = md["data"]["mlx_nb_trace"]
+
+
+def _poke(events: "queue.Queue", rank: int, msg: dict) -> None:
+    # status messages carry nothing to show: waking the notebook's thread for them costs
+    # a context switch each (the end of a rank's output is _Finished's business)
+    if msg["header"]["msg_type"] != "status":
+        events.put(("poke", rank, None))
+
+
+class _Finished:
+    """Which ranks have finished: their reply *and* their last output have arrived.
+
+    Both arrive on ipyparallel's I/O thread. The notebook's thread is woken for a
+    rank that failed (the others may now be stuck), for the last rank, or for every
+    rank once ``every`` is set (while stopping); otherwise it reads ``new()`` when
+    it wakes anyway. One wake-up per healthy cell instead of one per message.
+    """
+
+    def __init__(self, ars: dict, events: "queue.Queue"):
+        self.ars, self.events = ars, events
+        self.lock = threading.Lock()
+        self.ranks: list[int] = []
+        self.every = False
+        for rank, child in ars.items():
+            check = lambda _f, rank=rank: self._check(rank)  # noqa: E731
+            child.add_done_callback(check)
+            child.output.add_done_callback(check)
+
+    def _check(self, rank: int) -> None:
+        child = self.ars[rank]
+        if not child.done():
+            return
+        try:
+            result = child.result()
+        except BaseException:  # cancelled, or an exception set on the future
+            result = None
+        failed = not isinstance(result, dict) or bool(result.get("error"))
+        # a failed rank may send no end-of-output (a dead engine): _outcome waits briefly
+        if not (failed or child.output.done()):
+            return
+        with self.lock:
+            if rank in self.ranks:
+                return
+            self.ranks.append(rank)
+            last = len(self.ranks) == len(self.ars)
+        if failed or last or self.every:
+            self.events.put(("done", rank, None))
+
+    def new(self, results: dict) -> list[int]:
+        with self.lock:
+            return [r for r in self.ranks if r not in results]
 
 
 def _outcome(child) -> dict:
@@ -374,7 +426,7 @@ def heal_lost_ranks(cluster: Cluster) -> None:
         cluster.on_message(_replayed(cluster, took) + ".")
 
 
-def _recover(cluster, ars, results, traces, printer, inbox, events, failure, wall) -> CellResult:
+def _recover(cluster, ars, results, traces, printer, inbox, events, finished, failure, wall) -> CellResult:
     """Stop waiting: interrupt what still runs, restart if the group cannot go on."""
     running = [r for r in range(cluster.n) if r not in results]
     if running:
@@ -383,7 +435,7 @@ def _recover(cluster, ars, results, traces, printer, inbox, events, failure, wal
         # after a rank failed, the others have had the grace period already
         wait = cluster.grace if failure != RANK_FAILED else min(cluster.grace, 1.0)
         stuck = lambda: set(running) <= set(_stuck(cluster.n, results, traces))  # noqa: E731
-        for rank in _finishing(events, inbox, ars, results, time.perf_counter() + wait, stuck):
+        for rank in _finishing(events, inbox, ars, finished, results, time.perf_counter() + wait, stuck):
             running.remove(rank)
             err = results[rank].get("error")
             if err and err["type"] == "KeyboardInterrupt":
