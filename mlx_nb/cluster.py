@@ -6,8 +6,10 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import re
+import shutil
 import signal as signals
 import socket
 import subprocess
@@ -150,7 +152,8 @@ class Cluster:
         self._spare: Optional[str] = None  # tag of the warm spare set
         self._ipp: Optional[ipp.Cluster] = None
         self._addrs: list[str] = []  # each rank's ring address(es), for error messages
-        # the engines' IPython profile on other hosts (removed at stop)
+        # this cluster's files on every host (removed at stop): the engines' IPython profile on
+        # other hosts, and each engine set's MLX_HOSTFILE / MLX_IBV_DEVICES files under <tag>/
         self._remote_dir = f"/tmp/mlx_nb-{uuid.uuid4().hex[:12]}"
         self._cell_count = 0
         self.on_message: Callable[[str], None] = print
@@ -172,6 +175,8 @@ class Cluster:
             raise ClusterError("this cluster is already running: stop() it first")
         if self.remote and self.preflight:
             refuse_on(self.check())
+        # killed engines cannot remove their files: this process does (on stop, or at exit)
+        atexit.register(shutil.rmtree, self._remote_dir, True)
         self._ipp = ipp.Cluster(
             n=0, controller_ip=controller_ip(self.hostfile, self.ssh_cmd), log_level=40,
             shutdown_atexit=True, controller_args=CONTROLLER_ARGS,
@@ -209,6 +214,7 @@ class Cluster:
             for p in _wait_exited(procs, timeout=5):
                 p.kill()
             self._on_hosts(f"rm -rf {self._remote_dir}")
+            shutil.rmtree(self._remote_dir, ignore_errors=True)
 
     def check(self) -> list[Finding]:
         """Preflight every host of the hostfile over ssh (nothing is started): see :func:`check_hosts`."""
@@ -361,7 +367,7 @@ class Cluster:
                 self._addrs = [launches[0].env.get("MLX_JACCL_COORDINATOR", "") for _ in launches]
         ars = {
             r.rank: self.client[r.engine_id].apply_async(
-                engine.init_group, self.backend, self.n, files[r.rank]
+                engine.init_group, self.backend, self.n, files[r.rank], f"{self._remote_dir}/{self._tag}"
             )
             for r in self.ranks
         }
@@ -498,6 +504,8 @@ class Cluster:
             if any(map(_is_ssh, _set_launchers(self._ipp.engines[set_id]))):
                 self._ipp.engines.pop(set_id)
         self._stop_sets([k for k in sets if k in self._ipp.engines])
+        # their hostfiles (here; other hosts' go with the whole directory at stop)
+        shutil.rmtree(f"{self._remote_dir}/{self._tag}", ignore_errors=True)
         self._tag, self.ranks = None, []
 
     def _stop_sets(self, set_ids: list[str]) -> None:

@@ -107,10 +107,13 @@ def _mlx_version() -> Optional[str]:
         return None
 
 
-def _write_files(files: dict[str, str]) -> None:
-    # mlx.launch writes MLX_HOSTFILE / MLX_IBV_DEVICES to a temp file and exports its path
+def _write_files(files: dict[str, str], where: Optional[str] = None) -> None:
+    # mlx.launch writes MLX_HOSTFILE / MLX_IBV_DEVICES to a temp file and exports its path;
+    # ``where`` is the cluster's directory, removed by the notebook even if this engine is killed
+    if where:
+        os.makedirs(where, exist_ok=True)
     for var, content in files.items():
-        fd, path = tempfile.mkstemp(prefix=f"mlx_nb-{var.lower()}-", suffix=".json")
+        fd, path = tempfile.mkstemp(prefix=f"mlx_nb-{var.lower()}-", suffix=".json", dir=where)
         with os.fdopen(fd, "w") as f:
             f.write(content + "\n")
         os.environ[var] = path
@@ -126,7 +129,7 @@ def _remove_files() -> None:
             pass
 
 
-def init_group(backend: str, size: int, files: dict[str, str]) -> dict:
+def init_group(backend: str, size: int, files: dict[str, str], files_dir: Optional[str] = None) -> dict:
     """Form the mx.distributed group (collective: every rank calls it at once)."""
     from ipyparallel.datapub import publish_data
 
@@ -138,7 +141,7 @@ def init_group(backend: str, size: int, files: dict[str, str]) -> dict:
 
     progress("started")
     if size > 1:  # a group of one reads no hostfile (and MLX rejects an empty one)
-        _write_files(files)
+        _write_files(files, files_dir)
     import mlx.core as mx
     import mlx.nn as nn
 

@@ -456,6 +456,10 @@ def _recover(cluster, ars, results, traces, printer, inbox, events, finished, fa
             restarted = (time.perf_counter() - t0, replay)
         except (ClusterError, ipp.error.TimeoutError) as e:
             restarted = e
+        except KeyboardInterrupt:
+            # a second interrupt: keep the explanation of the first failure, and what is left
+            # (no half-formed group: restart() removed it) is repaired by the next cell
+            restarted = ClusterError("interrupted before the new ranks were ready")
     raise _error(cluster, cell, traces, restarted=restarted, failure=failure)
 
 

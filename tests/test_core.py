@@ -113,13 +113,28 @@ def test_timeout_gives_the_prompt_back_and_the_cluster_works_after(cluster):
     assert cluster.run("mx.distributed.all_sum(mx.array([2.0]))").value["text/plain"] == "array([8], dtype=float32)"
 
 
-def test_stop_leaves_no_process_behind():
+def _hostfiles(c: Cluster) -> list[str]:
+    return c.run("import os\nhf = os.environ['MLX_HOSTFILE']", ranks="all", pull="hf").pulled
+
+
+def test_stop_leaves_no_process_or_file_behind():
     c = Cluster(n=2).start()
+    try:
+        first = _hostfiles(c)
+        assert len(set(first)) == 2 and all(os.path.exists(f) for f in first)
+        c.restart()  # kills the ranks: they cannot remove their own hostfiles
+        second = _hostfiles(c)
+        assert all(os.path.exists(f) for f in second)
+        assert [f for f in first if os.path.exists(f)] == []
+    except BaseException:
+        c.stop()
+        raise
     procs = c.processes()
     assert len(procs) >= 1 + 2 * 2  # controller, 2 ranks and 2 spares (with their nannies)
     c.stop()
     # stop() returns once every engine, nanny and controller process is gone
     assert [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE] == []
+    assert [f for f in second if os.path.exists(f)] == []
 
 
 def test_bad_arguments_are_clear():
@@ -290,15 +305,20 @@ def test_status_widget_shows_live_state_while_a_cell_runs(cluster):
 
 def test_interpreter_exit_without_stop_leaves_nothing_running():
     mark = uuid.uuid4().hex
-    script = "from mlx_nb import Cluster\nc = Cluster(n=2).start()\nprint(c.run('rank').value['text/plain'])\n"
+    script = (
+        "from mlx_nb import Cluster\nc = Cluster(n=2).start()\nprint(c.run('rank').value['text/plain'])\n"
+        "print(c.run('import os\\nhf = os.environ[\"MLX_HOSTFILE\"]', pull='hf').pulled)\n"
+    )
     out = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
         env={**os.environ, "MLX_NB_TEST_SESSION": mark},
     )
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "0"
+    rank, hostfile = out.stdout.split()
+    assert rank == "0"
     _, alive = psutil.wait_procs(project_processes(mark), timeout=10)
     assert alive == []
+    assert not os.path.exists(hostfile)
 
 
 def test_a_cluster_of_one_rank_works():

@@ -343,6 +343,37 @@ def test_failed_restart_is_retried_by_the_next_cell(faulty):
     _assert_healthy(faulty, restarted=True, before=before)
 
 
+def test_interrupt_during_the_recovery_restart_keeps_the_report(faulty, capsys):
+    """A second interrupt while a failed cell's ranks are being replaced: the first failure is
+    still explained, and the next cell finishes the repair."""
+    before = [r.pid for r in faulty.ranks]
+    cell_started = threading.Event()
+
+    def interrupt_the_restart() -> None:
+        cell_started.wait()
+        deadline = time.monotonic() + 30
+        # new rank processes are in place, their group is being formed
+        while time.monotonic() < deadline and not (faulty.ranks and faulty.ranks[0].pid not in before):
+            time.sleep(0.002)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    watcher = threading.Thread(target=interrupt_the_restart)
+    watcher.start()
+    cell_started.set()
+    try:
+        report, _ = _fail(faulty, "import os\nif rank == 3:\n    os._exit(3)\nmx.eval(mx.distributed.all_sum(mx.ones(2)))")
+    finally:
+        watcher.join()
+    lines = report.splitlines()
+    assert lines[0].startswith("Root cause: rank 3 was lost (its engine process died mid-cell")
+    assert "Restarting the cluster failed: interrupted before the new ranks were ready" in lines
+    assert lines[-1] == "The next cell tries again (or %mlx_cluster restart now)."
+    capsys.readouterr()
+    assert faulty.run(SUM).value["text/plain"] == "10.0"
+    assert "no ranks are running (the last restart failed); restarting the cluster..." in capsys.readouterr().out
+    _assert_healthy(faulty, restarted=True, before=before)
+
+
 def test_soak_300_cells_with_a_fault_every_50_ends_healthy(faulty):
     soak = _load_soak()
     faulty.on_message = lambda _text: None
