@@ -156,6 +156,7 @@ class Cluster:
         # other hosts, and each engine set's MLX_HOSTFILE / MLX_IBV_DEVICES files under <tag>/
         self._remote_dir = f"/tmp/mlx_nb-{uuid.uuid4().hex[:12]}"
         self._cell_count = 0
+        self._replied: set[str] = set()  # message ids of cells that have finished (see status)
         self.on_message: Callable[[str], None] = print
 
     # ---------------------------------------------------------------- lifecycle
@@ -247,11 +248,12 @@ class Cluster:
         self._kill_ranks()
         try:
             self._start_ranks()
+            return self.replay_setup()
         except BaseException:
-            # a half-formed group is of no use: leave none, so the next cell starts afresh
+            # a half-formed group, or one without its setup, is of no use: leave none, so
+            # the next cell starts afresh (and replays the setup cells again)
             self._kill_ranks()
             raise
-        return self.replay_setup()
 
     # ------------------------------------------------------------------- ranks
     def _require_running(self) -> None:
@@ -531,12 +533,31 @@ class Cluster:
     def view(self) -> ipp.DirectView:
         """A DirectView on every rank, in rank order."""
         self._require_running()
+        return self.client[[r.engine_id for r in self.ranks]]
+
+    def _forget(self, ar: ipp.AsyncResult) -> None:
+        """Drop a finished cell from the client's caches (its output included: a long
+        session would otherwise keep every line every rank printed)."""
+        ids = ar.msg_ids
+        if len(self._replied) > 10000:
+            self._replied.clear()
+        self._replied.update(ids)
+        try:
+            self.client.purge_local_results(ids)
+        except RuntimeError:  # still outstanding (cannot be, once every rank replied)
+            pass
+
+    def _cells_view(self) -> ipp.DirectView:
+        """The view cells go through: one per set of ranks (a new DirectView costs ~0.1 ms),
+        private so that nobody retargets it."""
+        self._require_running()
         ids = [r.engine_id for r in self.ranks]
-        cached = self.__dict__.get("_view")
+        cached = self.__dict__.get("_cells")
         if cached is None or cached[0] != ids or cached[1].client is not self.client:
-            # one view per set of ranks: making a DirectView costs ~0.1 ms, paid per cell otherwise
-            self._view = (ids, self.client[ids])
-        return self._view[1]
+            self._cells = (ids, self.client[ids])
+        view = self._cells[1]
+        view.history.clear()  # it would grow by a message id per rank per cell
+        return view
 
     def run(self, code: str, **kwargs) -> "Any":
         """Run ``code`` SPMD on every rank; see :func:`mlx_nb.run.run_cell`."""
@@ -579,14 +600,17 @@ class Cluster:
 
     def replay_setup(self) -> float:
         """Run the registered setup cells again, in order; return the seconds it took."""
+        from .run import DistCellError
+
         t0 = time.perf_counter()
         for i, cell in enumerate(self.setup_cells):
-            result = self.run(cell.code, push=cell.push, quiet=True, register=False)
-            if not result.ok:
+            try:
+                self.run(cell.code, push=cell.push, quiet=True, register=False)
+            except DistCellError as e:
                 raise ClusterError(
-                    f"replaying setup cell {i + 1} of {len(self.setup_cells)} failed:\n"
-                    + result.error_text()
-                )
+                    f"replaying setup cell {i + 1} of {len(self.setup_cells)} failed:\n{e.report}\n"
+                    "(%mlx_cluster forget-setup drops the setup cells)"
+                ) from None
         return time.perf_counter() - t0
 
     # ------------------------------------------------------------------ status
@@ -594,7 +618,7 @@ class Cluster:
         """Each rank's host, pid, device, memory and state (idle / busy / dead)."""
         self._require_running()
         dead = set(self._dead_ranks())
-        queues = self.client.queue_status()
+        queues = self.client.queue_status(verbose=True)
         idle = []
         for r in self.ranks:
             q = queues.get(r.engine_id, {})
@@ -603,9 +627,11 @@ class Cluster:
             elif not isinstance(q, dict):
                 r.state = "lost"
             else:
-                # the hub's "tasks" count lags a reply the notebook already has: our own
-                # cells are known exactly, other clients' work shows as queued
-                r.state = "busy" if self.busy or q.get("queue", 0) else "idle"
+                # the hub's queue lags replies the notebook already has: our own cells are
+                # known exactly; what the hub holds that we have no reply for (another
+                # client's work, a push in flight) makes a rank busy
+                queued = [m for m in q.get("queue", []) if m not in self._replied and m not in self.client.results]
+                r.state = "busy" if self.busy or queued else "idle"
                 if r.state == "idle":
                     idle.append(r)
         if idle and len(idle) == len(self.ranks):

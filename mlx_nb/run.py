@@ -20,6 +20,8 @@ from .cluster import Cluster, ClusterError, SetupCell, _ranges
 _NOISE = ("[ring]",)
 RANK_FAILED = "a rank failed"  # why run_cell stopped waiting, besides a timeout or an interrupt
 _SETTLE = 0.5  # seconds after a failure before a rank's trace can say it is stuck
+_OUTPUT_WAIT = 5.0  # seconds a rank's end of output may lag its reply before we stop waiting
+_CHECK_EVERY = 0.25  # seconds between looks at the ranks' processes while a cell runs
 
 
 def parse_ranks(spec: Union[int, str, Sequence[int]], n: int) -> list[int]:
@@ -175,7 +177,7 @@ def run_cell(
     t0 = time.perf_counter()
     pull_from = show if len(show) > 1 else [0]
     # one apply to the whole view: the same dispatch cost as a raw DirectView call
-    ar = cluster.view.apply_async(engine.run_cell, code, cell_id, show, pull, pull_from, profile)
+    ar = cluster._cells_view().apply_async(engine.run_cell, code, cell_id, show, pull, pull_from, profile)
     ars = dict(zip(range(cluster.n), ar._children))  # per-rank message futures, rank order
     finished = _Finished(ars, events)
     inbox = _Inbox(ars, events, printer, traces, on_report)
@@ -183,6 +185,7 @@ def run_cell(
     results: dict[int, Optional[dict]] = {}
     failure: Optional[str] = None  # why we stopped waiting: timeout / interrupt / rank failure
     first_error_at = None
+    checked = t0
     try:
         while len(results) < cluster.n:
             try:
@@ -192,14 +195,16 @@ def run_cell(
             if kind == "poke":
                 inbox.drain(rank)
             for rank in finished.new(results):
-                results[rank] = _outcome(ars[rank])
+                results[rank] = _outcome(ars[rank], finished.wait(rank))
                 inbox.drain(rank)
                 printer.finish(rank)
                 if results[rank].get("error") and first_error_at is None:
                     first_error_at = time.perf_counter()
             now = time.perf_counter()
-            # checking processes costs ~0.3 ms: do it when the ranks go quiet (or fail), not per message
-            check = kind is None or first_error_at is not None
+            # not after every message (a stream of output would pay it per line)
+            check = kind is None or first_error_at is not None or now - checked > _CHECK_EVERY
+            if check:
+                checked = now
             lost = [r for r in cluster._dead_ranks() if r not in results] if check else []
             for r in lost:
                 results[r] = {"rank": r, "lost": True, "error": None}
@@ -225,6 +230,7 @@ def run_cell(
         return _recover(cluster, ars, results, traces, printer, inbox, events, finished, failure, wall)
     for r in show:
         printer.finish(r)
+    cluster._forget(ar)
     for r, res in results.items():
         if "active_memory" in res:
             cluster.ranks[r].active_memory, cluster.ranks[r].peak_memory = res["active_memory"], res["peak_memory"]
@@ -275,7 +281,7 @@ def _finishing(events, inbox, ars, finished, results, deadline, give_up) -> Iter
         except queue.Empty:
             pass
         for rank in finished.new(results):
-            results[rank] = _outcome(ars[rank])
+            results[rank] = _outcome(ars[rank], finished.wait(rank))
             inbox.drain(rank)
             yield rank
 
@@ -359,6 +365,8 @@ class _Finished:
         self.lock = threading.Lock()
         self.ranks: list[int] = []
         self.every = False
+        self.replied: dict[int, float] = {}  # rank -> when its reply came, its output not yet complete
+        self.forced: set[int] = set()
         for rank, child in ars.items():
             check = lambda _f, rank=rank: self._check(rank)  # noqa: E731
             child.add_done_callback(check)
@@ -375,6 +383,8 @@ class _Finished:
         failed = not isinstance(result, dict) or bool(result.get("error"))
         # a failed rank may send no end-of-output (a dead engine): _outcome waits briefly
         if not (failed or child.output.done()):
+            with self.lock:
+                self.replied.setdefault(rank, time.monotonic())
             return
         with self.lock:
             if rank in self.ranks:
@@ -385,20 +395,37 @@ class _Finished:
             self.events.put(("done", rank, None))
 
     def new(self, results: dict) -> list[int]:
+        now = time.monotonic()
         with self.lock:
+            for r, at in self.replied.items():
+                # its end-of-output message never came (the controller's relay can drop
+                # messages under a flood): take the rank as finished rather than wait forever
+                if r not in self.ranks and now - at > _OUTPUT_WAIT:
+                    self.ranks.append(r)
+                    self.forced.add(r)
             return [r for r in self.ranks if r not in results]
 
+    def wait(self, rank: int) -> float:
+        """How long _outcome may still wait for the rank's output."""
+        return 0.0 if rank in self.forced else _OUTPUT_WAIT
 
-def _outcome(child) -> dict:
+
+def _outcome(child, wait: float = _OUTPUT_WAIT) -> dict:
     """A finished rank's report; waits (briefly) for its last output to arrive."""
-    concurrent.futures.wait([child.output], timeout=5)
-    result = child.result()
+    concurrent.futures.wait([child.output], timeout=wait)
+    try:
+        result = child.result()
+    except BaseException as e:  # cancelled, or an exception set on the future
+        result = e
     # an engine that died mid-task comes back as EngineError, raised or wrapped
     if isinstance(result, ipp.error.EngineError) or getattr(result, "ename", "") == "EngineError":
         return {"lost": True, "error": None}
     if isinstance(result, ipp.RemoteError):
         return {"error": {"type": result.ename, "message": str(result.evalue),
                           "traceback": result.traceback or "", "time": time.time()}}
+    if not isinstance(result, dict):  # TaskAborted and the like: ipyparallel's, not the cell's
+        return {"error": {"type": type(result).__name__, "message": str(result),
+                          "traceback": "", "time": time.time()}}
     return result
 
 
