@@ -1,6 +1,6 @@
 """Cluster start and cell round trip: mlx_nb against raw ipyparallel and mlx.launch.
 
-    python benchmarks/dispatch.py [-n 4] [--cells 200]
+    python benchmarks/dispatch.py [-n 4] [--cells 300]
 
 Prints one table measured in this run; ratios are against the baselines measured here.
 """
@@ -79,7 +79,7 @@ def settle(cluster: Cluster, timeout: float = 60) -> None:
     time.sleep(1.0)  # their first heartbeats and registration traffic
 
 
-def interleaved(fns: list, count: int, rounds: int = 10) -> list[float]:
+def interleaved(fns: list, count: int, rounds: int = 30) -> list[float]:
     """Median (ms) of each of fns, measured in blocks that take turns, so drift hits all alike."""
     for fn in fns:
         fn()  # warm
@@ -98,7 +98,7 @@ def interleaved(fns: list, count: int, rounds: int = 10) -> list[float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", type=int, default=4)
-    parser.add_argument("--cells", type=int, default=200)
+    parser.add_argument("--cells", type=int, default=300)
     args = parser.parse_args()
     n = args.n
 

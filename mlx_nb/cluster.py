@@ -156,7 +156,6 @@ class Cluster:
         # other hosts, and each engine set's MLX_HOSTFILE / MLX_IBV_DEVICES files under <tag>/
         self._remote_dir = f"/tmp/mlx_nb-{uuid.uuid4().hex[:12]}"
         self._cell_count = 0
-        self._replied: set[str] = set()  # message ids of cells that have finished (see status)
         self.on_message: Callable[[str], None] = print
 
     # ---------------------------------------------------------------- lifecycle
@@ -535,18 +534,6 @@ class Cluster:
         self._require_running()
         return self.client[[r.engine_id for r in self.ranks]]
 
-    def _forget(self, ar: ipp.AsyncResult) -> None:
-        """Drop a finished cell from the client's caches (its output included: a long
-        session would otherwise keep every line every rank printed)."""
-        ids = ar.msg_ids
-        if len(self._replied) > 10000:
-            self._replied.clear()
-        self._replied.update(ids)
-        try:
-            self.client.purge_local_results(ids)
-        except RuntimeError:  # still outstanding (cannot be, once every rank replied)
-            pass
-
     def _cells_view(self) -> ipp.DirectView:
         """The view cells go through: one per set of ranks (a new DirectView costs ~0.1 ms),
         private so that nobody retargets it."""
@@ -619,6 +606,7 @@ class Cluster:
         self._require_running()
         dead = set(self._dead_ranks())
         queues = self.client.queue_status(verbose=True)
+        ours = set(self.client.history)
         idle = []
         for r in self.ranks:
             q = queues.get(r.engine_id, {})
@@ -627,10 +615,9 @@ class Cluster:
             elif not isinstance(q, dict):
                 r.state = "lost"
             else:
-                # the hub's queue lags replies the notebook already has: our own cells are
-                # known exactly; what the hub holds that we have no reply for (another
-                # client's work, a push in flight) makes a rank busy
-                queued = [m for m in q.get("queue", []) if m not in self._replied and m not in self.client.results]
+                # the hub's queue lags replies the notebook already has: of our own messages
+                # only those still without a reply count; another client's work counts
+                queued = [m for m in q.get("queue", []) if m in self.client.outstanding or m not in ours]
                 r.state = "busy" if self.busy or queued else "idle"
                 if r.state == "idle":
                     idle.append(r)

@@ -230,7 +230,6 @@ def run_cell(
         return _recover(cluster, ars, results, traces, printer, inbox, events, finished, failure, wall)
     for r in show:
         printer.finish(r)
-    cluster._forget(ar)
     for r, res in results.items():
         if "active_memory" in res:
             cluster.ranks[r].active_memory, cluster.ranks[r].peak_memory = res["active_memory"], res["peak_memory"]
