@@ -748,11 +748,10 @@ def _launcher_alive(launcher: Any) -> bool:
     # ipyparallel's launchers keep a thread waiting for their process to exit: asking it
     # costs microseconds (a process table lookup costs ~0.1 ms, and this runs before every cell)
     thread = getattr(launcher, "_wait_thread", None)
-    if _is_ssh(launcher):  # its pid is on the other host: only the thread knows
-        return thread is None or thread.is_alive()
-    if thread is not None and not thread.is_alive():
-        return False
-    return thread is not None or _alive(launcher.pid)
+    if thread is not None:
+        return thread.is_alive()
+    # not waited on yet: an ssh launcher's pid is on the other host, so only the thread would know
+    return _is_ssh(launcher) or _alive(launcher.pid)
 
 
 def _quietly(f: Callable, *args: Any) -> None:
