@@ -113,7 +113,7 @@ def main() -> None:
     shell.run_line_magic("load_ext", "mlx_nb")
     from mlx_nb import magics
 
-    magics._current = cluster
+    magics.use(cluster)
     settle(cluster)
     same_view = cluster.client[[r.engine_id for r in cluster.ranks]]
     # the raw cluster stays up (idle) so that all three are measured under the same conditions

@@ -41,8 +41,9 @@ import statistics
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import psutil
 
@@ -90,7 +91,7 @@ class Usage:
     notebook_fds: int  # open files of this process
     controller_fds: int  # open files of the controller and its schedulers
 
-    def peak(self, other: "Usage") -> "Usage":
+    def peak(self, other: Usage) -> Usage:
         return Usage(*(max(a, b) for a, b in zip(vars(self).values(), vars(other).values())))
 
 

@@ -2,20 +2,26 @@
 
 ``Cluster`` starts MLX ranks as ipyparallel engines; ``%load_ext mlx_nb`` adds
 ``%mlx_cluster`` and ``%%mlx_dist``.
+
+Everything is imported on first use: the ranks import ``mlx_nb.rank`` (which runs inside the
+engines) and must not load the notebook side (ipyparallel's client, psutil, widgets).
 """
 
 __version__ = "0.1.0"
 
-from .cluster import Cluster, ClusterError  # noqa: E402
-from .profile import last_profile  # noqa: E402
-from .run import CellResult, DistCellError  # noqa: E402
+_NAMES = {
+    "Cluster": "cluster", "ClusterError": "engines", "CellResult": "cell", "DistCellError": "cell",
+    "last_profile": "profile",
+}
+_MODULES = ("generate", "widgets", "finetune", "bench", "models", "hostfile", "magics", "sharding", "display")
 
 
 def __getattr__(name: str):
-    # imported on first use: engines import mlx_nb, and must not pull in mlx-lm or widgets
-    if name in ("generate", "widgets", "finetune", "bench", "models"):
-        import importlib
+    import importlib
 
+    if name in _NAMES:
+        return getattr(importlib.import_module(f"{__name__}.{_NAMES[name]}"), name)
+    if name in _MODULES:
         return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module 'mlx_nb' has no attribute {name!r}")
 

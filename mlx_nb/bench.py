@@ -1,38 +1,35 @@
-"""Collective benchmarks: all_sum, all_gather and send/recv over a sweep of message sizes.
+"""Collective benchmarks, the notebook half: options, the sweep on the cluster, tables and plots.
 
-One rank-side function, :func:`sweep`, does the measuring. It takes the group,
-so the same code runs inside mlx_nb's ranks (:func:`run_bench`, ``%mlx_bench``,
-``mlx-nb bench``) and in a plain ``mlx.launch`` script::
+The measuring is :func:`mlx_nb.rank.bench.sweep` (re-exported here), run on every rank
+through ``Cluster.call`` by :func:`run_bench` (``%mlx_bench``, ``mlx-nb bench``), or in a
+plain ``mlx.launch`` script::
 
     group = mx.distributed.init(strict=True, backend="ring")
     rows = sweep(group, parse_sizes("1KB-16MB", factor=4))
-
-Every iteration starts after a barrier, ends with ``mx.eval`` on every rank,
-and counts the slowest rank's time; every size's result is checked. Rows follow
-the nccl-tests conventions: ``size`` is the bytes each rank sends for all_sum
-and send/recv and the gathered output's bytes for all_gather; bus bandwidth is
-algorithm bandwidth times 2(n-1)/n for all_sum and (n-1)/n for all_gather.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Optional, Union
 
 import mlx.core as mx
 
-from .display import Table, human_bytes
+from .display import Progress, Table, human_bytes
+from .rank.bench import OPS, BenchRow, bus_factor, make_row, percentile, slowest, sweep, sweep_on_rank, time_iters
+
+__all__ = ["BenchError", "BenchResult", "BenchRow", "OPS", "Reference", "bus_factor", "make_row", "percentile", "run_bench",
+           "slowest", "sweep", "time_iters"]
 
 if TYPE_CHECKING:
     from .cluster import Cluster
 
-OPS = ("all_sum", "all_gather", "send_recv")
 DEFAULT_SIZES = "1KB-64MB"
 DEFAULT_FACTOR = 4
 # link speeds in Gb/s for --reference
@@ -43,8 +40,6 @@ LINKS = {
     "100gbe": ("100 GbE", 100.0),
 }
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "M": 1 << 20, "MB": 1 << 20, "G": 1 << 30, "GB": 1 << 30}
-
-Progress = Callable[[int, int, str], None]
 
 
 class BenchError(RuntimeError):
@@ -111,151 +106,6 @@ def check_dtypes(spec: Union[str, Sequence[str]]) -> list[str]:
 
 
 # ------------------------------------------------------------------------ rows
-def bus_factor(op: str, n: int) -> float:
-    """nccl-tests' bus bandwidth factor: 2(n-1)/n all-reduce, (n-1)/n all-gather, 1 point-to-point."""
-    return {"all_sum": 2 * (n - 1) / n, "all_gather": (n - 1) / n}.get(op, 1.0)
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default)."""
-    xs = sorted(values)
-    pos = (len(xs) - 1) * q / 100
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-
-@dataclass
-class BenchRow:
-    """One (op, size, dtype) of a sweep; times in seconds, bandwidths in bytes/s."""
-
-    op: str
-    size: int
-    dtype: str
-    ranks: int
-    backend: str
-    iters: int
-    median: float
-    p90: float
-    algbw: float
-    busbw: float
-    wrong_ranks: tuple = ()
-    times: tuple = field(default=(), repr=False)  # slowest rank's time per iteration
-
-    @property
-    def correct(self) -> bool:
-        return not self.wrong_ranks
-
-
-def make_row(op: str, size: int, dtype: str, ranks: int, backend: str,
-             times: Sequence[float], wrong_ranks: Sequence[int] = ()) -> BenchRow:
-    """Statistics of one case from the slowest rank's time per iteration."""
-    median = percentile(times, 50)
-    algbw = size / median if median > 0 else 0.0
-    return BenchRow(op, size, dtype, ranks, backend, len(times), median, percentile(times, 90),
-                    algbw, algbw * bus_factor(op, ranks), tuple(wrong_ranks), tuple(times))
-
-
-# ------------------------------------------------------------------ rank side
-def _case(op: str, size: int, dtype, rank: int, n: int):
-    """Input, message bytes, and the check of the output for one case on this rank."""
-    count = max(1, size // dtype.size // (n if op == "all_gather" else 1))
-    x = mx.full((count,), rank + 1, dtype=dtype)
-    if op == "all_sum":
-        return x, count * dtype.size, lambda y: mx.all(y == n * (n + 1) // 2).item()
-    if op == "all_gather":
-        want = mx.broadcast_to(mx.arange(1, n + 1, dtype=dtype)[:, None], (n, count))
-        return x, n * count * dtype.size, lambda y: mx.array_equal(y.reshape(n, count), want).item()
-    # send_recv: even ranks send to the next odd rank; a last odd-out rank sits the case out
-    return x, count * dtype.size, lambda y: mx.all(y == rank).item() if rank % 2 else True
-
-
-def _step(op: str, group, x, rank: int, n: int):
-    dist = mx.distributed
-    if op == "all_sum":
-        return dist.all_sum(x, group=group)
-    if op == "all_gather":
-        return dist.all_gather(x, group=group)
-    if rank % 2 == 0:
-        return dist.send(x, rank + 1, group=group) if rank + 1 < n else None
-    return dist.recv_like(x, rank - 1, group=group)
-
-
-def slowest(group, times: Sequence[float], ok: bool = True) -> tuple[list[float], list[int]]:
-    """Every rank's per-iteration times and check, gathered: (max per iteration, wrong ranks).
-
-    Collective: every rank of ``group`` must call it with the same number of times.
-    """
-    mine = mx.array([*times, 1.0 if ok else 0.0], dtype=mx.float32)
-    every = mx.distributed.all_gather(mine, group=group).reshape(group.size(), -1)
-    mx.eval(every)
-    worst = mx.max(every[:, :-1], axis=0).tolist()
-    return worst, [r for r, flag in enumerate(every[:, -1].tolist()) if flag != 1.0]
-
-
-def sweep(group, sizes: Sequence[int], ops: Sequence[str] = OPS, dtypes: Sequence[str] = ("float32",),
-          warmup: int = 5, iters: int = 20, *, backend: str = "ring",
-          progress: Optional[Progress] = None) -> list[BenchRow]:
-    """Time each op at each size and dtype on ``group``; every rank gets the same rows.
-
-    Collective: call it on every rank with the same arguments.
-
-    Example (in an ``mlx.launch`` script)::
-
-        rows = sweep(mx.distributed.init(), [1024, 1 << 20], ops=["all_sum"])
-    """
-    rank, n = group.rank(), group.size()
-    cases = [(d, op, s) for d in dtypes for op in ops for s in sizes]
-    rows = []
-    for i, (dname, op, size) in enumerate(cases):
-        if progress:
-            progress(i, len(cases), f"{op} {human_bytes(size)} {dname}")
-        x, nbytes, check = _case(op, size, getattr(mx, dname), rank, n)
-        mx.eval(x)
-        times, y = time_iters(lambda: _step(op, group, x, rank, n), warmup, iters, group)
-        worst, wrong = slowest(group, times, y is None or bool(check(y)))
-        rows.append(make_row(op, nbytes, dname, n, backend, worst, wrong))
-        del x, y
-        mx.clear_cache()
-    if progress:
-        progress(len(cases), len(cases), "done")
-    return rows
-
-
-def time_iters(run: Callable[[], Any], warmup: int, iters: int, group=None) -> tuple[list[float], Any]:
-    """Seconds of each timed ``mx.eval(run())`` (after ``warmup`` untimed ones), and the last output.
-
-    With a ``group``, every iteration starts after a barrier (a one-element all_sum),
-    so the ranks start together and the slowest rank's time is the collective's.
-    """
-    one = mx.array([1.0])
-    times, out = [], None
-    for it in range(warmup + iters):
-        if group is not None:
-            mx.eval(mx.distributed.all_sum(one, group=group))
-        t0 = time.perf_counter()
-        out = run()
-        if out is not None:
-            mx.eval(out)
-        if it >= warmup:
-            times.append(time.perf_counter() - t0)
-    return times, out
-
-
-def _on_rank(sizes, ops, dtypes, warmup, iters, backend):
-    """sweep() on an mlx_nb rank; rank 0 publishes progress to the notebook."""
-    from ipyparallel.datapub import publish_data
-
-    from . import engine
-
-    world = engine.namespace["world"]
-    progress = None
-    if world.rank() == 0:
-        def progress(done, total, what):
-            publish_data({"mlx_nb_bench": (done, total, what)})
-    rows = sweep(world, sizes, ops, dtypes, warmup, iters, backend=backend, progress=progress)
-    return rows if world.rank() == 0 else None
-
-
 # -------------------------------------------------------------- notebook side
 @dataclass
 class Reference:
@@ -377,85 +227,7 @@ class BenchResult:
         return self.table()._repr_html_()
 
 
-class _Bar:
-    """A progress bar: an ipywidget in a notebook kernel, a line of text elsewhere."""
-
-    def __init__(self, show: bool = True):
-        self.widget = None
-        self.show = show
-        if not show:
-            return
-        try:
-            from IPython import get_ipython
-
-            if type(get_ipython()).__name__ == "ZMQInteractiveShell":
-                import ipywidgets as w
-                from IPython.display import display
-
-                self.widget = w.IntProgress(min=0, max=1, description="sweep")
-                self.label = w.Label()
-                display(w.HBox([self.widget, self.label]))
-        except ImportError:
-            pass
-
-    def update(self, done: int, total: int, what: str) -> None:
-        if not self.show:
-            return
-        if self.widget is not None:
-            self.widget.max, self.widget.value = total, done
-            self.label.value = f"{done}/{total} {what}"
-        else:
-            sys.stderr.write(f"\rsweep {done}/{total} {what:<40}")
-            sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.show and self.widget is None:
-            sys.stderr.write("\n")
-        elif self.widget is not None:
-            self.widget.bar_style = "success"
-
-
-def apply_collective(cluster: "Cluster", fn: Callable, *args, what: str = "the call",
-                     timeout: Optional[float] = None, on_data: Optional[Progress] = None) -> list:
-    """``fn(*args)`` on every rank at once (it may use the group); results in rank order.
-
-    ``on_data`` gets what rank 0 publishes as ``{"mlx_nb_bench": (done, total, what)}``.
-    A rank that raises leaves the others inside a collective, as do a timeout and an
-    interrupt: the ranks are restarted and BenchError says what happened.
-    """
-    t0 = time.perf_counter()
-    ars = [cluster.client[r.engine_id].apply_async(fn, *args) for r in cluster.ranks]
-    failed_at, why = None, None
-    try:
-        while not all(a.ready() for a in ars):
-            now = time.perf_counter()
-            if failed_at is None and any(a.ready() and not a.successful() for a in ars):
-                failed_at = now
-            if failed_at is not None and now - failed_at > cluster.grace:
-                why = "the other ranks were left waiting"
-            elif timeout is not None and now - t0 > timeout:
-                why = f"not done within {timeout:g} s"
-            if why:
-                break
-            state = (ars[0].data or {}).get("mlx_nb_bench")
-            if state and on_data:
-                on_data(*state)
-            next((a for a in ars if not a.ready()), ars[0]).wait(0.5)
-    except KeyboardInterrupt:
-        why = "interrupted"
-    errors = [(r, a.exception()) for r, a in enumerate(ars) if a.ready() and not a.successful()]
-    if not errors and not why:
-        return [a.get() for a in ars]
-    lines = [f"{what} failed" + (f": {why}" if why else "")]
-    for r, e in errors[:1]:
-        lines.append(f"rank {r} raised {getattr(e, 'ename', type(e).__name__)}: {getattr(e, 'evalue', e)}")
-    if why:
-        cluster.restart(reason=why)
-        lines.append(f"the {cluster.n} ranks were restarted; the cluster is ready again")
-    raise BenchError("\n".join(lines))
-
-
-def run_bench(cluster: "Cluster", sizes: Union[str, Sequence[int]] = DEFAULT_SIZES,
+def run_bench(cluster: Cluster, sizes: Union[str, Sequence[int]] = DEFAULT_SIZES,
               ops: Union[str, Sequence[str]] = OPS, dtypes: Union[str, Sequence[str]] = ("float32",),
               warmup: int = 5, iters: int = 20, *, factor: int = DEFAULT_FACTOR,
               reference: Union[None, str, float, Reference] = None, progress: bool = True,
@@ -474,11 +246,11 @@ def run_bench(cluster: "Cluster", sizes: Union[str, Sequence[int]] = DEFAULT_SIZ
     if warmup < 0 or iters < 1:
         raise ValueError(f"need warmup >= 0 and iters >= 1, got {warmup} and {iters}")
     ref = as_reference(reference)
-    bar = _Bar(progress)
+    bar = Progress("sweep", progress)
     t0 = time.perf_counter()
     try:
-        rows = apply_collective(cluster, _on_rank, sizes, ops, dtypes, warmup, iters, cluster.backend,
-                                what="the sweep", timeout=timeout, on_data=bar.update)[0]
+        rows = cluster.call(sweep_on_rank, sizes, ops, dtypes, warmup, iters, cluster.backend, timeout=timeout,
+                            on_report=lambda rank, r: bar.update(r["done"], r["total"], r["what"]))[0]
     finally:
         bar.close()
     result = BenchResult(rows, cluster.n, cluster.backend, ref, time.perf_counter() - t0)
@@ -536,6 +308,7 @@ def sweep_options(args) -> dict:
 
 def bench_main(argv: Optional[Sequence[str]] = None) -> int:
     """``mlx-nb bench -n 4 --out plot.png``: start n ranks, sweep, print the table, save the plot."""
+    from .cell import DistCellError
     from .cluster import Cluster, ClusterError
 
     parser = bench_parser()
@@ -554,7 +327,7 @@ def bench_main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         with cluster:
             result = run_bench(cluster, **options, progress=sys.stderr.isatty())
-    except (ClusterError, BenchError) as e:
+    except (ClusterError, BenchError, DistCellError) as e:
         print(f"mlx-nb bench: {e}", file=sys.stderr)
         return 1
     print(result.table())

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 DEMO_SHARDING = """
 import mlx.nn as nn
@@ -72,10 +73,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             parser.error("-n must be at least 1")
         return demo(args.n)
     if args.command == "hostfile":
-        from .hostfile import check_main
-
-        return check_main(args.file, args.backend)
+        return check_hostfile(args.file, args.backend)
     return 2
+
+
+def check_hostfile(path: str, backend: Optional[str] = None) -> int:
+    """``mlx-nb hostfile check PATH``: print the cluster and warnings and return 0, or the error and 2."""
+    from .hostfile import HostfileError, describe, load
+    from .preflight import warnings
+
+    try:
+        hf = load(path)
+        text = describe(hf, backend)
+        notes = warnings(hf)
+    except HostfileError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(text)
+    for note in notes:
+        print(f"warning: {note}")
+    return 0
 
 
 if __name__ == "__main__":

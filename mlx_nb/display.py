@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import html
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 
 def human_bytes(n: float) -> str:
@@ -37,15 +38,71 @@ class Table:
         return f"<table>{caption}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def figure_png(fig, **savefig) -> bytes:
+    """A matplotlib figure as PNG bytes, whatever the matplotlib backend."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", **savefig)
+    return buf.getvalue()
+
+
 def show_figure(fig) -> None:
     """Publish a matplotlib figure as PNG, whatever the matplotlib backend, then close it."""
     import base64
-    import io
 
     import matplotlib.pyplot as plt
     from IPython.display import publish_display_data
 
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", bbox_inches="tight")
-    publish_display_data({"image/png": base64.b64encode(buf.getvalue()).decode(), "text/plain": repr(fig)})
+    png = figure_png(fig, bbox_inches="tight")
+    publish_display_data({"image/png": base64.b64encode(png).decode(), "text/plain": repr(fig)})
     plt.close(fig)
+
+
+class Progress:
+    """One progress style for long work: an ipywidgets bar in a notebook kernel, a line of text
+    (rewritten in place) elsewhere.
+
+    Example::
+
+        bar = Progress("sweep")
+        for i in range(10):
+            bar.update(i, 10, f"case {i}")
+        bar.close()
+    """
+
+    def __init__(self, what: str, show: bool = True, stream=None):
+        import sys
+
+        self.what, self.show, self.stream, self.widget = what, show, stream or sys.stderr, None
+        if not show:
+            return
+        try:
+            from IPython import get_ipython
+
+            if type(get_ipython()).__name__ == "ZMQInteractiveShell":
+                import ipywidgets as w
+                from IPython.display import display
+
+                self.widget, self.label = w.IntProgress(min=0, max=1, description=what), w.Label()
+                display(w.HBox([self.widget, self.label]))
+        except ImportError:
+            pass
+
+    def update(self, done: int, total: int, message: str = "") -> None:
+        if not self.show:
+            return
+        if self.widget is not None:
+            self.widget.max, self.widget.value = max(total, 1), done
+            self.label.value = f"{done}/{total} {message}"
+            return
+        bar = "#" * (20 * done // max(total, 1))
+        self.stream.write(f"\r{self.what} [{bar:<20}] {done}/{total} {message:<40}")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.show and self.widget is None:
+            self.stream.write("\n")
+            self.stream.flush()
+        elif self.widget is not None:
+            self.widget.bar_style = "success"

@@ -18,7 +18,6 @@ import ipaddress
 import json
 import random
 import socket
-import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -491,19 +490,6 @@ def rank_launch(
     ]
 
 
-def ring_launch(
-    hostfile: Hostfile,
-    ports: list[int],
-    connections_per_ip: int = 1,
-    env: Optional[dict[str, str]] = None,
-) -> list[RankLaunch]:
-    """Per-rank environment for the ring backend, as ``mlx.launch --backend ring``.
-
-    ``ports`` holds one port per (host, ip, connection), in that order.
-    """
-    return rank_launch(hostfile, "ring", ports=ports, connections_per_ip=connections_per_ip, env=env)
-
-
 def mpirun_hostfile(hostfile: Hostfile) -> str:
     """The Open MPI hostfile ``mlx.launch --backend mpi`` writes: ``host slots=N`` per ssh host.
 
@@ -591,20 +577,3 @@ def describe(hostfile: Hostfile, backend: Optional[str] = None) -> str:
     if hostfile.envs:
         lines.append("envs: " + " ".join(hostfile.envs))
     return "\n".join(lines)
-
-
-def check_main(path: str, backend: Optional[str] = None) -> int:
-    """``mlx-nb hostfile check PATH``: print ``describe`` and warnings and return 0, or the error and 2."""
-    from .preflight import warnings
-
-    try:
-        hf = load(path)
-        text = describe(hf, backend)
-        notes = warnings(hf)
-    except HostfileError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(text)
-    for note in notes:
-        print(f"warning: {note}")
-    return 0

@@ -12,10 +12,10 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
 from .bench import run_bench, sweep_arguments, sweep_options
+from .cell import DistCellError, parse_ranks
 from .cluster import BACKENDS, Cluster, ClusterError
-from .hostfile import HostfileError
 from .display import Table, human_bytes
-from .run import heal_lost_ranks, parse_ranks
+from .hostfile import HostfileError
 
 _current: Optional[Cluster] = None
 
@@ -25,6 +25,12 @@ def current() -> Cluster:
     if _current is None or not _current.running:
         raise UsageError("no MLX cluster is running: start one with %mlx_cluster start -n 4")
     return _current
+
+
+def use(cluster: Optional[Cluster]) -> None:
+    """Make the magics work on ``cluster`` (a running Cluster made in Python), or on none."""
+    global _current
+    _current = cluster
 
 
 def status_table(cluster: Cluster) -> Table:
@@ -48,7 +54,7 @@ def status_note(cluster: Cluster) -> Optional[str]:
 
 @functools.lru_cache(maxsize=1)
 def _mpi_here() -> bool:
-    from .launchers import mpi_available
+    from .engines.launch import mpi_available
 
     return mpi_available()[0]
 
@@ -174,7 +180,7 @@ class MLXMagics(Magics):
 
             return StatusWidget(cluster)
         elif args.action == "status":
-            heal_lost_ranks(cluster)
+            cluster.heal()
             note = status_note(cluster)
             if note:
                 print(note)
@@ -232,7 +238,10 @@ class MLXMagics(Magics):
         names = _names(line)
         if not names:
             raise UsageError("usage: %mlx_push NAME [NAME ...]")
-        current().push(self._ns_values(names))
+        try:
+            current().push(self._ns_values(names))
+        except ValueError as e:  # a value that cannot travel, named
+            raise UsageError(str(e)) from None
 
     @magic_arguments()
     @argument("name", help="the rank variable to bring back")
@@ -249,8 +258,10 @@ class MLXMagics(Magics):
         spec = ranks[0] if args.ranks not in ("all",) and len(ranks) == 1 else ranks
         try:
             return cluster.pull(args.name, spec)
-        except Exception as e:
-            raise UsageError(str(getattr(e, "evalue", e))) from None
+        except DistCellError as e:
+            if e.root is None or e.root.error is None:
+                raise
+            raise UsageError(e.root.error.message) from None
 
     @magic_arguments()
     @sweep_arguments

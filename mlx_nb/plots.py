@@ -7,7 +7,8 @@ notebook shows each once (as the cell's value) and scripts can ``savefig``.
 from __future__ import annotations
 
 import math
-from typing import Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Optional
 
 from .display import human_bytes
 

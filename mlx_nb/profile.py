@@ -28,17 +28,15 @@ class CellProfile:
     ranks: list[RankProfile]
 
     @classmethod
-    def from_results(cls, results: list[dict]) -> "CellProfile":
+    def from_outcomes(cls, outcomes: list) -> CellProfile:
+        """From each rank's ``results.Outcome`` of a ``profile=True`` job."""
         rows = []
-        for r, res in enumerate(results):
-            p = res.get("profile") or {}
-            rows.append(
-                RankProfile(
-                    r, res.get("wall", 0.0), res.get("eval_time", 0.0), p.get("collective_time", 0.0),
-                    res.get("calls", 0), res.get("active_memory", 0), res.get("peak_memory", 0),
-                    p.get("start", 0.0), [tuple(e) for e in p.get("evals", [])],
-                )
-            )
+        for o in outcomes:
+            t = o.timeline
+            rows.append(RankProfile(
+                o.rank, o.wall, o.eval_time, t.collective_time if t else 0.0, o.calls,
+                o.active_memory, o.peak_memory, t.start if t else 0.0, [tuple(e) for e in t.evals] if t else [],
+            ))
         return cls(rows)
 
     def table(self) -> Table:

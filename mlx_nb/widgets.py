@@ -4,24 +4,29 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import TYPE_CHECKING
 
 import ipywidgets as widgets
 
-from .cluster import Cluster
 from .display import Table, human_bytes
+
+if TYPE_CHECKING:
+    from .cluster import Cluster
 
 
 def _rows(cluster: Cluster) -> list[list]:
+    job = cluster.job
+    traces = job.traces if job is not None else {}
     rows = []
     for r in cluster.ranks:
-        live = cluster.live.get(r.rank, {}) if cluster.busy else {}
-        active = live.get("active_memory", r.active_memory)
-        peak = live.get("peak_memory", r.peak_memory)
-        if cluster.busy:
-            state = f"busy, line {live['line']}" if live.get("line") else "busy"
-            if live.get("in_eval") and live.get("pending"):
-                c = live["pending"][0]
-                state = f"in {c['op']} #{c['seq']}"
+        live = traces.get(r.rank)
+        active = live.active_memory if live else r.active_memory
+        peak = live.peak_memory if live else r.peak_memory
+        if job is not None:
+            state = f"busy, line {live.line}" if live and live.line else "busy"
+            if live and live.in_collective:
+                c = live.pending[0]
+                state = f"in {c.op} #{c.seq}"
         else:
             state = r.state
         rows.append([r.rank, r.host, r.pid, human_bytes(active), human_bytes(peak), state])

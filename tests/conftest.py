@@ -9,6 +9,7 @@ import uuid
 
 import psutil
 import pytest
+from IPython.core.error import UsageError
 
 from mlx_nb import Cluster
 
@@ -78,6 +79,8 @@ def magic_cluster(line: str):
     try:
         yield shell
     finally:
-        if magics._current is not None and magics._current.running:
-            magics._current.stop()
-        magics._current = None
+        try:
+            magics.current().stop()
+        except UsageError:  # stopped by the test already
+            pass
+        magics.use(None)

@@ -7,11 +7,9 @@ from pathlib import Path
 import ipyparallel as ipp
 import pytest
 
-from mlx_nb import Cluster
+from mlx_nb import Cluster, DistCellError
 from mlx_nb.bench import (
-    BenchError,
     BenchResult,
-    apply_collective,
     as_reference,
     bench_main,
     bus_factor,
@@ -101,14 +99,13 @@ def test_sweep_on_two_ranks_returns_checked_rows(cluster):
 def test_every_rank_time_and_check_is_gathered(cluster):
     @ipp.interactive  # run in the engine's namespace: this test module is not importable there
     def on_rank():
-        from mlx_nb import engine
         from mlx_nb.bench import slowest
+        from mlx_nb.rank import world
 
-        world = engine.namespace["world"]
-        r = world.rank()
-        return slowest(world, [0.1 * (r + 1), 0.5 - 0.1 * r], ok=r != 1)
+        r = world().rank()
+        return slowest(world(), [0.1 * (r + 1), 0.5 - 0.1 * r], ok=r != 1)
 
-    (worst0, wrong0), (worst1, wrong1) = apply_collective(cluster, on_rank)
+    (worst0, wrong0), (worst1, wrong1) = cluster.call(on_rank)
     assert worst0 == worst1 == pytest.approx([0.2, 0.5])  # per-iteration max over ranks
     assert wrong0 == wrong1 == [1]
 
@@ -118,15 +115,15 @@ def test_rank_error_mid_collective_names_the_rank_and_recovers(cluster):
     def on_rank():
         import mlx.core as mx
 
-        from mlx_nb import engine
+        from mlx_nb.rank import world
 
-        world = engine.namespace["world"]
-        if world.rank() == 1:
+        if world().rank() == 1:
             raise MemoryError("no room for the buffer")
-        mx.eval(mx.distributed.all_sum(mx.ones(1), group=world))  # rank 0 waits forever
+        mx.eval(mx.distributed.all_sum(mx.ones(1), group=world()))  # rank 0 waits forever
 
-    with pytest.raises(BenchError, match=r"rank 1 raised MemoryError: no room") as e:
-        apply_collective(cluster, on_rank, what="the test")
+    with pytest.raises(DistCellError, match=r"Root cause: rank 1 raised MemoryError: no room") as e:
+        cluster.call(on_rank)
+    assert "rank 0: blocked in a collective: all_sum #1" in str(e.value)
     assert "restarted" in str(e.value)
     assert run_bench(cluster, "1KB", ops="all_sum", warmup=0, iters=1, progress=False).rows[0].correct
 

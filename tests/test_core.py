@@ -15,9 +15,9 @@ import nbclient
 import nbformat
 import psutil
 import pytest
+from conftest import ipython_shell, project_processes
 from IPython.core.error import UsageError
 
-from conftest import ipython_shell, project_processes
 from mlx_nb import Cluster, DistCellError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,8 +40,7 @@ def test_all_sum_value_is_the_cell_result(cluster):
 
 
 def test_ranks_listen_only_on_loopback(cluster):
-    pids = [r.pid for r in cluster.ranks] + [cluster._ipp.controller.pid]
-    procs = [q for pid in pids for q in [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]]
+    procs = cluster.processes()  # the controller and its schedulers, ranks and spares
     listening = [
         c.laddr for q in procs for c in q.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN
     ]
@@ -97,7 +96,7 @@ def test_a_rank_error_shows_its_traceback_at_the_cell_line(cluster):
         cluster.run("x = 1\ny = [1, 2][rank]\n")
     text = "\n".join(info.value._render_traceback_())
     assert "Root cause: ranks 2-3 raised IndexError: list index out of range, line 2: y = [1, 2][rank]" in text
-    assert '<mlx_dist cell' in text and "ipyparallel" not in text and "mlx_nb/engine.py" not in text
+    assert '<mlx_dist cell' in text and "ipyparallel" not in text and "mlx_nb/rank" not in text
     # the ranks that finished say so, and the group is still usable
     assert "rank 0: finished" in text
     assert cluster.run("mx.distributed.all_sum(mx.array([1.0]))").value["text/plain"] == "array([4], dtype=float32)"
@@ -151,9 +150,9 @@ def ip(cluster):
 
     shell = ipython_shell()
     shell.run_line_magic("load_ext", "mlx_nb")
-    magics._current = cluster  # the magics drive the module's cluster
+    magics.use(cluster)  # the magics drive the module's cluster
     yield shell
-    magics._current = None
+    magics.use(None)
 
 
 def test_magic_cell_push_pull_and_result(ip, capsys):
@@ -256,6 +255,7 @@ def test_demo_command_runs_and_stops_cleanly():
 
 def test_profile_shows_per_rank_timeline_and_memory(ip):
     from IPython.core.interactiveshell import InteractiveShell
+
     import mlx_nb
 
     shown = []

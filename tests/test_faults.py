@@ -21,8 +21,8 @@ from pathlib import Path
 import nbclient
 import nbformat
 import pytest
-
 from conftest import project_processes
+
 from mlx_nb import Cluster, ClusterError, DistCellError
 from mlx_nb.hostfile import free_ports
 
@@ -302,7 +302,7 @@ def test_error_inside_eval_of_a_collective_names_the_rank(faulty):
         "Root cause: rank 2 raised RuntimeError: [Inverse::eval_cpu] LU factorization failed "
         "with error code 1, line 3: mx.eval(y)"
     )
-    assert "engine.py" not in report  # the recorder's wrappers are not the user's concern
+    assert "mlx_nb/rank" not in report  # the recorder's wrappers are not the user's concern
     _within_bound(took)
     # the others either wait in the all_sum (restart) or got through it (no restart)
     restarted = "all 4 ranks were restarted" in report
@@ -372,6 +372,96 @@ def test_interrupt_during_the_recovery_restart_keeps_the_report(faulty, capsys):
     assert faulty.run(SUM).value["text/plain"] == "10.0"
     assert "no ranks are running (the last restart failed); restarting the cluster..." in capsys.readouterr().out
     _assert_healthy(faulty, restarted=True, before=before)
+
+
+# ------------------------------------------- every way to the ranks finds a rank lost while idle
+IDLE_BOUND = 5.0  # seconds from the call to its result, the replacement of the ranks included
+
+
+@pytest.fixture
+def magics_on(faulty):
+    from conftest import ipython_shell
+
+    from mlx_nb import magics
+
+    shell = ipython_shell()
+    shell.run_line_magic("load_ext", "mlx_nb")
+    magics.use(faulty)
+    yield shell
+    magics.use(None)
+
+
+def _kill_idle_rank(cluster: Cluster, rank: int = 2) -> list[int]:
+    before = [r.pid for r in cluster.ranks]
+    os.kill(before[rank], signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while rank not in cluster.group.dead_ranks() and time.monotonic() < deadline:
+        time.sleep(0.05)  # the launcher's wait thread sees the exit a moment later
+    return before
+
+
+def _replaced_in_time(capsys, took: float, before: list[int], cluster: Cluster) -> None:
+    out = capsys.readouterr().out
+    assert "[rank 2] lost: engine process exited while idle; restarting the cluster..." in out
+    assert "Traceback" not in out and "CompositeError" not in out
+    print(f"idle rank lost -> result: {took:.2f} s")
+    assert took < IDLE_BOUND
+    assert set(r.pid for r in cluster.ranks).isdisjoint(before)
+
+
+def test_push_magic_replaces_a_rank_lost_while_idle(faulty, magics_on, capsys):
+    before = _kill_idle_rank(faulty)
+    magics_on.user_ns["gift"] = 41
+    t0 = time.perf_counter()
+    magics_on.run_line_magic("mlx_push", "gift")
+    _replaced_in_time(capsys, time.perf_counter() - t0, before, faulty)
+    assert faulty.pull("gift", "all") == [41] * 4
+
+
+def test_pull_magic_replaces_a_rank_lost_while_idle(faulty, magics_on, capsys):
+    before = _kill_idle_rank(faulty)
+    t0 = time.perf_counter()
+    assert magics_on.run_line_magic("mlx_pull", "base --ranks all") == [100, 101, 102, 103]  # replayed setup
+    _replaced_in_time(capsys, time.perf_counter() - t0, before, faulty)
+
+
+def test_bench_magic_replaces_a_rank_lost_while_idle(faulty, magics_on, capsys):
+    before = _kill_idle_rank(faulty)
+    t0 = time.perf_counter()
+    result = magics_on.run_line_magic("mlx_bench", "--sizes 1KB --ops all_sum --warmup 0 --iters 1 --no-plot")
+    _replaced_in_time(capsys, time.perf_counter() - t0, before, faulty)
+    assert result.rows[0].correct
+
+
+def test_sharding_lab_replaces_a_rank_lost_while_idle(faulty, capsys):
+    from mlx_nb.sharding import sharding_lab
+
+    before = _kill_idle_rank(faulty)
+    t0 = time.perf_counter()
+    report = sharding_lab(faulty, (16, 32, 16), iters=1, warmup=0)
+    _replaced_in_time(capsys, time.perf_counter() - t0, before, faulty)
+    assert report.max_error < 1e-5
+
+
+# ------------------------------------------- the user's names are the user's
+def test_a_cell_that_sets_rank_keeps_pulls_working(faulty, magics_on):
+    faulty.run("rank = 8  # a LoRA rank, say")
+    try:
+        magics_on.run_cell_magic("mlx_dist", "--ranks all --pull y", "y = rank + 1")
+        assert magics_on.user_ns["y"] == [9, 9, 9, 9]
+        assert faulty.pull("base", "all") == [100, 101, 102, 103]
+    finally:
+        faulty.run("rank = world.rank()")
+
+
+def test_import_numpy_as_mx_keeps_hang_diagnosis(faulty):
+    faulty.run("import numpy as mx")
+    report, _ = _fail(
+        faulty, "import mlx.core as m\nimport time\ntime.sleep(1)\nif world.rank() == 0:\n"
+        "    m.eval(m.distributed.all_sum(m.ones(2)))", timeout=4,
+    )
+    assert "  rank 0: blocked in a collective: all_sum #1 (shape (2,), float32) at line 5" in report.splitlines()
+    assert faulty.run(SUM).value["text/plain"] == "10.0"  # new ranks: mx is mlx again
 
 
 def test_soak_300_cells_with_a_fault_every_50_ends_healthy(faulty):

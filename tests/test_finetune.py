@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from mlx_nb import Cluster
+from mlx_nb import Cluster, DistCellError
 from mlx_nb.finetune import finetune, load_rows
 from mlx_nb.generate import generate, load_model
-from mlx_nb.run import DistCellError
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "06_data_parallel_finetuning.ipynb"
@@ -99,7 +98,7 @@ def stopped(cluster, tmp_path_factory):
 def test_stop_ends_training_on_every_rank_at_the_same_step(cluster, stopped):
     _, run, result, _ = stopped
     assert result.stopped_at is not None and 4 <= result.stopped_at < 100
-    per_rank = cluster.pull("_mlx_nb_trained", ranks="all")
+    per_rank = run.per_rank
     assert [r["stopped_at"] for r in per_rank] == [result.stopped_at] * 2
     assert [len(r["history"]) for r in per_rank] == [result.stopped_at] * 2
     assert f"stopped at step {result.stopped_at}" in run.label.value and run.stop_button.disabled

@@ -6,9 +6,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import ipython_shell
 from IPython.core.error import UsageError
 
-from conftest import ipython_shell
 from mlx_nb import Cluster
 from mlx_nb.generate import generate, load_model
 from mlx_nb.models import resolve
@@ -73,7 +73,7 @@ def test_generate_magic_loads_and_streams(pair, capsys):
 
     ip = ipython_shell()
     ip.run_line_magic("load_ext", "mlx_nb")
-    magics._current = pair
+    magics.use(pair)
     try:
         ip.run_line_magic("mlx_generate", "--load bundled --pipeline")
         assert "Loaded bundled (pipeline) on 2 ranks" in capsys.readouterr().out
@@ -83,7 +83,7 @@ def test_generate_magic_loads_and_streams(pair, capsys):
         with pytest.raises(UsageError, match="do not divide by 2"):
             ip.run_line_magic("mlx_generate", "--load bundled")
     finally:
-        magics._current = None
+        magics.use(None)
 
 
 def test_chat_widget_keeps_history_and_stop_ends_every_rank(pair):

@@ -465,15 +465,15 @@ def test_from_hosts_mirrors_mlx_launch_hosts_and_n():
 
 
 # ------------------------------------------------------------ launches
-def test_ring_launch_keeps_the_cluster_signature():
-    ls = hf.ring_launch(hf.local(2), [5001, 5002], env={"A": "1"})
+def test_ring_launch_puts_each_port_in_the_hostfile():
+    ls = hf.rank_launch(hf.local(2), "ring", ports=[5001, 5002], env={"A": "1"})
     assert [(l.rank, l.host, l.env) for l in ls] == [
         (0, "localhost", {"A": "1", "MLX_RANK": "0"}),
         (1, "localhost", {"A": "1", "MLX_RANK": "1"}),
     ]
     assert ls[0].files == {"MLX_HOSTFILE": '[["127.0.0.1:5001"], ["127.0.0.1:5002"]]'}
     with pytest.raises(HostfileError, match="needs 2"):
-        hf.ring_launch(hf.local(2), [5001])
+        hf.rank_launch(hf.local(2), "ring", ports=[5001])
 
 
 def test_launch_vars_override_user_env_as_mlx_launch_does():
@@ -514,10 +514,12 @@ def test_describe_shows_ranks_ring_order_and_links():
     assert "rank 1 CUDA_VISIBLE_DEVICES=0" in nccl
 
 
-def test_check_main_prints_description_or_error(tmp_path, capsys):
-    assert hf.check_main(str(write(tmp_path, JACCL)), None) == 0
+def test_hostfile_check_command_prints_description_or_error(tmp_path, capsys):
+    from mlx_nb.cli import main
+
+    assert main(["hostfile", "check", str(write(tmp_path, JACCL))]) == 0
     out = capsys.readouterr().out
     assert "3 ranks on 3 hosts" in out and "warning: " in out and "MLX_METAL_FAST_SYNCH" in out
-    assert hf.check_main(str(write(tmp_path, JACCL)), "ring") == 2
+    assert main(["hostfile", "check", str(write(tmp_path, JACCL)), "--backend", "ring"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: The ring backend requires IPs") and "'mac3'" in err

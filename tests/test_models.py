@@ -22,7 +22,7 @@ MAX_TOKENS = 12
 # Runs in every rank under mlx.launch: a full greedy answer, then one that rank 0
 # asks to stop at its 3rd token (all ranks end one check later, at the 4th),
 # then prints what this rank saw.
-RANK_SCRIPT = """
+RANK_SCRIPT = f"""
 import json, sys
 import mlx.core as mx
 from mlx_nb.generate import load, stream
@@ -30,13 +30,13 @@ from mlx_nb.generate import load, stream
 question = json.loads(sys.argv[2])
 group = mx.distributed.init()
 model, tokenizer = load(None, group, pipeline=sys.argv[1] == "pipeline")
-full = [r.token for r in stream(model, tokenizer, question, {max_tokens}, group)]
+full = [r.token for r in stream(model, tokenizer, question, {MAX_TOKENS}, group)]
 seen = []
 stop = (lambda: len(seen) >= 3) if group.rank() == 0 else None
-for r in stream(model, tokenizer, question, {max_tokens}, group, should_stop=stop):
+for r in stream(model, tokenizer, question, {MAX_TOKENS}, group, should_stop=stop):
     seen.append(r.token)
 print("RESULT " + json.dumps({{"rank": group.rank(), "full": full, "stopped": seen}}), flush=True)
-""".format(max_tokens=MAX_TOKENS)
+"""
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,10 @@ import time
 
 import psutil
 import pytest
-
 from conftest import magic_cluster
+
 from mlx_nb import magics
-from mlx_nb.launchers import mpi_available
+from mlx_nb.engines.launch import mpi_available
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def _all_sum(ip) -> str:
 
 
 def test_mpi_ranks_run_cells(ip):
-    cluster = magics._current
+    cluster = magics.current()
     assert cluster.backend == "mpi" and [r.rank for r in cluster.status()] == [0, 1]
     assert _all_sum(ip) == "array([3], dtype=float32)"
     ip.run_cell_magic("mlx_dist", "--ranks all --pull b", "b = (world.size(), type(world).__name__, rank)")
@@ -35,7 +35,7 @@ def test_mpi_ranks_run_cells(ip):
 
 
 def test_restart_replaces_the_whole_mpirun_job(ip):
-    cluster = magics._current
+    cluster = magics.current()
     old = {r.pid for r in cluster.ranks}
     ip.run_line_magic("mlx_cluster", "restart")
     assert not old & {r.pid for r in cluster.ranks}
@@ -44,18 +44,18 @@ def test_restart_replaces_the_whole_mpirun_job(ip):
 
 
 def test_a_dead_mpi_rank_is_noticed_and_the_job_restarts(ip):
-    cluster = magics._current
+    cluster = magics.current()
     psutil.Process(cluster.ranks[1].pid).kill()
     deadline = time.monotonic() + 20
-    while 1 not in cluster._dead_ranks() and time.monotonic() < deadline:
+    while 1 not in cluster.group.dead_ranks() and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert 1 in cluster._dead_ranks()
+    assert 1 in cluster.group.dead_ranks()
     cluster.restart()
     assert _all_sum(ip) == "array([3], dtype=float32)"
 
 
 def test_stop_leaves_no_mpirun_or_engines(ip):
-    cluster = magics._current
+    cluster = magics.current()
     procs = cluster.processes()
     assert any("mpirun" in " ".join(p.cmdline()) for p in procs)
     ip.run_line_magic("mlx_cluster", "stop")

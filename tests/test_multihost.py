@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 import os
 import stat
-from pathlib import Path
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from IPython.core.error import UsageError
@@ -93,9 +93,9 @@ def test_controller_listens_on_the_hosts_subnet(hosts):
 
 
 def test_hostfile_cluster_runs_cells_on_every_host(ip, hosts):
-    cluster = magics._current
+    cluster = magics.current()
     assert cluster.remote == {0, 1} and cluster.backend == "ring"
-    assert cluster._ipp.controller_ip == hosts.bridge_ip
+    assert cluster.group.controller_ip == hosts.bridge_ip
     ip.run_cell_magic("mlx_dist", "--ranks all --pull who", "import socket\nwho = (socket.gethostname(), rank)")
     who = ip.user_ns["who"]
     assert [r for _, r in who] == [0, 1]
@@ -108,9 +108,9 @@ def test_hostfile_cluster_runs_cells_on_every_host(ip, hosts):
 
 
 def test_engines_get_the_environment_mlx_launch_would_give_them(ip, hosts):
-    cluster = magics._current
+    cluster = magics.current()
     got = cluster.view.apply_sync(_mlx_env)
-    ports = [int(a.split(":")[1]) for a in cluster._addrs]
+    ports = [int(a.split(":")[1]) for a in cluster.group.addresses]
     want = hostfile.rank_launch(cluster.hostfile, "ring", ports=ports, env={"MLXNB_CHECK": "yes"})
     assert got == [
         {**{k: v for k, v in w.env.items() if k.startswith("MLX_")}, **{k: v + "\n" for k, v in w.files.items()}}
@@ -120,7 +120,7 @@ def test_engines_get_the_environment_mlx_launch_would_give_them(ip, hosts):
 
 
 def test_restart_brings_back_ranks_on_their_hosts(ip, hosts):
-    cluster = magics._current
+    cluster = magics.current()
     t = time.monotonic()
     ip.run_line_magic("mlx_cluster", "restart")
     print(f"\nrestart across 2 ssh hosts: {time.monotonic() - t:.1f} s")
@@ -131,7 +131,7 @@ def test_restart_brings_back_ranks_on_their_hosts(ip, hosts):
 
 def test_stop_leaves_nothing_on_the_hosts(ip, hosts):
     assert hosts.processes(), "expected engines on the hosts while the cluster runs"
-    profile = magics._current._remote_dir  # the engines' IPython profile on the hosts
+    profile = magics.current().group.dir  # the engines' IPython profile on the hosts
     t = time.monotonic()
     ip.run_line_magic("mlx_cluster", "stop")
     print(f"\nstop of the 2-host cluster: {time.monotonic() - t:.1f} s")

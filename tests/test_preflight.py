@@ -325,7 +325,7 @@ def test_gather_command_on_a_recorded_mac(tmp_path):
     }
 
 
-# ------------------------------------------------------- lessons and hints
+# ------------------------------------------------------- lessons
 def test_warnings_from_the_hostfile_alone():
     h = hf.loads(
         json.dumps({"envs": ["MLX_METAL_FAST_SYNCH=1", "MLX_RANK=0"], "hosts": MESH.to_json()["hosts"]})
@@ -336,23 +336,6 @@ def test_warnings_from_the_hostfile_alone():
     assert pf.warnings(hf.local(2)) == []
 
 
-@pytest.mark.parametrize(
-    "text, start",
-    [
-        ("OSError: [Errno 65] No route to host", "On macOS, errno 65"),
-        ("RuntimeError: [ring] Couldn't connect (error: 65)", "On macOS, errno 65"),
-        ("RuntimeError: [ring] Couldn't bind socket (error: 99)", "The rank tried to listen on an IP"),
-        ("RuntimeError: [ring] Couldn't bind socket (error: 48)", "The port is taken"),
-        ("ConnectionRefusedError: [Errno 111] Connection refused", "Nothing listens"),
-    ],
-)
-def test_hint_maps_known_errors_to_advice(text, start):
-    assert pf.hint(text).startswith(start)
-
-
 def test_docstring_examples_run():
     assert doctest.testmod(pf).failed == 0
 
-
-def test_hint_stays_quiet_on_unknown_errors():
-    assert pf.hint("ValueError: shapes (3,) and (4,) do not match") is None

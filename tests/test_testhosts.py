@@ -23,7 +23,7 @@ import pytest
 pytest.register_assert_rewrite("testhosts")  # it is also a plugin (below), imported here first
 from testhosts import TestHosts, TestHostsError, ensure_mpi, purge  # noqa: E402
 
-from mlx_nb import launchers
+from mlx_nb.engines import launch as launchers  # noqa: E402
 
 pytest_plugins = ["testhosts"]  # the ssh_hosts fixture, one per session for every module naming it
 PY = sys.executable
@@ -38,7 +38,7 @@ RING = (
 # ------------------------------------------------------------------- hosts
 def test_each_host_answers_ssh_by_alias_as_itself(ssh_hosts):
     hosts = ssh_hosts(2)
-    for i, name in enumerate(hosts.names):
+    for name in hosts.names:
         p = subprocess.run(
             [*hosts.ssh_cmd, name, "hostname; echo $MLXNB_TESTHOSTS"], capture_output=True, text=True, timeout=30
         )

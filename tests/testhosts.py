@@ -29,8 +29,9 @@ import subprocess
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Optional, Union
 
 import psutil
 import pytest
@@ -99,7 +100,7 @@ def ensure_sshd() -> None:
 
 def ensure_mpi() -> None:
     """Open MPI (mpirun and the libmpi.so MLX loads), installed with apt-get if missing."""
-    from mlx_nb.launchers import mpi_available
+    from mlx_nb.engines.launch import mpi_available
 
     ensure_apt(["openmpi-bin", "libopenmpi-dev"], lambda: mpi_available()[0], "the MPI tests")
 
@@ -186,13 +187,13 @@ class TestHosts:
         self._sshd: list[subprocess.Popen] = []
 
     # ------------------------------------------------------------ lifecycle
-    def __enter__(self) -> "TestHosts":
+    def __enter__(self) -> TestHosts:
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def start(self) -> "TestHosts":
+    def start(self) -> TestHosts:
         ensure_sshd()
         self._take_slot()
         try:

@@ -1,0 +1,217 @@
+"""What went wrong, in words: the root-cause rank, the stuck ranks, one line per other rank.
+
+Pure functions of the ranks' outcomes and traces (``mlx_nb.results``), so that every rule here
+has fast unit tests without a cluster. The cell run decides *when* to ask; this module only
+says *what* happened.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Optional
+
+from .results import Outcome, RankError, Trace
+
+RANK_FAILED = "a rank failed"  # why a cell stopped waiting, besides a timeout or an interrupt
+
+
+def ranges(ranks: Sequence[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2,5'"""
+    ranks = sorted(set(ranks))
+    out, i = [], 0
+    while i < len(ranks):
+        j = i
+        while j + 1 < len(ranks) and ranks[j + 1] == ranks[j] + 1:
+            j += 1
+        out.append(str(ranks[i]) if i == j else f"{ranks[i]}-{ranks[j]}")
+        i = j + 1
+    return ",".join(out)
+
+
+def label(ranks: Sequence[int]) -> str:
+    """'[rank 2]' or '[ranks 0-3]'."""
+    return f"[rank {ranks[0]}]" if len(ranks) == 1 else f"[ranks {ranges(ranks)}]"
+
+
+def stuck(n: int, finished: Mapping[int, object], traces: Mapping[int, Trace]) -> list[int]:
+    """Unfinished ranks waiting in a collective that can no longer complete.
+
+    Such a rank evaluates a pending collective whose other side has stopped: a
+    group-wide one once any rank has stopped, or a send/recv whose peer has. It
+    sits in MLX's native wait, where SIGINT does not reach it.
+    """
+    out = []
+    for r in range(n):
+        t = traces.get(r)
+        if r in finished or t is None or not t.in_collective:
+            continue
+        peer = t.pending[0].peer
+        if (peer is None and finished) or (peer is not None and peer in finished):
+            out.append(r)
+    return out
+
+
+def collective(trace: Trace) -> str:
+    """'all_sum #2 (shape (4,), float32)': the first pending call, the one an eval waits in."""
+    text = trace.pending[0].describe()
+    more = trace.n_pending - 1
+    return text + (f", {more} more pending after it" if more > 0 else "")
+
+
+def same_error(a: Optional[RankError], b: Optional[RankError]) -> bool:
+    return bool(a and b) and (a.type, a.message, a.lineno) == (b.type, b.message, b.lineno)
+
+
+def root_cause(outcomes: Sequence[Outcome]) -> Optional[int]:
+    """The rank that failed first: lost, else the earliest real error, else a straggler."""
+    lost = [o.rank for o in outcomes if o.lost]
+    if lost:
+        return lost[0]
+    errors = [(o.error.time, o.rank) for o in outcomes if o.error and not o.error.interrupted]
+    causes = [(o.error.time, o.rank) for o in outcomes if o.error and not o.error.interrupted and not o.error.consequence]
+    if causes:
+        return min(causes)[1]
+    # stopped by an interrupt or --timeout while others waited in a collective: it held them up
+    if any(o.blocked for o in outcomes):
+        late = [o.rank for o in outcomes if o.error and o.error.interrupted]
+        if late:
+            return late[0]
+    return min(errors)[1] if errors else None
+
+
+def describe_rank(o: Outcome) -> str:
+    """One line for a rank that is not the root cause."""
+    t = o.trace
+    at = f" at line {t.line}" if t and t.line else ""
+    if o.lost:
+        return f"lost: its engine process died{f' (last seen at line {t.line})' if t and t.line else ''}"
+    if o.blocked:
+        if t and t.in_collective:
+            return f"blocked in a collective: {collective(t)}{at}"
+        return f"still running{at}, not in a collective; stopped by the restart"
+    e = o.error
+    if e:
+        where = f" at line {e.lineno}" if e.lineno else ""
+        if e.interrupted:
+            return f"interrupted{where}" + (f": {e.line}" if e.line else "")
+        return f"raised {e.type}: {e.message}{where}"
+    return "finished"
+
+
+def replayed(titles: Sequence[str], took: float) -> str:
+    """'Replayed 2 setup cell(s) on the new ranks in 1.2 s: w = ...; load_model(...)'."""
+    shown = "; ".join(f if len(f) <= 50 else f[:47] + "..." for f in titles)
+    return f"Replayed {len(titles)} setup cell(s) on the new ranks in {took:.1f} s: {shown}"
+
+
+@dataclass
+class Recovery:
+    """What the cell run did about a failure, for the report."""
+
+    restarted: bool = False
+    seconds: float = 0.0  # the restart, replay included
+    replay: float = 0.0
+    setup: Sequence[str] = ()  # titles of the setup cells replayed
+    error: Optional[str] = None  # the restart failed: why
+    ranks: int = 0  # how many ranks the cluster has
+
+
+def _root_lines(outcomes: Sequence[Outcome], root: int) -> tuple[list[str], list[int]]:
+    """The root-cause line(s), and the ranks they cover."""
+    o = next(x for x in outcomes if x.rank == root)
+    if o.lost:
+        seen = f", last seen at line {o.trace.line}" if o.trace and o.trace.line else ""
+        return [f"Root cause: rank {root} was lost (its engine process died mid-cell{seen})."], [root]
+    e = o.error
+    if e.interrupted:
+        where = f" line {e.lineno}: {e.line}" if e.lineno else " Python code"
+        return [
+            f"Root cause: rank {root} had not reached the collective the others wait in: "
+            f"it was running{where} when interrupted."
+        ], [root]
+    # ranks that raised the very same error share the root-cause line
+    same = [x.rank for x in outcomes if x.error and not x.error.interrupted and same_error(x.error, e)]
+    where = f", line {e.lineno}: {e.line}" if e.lineno else ""
+    who = f"rank {root}" if len(same) == 1 else f"ranks {ranges(same)}"
+    return [f"Root cause: {who} raised {e.type}: {e.message}{where}", e.traceback.rstrip()], same
+
+
+def cell_report(
+    outcomes: Sequence[Outcome], failure: Optional[str] = None, recovery: Optional[Recovery] = None
+) -> tuple[str, Optional[int]]:
+    """The text a failed cell shows, root cause first, and the root-cause rank.
+
+    ``failure``: why the cell stopped waiting (None: every rank reported), ``recovery``: what
+    was done about it (None: nothing was needed, the ranks and their state are kept).
+    """
+    errors = [o.error for o in outcomes]
+    if failure is None and all(errors) and all(same_error(e, errors[0]) for e in errors):
+        e = errors[0]
+        return "\n".join([
+            f"{label([o.rank for o in outcomes])} all raised {e.type}: {e.message}", e.traceback.rstrip(),
+            "Every rank failed the same way; no restart was needed: the ranks and their state are kept.",
+        ]), outcomes[0].rank
+    root = root_cause(outcomes)
+    lines = [f"%%mlx_dist: {failure}."] if failure and failure != RANK_FAILED else []
+    covered = [] if root is None else _root_lines(outcomes, root)[1]
+    if root is not None:
+        lines += _root_lines(outcomes, root)[0]
+    lines += [f"  rank {o.rank}: {describe_rank(o)}" for o in outcomes if o.rank not in covered]
+    lines += _recovery_lines(recovery)
+    return "\n".join(lines), root
+
+
+def _recovery_lines(recovery: Optional[Recovery]) -> list[str]:
+    if recovery is None or not (recovery.restarted or recovery.error):
+        return ["No restart was needed: the ranks and their state are kept."]
+    if recovery.error:
+        return [
+            f"Restarting the cluster failed: {recovery.error}\n"
+            "The next cell tries again (or %mlx_cluster restart now)."
+        ]
+    lines = [
+        f"The group could not go on, so all {recovery.ranks} ranks were restarted ({recovery.seconds:.1f} s); "
+        "the cluster is ready for the next cell."
+    ]
+    if recovery.setup:
+        lines.append(replayed(recovery.setup, recovery.replay) + ".")
+    return lines
+
+
+# ------------------------------------------------------------------ forming the group
+def init_failed(rank: int, error: RankError, address: str, ports_given: bool) -> str:
+    """mx.distributed.init raised on ``rank``; ``address`` is its ring address ('ip:port')."""
+    text = f"mx.distributed.init failed on rank {rank}: {error.type}: {error.message}"
+    if error.port_in_use:
+        ip, _, port = address.split(",")[0].rpartition(":")
+        fix = "pass other ports= or free it" if ports_given else "it was free a moment before; start again to pick new ports"
+        text += f"\nport {port} on {ip}, rank {rank}'s address in the ring, is in use by another process: {fix}."
+    return text
+
+
+def init_stuck(backend: str, timeout: float, steps: Mapping[int, Optional[str]], addresses: Sequence[str]) -> str:
+    """The group did not form in time: which ranks never called init, or could not connect.
+
+    ``steps``: for each rank still waiting, how far it got (None, "started", "joining").
+    """
+    head = f"mx.distributed.init(backend={backend!r}) did not complete within {timeout:.0f} s"
+    waiting = sorted(steps)
+    absent = [r for r in waiting if steps[r] != "joining"]
+    if absent:
+        quiet = [r for r in absent if steps[r] is None]
+        why = "its engine is not responding" if quiet == absent else "it is stuck before the call, e.g. importing mlx"
+        rest = [r for r in waiting if steps[r] == "joining"]
+        tail = f"; rank(s) {ranges(rest)} waited for it in the ring" if rest else ""
+        return f"{head}: rank(s) {ranges(absent)} never called it ({why}){tail}."
+    addrs = ", ".join(f"rank {r} {addresses[r]}" for r in waiting)
+    return (
+        f"{head} on rank(s) {ranges(waiting)}: every one of them is in the call, but they "
+        f"could not connect to each other ({addrs}): is a port blocked?"
+    )
+
+
+def engine_exited(rank: int, host: Optional[str], output: str) -> str:
+    """A rank's engine process exited; ``output`` is the tail of what it printed."""
+    where = f" on {host}" if host else ""
+    return f"rank {rank}'s engine process{where} exited" + (f"; its output:\n{output}" if output else " (no output)")

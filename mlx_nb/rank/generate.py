@@ -1,0 +1,140 @@
+"""Sharded generation, the rank half: load a model split over a group, then stream.
+
+Every rank calls the same functions with the same arguments, in the same
+order: the model's collectives pair up across ranks, so a rank that skips a
+call or stops iterating early leaves the others waiting. The loaded model is
+kept here, apart from the user's cell namespace.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, Optional, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.generate import GenerationResponse, generation_stream, stream_generate
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+from mlx_lm.utils import sharded_load
+
+from ..models import check_split, resolve
+from . import session
+
+Prompt = Union[str, list[dict[str, Any]], list[int]]
+_loaded: Optional[tuple] = None  # (model, tokenizer, group) of the last load_on_rank
+
+
+def load(
+    model: Optional[str],
+    group: mx.distributed.Group,
+    pipeline: bool = False,
+) -> tuple[nn.Module, TokenizerWrapper]:
+    """Load ``model`` split over ``group``: tensor parallel, or a pipeline of layers.
+
+    ``model`` is a path or repo id for mlx-lm, or ``None`` for the bundled
+    SmolLM2. A split the model cannot take raises ``ValueError`` before any
+    weight is read.
+
+    Example:
+        >>> model, tokenizer = load(None, mx.distributed.init(), pipeline=True)
+    """
+    path = resolve(model)
+    check_split(path, group.size(), pipeline)
+    if pipeline:
+        return sharded_load(path, pipeline_group=group)
+    return sharded_load(path, tensor_group=group)
+
+
+def stream(
+    model: nn.Module,
+    tokenizer: TokenizerWrapper,
+    prompt: Prompt,
+    max_tokens: int = 256,
+    group: Optional[mx.distributed.Group] = None,
+    should_stop: Optional[Callable[[], bool]] = None,
+    *,
+    stop_every: int = 1,
+    **kwargs: Any,
+) -> Iterator[GenerationResponse]:
+    """Stream mlx-lm ``GenerationResponse`` rows for ``prompt``, greedy unless a sampler is given.
+
+    ``prompt`` is text, token ids, or chat messages (``[{"role": "user",
+    "content": ...}]``, which go through the chat template). ``kwargs`` go to
+    ``mlx_lm.stream_generate`` (``sampler``, ``prefill_step_size``...).
+
+    Stopping: a signal cannot interrupt MLX's native waits, so a sharded model
+    stops on a flag. Every ``stop_every`` tokens the ranks of ``group`` sum
+    their ``should_stop()`` (typically only rank 0 passes one); once any rank
+    says stop, every rank ends at the same token, one check later so that the
+    sum never stalls generation (a single process stops at once). Iterate to
+    the end on every rank.
+
+    Example:
+        >>> for r in stream(model, tokenizer, [{"role": "user", "content": "Hi"}], 32, group):
+        ...     print(r.text, end="")
+    """
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
+        prompt = tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
+    shared = group is not None and group.size() > 1
+    agreed: Optional[mx.array] = None
+    for n, response in enumerate(
+        stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, **kwargs), 1
+    ):
+        yield response
+        if response.finish_reason is not None or n % stop_every:
+            continue
+        stop = should_stop is not None and should_stop()
+        if shared:
+            # The previous check's sum is ready by now, so reading it costs no
+            # wait; the new one queues on the generation stream behind the
+            # model's own collectives, in the same order on every rank.
+            if agreed is not None and agreed.item() > 0:
+                return
+            with mx.stream(generation_stream):
+                agreed = mx.distributed.all_sum(mx.array(int(stop)), group=group)
+            mx.async_eval(agreed)
+        elif stop:
+            return
+
+
+def load_on_rank(model: Optional[str], pipeline: bool, adapter_path: Optional[str]) -> dict:
+    """Load the model on this rank (every rank at once), keep it, and say how long it took."""
+    from mlx_lm import load as load_full
+
+    global _loaded
+    t0 = time.perf_counter()
+    mx.reset_peak_memory()
+    if adapter_path:
+        # LoRA adapters wrap unsharded layers: every rank holds the whole adapted model
+        model_, tokenizer = load_full(resolve(model), adapter_path=adapter_path)
+        group = None
+    else:
+        model_, tokenizer = load(model, session.world(), pipeline)
+        group = session.world()
+    _loaded = (model_, tokenizer, group)
+    active, peak = session.memory()
+    return {"seconds": time.perf_counter() - t0, "active_memory": active, "peak_memory": peak}
+
+
+def generate_on_rank(prompt: Prompt, max_tokens: int) -> dict:
+    """Generate on every rank; rank 0 reports each piece of text to the notebook as it comes."""
+    if _loaded is None:
+        raise RuntimeError("no model is loaded on the ranks: call mlx_nb.generate.load_model(cluster) first")
+    model, tokenizer, group = _loaded
+    rank = session.state.rank
+    t0, ttft, pieces, tokens, last = time.perf_counter(), None, [], [], None
+    for r in stream(model, tokenizer, prompt, max_tokens, group, should_stop=session.stop_requested):
+        if ttft is None:
+            ttft = time.perf_counter() - t0
+        if rank == 0 and r.text:
+            session.report(text=r.text, t=time.time())
+        pieces.append(r.text)
+        tokens.append(r.token)
+        last = r
+    return {
+        "text": "".join(pieces), "tokens": tokens, "prompt_tokens": last.prompt_tokens, "prompt_tps": last.prompt_tps,
+        "generation_tokens": last.generation_tokens, "generation_tps": last.generation_tps,
+        "ttft": ttft or 0.0, "finish_reason": last.finish_reason, "stopped": session.stop_requested(),
+        "peak_memory": session.memory()[1],
+    }

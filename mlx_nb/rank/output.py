@@ -1,0 +1,68 @@
+"""What a rank's cell prints, bounded at the source.
+
+A rank whose output the notebook does not show sends none; a shown rank sends up to the cell's
+limit, then counts what it held back, so that the notebook can say how much was cut. Nothing
+over the limit crosses the network or accumulates in the notebook's records.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+from typing import TextIO
+
+
+class Cut:
+    """How many bytes of a cell's output a rank did not send."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+
+
+class _Limited:
+    """A stream that forwards until ``budget`` characters are spent, then only counts."""
+
+    def __init__(self, stream: TextIO, budget: list[int], cut: Cut):
+        self._stream, self._budget, self._cut = stream, budget, cut
+
+    def write(self, text: str) -> int:
+        n = len(text)
+        if self._budget[0] >= n:
+            self._budget[0] -= n
+            return self._stream.write(text)
+        keep = max(self._budget[0], 0)
+        self._budget[0] = -1
+        if keep:
+            # end on a whole line where there is one, so the note after it starts a line
+            head = text[:keep]
+            keep = head.rfind("\n") + 1 or keep
+            self._stream.write(text[:keep])
+        self._cut.bytes += len(text[keep:].encode(errors="replace"))
+        return n
+
+    def writelines(self, lines) -> None:
+        for line in lines:
+            self.write(line)
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def limited_output(show: bool, limit: int) -> Iterator[Cut]:
+    """While the cell runs: stdout and stderr limited to ``limit`` characters (0: no limit), or
+    silenced when the rank is not shown."""
+    cut = Cut()
+    if show and not limit:
+        yield cut
+        return
+    budget = [limit if show else 0]
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _Limited(saved[0], budget, cut), _Limited(saved[1], budget, cut)
+    try:
+        yield cut
+    finally:
+        sys.stdout, sys.stderr = saved
+        if not show:
+            cut.bytes = 0  # a rank nobody watches has nothing to report cut

@@ -1,0 +1,356 @@
+"""One rank's session: its identity, the group, the cell namespace, and running a cell or a call.
+
+Every function here runs inside an engine (called through ipyparallel's ``apply``). mlx_nb's own
+state (rank, group, files) lives in ``state``, apart from the user's cell namespace: a cell may
+set ``rank = 8`` or ``import numpy as mx`` without breaking mlx_nb. In the namespace, ``mx``,
+``nn``, ``world``, ``rank`` and ``size`` are only conveniences.
+
+Cells can use ``stop_requested()`` and ``report()`` (``from mlx_nb.rank import ...``).
+"""
+
+from __future__ import annotations
+
+import ast
+import atexit
+import linecache
+import os
+import socket
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from ..results import INIT_KEY, REPORT_PREFIX, STOP_MESSAGE, Identity, Outcome, RankError
+from . import trace
+from .output import limited_output
+
+namespace: dict[str, Any] = {}  # the user's cell namespace
+
+
+@dataclass
+class State:
+    rank: int = -1
+    size: int = 0
+    backend: str = ""
+    world: Any = None
+    blas: str = ""
+    files: list[str] = field(default_factory=list)
+    cells: deque = field(default_factory=lambda: deque(maxlen=16))  # linecache names kept
+
+
+state = State()
+_stop = threading.Event()
+_reports = [0]
+
+
+def world():
+    """This rank's ``mx.distributed`` group (for functions shipped with ``Cluster.call``)."""
+    return state.world
+
+
+# ------------------------------------------------------------------ identity and group
+def identify() -> Identity:
+    """Who this engine is, before any MLX group exists."""
+    from mlx_nb import __version__
+
+    return Identity(
+        rank=int(os.environ.get("MLX_RANK", "-1")), set=os.environ.get("MLX_NB_SET", ""),
+        pid=os.getpid(), host=socket.gethostname(), python=sys.executable,
+        python_version=".".join(map(str, sys.version_info[:3])), mlx_nb=__version__,
+        mlx=mlx_version(),
+    )
+
+
+def mlx_version() -> Optional[str]:
+    try:
+        from importlib.metadata import version
+
+        return version("mlx")
+    except Exception:
+        return None
+
+
+def warm() -> None:
+    """Import MLX ahead of time (every engine, as it starts), so that forming a group is fast."""
+    import mlx.core  # noqa: F401
+    import mlx.nn  # noqa: F401
+
+
+def init_group(backend: str, size: int, files: dict[str, str], files_dir: Optional[str] = None) -> Identity:
+    """Form the mx.distributed group (collective: every rank calls it at once).
+
+    A failure comes back in ``Identity.error``, with ``port_in_use`` set where the ring could
+    not bind its port.
+    """
+    from ipyparallel.datapub import publish_data
+
+    def progress(step: str) -> None:
+        # so the notebook can name a rank that never gets to the call; flush waits until
+        # the IOPub thread has sent it, since init holds the GIL
+        publish_data({INIT_KEY: step})
+        sys.stdout.flush()
+
+    progress("started")
+    if size > 1:  # a group of one reads no hostfile (and MLX rejects an empty one)
+        _write_files(files, files_dir)
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    progress("joining")
+    try:
+        group = _join(mx, backend, size)
+    except Exception as exc:
+        ident = identify()
+        ident.error = RankError(
+            type(exc).__name__, str(exc), time=time.time(), port_in_use="bind" in str(exc).lower()
+        )
+        return ident
+    trace.install(mx)
+    state.rank, state.size, state.backend, state.world = group.rank(), group.size(), backend, group
+    namespace.update(mx=mx, nn=nn, world=group, rank=state.rank, size=state.size)
+    _install_control_handlers()
+    threading.Thread(target=trace.watch, args=(memory,), name="mlx_nb-watch", daemon=True).start()
+    return describe()
+
+
+def _join(mx, backend: str, size: int):
+    if size == 1:
+        group = mx.distributed.init()  # a group of one needs no backend (MLX's ring rejects it)
+    else:
+        group = mx.distributed.init(strict=True, backend=backend)
+    expected = int(os.environ.get("MLX_RANK", group.rank()))
+    if group.size() != size or group.rank() != expected:
+        raise RuntimeError(
+            f"mx.distributed.init(backend={backend!r}) gave rank {group.rank()} of "
+            f"{group.size()}, expected rank {expected} of {size}"
+        )
+    return group
+
+
+def describe() -> Identity:
+    """Identity, group, device and memory of this rank (after init_group)."""
+    import mlx.core as mx
+
+    ident = identify()
+    ident.rank, ident.size, ident.backend = state.rank, state.size, state.backend
+    ident.device, ident.blas = str(mx.default_device()), state.blas
+    ident.active_memory, ident.peak_memory = memory()
+    return ident
+
+
+def check_group() -> float:
+    """One all_sum of (rank + 1): every rank must get n (n + 1) / 2."""
+    import mlx.core as mx
+
+    return mx.distributed.all_sum(mx.array([state.rank + 1.0]), group=state.world).item()
+
+
+def memory() -> tuple[int, int]:
+    import mlx.core as mx
+
+    return mx.get_active_memory(), mx.get_peak_memory()
+
+
+def _write_files(files: dict[str, str], where: Optional[str] = None) -> None:
+    # mlx.launch writes MLX_HOSTFILE / MLX_IBV_DEVICES to a temp file and exports its path;
+    # ``where`` is the cluster's directory, removed by the notebook even if this engine is killed
+    if where:
+        os.makedirs(where, exist_ok=True)
+    for var, content in files.items():
+        fd, path = tempfile.mkstemp(prefix=f"mlx_nb-{var.lower()}-", suffix=".json", dir=where)
+        with os.fdopen(fd, "w") as f:
+            f.write(content + "\n")
+        os.environ[var] = path
+        state.files.append(path)
+    atexit.register(_remove_files)
+
+
+def _remove_files() -> None:
+    for path in state.files:
+        try:
+            os.remove(path)
+        except OSError:
+            pass
+
+
+# ------------------------------------------------------------------ values
+def push(values: dict) -> None:
+    """Put ``values`` into the cell namespace."""
+    namespace.update(values)
+
+
+def pull(name: str) -> Any:
+    """A value of the cell namespace, as it can travel (mx.array pickles itself)."""
+    if name not in namespace:
+        raise NameError(f"name {name!r} is not defined on rank {state.rank}")
+    return namespace[name]
+
+
+# ------------------------------------------------------------------ running
+def run_code(
+    code: str, cell_id: int, show_ranks: list[int], pull_name: Optional[str], pull_ranks: list[int],
+    profile: bool = False, output_limit: int = 0,
+) -> Outcome:
+    """Run one %%mlx_dist cell on this rank and report what happened.
+
+    Errors are returned, not raised, so the notebook sees every rank's outcome.
+    """
+    filename = f"<mlx_dist cell {cell_id}>"
+    linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
+    if len(state.cells) == state.cells.maxlen:
+        linecache.cache.pop(state.cells[0], None)
+    state.cells.append(filename)
+    show = state.rank in show_ranks
+
+    def body(out: Outcome) -> None:
+        tree = ast.parse(code, filename=filename)
+        last = ast.Expression(tree.body.pop().value) if tree.body and isinstance(tree.body[-1], ast.Expr) else None
+        exec(compile(tree, filename, "exec"), namespace)
+        value = eval(compile(last, filename, "eval"), namespace) if last is not None else None
+        if value is not None:
+            # format on every rank: a lazy collective in the value must be evaluated everywhere
+            bundle = _mimebundle(value)
+            namespace["_"] = value
+            if show and not _is_figure(value):
+                out.value = bundle
+        _display_figures(show, value)
+        if pull_name is not None and state.rank in pull_ranks:
+            out.pulled = pull(pull_name)
+
+    return _execute(filename, body, show, profile, output_limit)
+
+
+def call(
+    fn: Callable, args: tuple, kwargs: dict, cell_id: int, show_ranks: list[int],
+    profile: bool = False, output_limit: int = 0,
+) -> Outcome:
+    """Run ``fn(*args, **kwargs)`` on this rank (``Cluster.call``); its value in ``returned``."""
+    name = f"<mlx_nb call {cell_id}: {getattr(fn, '__qualname__', repr(fn))}>"
+
+    def body(out: Outcome) -> None:
+        out.returned = fn(*args, **kwargs)
+
+    return _execute(name, body, state.rank in show_ranks, profile, output_limit)
+
+
+def _execute(name: str, body: Callable[[Outcome], None], show: bool, profile: bool, output_limit: int) -> Outcome:
+    import mlx.core as mx
+
+    out = Outcome(rank=state.rank)
+    mx.reset_peak_memory()
+    trace.recorder.begin(name)
+    _stop.clear()
+    t0 = time.perf_counter()
+    with limited_output(show, output_limit) as cut:
+        try:
+            body(out)
+        except BaseException as exc:  # KeyboardInterrupt too: report it as this rank's outcome
+            out.error = format_error(exc, name)
+        finally:
+            out.wall = time.perf_counter() - t0
+            out.eval_time, out.calls = trace.recorder.eval_time, trace.recorder.n_calls
+            # no flush here: ipyparallel flushes stdout/stderr before it sends the reply, and
+            # each flush is a round trip to the IOPub thread
+            trace.recorder.end()
+    out.output_cut = cut.bytes
+    out.active_memory, out.peak_memory = memory()
+    if profile:
+        out.timeline = trace.recorder.timeline(out.wall)
+    return out
+
+
+def format_error(exc: BaseException, filename: str) -> RankError:
+    """The rank's exception as a record: the traceback from the cell's first frame, without ours."""
+    tb = traceback.extract_tb(exc.__traceback__)
+    for i, frame in enumerate(tb):
+        if frame.filename == filename:  # a cell: start at its first frame
+            tb = tb[i:]
+            break
+    # and our own frames (this module, the recorder's wrappers between the cell and MLX)
+    ours = (__file__, trace.__file__)
+    tb = traceback.StackSummary.from_list([f for f in tb if f.filename not in ours])
+    lineno = next((f.lineno for f in reversed(tb) if f.filename == filename), None)
+    if isinstance(exc, SyntaxError) and exc.filename == filename:
+        lineno = exc.lineno
+    lines = traceback.format_list(tb) + traceback.format_exception_only(type(exc), exc)
+    return RankError(
+        type=type(exc).__name__, message=str(exc), traceback="".join(lines), time=time.time(),
+        lineno=lineno, line=linecache.getline(filename, lineno).strip() if lineno else "",
+        pending=trace.recorder.pending[-3:], interrupted=isinstance(exc, KeyboardInterrupt),
+        peer_lost="peer was lost" in str(exc),  # MLX's ring, when another rank went away
+    )
+
+
+# ------------------------------------------------------------------ display
+def _is_figure(value: Any) -> bool:
+    mpl = sys.modules.get("matplotlib.figure")
+    return mpl is not None and isinstance(value, mpl.Figure)
+
+
+def _display_figures(rank_shows: bool, value: Any = None) -> None:
+    """Show the figures the cell left open (and a returned one) as PNG, once, then close them."""
+    if "matplotlib.pyplot" not in sys.modules:
+        return
+    import matplotlib.pyplot as plt
+
+    figures = [plt.figure(num) for num in plt.get_fignums()]
+    if _is_figure(value) and value not in figures:
+        figures.append(value)
+    if rank_shows:
+        from ..display import show_figure
+
+        for fig in figures:
+            show_figure(fig)
+    plt.close("all")
+
+
+def _mimebundle(value: Any) -> dict:
+    try:
+        from IPython import get_ipython
+
+        data, _ = get_ipython().display_formatter.format(value)
+        return data
+    except Exception:
+        return {"text/plain": repr(value)}
+
+
+# ------------------------------------------------------------------ the notebook's signals
+def _install_control_handlers() -> None:
+    # the control channel is served by its own thread, so these arrive while a cell runs
+    from IPython import get_ipython
+
+    kernel = get_ipython().kernel
+    kernel.control_handlers[STOP_MESSAGE] = lambda stream, ident, parent: _stop.set()
+
+
+def stop_requested() -> bool:
+    """True once the notebook asked this cell to stop (Cluster.request_stop, the stop buttons).
+
+    Only a flag: ranks must agree on when to stop (e.g. an all_sum of it every
+    step), since a rank that stops alone leaves the others in a collective.
+
+    Example (in a cell)::
+
+        from mlx_nb.rank import stop_requested
+        for step in range(1000):
+            ...
+            if mx.distributed.all_sum(mx.array(int(stop_requested()))).item():
+                break
+    """
+    if not trace.recorder.polls_stop:
+        trace.recorder.polls_stop = True
+        trace.recorder.version += 1
+    return _stop.is_set()
+
+
+def report(**data: Any) -> None:
+    """Send ``data`` to the notebook now, while the cell runs (``Cluster.run(on_report=...)``)."""
+    from ipyparallel.datapub import publish_data
+
+    _reports[0] += 1
+    publish_data({f"{REPORT_PREFIX}{_reports[0]:09d}": data})
