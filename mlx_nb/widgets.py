@@ -53,7 +53,10 @@ class StatusWidget(widgets.HTML):
             self._stop.set()
             return
         table = Table(["rank", "host", "pid", "memory", "peak", "state"], _rows(self.cluster))
-        self.value = table._repr_html_() + f"<small>updated {time.strftime('%H:%M:%S')}</small>"
+        # JupyterLab styles the tables of HTML outputs only (a widget's needs the class), and
+        # centres them in a block as wide as the output: shrink the block to the table
+        self.value = (f"<div class='jp-RenderedHTMLCommon' style='display: inline-block'>{table._repr_html_()}"
+                      f"<small>updated {time.strftime('%H:%M:%S')}</small></div>")
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):

@@ -41,6 +41,14 @@ def wait_gone(timeout: float = 10.0) -> list[psutil.Process]:
     return alive
 
 
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    """Keep each phase's report on the test item (``item.rep_call``): fixtures read it to save evidence."""
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report
+
+
 @pytest.fixture(scope="module")
 def cluster():
     """A real 4-rank local cluster shared by the tests of one module."""
