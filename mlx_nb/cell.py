@@ -14,15 +14,17 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 from . import diagnose
 from .diagnose import RANK_FAILED, Recovery
-from .engines.group import RankGroup
 from .engines.tasks import RankTask, dispatch
-from .output import Printer, _write
+from .output import Printer, write_stream
 from .rank import session
 from .results import REPORT_PREFIX, STOP_MESSAGE, TRACE_KEY, Outcome, Trace
+
+if TYPE_CHECKING:
+    from .engines.group import RankGroup
 
 SETTLE = 0.5  # seconds after a failure before a rank's trace can say it is stuck
 OUTPUT_WAIT = 5.0  # seconds a rank's end of output may lag its reply before we stop waiting
@@ -192,7 +194,7 @@ class _Inbox:
         for content in outputs[self.seen[k]:]:
             if rank in self.printer.show:
                 if not self.printer.single:
-                    _write("stdout", diagnose.label([rank]) + "\n")
+                    write_stream("stdout", diagnose.label([rank]) + "\n")
                 _display(content)
         self.seen[k] = len(outputs)
         data = task.data
@@ -275,7 +277,7 @@ class CellRun:
         from .display import human_bytes
 
         who = "" if self.printer.single else f"{diagnose.label([rank])} "
-        _write("stderr", f"{who}output cut: {human_bytes(cut)} more not shown (a rank sends at most "
+        write_stream("stderr", f"{who}output cut: {human_bytes(cut)} more not shown (a rank sends at most "
                          f"{human_bytes(self.options.output_limit)} of output per cell; write more to a file)\n")
 
     def _tick(self) -> float:

@@ -36,11 +36,13 @@ class FinetuneResult:
 def loss_figure(history: list[dict], iters: int, title: str = "LoRA fine-tuning"):
     """Loss per step and tokens/s, rank 0's view of the averaged numbers."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(6, 3))
     steps = [h["iteration"] for h in history]
     ax.plot(steps, [h["train_loss"] for h in history], marker=".", color="#4c72b0")
     ax.set_xlim(0, max(iters, 1))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole
     ax.set_xlabel("step")
     ax.set_ylabel("train loss", color="#4c72b0")
     speed = ax.twinx()

@@ -218,6 +218,14 @@ def from_hosts(hostlist: str, repeats: int = 1) -> Hostfile:
     return Hostfile(hosts)
 
 
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+
+def is_local(host: str) -> bool:
+    """Whether an "ssh" name means this machine (its ranks start here, without ssh)."""
+    return host in LOCAL_HOSTS or host.startswith("127.")
+
+
 def local(n: int, ip: str = "127.0.0.1") -> Hostfile:
     """A ring hostfile of ``n`` ranks on this machine, all on ``ip``."""
     if n < 1:

@@ -25,7 +25,7 @@ STREAMS = ("stdout", "stderr")
 _CR = re.compile(r"\r+\n")
 
 
-def _write(stream: str, text: str) -> None:
+def write_stream(stream: str, text: str) -> None:
     out = sys.stdout if stream == "stdout" else sys.stderr
     out.write(text)
     out.flush()
@@ -43,7 +43,7 @@ def visible(line: str) -> str:
 class Printer:
     """Feeds of rank text in, notebook stream writes out (see the module docstring)."""
 
-    def __init__(self, show: list[int], write: Callable[[str, str], None] = _write, window: float = MERGE_WINDOW,
+    def __init__(self, show: list[int], write: Callable[[str, str], None] = write_stream, window: float = MERGE_WINDOW,
                  clock: Callable[[], float] = time.monotonic):
         self.show, self.single, self.write, self.window, self.clock = list(show), len(show) == 1, write, window, clock
         self.partial = {(r, s): "" for r in show for s in STREAMS}

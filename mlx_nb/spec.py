@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Optional, Union
 
 from . import hostfile as hostfiles
-from .engines.hosts import is_local
 from .engines.launch import mpi_available
-from .hostfile import Hostfile
+from .hostfile import Hostfile, is_local
 
 BACKENDS = ("ring", "jaccl", "jaccl-ring", "mpi", "nccl")
 

@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from labbrowser import INSTALL, JupyterLab, NotebookPage, chromium, missing_parts, wait_for
 
 HERE = Path(__file__).resolve().parent

@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import ipyparallel as ipp
 import psutil
@@ -26,9 +26,11 @@ from .. import hostfile as hostfiles
 from ..display import Table
 from ..rank import session
 from ..results import INIT_KEY, Identity
-from ..spec import ClusterSpec
 from . import ClusterError, launch
 from .hosts import controller_ip, on_hosts
+
+if TYPE_CHECKING:
+    from ..spec import ClusterSpec
 
 # what every local engine gets on top of the notebook's environment
 ENGINE_ENV = {"MPLBACKEND": "Agg", "PYTHONUNBUFFERED": "1"}

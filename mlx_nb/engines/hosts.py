@@ -10,17 +10,11 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 from ..display import Table
-from ..hostfile import Hostfile
+from ..hostfile import Hostfile, is_local
 from ..preflight import Finding, check_cluster, gather_command
 from ..rank.session import mlx_version
 from . import ClusterError
 from .launch import ssh_run
-
-LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
-
-
-def is_local(host: str) -> bool:
-    return host in LOCAL_HOSTS or host.startswith("127.")
 
 
 def _ssh_address(host: str, ssh_cmd: Sequence[str]) -> str:

@@ -151,9 +151,11 @@ def check_group() -> float:
 
 
 def memory() -> tuple[int, int]:
+    """(in use, peak) bytes; the peak since the cell began, which counts what it started with."""
     import mlx.core as mx
 
-    return mx.get_active_memory(), mx.get_peak_memory()
+    active = mx.get_active_memory()
+    return active, max(active, mx.get_peak_memory())
 
 
 def _write_files(files: dict[str, str], where: Optional[str] = None) -> None:
