@@ -10,13 +10,15 @@ import pytest
 from conftest import magic_cluster
 from mlx_nb import magics
 from mlx_nb.launchers import mpi_available
+from testhosts import TestHostsError, require_mpi
 
 
 @pytest.fixture(scope="module")
 def ip():
-    ok, why = mpi_available()
-    if not ok:
-        pytest.fail(f"the mpi tests need Open MPI: {why}", pytrace=False)
+    try:
+        require_mpi()
+    except TestHostsError as e:
+        pytest.fail(f"{e} ({mpi_available()[1]})", pytrace=False)
     with magic_cluster("-n 2 --backend mpi") as shell:
         yield shell
 
