@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 import shlex
 import time
 from typing import Optional
@@ -92,6 +93,32 @@ def _cluster_from_args(args) -> Cluster:
         raise UsageError(" ".join(str(e).split())) from None
     except ValueError as e:
         raise UsageError(str(e)) from None
+
+
+# a %mlx_generate line whose prompt ends in "?" (the text before it is more than question marks)
+_QUESTION = re.compile(r"^(\s*)%mlx_generate\s+(.*[^\s?].*\?)\s*$")
+
+
+def keep_prompt_question_marks(lines: list[str]) -> list[str]:
+    """An IPython input transformer: a ``%mlx_generate`` prompt ending in ``?`` stays the prompt.
+
+    IPython reads a line's trailing ``?`` as a help request before any magic sees the line
+    (``Object `France` not found.``); this turns such a line into the magic's own call first.
+    ``%mlx_generate?`` alone still shows the help; a cell magic's body is left as it is.
+
+    >>> keep_prompt_question_marks(["%mlx_generate Why is the sky blue?\\n"])
+    ["get_ipython().run_line_magic('mlx_generate', 'Why is the sky blue?')\\n"]
+    """
+    if lines and lines[0].lstrip().startswith("%%"):
+        return lines
+    out = []
+    for line in lines:
+        m = _QUESTION.match(line)
+        if m:
+            indent, text = m.groups()
+            line = f"{indent}get_ipython().run_line_magic('mlx_generate', {text!r})" + "\n" * line.endswith("\n")
+        out.append(line)
+    return out
 
 
 def _names(spec: Optional[str]) -> list[str]:
