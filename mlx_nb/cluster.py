@@ -25,7 +25,7 @@ import ipyparallel as ipp
 import psutil
 from ipyparallel.cluster.launcher import SSHLauncher
 
-from . import engine, launchers
+from . import engine, launchers, spec
 from . import hostfile as hostfiles
 from .hostfile import Hostfile
 from .preflight import Finding, check_cluster, gather_command
@@ -41,7 +41,6 @@ ENGINE_ARGS = ["--IPEngine.enable_nanny=False"]
 # the controller admits a new engine at its next heartbeat: every 0.5 s rather than 3 s makes
 # a (re)start seconds faster; 60 misses keep its patience with a busy engine at 30 s
 CONTROLLER_ARGS = ["--HeartMonitor.period=500", "--HeartMonitor.max_heartmonitor_misses=60"]
-LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
 
 
 class ClusterError(RuntimeError):
@@ -120,7 +119,9 @@ class Cluster:
         else:
             backend = hostfiles.validate(hostfile, backend)  # HostfileError (a ValueError) says why not
             n = len(hostfile.hosts)
-        remote = [h.rank for h in hostfile.hosts if not _is_local(h.ssh_hostname)]
+        spec.check_ranks_per_host(hostfile, spares)
+        spec.check_env(env or {})
+        remote = [h.rank for h in hostfile.hosts if not spec.is_local(h.ssh_hostname)]
         if backend == "mpi" and remote:
             raise ValueError(
                 "backend 'mpi' runs the ranks of this machine only (one mpirun job): "
@@ -638,10 +639,6 @@ class Cluster:
 
 
 # ------------------------------------------------------------------ hosts
-def _is_local(host: str) -> bool:
-    return host in LOCAL_HOSTS or host.startswith("127.")
-
-
 def _ssh_address(host: str, ssh_cmd: Sequence[str]) -> str:
     """The address ``ssh_cmd host`` connects to (ssh config aliases resolved), else ``host``."""
     try:
@@ -658,7 +655,7 @@ def controller_ip(hostfile: Hostfile, ssh_cmd: Sequence[str] = ("ssh",)) -> str:
 
     The local end of the route to the first remote host (a UDP connect sends nothing).
     """
-    remote = [h for h in hostfile.hosts if not _is_local(h.ssh_hostname)]
+    remote = [h for h in hostfile.hosts if not spec.is_local(h.ssh_hostname)]
     if not remote:
         return "127.0.0.1"
     target = _ssh_address(remote[0].ssh_hostname, ssh_cmd)
@@ -695,7 +692,7 @@ def check_hosts(
     names = list(dict.fromkeys(h.ssh_hostname for h in hostfile.hosts))
 
     def gather(host: str) -> tuple[int, str]:
-        if _is_local(host):
+        if spec.is_local(host):
             p = subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=timeout)
             return p.returncode, p.stdout + p.stderr
         return launchers.ssh_run(host, cmd, list(ssh_cmd), timeout)

@@ -12,11 +12,12 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
-from .bench import run_bench, sweep_arguments, sweep_options
+from .bench import check_sweep_memory, run_bench, sweep_arguments, sweep_options
 from .cluster import BACKENDS, Cluster, ClusterError
 from .hostfile import HostfileError
 from .display import Table, human_bytes
 from .run import heal_lost_ranks, parse_ranks
+from .spec import check_timeout
 
 _current: Optional[Cluster] = None
 
@@ -231,9 +232,8 @@ class MLXMagics(Magics):
         """
         args = parse_argstring(self.mlx_dist, line)
         cluster = current()
-        if args.timeout is not None and args.timeout <= 0:
-            raise UsageError(f"--timeout must be positive seconds, got {args.timeout:g}")
         try:
+            check_timeout(args.timeout)
             parse_ranks(args.ranks, cluster.n)
         except ValueError as e:
             raise UsageError(str(e)) from None
@@ -300,6 +300,7 @@ class MLXMagics(Magics):
         cluster = current()
         try:
             options = sweep_options(args)
+            check_sweep_memory(options["sizes"], cluster.n - len(cluster.remote))
         except ValueError as e:
             raise UsageError(str(e)) from None
         result = run_bench(cluster, **options)

@@ -15,6 +15,7 @@ import ipyparallel as ipp
 
 from . import engine
 from .cluster import Cluster, ClusterError, SetupCell, _ranges
+from .spec import check_timeout
 
 # lines MLX's ring backend writes on fd 2 when a peer goes away: noise, not news
 _NOISE = ("[ring]",)
@@ -165,6 +166,7 @@ def run_cell(
         cluster.run("x = mx.distributed.all_sum(mx.array([rank]))\\nx")
     """
     cluster._require_running()
+    check_timeout(timeout, "timeout")
     show = [] if quiet else parse_ranks(ranks, cluster.n)
     heal_lost_ranks(cluster)
     if push:
