@@ -108,6 +108,15 @@ def _check_env(entry: object, where: str) -> None:
         )
 
 
+def _unfit_hostname(name: str) -> Optional[str]:
+    """Why ssh cannot take ``name`` as the host to connect to, in mlx.launch's words; None if it can."""
+    if name.startswith("-"):
+        return "Hostname cannot begin with '-' (ssh would read it as an option)"
+    if any(c.isspace() or not c.isprintable() for c in name):
+        return "Hostname cannot contain whitespace or control characters"
+    return None
+
+
 def _host(source: str, i: int, raw: object) -> Host:
     if not isinstance(raw, dict):
         raise _fail(
@@ -123,6 +132,9 @@ def _host(source: str, i: int, raw: object) -> Host:
             source,
             f'"ssh" of host entry {i} ({json.dumps(raw)}) {got}; it must be the hostname to ssh into',
         )
+    unfit = _unfit_hostname(ssh)
+    if unfit:
+        raise _fail(source, f'"ssh" of host entry {i} is {ssh!r}: {unfit}; it must be the hostname to ssh into')
     name = f"host '{ssh}' (rank {i})"
     ips = raw.get("ips", [])
     if not isinstance(ips, list) or not all(isinstance(ip, str) and ip for ip in ips):
@@ -209,6 +221,11 @@ def from_hosts(hostlist: str, repeats: int = 1) -> Hostfile:
             raise HostfileError(
                 f"Hostname cannot be empty: the host list {hostlist!r} has an empty entry; "
                 "write it as h1,h2 with no empty names."
+            )
+        unfit = _unfit_hostname(name)
+        if unfit:
+            raise HostfileError(
+                f"{unfit}: the host list {hostlist!r} has {name!r}; write host names, aliases or user@host."
             )
         try:
             ipaddress.ip_address(name)

@@ -74,7 +74,10 @@ def ssh_engine_launcher_kwargs(host: str, python: str, ssh_cmd: list[str], env: 
         "engines": {host: {"n": 1, "to_send": []}},
         "ssh_cmd": list(ssh_cmd),
         "scp_cmd": scp_command(ssh_cmd),
-        "remote_python": python,
+        # the launcher puts remote_python into ssh's command line, which the host's shell
+        # splits, but starts engine_cmd there as an argv list: a path with a space needs both
+        "remote_python": shlex.quote(python),
+        "engine_cmd": [python, "-m", "ipyparallel.engine"],
         "environment": dict(env),
     }
 
@@ -91,7 +94,8 @@ def ssh_run(host: str, cmd: str, ssh_cmd: list[str], timeout: float = 30.0) -> t
     """
     # sshd runs each command in a session of its own, so the shell's pid is its process group
     remote = f"echo __mlx_nb_pgid=$$__ >&2; exec sh -c {shlex.quote(cmd)}"
-    argv = [*ssh_cmd, *SSH_OPTIONS, host, remote]
+    # "--": a host that begins with "-" must not become an ssh option (-oProxyCommand=... runs locally)
+    argv = [*ssh_cmd, *SSH_OPTIONS, "--", host, remote]
     try:
         p = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
     except subprocess.TimeoutExpired as e:
@@ -99,7 +103,7 @@ def ssh_run(host: str, cmd: str, ssh_cmd: list[str], timeout: float = 30.0) -> t
         group = _PGID.search(err)
         if group:
             subprocess.run(
-                [*ssh_cmd, *SSH_OPTIONS, host, f"kill -TERM -- -{group.group(1)}"],
+                [*ssh_cmd, *SSH_OPTIONS, "--", host, f"kill -TERM -- -{group.group(1)}"],
                 stdin=subprocess.DEVNULL, capture_output=True, timeout=10,
             )
         return 124, out + _PGID.sub("", err) + f"\n`{cmd}` on {host} did not finish within {timeout:g} s"

@@ -71,12 +71,17 @@ def _env(pairs: Optional[list[str]]) -> dict[str, str]:
     return out
 
 
+def _unquoted(value: Optional[str]) -> Optional[str]:
+    # magic_arguments keeps the quotes of --ssh 'ssh -F cfg' or --python '/my env/bin/python'
+    # (a non-POSIX split on Windows-style rules)
+    if not value:
+        return value
+    parts = shlex.split(value)
+    return parts[0] if len(parts) == 1 else value
+
+
 def _ssh(spec: Optional[str]) -> Optional[list[str]]:
-    if not spec:
-        return None
-    parts = shlex.split(spec)
-    # magic_arguments keeps the quotes of --ssh 'ssh -F cfg' (non-POSIX split on Windows-style rules)
-    return shlex.split(parts[0]) if len(parts) == 1 else parts
+    return shlex.split(_unquoted(spec)) if spec else None
 
 
 def _cluster_from_args(args) -> Cluster:
@@ -87,8 +92,8 @@ def _cluster_from_args(args) -> Cluster:
         raise UsageError(f"-n must be at least 1, got {args.n}")
     try:
         return Cluster(
-            n=args.n, backend=args.backend, grace=args.grace, hostfile=args.hostfile, hosts=args.hosts,
-            python=args.python, ssh_cmd=_ssh(args.ssh), env=_env(args.env),
+            n=args.n, backend=args.backend, grace=args.grace, hostfile=_unquoted(args.hostfile), hosts=args.hosts,
+            python=_unquoted(args.python), ssh_cmd=_ssh(args.ssh), env=_env(args.env),
         )
     except HostfileError as e:
         raise UsageError(" ".join(str(e).split())) from None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import stat
 from pathlib import Path
 import sys
@@ -192,6 +193,24 @@ def test_another_mlx_version_is_refused_with_each_hosts_versions(hosts):
 def test_missing_mlx_is_named(hosts):
     text, _ = _start_fails(hosts, ring_hostfile(hosts), python="/usr/bin/python3")
     assert "mlx is not installed" in text or "cannot run" in text
+    assert left_on(hosts) == []
+
+
+def test_a_python_path_with_a_space_works_in_check_and_start(shell, hosts):
+    spaced = hosts.dir / "my env" / "python"
+    spaced.parent.mkdir(exist_ok=True)
+    # this Python as the tests run it (their PYTHONPATH too), at a path with a space
+    pythonpath = shlex.quote(os.environ.get("PYTHONPATH", ""))
+    spaced.write_text(f'#!/bin/sh\nPYTHONPATH={pythonpath} exec {PY} "$@"\n')
+    spaced.chmod(spaced.stat().st_mode | stat.S_IEXEC)
+    path = ring_hostfile(hosts)
+    table = shell.run_line_magic(
+        "mlx_cluster", f"check --hostfile {path} --ssh '{' '.join(hosts.ssh_cmd)}' --python '{spaced}'"
+    )
+    assert "every host is ready" in table.title, repr(table)
+    with Cluster(hostfile=path, ssh_cmd=hosts.ssh_cmd, python=str(spaced), spares=False) as c:
+        total = c.run("mx.distributed.all_sum(mx.array([rank + 1.0]), group=world)").value["text/plain"]
+        assert total == "array([3], dtype=float32)"
     assert left_on(hosts) == []
 
 
