@@ -157,12 +157,16 @@ def _host(source: str, i: int, raw: object) -> Host:
     return Host(i, ssh, ips, rdma)
 
 
-def loads(text: str, source: str = "<string>") -> Hostfile:
-    """Parse hostfile JSON text; ``source`` names it in errors.
+def loads(text: Union[str, bytes], source: str = "<string>") -> Hostfile:
+    """Parse hostfile JSON text (or UTF-8 bytes); ``source`` names it in errors.
 
     >>> loads('[{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}]').hosts[0].ips
     ['127.0.0.1']
     """
+    try:
+        text = text.decode() if isinstance(text, bytes) else text
+    except UnicodeDecodeError as e:
+        raise _fail(source, f"it is not UTF-8 text (byte {e.start} is {e.object[e.start]:#04x}); save it as UTF-8") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -171,6 +175,10 @@ def loads(text: str, source: str = "<string>") -> Hostfile:
             f"invalid JSON at line {e.lineno}, column {e.colno} ({e.msg}; a trailing "
             "or missing comma or quote is the usual cause)",
         ) from None
+    except ValueError as e:  # a number of more digits than Python converts
+        raise _fail(source, f"invalid JSON ({str(e).split(':')[0]})") from None
+    except RecursionError:
+        raise _fail(source, "its JSON nests lists or objects too deeply") from None
     backend, envs = "", []
     if isinstance(data, dict):
         _typo(source, data, ("backend", "envs", "hosts"), "the top-level object")
@@ -201,7 +209,11 @@ def load(path: Union[str, Path]) -> Hostfile:
             f"Hostfile {p} doesn't exist. Check the path, or write one with "
             "mlx.distributed_config --output-hostfile."
         )
-    return loads(p.read_text(), str(p))
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise HostfileError(f"Hostfile {p} cannot be read: {e.strerror}. Check its permissions.") from None
+    return loads(data, str(p))
 
 
 def from_hosts(hostlist: str, repeats: int = 1) -> Hostfile:
