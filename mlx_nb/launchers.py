@@ -45,6 +45,20 @@ MPI_ARGS = ["--oversubscribe", "--bind-to", "none"]
 MPI_ROOT_ARGS = ["--allow-run-as-root"]
 
 
+def local_mpi_args(version: str) -> list[str]:
+    """The ranks of a job on this machine talk over shared memory only.
+
+    Open MPI's TCP transport listens on every interface (its ``btl_tcp_if_include`` picks
+    the addresses it advertises, not the one it binds); its shared-memory transport is
+    ``vader`` up to 4.x and ``sm`` from 5.0. ``version`` is ``mpirun --version``'s first line.
+
+    >>> local_mpi_args("mpirun (Open MPI) 4.1.4")
+    ['--mca', 'btl', 'self,vader']
+    """
+    major = re.search(r"Open MPI\)? (\d+)\.", version)
+    return ["--mca", "btl", "self,sm" if major and int(major.group(1)) >= 5 else "self,vader"]
+
+
 def scp_command(ssh_cmd: list[str]) -> list[str]:
     """The scp matching an ssh command (same config, key and options; ``-p PORT`` becomes ``-P``).
 
@@ -190,7 +204,7 @@ def mpi_engine_launcher_kwargs(n: int, python: str, env: dict[str, str]) -> dict
     return {
         "n": n,
         "mpi_cmd": [shutil.which("mpirun") or "mpirun"],
-        "mpi_args": (MPI_ROOT_ARGS if os.geteuid() == 0 else []) + MPI_ARGS,
+        "mpi_args": (MPI_ROOT_ARGS if os.geteuid() == 0 else []) + MPI_ARGS + local_mpi_args(mpi_available()[1]),
         "engine_cmd": ["sh", "-c", MPI_ENGINE, python, "-m", "ipyparallel.engine"],
         "environment": env,
     }

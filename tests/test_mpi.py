@@ -36,6 +36,17 @@ def test_mpi_ranks_run_cells(ip):
     assert magics.status_note(cluster) is None
 
 
+def test_mpi_ranks_listen_only_on_loopback(ip):
+    cluster = magics._current
+    _all_sum(ip)  # MPI_Init has opened its transports
+    listening = {
+        (p.name(), c.laddr.ip)
+        for p in cluster.processes() for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN
+    }
+    # mpirun's own out-of-band port binds every interface: Open MPI 4.1 has no setting for it
+    assert {addr for name, addr in listening if name != "mpirun"} == {"127.0.0.1"}, listening
+
+
 def test_restart_replaces_the_whole_mpirun_job(ip):
     cluster = magics._current
     old = {r.pid for r in cluster.ranks}
