@@ -166,7 +166,8 @@ def loads(text: Union[str, bytes], source: str = "<string>") -> Hostfile:
     try:
         text = text.decode() if isinstance(text, bytes) else text
     except UnicodeDecodeError as e:
-        raise _fail(source, f"it is not UTF-8 text (byte {e.start} is {e.object[e.start]:#04x}); save it as UTF-8") from None
+        byte = f"byte {e.start} is {e.object[e.start]:#04x}"
+        raise _fail(source, f"it is not UTF-8 text ({byte}); save it as UTF-8") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:

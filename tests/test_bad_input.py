@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import doctest
 import math
 
 import pytest
 from IPython.core.error import UsageError
 
 from conftest import ipython_shell, project_processes
-from mlx_nb import Cluster, magics
+from mlx_nb import Cluster, bench, launchers, magics, spec
 from mlx_nb.bench import bench_main, run_bench
 from mlx_nb.spec import process_limit
 
@@ -30,6 +31,11 @@ def _usage_error(shell, magic: str, line: str, cell: str = "") -> str:
     return str(info.value)
 
 
+def test_the_docstring_examples_of_the_checks_run():
+    for module in (spec, bench, launchers, magics):
+        assert doctest.testmod(module, optionflags=doctest.ELLIPSIS).failed == 0, module.__name__
+
+
 # ------------------------------------------------------- nothing running yet
 def test_an_invalid_env_name_is_refused_before_the_controller_starts(shell):
     text = _usage_error(shell, "mlx_cluster", "start -n 2 --env BAD-NAME=1")
@@ -48,7 +54,9 @@ def test_an_invalid_env_name_is_refused_before_the_controller_starts(shell):
 def test_more_ranks_than_the_machine_can_run_are_refused_naming_the_limit(shell):
     fits = process_limit() // 2  # a rank and its warm spare each
     text = _usage_error(shell, "mlx_cluster", f"start -n {fits + 1}")
-    assert text.startswith(f"{fits + 1} ranks on this machine are too many: each rank is an engine process plus a warm spare")
+    assert text.startswith(
+        f"{fits + 1} ranks on this machine are too many: each rank is an engine process plus a warm spare"
+    )
     assert f"at most {process_limit()} fit" in text and f"Use {fits} ranks or fewer" in text
     text = _usage_error(shell, "mlx_cluster", "start --hosts 10.0.0.1,10.0.0.2 -n 1000")
     assert text.startswith("1000 ranks on host '10.0.0.1' are too many")

@@ -361,7 +361,8 @@ def test_a_host_name_beginning_with_a_dash_is_refused_and_never_an_ssh_option(tm
     data = json.dumps([{"ssh": "mac1", "ips": ["10.0.0.1"]}, {"ssh": name, "ips": ["10.0.0.2"]}])
     with pytest.raises(HostfileError) as info:
         hf.loads(data)
-    assert f'"ssh" of host entry 1 is {name!r}: Hostname cannot begin with \'-\' (ssh would read it as an option)' in str(info.value)
+    reason = "Hostname cannot begin with '-' (ssh would read it as an option)"
+    assert f'"ssh" of host entry 1 is {name!r}: {reason}' in str(info.value)
     with pytest.raises(HostfileError, match="^Hostname cannot begin with '-'"):
         hf.from_hosts(f"10.0.0.1,{name}")
     with pytest.raises(ValueError, match="^Hostname cannot begin with '-'"):

@@ -139,7 +139,8 @@ def test_random_mutations_of_valid_hostfiles_give_a_one_line_error_or_a_cluster(
         except AssertionError:
             raise
         except Exception as e:
-            raise AssertionError(f"case {case}: {type(e).__name__}: {e}\nbackend {backend!r}\n{source!r:.2000}") from e
+            what = f"case {case}: {type(e).__name__}: {e}\nbackend {backend!r}\n{source!r:.2000}"
+            raise AssertionError(what) from e
     print(f"\n4500 mutated hostfiles in {time.monotonic() - t0:.1f} s: {seen}")
     assert seen["ok"] > 100 and seen["error"] > 1000  # both kinds of outcome are exercised
 
