@@ -73,11 +73,10 @@ def _env(pairs: Optional[list[str]]) -> dict[str, str]:
 
 def _unquoted(value: Optional[str]) -> Optional[str]:
     # magic_arguments keeps the quotes of --ssh 'ssh -F cfg' or --python '/my env/bin/python'
-    # (a non-POSIX split on Windows-style rules)
-    if not value:
-        return value
-    parts = shlex.split(value)
-    return parts[0] if len(parts) == 1 else value
+    # (a non-POSIX split on Windows-style rules); a path with an apostrophe stays as it is
+    if value and len(value) > 1 and value[0] == value[-1] and value[0] in "'\"":
+        return value[1:-1]
+    return value
 
 
 def _ssh(spec: Optional[str]) -> Optional[list[str]]:
