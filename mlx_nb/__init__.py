@@ -27,9 +27,12 @@ def __getattr__(name: str):
 
 
 def load_ipython_extension(ipython) -> None:
-    from .magics import MLXMagics
+    from .magics import MLXMagics, keep_prompt_question_marks
 
     ipython.register_magics(MLXMagics)
+    # before IPython's own transforms read "France?" as a request for help on France
+    if keep_prompt_question_marks not in ipython.input_transformers_cleanup:
+        ipython.input_transformers_cleanup.append(keep_prompt_question_marks)
 
 
 __all__ = ["Cluster", "ClusterError", "CellResult", "DistCellError", "last_profile", "load_ipython_extension"]

@@ -39,7 +39,8 @@ LINKS = {
     "10gbe": ("10 GbE", 10.0),
     "100gbe": ("100 GbE", 100.0),
 }
-_UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "M": 1 << 20, "MB": 1 << 20, "G": 1 << 30, "GB": 1 << 30}
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "M": 1 << 20, "MB": 1 << 20, "G": 1 << 30, "GB": 1 << 30,
+          "T": 1 << 40, "TB": 1 << 40}
 
 
 class BenchError(RuntimeError):
@@ -53,7 +54,7 @@ class BenchError(RuntimeError):
 # ------------------------------------------------------------------- arguments
 def parse_size(text: str) -> int:
     """'256MB' -> 268435456 (binary units, as nccl-tests prints them)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B?)\s*", text.upper())
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?B?)\s*", text.upper())
     if not m:
         raise ValueError(f"not a size: {text!r} (use bytes or KB / MB / GB, e.g. 64KB)")
     size = int(float(m.group(1)) * _UNITS[m.group(2)])
@@ -86,6 +87,36 @@ def parse_sizes(spec: Union[str, Sequence[int]], factor: int = 2) -> list[int]:
     if not sizes or min(sizes) < 1:
         raise ValueError(f"no message sizes in {spec!r}")
     return sorted(set(sizes))
+
+
+def check_sweep_memory(sizes: Sequence[int], ranks_here: int, available: Optional[int] = None) -> None:
+    """Refuse a sweep whose largest message does not fit the memory of this machine.
+
+    Each rank holds a message's input and output at once, so the ``ranks_here`` ranks on
+    this machine need twice the largest size each; ``available`` defaults to what psutil
+    says is available now.
+
+    >>> check_sweep_memory([1 << 10, 1 << 40], 2, available=16 << 30)
+    Traceback (most recent call last):
+    ...
+    ValueError: --sizes up to 1.0 TB need 4.0 TB of memory on this machine: each of its 2 ranks holds a message's input and output at once, and 16.0 GB is available; use sizes up to 4.0 GB
+    """
+    if ranks_here < 1:
+        return
+    if available is None:
+        import psutil
+
+        available = psutil.virtual_memory().available
+    largest = max(sizes)
+    need = 2 * largest * ranks_here
+    if need > available:
+        per_message = available // (2 * ranks_here)
+        fit = 1 << (per_message.bit_length() - 1) if per_message else 0
+        raise ValueError(
+            f"--sizes up to {human_bytes(largest)} need {human_bytes(need)} of memory on this machine: "
+            f"each of its {ranks_here} ranks holds a message's input and output at once, and "
+            f"{human_bytes(available)} is available; use sizes up to {human_bytes(fit)}"
+        )
 
 
 def parse_names(spec: Union[str, Sequence[str]], known: Sequence[str], what: str) -> list[str]:
@@ -241,6 +272,7 @@ def run_bench(cluster: Cluster, sizes: Union[str, Sequence[int]] = DEFAULT_SIZES
             res.plot("bench.png")
     """
     sizes = parse_sizes(sizes, factor)
+    check_sweep_memory(sizes, cluster.n - len(cluster.remote))
     ops = parse_names(ops, OPS, "op")
     dtypes = check_dtypes(dtypes)
     if warmup < 0 or iters < 1:
@@ -318,6 +350,7 @@ def bench_main(argv: Optional[Sequence[str]] = None) -> int:
         return int(e.code or 0)
     try:
         options = sweep_options(args)
+        check_sweep_memory(options["sizes"], args.n)
         cluster = Cluster(n=args.n)
     except ValueError as e:
         parser.print_usage(sys.stderr)

@@ -28,7 +28,7 @@ from .hostfile import Hostfile
 from .preflight import Finding
 from .rank import session
 from .results import STOP_MESSAGE
-from .spec import BACKENDS, ClusterSpec
+from .spec import BACKENDS, ClusterSpec, check_timeout
 
 __all__ = ["BACKENDS", "Cluster", "ClusterError", "RankInfo", "SetupCell", "controller_ip"]
 
@@ -240,6 +240,7 @@ class Cluster:
             cluster.run("x = mx.distributed.all_sum(mx.array([rank]))\\nx")
         """
         self._require_running()
+        check_timeout(timeout, "timeout")
         show = [] if quiet else parse_ranks(ranks, self.n)
         if push:
             self.push(push)
@@ -276,6 +277,7 @@ class Cluster:
             cluster.call(norm, 2.0)   # [12.0, 12.0, 12.0, 12.0] on 4 ranks
         """
         self._require_running()
+        check_timeout(timeout, "timeout")
         targets = parse_ranks(ranks, self.n)
         job = Job(fn=fn, args=args, kwargs=dict(kwargs or {}))
         options = RunOptions(show=list(show), targets=None if len(targets) == self.n else targets,

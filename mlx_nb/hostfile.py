@@ -107,6 +107,15 @@ def _check_env(entry: object, where: str) -> None:
         )
 
 
+def _unfit_hostname(name: str) -> Optional[str]:
+    """Why ssh cannot take ``name`` as the host to connect to, in mlx.launch's words; None if it can."""
+    if name.startswith("-"):
+        return "Hostname cannot begin with '-' (ssh would read it as an option)"
+    if any(c.isspace() or not c.isprintable() for c in name):
+        return "Hostname cannot contain whitespace or control characters"
+    return None
+
+
 def _host(source: str, i: int, raw: object) -> Host:
     if not isinstance(raw, dict):
         raise _fail(
@@ -122,6 +131,9 @@ def _host(source: str, i: int, raw: object) -> Host:
             source,
             f'"ssh" of host entry {i} ({json.dumps(raw)}) {got}; it must be the hostname to ssh into',
         )
+    unfit = _unfit_hostname(ssh)
+    if unfit:
+        raise _fail(source, f'"ssh" of host entry {i} is {ssh!r}: {unfit}; it must be the hostname to ssh into')
     name = f"host '{ssh}' (rank {i})"
     ips = raw.get("ips", [])
     if not isinstance(ips, list) or not all(isinstance(ip, str) and ip for ip in ips):
@@ -144,12 +156,17 @@ def _host(source: str, i: int, raw: object) -> Host:
     return Host(i, ssh, ips, rdma)
 
 
-def loads(text: str, source: str = "<string>") -> Hostfile:
-    """Parse hostfile JSON text; ``source`` names it in errors.
+def loads(text: Union[str, bytes], source: str = "<string>") -> Hostfile:
+    """Parse hostfile JSON text (or UTF-8 bytes); ``source`` names it in errors.
 
     >>> loads('[{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}]').hosts[0].ips
     ['127.0.0.1']
     """
+    try:
+        text = text.decode() if isinstance(text, bytes) else text
+    except UnicodeDecodeError as e:
+        byte = f"byte {e.start} is {e.object[e.start]:#04x}"
+        raise _fail(source, f"it is not UTF-8 text ({byte}); save it as UTF-8") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -158,6 +175,10 @@ def loads(text: str, source: str = "<string>") -> Hostfile:
             f"invalid JSON at line {e.lineno}, column {e.colno} ({e.msg}; a trailing "
             "or missing comma or quote is the usual cause)",
         ) from None
+    except ValueError as e:  # a number of more digits than Python converts
+        raise _fail(source, f"invalid JSON ({str(e).split(':')[0]})") from None
+    except RecursionError:
+        raise _fail(source, "its JSON nests lists or objects too deeply") from None
     backend, envs = "", []
     if isinstance(data, dict):
         _typo(source, data, ("backend", "envs", "hosts"), "the top-level object")
@@ -188,7 +209,11 @@ def load(path: Union[str, Path]) -> Hostfile:
             f"Hostfile {p} doesn't exist. Check the path, or write one with "
             "mlx.distributed_config --output-hostfile."
         )
-    return loads(p.read_text(), str(p))
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise HostfileError(f"Hostfile {p} cannot be read: {e.strerror}. Check its permissions.") from None
+    return loads(data, str(p))
 
 
 def from_hosts(hostlist: str, repeats: int = 1) -> Hostfile:
@@ -208,6 +233,11 @@ def from_hosts(hostlist: str, repeats: int = 1) -> Hostfile:
             raise HostfileError(
                 f"Hostname cannot be empty: the host list {hostlist!r} has an empty entry; "
                 "write it as h1,h2 with no empty names."
+            )
+        unfit = _unfit_hostname(name)
+        if unfit:
+            raise HostfileError(
+                f"{unfit}: the host list {hostlist!r} has {name!r}; write host names, aliases or user@host."
             )
         try:
             ipaddress.ip_address(name)

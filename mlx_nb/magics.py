@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 import shlex
 import time
 from typing import Optional
@@ -11,11 +12,12 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
-from .bench import run_bench, sweep_arguments, sweep_options
+from .bench import check_sweep_memory, run_bench, sweep_arguments, sweep_options
 from .cell import DistCellError, parse_ranks
 from .cluster import BACKENDS, Cluster, ClusterError
 from .display import Table, human_bytes
 from .hostfile import HostfileError
+from .spec import check_timeout
 
 _current: Optional[Cluster] = None
 
@@ -75,12 +77,16 @@ def _env(pairs: Optional[list[str]]) -> dict[str, str]:
     return out
 
 
+def _unquoted(value: Optional[str]) -> Optional[str]:
+    # magic_arguments keeps the quotes of --ssh 'ssh -F cfg' or --python '/my env/bin/python'
+    # (a non-POSIX split on Windows-style rules); a path with an apostrophe stays as it is
+    if value and len(value) > 1 and value[0] == value[-1] and value[0] in "'\"":
+        return value[1:-1]
+    return value
+
+
 def _ssh(spec: Optional[str]) -> Optional[list[str]]:
-    if not spec:
-        return None
-    parts = shlex.split(spec)
-    # magic_arguments keeps the quotes of --ssh 'ssh -F cfg' (non-POSIX split on Windows-style rules)
-    return shlex.split(parts[0]) if len(parts) == 1 else parts
+    return shlex.split(_unquoted(spec)) if spec else None
 
 
 def _cluster_from_args(args) -> Cluster:
@@ -91,13 +97,39 @@ def _cluster_from_args(args) -> Cluster:
         raise UsageError(f"-n must be at least 1, got {args.n}")
     try:
         return Cluster(
-            n=args.n, backend=args.backend, grace=args.grace, hostfile=args.hostfile, hosts=args.hosts,
-            python=args.python, ssh_cmd=_ssh(args.ssh), env=_env(args.env),
+            n=args.n, backend=args.backend, grace=args.grace, hostfile=_unquoted(args.hostfile), hosts=args.hosts,
+            python=_unquoted(args.python), ssh_cmd=_ssh(args.ssh), env=_env(args.env),
         )
     except HostfileError as e:
         raise UsageError(" ".join(str(e).split())) from None
     except ValueError as e:
         raise UsageError(str(e)) from None
+
+
+# a %mlx_generate line whose prompt ends in "?" (the text before it is more than question marks)
+_QUESTION = re.compile(r"^(\s*)%mlx_generate\s+(.*[^\s?].*\?)\s*$")
+
+
+def keep_prompt_question_marks(lines: list[str]) -> list[str]:
+    """An IPython input transformer: a ``%mlx_generate`` prompt ending in ``?`` stays the prompt.
+
+    IPython reads a line's trailing ``?`` as a help request before any magic sees the line
+    (``Object `France` not found.``); this turns such a line into the magic's own call first.
+    ``%mlx_generate?`` alone still shows the help; a cell magic's body is left as it is.
+
+    >>> keep_prompt_question_marks(["%mlx_generate Why is the sky blue?\\n"])
+    ["get_ipython().run_line_magic('mlx_generate', 'Why is the sky blue?')\\n"]
+    """
+    if lines and lines[0].lstrip().startswith("%%"):
+        return lines
+    out = []
+    for line in lines:
+        m = _QUESTION.match(line)
+        if m:
+            indent, text = m.groups()
+            line = f"{indent}get_ipython().run_line_magic('mlx_generate', {text!r})" + "\n" * line.endswith("\n")
+        out.append(line)
+    return out
 
 
 def _names(spec: Optional[str]) -> list[str]:
@@ -210,9 +242,8 @@ class MLXMagics(Magics):
         """
         args = parse_argstring(self.mlx_dist, line)
         cluster = current()
-        if args.timeout is not None and args.timeout <= 0:
-            raise UsageError(f"--timeout must be positive seconds, got {args.timeout:g}")
         try:
+            check_timeout(args.timeout)
             parse_ranks(args.ranks, cluster.n)
         except ValueError as e:
             raise UsageError(str(e)) from None
@@ -284,6 +315,7 @@ class MLXMagics(Magics):
         cluster = current()
         try:
             options = sweep_options(args)
+            check_sweep_memory(options["sizes"], cluster.n - len(cluster.remote))
         except ValueError as e:
             raise UsageError(str(e)) from None
         result = run_bench(cluster, **options)

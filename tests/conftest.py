@@ -13,6 +13,9 @@ from IPython.core.error import UsageError
 
 from mlx_nb import Cluster
 
+# modules import the test hosts' helpers (tests/testhosts.py) before it is loaded as a plugin
+pytest.register_assert_rewrite("testhosts")
+
 _PROJECT = ("ipyparallel.engine", "ipyparallel.controller", "ipyparallel.cluster", "ipengine", "ipcontroller")
 
 

@@ -351,6 +351,29 @@ def test_missing_file_and_empty_host_name_rejected_like_mlx_launch(tmp_path):
             call()
 
 
+@pytest.mark.parametrize("option", ["-oProxyCommand=touch {marker}", "-V"])
+def test_a_host_name_beginning_with_a_dash_is_refused_and_never_an_ssh_option(tmp_path, option):
+    from mlx_nb import Cluster
+    from mlx_nb.engines.launch import ssh_run
+
+    marker = tmp_path / "ran-locally"
+    name = option.format(marker=marker)
+    data = json.dumps([{"ssh": "mac1", "ips": ["10.0.0.1"]}, {"ssh": name, "ips": ["10.0.0.2"]}])
+    with pytest.raises(HostfileError) as info:
+        hf.loads(data)
+    reason = "Hostname cannot begin with '-' (ssh would read it as an option)"
+    assert f'"ssh" of host entry 1 is {name!r}: {reason}' in str(info.value)
+    with pytest.raises(HostfileError, match="^Hostname cannot begin with '-'"):
+        hf.from_hosts(f"10.0.0.1,{name}")
+    with pytest.raises(ValueError, match="^Hostname cannot begin with '-'"):
+        Cluster(hosts=name)
+    with pytest.raises(HostfileError, match="Hostname cannot contain whitespace"):
+        hf.loads(json.dumps([{"ssh": "mac 1"}]))
+    # where mlx_nb runs ssh itself, "--" keeps such a name a destination
+    rc, out = ssh_run(name, "true", ["ssh"], timeout=20)
+    assert rc == 255 and not marker.exists(), out
+
+
 def test_accepted_like_mlx_launch(launch):
     """A file mlx.launch runs is accepted here too: distributed_config's output, with extra keys."""
     hosts = json.loads(json.dumps(JACCL_RING))

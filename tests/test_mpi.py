@@ -7,6 +7,7 @@ import time
 import psutil
 import pytest
 from conftest import magic_cluster
+from testhosts import TestHostsError, require_mpi
 
 from mlx_nb import magics
 from mlx_nb.engines.launch import mpi_available
@@ -14,9 +15,10 @@ from mlx_nb.engines.launch import mpi_available
 
 @pytest.fixture(scope="module")
 def ip():
-    ok, why = mpi_available()
-    if not ok:
-        pytest.fail(f"the mpi tests need Open MPI: {why}", pytrace=False)
+    try:
+        require_mpi()
+    except TestHostsError as e:
+        pytest.fail(f"{e} ({mpi_available()[1]})", pytrace=False)
     with magic_cluster("-n 2 --backend mpi") as shell:
         yield shell
 
@@ -32,6 +34,17 @@ def test_mpi_ranks_run_cells(ip):
     ip.run_cell_magic("mlx_dist", "--ranks all --pull b", "b = (world.size(), type(world).__name__, rank)")
     assert [x[0] for x in ip.user_ns["b"]] == [2, 2]
     assert magics.status_note(cluster) is None
+
+
+def test_mpi_ranks_listen_only_on_loopback(ip):
+    cluster = magics.current()
+    _all_sum(ip)  # MPI_Init has opened its transports
+    listening = {
+        (p.name(), c.laddr.ip)
+        for p in cluster.processes() for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN
+    }
+    # mpirun's own out-of-band port binds every interface: Open MPI 4.1 has no setting for it
+    assert {addr for name, addr in listening if name != "mpirun"} == {"127.0.0.1"}, listening
 
 
 def test_restart_replaces_the_whole_mpirun_job(ip):

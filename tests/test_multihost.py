@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import stat
 import sys
 import time
@@ -107,6 +108,38 @@ def test_hostfile_cluster_runs_cells_on_every_host(ip, hosts):
     assert magics.status_note(cluster) is None  # the MPI hint is for local clusters
 
 
+def test_a_controller_off_loopback_is_encrypted_so_a_stranger_reads_no_output(ip, hosts):
+    import zmq
+
+    cluster = magics.current()
+    security = Path(cluster._ipp.profile_dir) / "security"
+    info = json.loads((security / f"ipcontroller-{cluster._ipp.cluster_id}-client.json").read_text())
+    assert info["interface"] == f"tcp://{hosts.bridge_ip}" and info["curve_serverkey"]
+    url = f"{info['interface']}:{info['iopub']}"
+    ctx = zmq.Context()
+    stranger, keyed = ctx.socket(zmq.SUB), ctx.socket(zmq.SUB)
+    keyed.curve_publickey, keyed.curve_secretkey = zmq.curve_keypair()
+    keyed.curve_serverkey = info["curve_serverkey"].encode()
+    for s in (stranger, keyed):
+        s.setsockopt(zmq.SUBSCRIBE, b"")
+        s.connect(url)
+    marker = f"rank output {os.getpid()}".encode()
+    try:
+        heard = False
+        for _ in range(10):  # a subscription takes effect a moment after connecting
+            ip.run_cell_magic("mlx_dist", "", f"print({marker.decode()!r})")
+            while not heard and keyed.poll(2000):
+                heard = any(marker in frame for frame in keyed.recv_multipart())
+            if heard:
+                break
+        assert heard, "a subscriber with the controller's key should read the ranks' output"
+        assert stranger.poll(1000) == 0, "a subscriber without the key read the ranks' output"
+    finally:
+        stranger.close(0)
+        keyed.close(0)
+        ctx.term()
+
+
 def test_engines_get_the_environment_mlx_launch_would_give_them(ip, hosts):
     cluster = magics.current()
     got = cluster.view.apply_sync(_mlx_env)
@@ -192,6 +225,24 @@ def test_another_mlx_version_is_refused_with_each_hosts_versions(hosts):
 def test_missing_mlx_is_named(hosts):
     text, _ = _start_fails(hosts, ring_hostfile(hosts), python="/usr/bin/python3")
     assert "mlx is not installed" in text or "cannot run" in text
+    assert left_on(hosts) == []
+
+
+def test_a_python_path_with_a_space_works_in_check_and_start(shell, hosts):
+    spaced = hosts.dir / "my env" / "python"
+    spaced.parent.mkdir(exist_ok=True)
+    # this Python as the tests run it (their PYTHONPATH too), at a path with a space
+    pythonpath = shlex.quote(os.environ.get("PYTHONPATH", ""))
+    spaced.write_text(f'#!/bin/sh\nPYTHONPATH={pythonpath} exec {PY} "$@"\n')
+    spaced.chmod(spaced.stat().st_mode | stat.S_IEXEC)
+    path = ring_hostfile(hosts)
+    table = shell.run_line_magic(
+        "mlx_cluster", f"check --hostfile {path} --ssh '{' '.join(hosts.ssh_cmd)}' --python '{spaced}'"
+    )
+    assert "every host is ready" in table.title, repr(table)
+    with Cluster(hostfile=path, ssh_cmd=hosts.ssh_cmd, python=str(spaced), spares=False) as c:
+        total = c.run("mx.distributed.all_sum(mx.array([rank + 1.0]), group=world)").value["text/plain"]
+        assert total == "array([3], dtype=float32)"
     assert left_on(hosts) == []
 
 

@@ -21,7 +21,7 @@ import psutil
 import pytest
 
 pytest.register_assert_rewrite("testhosts")  # it is also a plugin (below), imported here first
-from testhosts import TestHosts, TestHostsError, ensure_mpi, purge  # noqa: E402
+from testhosts import TestHosts, TestHostsError, purge, require_mpi  # noqa: E402
 
 from mlx_nb.engines import launch as launchers  # noqa: E402
 
@@ -275,7 +275,7 @@ def test_mpi_available_says_why_not(monkeypatch):
 
 def test_mpi_ranks_load_versioned_libmpi_without_the_dev_package(monkeypatch):
     try:
-        ensure_mpi()
+        require_mpi()
     except TestHostsError as e:
         pytest.fail(str(e), pytrace=False)
     monkeypatch.delenv("MLX_MPI_LIBNAME", raising=False)
@@ -291,7 +291,7 @@ def test_mpi_ranks_load_versioned_libmpi_without_the_dev_package(monkeypatch):
 
 def test_mpi_engines_form_an_mlx_mpi_group():
     try:
-        ensure_mpi()
+        require_mpi()
     except TestHostsError as e:
         pytest.fail(str(e), pytrace=False)
     cluster = ipp.Cluster(n=0, controller_ip="127.0.0.1", log_level=40)

@@ -37,6 +37,9 @@ import psutil
 import pytest
 
 SSHD = "/usr/sbin/sshd"
+# the Debian packages the tests need (scripts/system-packages.sh installs them)
+SSHD_PACKAGES = ["openssh-server", "openssh-client"]
+MPI_PACKAGES = ["openmpi-bin", "libopenmpi-dev"]
 SLOTS = 16
 MARK = "MLXNB_TESTHOSTS"  # set (by sshd) in every process started on a test host
 LOCKS = Path(tempfile.gettempdir()) / "mlxnb-testhosts-locks"
@@ -67,42 +70,32 @@ def _run(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
     return p
 
 
-def ensure_apt(packages: list[str], present: Callable[[], bool], purpose: str) -> None:
-    """Install Debian ``packages`` unless ``present()``; raise, saying so, if they cannot be had."""
-    if present():
-        return
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
+def require(packages: list[str], present: Callable[[], bool], purpose: str) -> None:
+    """Raise TestHostsError, saying how to install the Debian ``packages``, unless ``present()``.
+
+    The tests install nothing themselves: scripts/test.sh (the README's test command) does.
+    """
+    if not present():
         raise TestHostsError(
-            f"{purpose} need {' '.join(packages)}, which cannot be installed here (not root, or no "
-            f"apt-get): install them (sudo apt-get install -y {' '.join(packages)})"
-        )
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "-q", *packages]
-    p = subprocess.run(install, capture_output=True, text=True, env=env)
-    if p.returncode:
-        subprocess.run(["apt-get", "update", "-q"], capture_output=True, env=env)
-        p = subprocess.run(install, capture_output=True, text=True, env=env)
-    if p.returncode or not present():
-        raise TestHostsError(
-            f"{purpose} need {' '.join(packages)} and `{' '.join(install)}` failed: "
-            f"{(p.stderr or p.stdout).strip()[-500:]}"
+            f"{purpose} need {' '.join(packages)}: scripts/test.sh installs them (as root on Debian), "
+            f"or install them yourself (sudo apt-get install -y {' '.join(packages)})"
         )
 
 
-def ensure_sshd() -> None:
-    """OpenSSH server and client, installed with apt-get if missing."""
-    ensure_apt(
-        ["openssh-server", "openssh-client"],
+def require_sshd() -> None:
+    """OpenSSH server and client."""
+    require(
+        SSHD_PACKAGES,
         lambda: os.path.exists(SSHD) and all(map(shutil.which, ("ssh", "scp", "ssh-keygen"))),
         "the multi-host tests",
     )
 
 
-def ensure_mpi() -> None:
-    """Open MPI (mpirun and the libmpi.so MLX loads), installed with apt-get if missing."""
+def require_mpi() -> None:
+    """Open MPI (mpirun and the libmpi.so MLX loads)."""
     from mlx_nb.engines.launch import mpi_available
 
-    ensure_apt(["openmpi-bin", "libopenmpi-dev"], lambda: mpi_available()[0], "the MPI tests")
+    require(MPI_PACKAGES, lambda: mpi_available()[0], "the MPI tests")
 
 
 def _marked(prefix: str) -> list[psutil.Process]:
@@ -194,7 +187,7 @@ class TestHosts:
         self.close()
 
     def start(self) -> TestHosts:
-        ensure_sshd()
+        require_sshd()
         self._take_slot()
         try:
             self.dir = Path(tempfile.mkdtemp(prefix=f"{self.prefix}-hosts-"))

@@ -99,9 +99,11 @@ class RankGroup:
         """The controller, then the ranks (formed and checked); nothing is left on failure."""
         # killed engines cannot remove their files: this process does (on stop, or at exit)
         atexit.register(shutil.rmtree, self.dir, True)
+        ip = controller_ip(self.spec.hostfile, self.spec.ssh_cmd)
+        # off loopback, whoever reaches the controller could read every rank's output: encrypt
+        curve = [] if hostfiles.is_local(ip) else ["--IPController.enable_curve=True"]
         self._ipp = ipp.Cluster(
-            n=0, controller_ip=controller_ip(self.spec.hostfile, self.spec.ssh_cmd), log_level=40,
-            shutdown_atexit=True, controller_args=CONTROLLER_ARGS,
+            n=0, controller_ip=ip, log_level=40, shutdown_atexit=True, controller_args=CONTROLLER_ARGS + curve,
         )
         try:
             self._ipp.start_controller_sync()

@@ -21,7 +21,7 @@ def _ssh_address(host: str, ssh_cmd: Sequence[str]) -> str:
     """The address ``ssh_cmd host`` connects to (ssh config aliases resolved), else ``host``."""
     try:
         out = subprocess.run(
-            [*ssh_cmd, "-G", host], capture_output=True, text=True, timeout=10, stdin=subprocess.DEVNULL
+            [*ssh_cmd, "-G", "--", host], capture_output=True, text=True, timeout=10, stdin=subprocess.DEVNULL
         ).stdout
     except (OSError, subprocess.TimeoutExpired):
         return host

@@ -50,6 +50,20 @@ MPI_ARGS = ["--oversubscribe", "--bind-to", "none"]
 MPI_ROOT_ARGS = ["--allow-run-as-root"]
 
 
+def local_mpi_args(version: str) -> list[str]:
+    """The ranks of a job on this machine talk over shared memory only.
+
+    Open MPI's TCP transport listens on every interface (its ``btl_tcp_if_include`` picks
+    the addresses it advertises, not the one it binds); its shared-memory transport is
+    ``vader`` up to 4.x and ``sm`` from 5.0. ``version`` is ``mpirun --version``'s first line.
+
+    >>> local_mpi_args("mpirun (Open MPI) 4.1.4")
+    ['--mca', 'btl', 'self,vader']
+    """
+    major = re.search(r"Open MPI\)? (\d+)\.", version)
+    return ["--mca", "btl", "self,sm" if major and int(major.group(1)) >= 5 else "self,vader"]
+
+
 def scp_command(ssh_cmd: list[str]) -> list[str]:
     """The scp matching an ssh command (same config, key and options; ``-p PORT`` becomes ``-P``).
 
@@ -79,7 +93,10 @@ def ssh_engine_launcher_kwargs(host: str, python: str, ssh_cmd: list[str], env: 
         "engines": {host: {"n": 1, "to_send": []}},
         "ssh_cmd": list(ssh_cmd),
         "scp_cmd": scp_command(ssh_cmd),
-        "remote_python": python,
+        # the launcher puts remote_python into ssh's command line, which the host's shell
+        # splits, but starts engine_cmd there as an argv list: a path with a space needs both
+        "remote_python": shlex.quote(python),
+        "engine_cmd": [python, "-m", "ipyparallel.engine"],
         "environment": dict(env),
     }
 
@@ -96,7 +113,8 @@ def ssh_run(host: str, cmd: str, ssh_cmd: list[str], timeout: float = 30.0) -> t
     """
     # sshd runs each command in a session of its own, so the shell's pid is its process group
     remote = f"echo __mlx_nb_pgid=$$__ >&2; exec sh -c {shlex.quote(cmd)}"
-    argv = [*ssh_cmd, *SSH_OPTIONS, host, remote]
+    # "--": a host that begins with "-" must not become an ssh option (-oProxyCommand=... runs locally)
+    argv = [*ssh_cmd, *SSH_OPTIONS, "--", host, remote]
     try:
         p = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
     except subprocess.TimeoutExpired as e:
@@ -104,7 +122,7 @@ def ssh_run(host: str, cmd: str, ssh_cmd: list[str], timeout: float = 30.0) -> t
         group = _PGID.search(err)
         if group:
             subprocess.run(
-                [*ssh_cmd, *SSH_OPTIONS, host, f"kill -TERM -- -{group.group(1)}"],
+                [*ssh_cmd, *SSH_OPTIONS, "--", host, f"kill -TERM -- -{group.group(1)}"],
                 stdin=subprocess.DEVNULL, capture_output=True, timeout=10,
             )
         return 124, out + _PGID.sub("", err) + f"\n`{cmd}` on {host} did not finish within {timeout:g} s"
@@ -191,7 +209,7 @@ def mpi_engine_launcher_kwargs(n: int, python: str, env: dict[str, str]) -> dict
     return {
         "n": n,
         "mpi_cmd": [shutil.which("mpirun") or "mpirun"],
-        "mpi_args": (MPI_ROOT_ARGS if os.geteuid() == 0 else []) + MPI_ARGS,
+        "mpi_args": (MPI_ROOT_ARGS if os.geteuid() == 0 else []) + MPI_ARGS + local_mpi_args(mpi_available()[1]),
         "engine_cmd": ["sh", "-c", MPI_ENGINE, python, "-m", "ipyparallel.engine"],
         "environment": env,
     }
