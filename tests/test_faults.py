@@ -160,12 +160,16 @@ def test_init_that_never_completes_names_the_rank(tmp_path):
     # rank 2's `import mlx.core` never returns, so it never joins the ring
     text = _start_failure(
         tmp_path,
-        "import os, sys, time\n"
+        "import importlib.util, os, sys, time\n"
         "if os.environ.get('MLX_RANK') == '2':\n"
-        "    class Hang:\n"
+        "    class Hang:\n"  # mlx.core's initialisation never returns (as a hung driver would)
         "        def find_spec(self, name, path=None, target=None):\n"
         "            if name == 'mlx.core':\n"
-        "                time.sleep(3600)\n"
+        "                return importlib.util.spec_from_loader(name, self)\n"
+        "        def create_module(self, spec):\n"
+        "            return None\n"
+        "        def exec_module(self, module):\n"
+        "            time.sleep(3600)\n"
         "    sys.meta_path.insert(0, Hang())\n",
         init_timeout=5,
     )

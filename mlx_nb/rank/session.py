@@ -23,6 +23,7 @@ import traceback
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from importlib.metadata import version
 from typing import Any, Optional
 
 from ..results import INIT_KEY, REPORT_PREFIX, STOP_MESSAGE, Identity, Outcome, RankError
@@ -68,17 +69,23 @@ def identify() -> Identity:
 
 def mlx_version() -> Optional[str]:
     try:
-        from importlib.metadata import version
-
         return version("mlx")
     except Exception:
         return None
 
 
 def warm() -> None:
-    """Import MLX ahead of time (every engine, as it starts), so that forming a group is fast."""
-    import mlx.core  # noqa: F401
-    import mlx.nn  # noqa: F401
+    """Import MLX ahead of time (every engine, as it starts), so that forming a group is fast.
+
+    In a thread: the engine answers at once, and an import that hangs shows up where it
+    always did, as a rank that never gets to ``mx.distributed.init``.
+    """
+
+    def imports() -> None:
+        import mlx.core  # noqa: F401
+        import mlx.nn  # noqa: F401
+
+    threading.Thread(target=imports, name="mlx_nb-warm", daemon=True).start()
 
 
 def init_group(backend: str, size: int, files: dict[str, str], files_dir: Optional[str] = None) -> Identity:
