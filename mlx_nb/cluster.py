@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ import psutil
 from ipyparallel.cluster.launcher import SSHLauncher
 
 from . import engine, launchers
+from .rank import blas
 from . import hostfile as hostfiles
 from .hostfile import Hostfile
 from .preflight import Finding, check_cluster, gather_command
@@ -59,6 +61,7 @@ class RankInfo:
     active_memory: int = 0
     peak_memory: int = 0
     state: str = "starting"
+    blas: dict = field(default_factory=dict)  # rank.blas.BlasInfo.to_dict(): the BLAS its MLX runs
 
 
 @dataclass
@@ -188,7 +191,22 @@ class Cluster:
         except BaseException:
             self.stop()
             raise
+        self._blas_note()
         return self
+
+    def _blas_note(self) -> None:
+        """One line per reason where ranks run MLX's reference BLAS although nobody asked for it."""
+        notes: dict[str, list[RankInfo]] = {}
+        for r in self.ranks:
+            if r.blas and not r.blas["optimized"] and r.blas["note"] and not r.blas["note"].endswith("=off"):
+                notes.setdefault(r.blas["note"], []).append(r)
+        for note, ranks in notes.items():
+            hosts = ", ".join(dict.fromkeys(r.host for r in ranks))
+            self.on_message(
+                f"rank(s) {_ranges([r.rank for r in ranks])} on {hosts} run MLX's bundled reference BLAS "
+                f"(float32 matmuls about 30x slower): {note}; then restart the cluster "
+                f"({blas.ENV}=off keeps the reference BLAS without this note)"
+            )
 
     def stop(self) -> None:
         """Stop every engine and the controller; nothing is left running."""
@@ -218,7 +236,7 @@ class Cluster:
 
     def check(self) -> list[Finding]:
         """Preflight every host of the hostfile over ssh (nothing is started): see :func:`check_hosts`."""
-        return check_hosts(self.hostfile, self.backend, self.python, self.ssh_cmd)
+        return check_hosts(self.hostfile, self.backend, self.python, self.ssh_cmd, env=self.env)
 
     def _on_hosts(self, cmd: str, timeout: float = 15.0) -> dict[str, tuple[int, str]]:
         """Run ``cmd`` on every other host at once; each host's (exit code, output)."""
@@ -263,13 +281,15 @@ class Cluster:
         """Start one engine process per rank (not yet a group); return the set's tag."""
         self._generation += 1
         tag = f"g{self._generation}"
+        # BLAS threads per rank are the host's cores over the ranks on it (rank.blas)
+        on_host = Counter(_host_key(h.ssh_hostname) for h in self.hostfile.hosts)
         if self.backend == "mpi":
-            env = {**ENGINE_ENV, **self.env, "MLX_NB_SET": tag}
+            env = {**ENGINE_ENV, **self.env, "MLX_NB_SET": tag, blas.RANKS_ENV: str(self.n)}
             self._start_set(f"{tag}-mpi", "mpi", launchers.mpi_engine_launcher_kwargs(self.n, self.python, env))
             return tag
         # the ports of the ring are in MLX_HOSTFILE, written at init; jaccl's and nccl's are in env
         for launch in hostfiles.rank_launch(self.hostfile, self.backend, env=self.env, ports=self._env_ports()):
-            env = {**ENGINE_ENV, **launch.env, "MLX_NB_SET": tag}
+            env = {**ENGINE_ENV, **launch.env, "MLX_NB_SET": tag, blas.RANKS_ENV: str(on_host[_host_key(launch.host)])}
             if launch.rank in self.remote:
                 ssh = [*self.ssh_cmd, *launchers.SSH_OPTIONS]
                 kwargs = launchers.ssh_engine_launcher_kwargs(launch.host, self.python, ssh, env)
@@ -387,7 +407,7 @@ class Cluster:
                 except ipp.RemoteError as e:
                     raise ClusterError(self._init_failed(rank, e)) from None
                 r = self.ranks[rank]
-                r.device, r.mlx, r.state = info["device"], info["mlx"], "idle"
+                r.device, r.mlx, r.state, r.blas = info["device"], info["mlx"], "idle", info["blas"]
             dead = [r for r in self._dead_ranks() if r in pending]
             if dead:
                 raise ClusterError(
@@ -642,6 +662,10 @@ def _is_local(host: str) -> bool:
     return host in LOCAL_HOSTS or host.startswith("127.")
 
 
+def _host_key(host: str) -> str:
+    return "this machine" if _is_local(host) else host
+
+
 def _ssh_address(host: str, ssh_cmd: Sequence[str]) -> str:
     """The address ``ssh_cmd host`` connects to (ssh config aliases resolved), else ``host``."""
     try:
@@ -681,17 +705,19 @@ def controller_ip(hostfile: Hostfile, ssh_cmd: Sequence[str] = ("ssh",)) -> str:
 
 def check_hosts(
     hostfile: Hostfile, backend: Optional[str] = None, python: Optional[str] = None,
-    ssh_cmd: Sequence[str] = ("ssh",), timeout: float = 30.0,
+    ssh_cmd: Sequence[str] = ("ssh",), timeout: float = 30.0, env: Optional[dict[str, str]] = None,
 ) -> list[Finding]:
     """Preflight findings for every host of ``hostfile``, gathered over ssh in parallel.
 
     One round trip per host (``preflight.gather_command``); an unreachable host is a
     ``fail`` finding of check ``ssh`` within about 5 s. Local entries are gathered here.
+    ``env`` is what the ranks get on top of the hostfile's "envs" (its ``MLX_NB_BLAS`` counts).
 
     >>> for f in check_hosts(hostfiles.load("hosts.json")): print(f)  # doctest: +SKIP
     """
     python = python or sys.executable
-    cmd = gather_command(python)
+    ranks_env = dict(e.partition("=")[::2] for e in hostfile.envs) | dict(env or {})  # as the ranks get it
+    cmd = gather_command(python, ranks_env.get(blas.ENV))
     names = list(dict.fromkeys(h.ssh_hostname for h in hostfile.hosts))
 
     def gather(host: str) -> tuple[int, str]:

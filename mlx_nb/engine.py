@@ -18,6 +18,8 @@ import time
 import traceback
 from typing import Any, Optional
 
+from .rank import blas
+
 # the namespace every %%mlx_dist cell runs in (mx, nn, world, rank, size + user names)
 namespace: dict[str, Any] = {}
 
@@ -140,6 +142,8 @@ def init_group(backend: str, size: int, files: dict[str, str], files_dir: Option
         sys.stdout.flush()
 
     progress("started")
+    # before anything imports mlx.core: MLX binds its BLAS calls when it loads
+    blas.use()
     if size > 1:  # a group of one reads no hostfile (and MLX rejects an empty one)
         _write_files(files, files_dir)
     import mlx.core as mx
@@ -175,6 +179,7 @@ def describe() -> dict:
         "size": world.size(),
         "backend": _state["backend"],
         "device": str(mx.default_device()),
+        "blas": blas.current().to_dict(),
         "active_memory": mx.get_active_memory(),
         "peak_memory": mx.get_peak_memory(),
     }

@@ -15,6 +15,7 @@ from .bench import run_bench, sweep_arguments, sweep_options
 from .cluster import BACKENDS, Cluster, ClusterError
 from .hostfile import HostfileError
 from .display import Table, human_bytes
+from .rank.blas import BlasInfo
 from .run import heal_lost_ranks, parse_ranks
 
 _current: Optional[Cluster] = None
@@ -29,11 +30,12 @@ def current() -> Cluster:
 
 def status_table(cluster: Cluster) -> Table:
     rows = [
-        [r.rank, r.host, r.pid, r.device, human_bytes(r.active_memory), human_bytes(r.peak_memory), r.state]
+        [r.rank, r.host, r.pid, r.device, human_bytes(r.active_memory), human_bytes(r.peak_memory), r.state,
+         BlasInfo(**r.blas) if r.blas else "-"]
         for r in cluster.status()
     ]
     title = f"{cluster.n} ranks, backend {cluster.backend}, {len(cluster.setup_cells)} setup cell(s)"
-    return Table(["rank", "host", "pid", "device", "memory", "peak", "state"], rows, title)
+    return Table(["rank", "host", "pid", "device", "memory", "peak", "state", "blas"], rows, title)
 
 
 def status_note(cluster: Cluster) -> Optional[str]:
@@ -132,7 +134,7 @@ class MLXMagics(Magics):
         %mlx_cluster start --hostfile hosts.json     one rank per host entry, over ssh
         %mlx_cluster start -n 2 --backend mpi        2 local ranks under mpirun
         %mlx_cluster check --hostfile hosts.json     ssh, Python, MLX, RDMA, IPs on each host
-        %mlx_cluster status          rank, host, pid, device, memory, state
+        %mlx_cluster status          rank, host, pid, device, memory, state, BLAS
         %mlx_cluster restart         new rank processes; --setup cells are replayed
         %mlx_cluster stop            nothing is left running
         """
