@@ -68,7 +68,7 @@ def train_on_rank(cfg: dict) -> dict:
     from mlx_lm.utils import dequantize_model
 
     from .engine import report, stop_requested
-    from .models import resolve
+    from .models import dense_here, resolve
 
     c = FinetuneConfig(**cfg)
     world = mx.distributed.init()
@@ -81,9 +81,10 @@ def train_on_rank(cfg: dict) -> dict:
     model, tokenizer = load(resolve(c.model))
     if mx.default_device() == mx.cpu and any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules()):
         # MLX's quantized matmul on the CPU runs at half the speed of a dense bf16 one: train
-        # (QLoRA-style) on a dense bf16 copy; the adapters load back onto the quantized model
+        # (QLoRA-style) on a dense copy; the adapters load back onto the quantized model.
+        # float32 where an optimized BLAS runs it (about 20x bf16, whose matmuls use no BLAS)
         model = dequantize_model(model)
-        model.set_dtype(mx.bfloat16)
+        model.set_dtype(mx.float32 if dense_here() else mx.bfloat16)
     model.freeze()
     lora = {"rank": c.lora_rank, "dropout": 0.0, "scale": c.lora_scale}
     mx.random.seed(c.seed)
@@ -225,7 +226,11 @@ class FinetuneRun:
         self.label.value = f"training on {self.cluster.n} ranks: step {row['iteration']}/{self.config.iters}"
 
     def _run(self) -> None:
+        from .models import BUNDLED_NAMES, prepare_bundled
+
         try:
+            if self.config.model is None or self.config.model.lower() in BUNDLED_NAMES:
+                prepare_bundled(self.cluster.ranks)  # converted once here, not by every rank at once
             self.cluster.push({"_mlx_nb_finetune": asdict(self.config)})
             cell = self.cluster.run(
                 "from mlx_nb.finetune import train_on_rank\n_mlx_nb_trained = train_on_rank(_mlx_nb_finetune)",
