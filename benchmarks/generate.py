@@ -3,28 +3,38 @@
     python benchmarks/generate.py [-n 2] [--pipeline] [--tokens 32]
 
 Same model (the bundled SmolLM2), prompt, rank count and token count for every
-column; one table, ratios against the plain script measured in this run.
+column; one table, ratios against the plain script measured in this run. The
+script's ranks and this process load the BLAS that mlx_nb's ranks load (OpenBLAS on
+Linux where installed; MLX_NB_BLAS=off for none), so every column runs the same
+BLAS and the same folder (on such a CPU, the bundled model's dense copy).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from mlx_nb import Cluster
-from mlx_nb.display import Table
-from mlx_nb.generate import generate, load_model
-from mlx_nb.models import resolve
+from mlx_nb.rank import blas
+
+blas.use()  # before anything imports mlx.core, as in the ranks
+
+from mlx_nb import Cluster  # noqa: E402
+from mlx_nb.display import Table  # noqa: E402
+from mlx_nb.generate import generate, load_model  # noqa: E402
+from mlx_nb.models import resolve  # noqa: E402
 
 PROMPT = [{"role": "user", "content": "Write three sentences about the sea."}]
 
 SCRIPT = """
 import json, sys, time
+from mlx_nb.rank import blas
+blas.use()
 import mlx.core as mx
 from mlx_lm import stream_generate
 from mlx_lm.utils import sharded_load
@@ -61,7 +71,7 @@ def plain_script(n: int, pipeline: bool, tokens: int) -> dict:
     out = subprocess.run(
         [launcher, "-n", str(n), "--backend", "ring", "--", sys.executable, f.name,
          resolve(None), "1" if pipeline else "0", str(tokens), json.dumps(PROMPT)],
-        capture_output=True, text=True, check=True, timeout=900,
+        capture_output=True, text=True, check=True, timeout=900, env={**os.environ, blas.RANKS_ENV: str(n)},
     )
     return json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
 
@@ -88,7 +98,7 @@ def main() -> None:
         ["token -> notebook delay, median (ms)", f"{statistics.median(delays) * 1e3:.1f}", "-", "-", "-"],
         ["token -> notebook delay, p90 (ms)", f"{p90 * 1e3:.1f}", "-", "-", "-"],
     ]
-    title = f"bundled SmolLM2, {layout} parallel on {args.n} ranks, {args.tokens} tokens"
+    title = f"bundled SmolLM2 ({Path(resolve(None)).name}), {layout} parallel on {args.n} ranks, {args.tokens} tokens, {blas.current()}"
     print(Table(["measure", "mlx_nb", f"mlx.launch -n {args.n} script", "one process", "mlx_nb / script"], rows, title))
 
 

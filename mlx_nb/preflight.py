@@ -11,12 +11,14 @@ each host over SSH); these functions only read their output.
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
 import shlex
 from dataclasses import dataclass, field
 from typing import Optional
 
 from .hostfile import Hostfile, rdma_devices, resolve_backend
+from .rank.blas import ENV, threads_per_rank
 
 MARK = "@@mlx_nb"
 NOT_FOUND = 127  # the shell's status for a command it cannot find
@@ -34,6 +36,13 @@ for name in ('mlx', 'mlx_nb'):
         print(name, metadata.version(name))
     except metadata.PackageNotFoundError:
         print(name, '-')
+"""
+# rank/blas.py run by path (importing mlx_nb would cost a second): which BLAS a rank would load
+_BLAS_PY = """import importlib.util, os, runpy, sys
+spec = importlib.util.find_spec('mlx_nb')
+if spec is None:
+    sys.exit('mlx_nb is not installed for ' + sys.executable)
+runpy.run_path(os.path.join(os.path.dirname(spec.origin), 'rank', 'blas.py'), run_name='__main__')
 """
 
 
@@ -68,15 +77,17 @@ class Interface:
 
 
 # ------------------------------------------------------------------ gather
-def gather_command(python: str = "python3") -> str:
+def gather_command(python: str = "python3", blas: Optional[str] = None) -> str:
     """One ``sh -c`` command gathering everything ``check_host`` reads, in one SSH round trip.
 
     Each section is ``@@mlx_nb NAME``, the command's output, then ``@@mlx_nb rc=STATUS``;
-    ``python`` is the interpreter the engines will run (its versions are reported).
+    ``python`` is the interpreter the engines will run (its versions are reported);
+    ``blas``, the ranks' ``MLX_NB_BLAS`` where it is set for them.
 
     >>> gather_command().startswith("sh -c ")
     True
     """
+    blas_env = f"env {ENV}={shlex.quote(blas)} " if blas is not None else ""
     script = "\n".join(
         [
             f'm() {{ printf "{MARK} %s\\n" "$1"; shift; "$@" 2>&1; r=$?; printf "\\n{MARK} rc=%s\\n" $r; }}',
@@ -86,6 +97,7 @@ def gather_command(python: str = "python3") -> str:
             "m ibv_devices ibv_devices",
             "m interfaces ifs",
             f'm versions {shlex.quote(python)} -c "{_VERSIONS_PY}"',
+            f'm blas {blas_env}{shlex.quote(python)} -c "{_BLAS_PY}"',
         ]
     )
     return "sh -c " + shlex.quote(script)
@@ -251,6 +263,27 @@ def _versions(s: dict[str, Section]) -> tuple[str, str]:
     )
 
 
+def _blas(s: dict[str, Section], n_ranks: int) -> tuple[str, str]:
+    sec = s.get("blas")
+    lines = sec.output.strip().splitlines() if sec else []
+    try:
+        info = json.loads(lines[-1]) if sec and not sec.rc and lines else None
+    except ValueError:
+        info = None
+    if not isinstance(info, dict):
+        why = lines[-1] if lines else "no blas output was gathered"
+        return "skip", f"cannot tell which BLAS the ranks will run: {why}"
+    if info["system"] != "Linux" or info["note"].endswith("=off"):
+        return "ok", info["name"] + (f" ({info['note']})" if info["note"] else "")
+    if not info["optimized"]:
+        return "warn", f"ranks will run MLX's bundled reference BLAS (float32 matmuls about 30x slower): {info['note']}"
+    threads = threads_per_rank(info["cores"], n_ranks)
+    return "ok", (
+        f"{info['name']} ({info['path']}): {threads} thread{'s' * (threads != 1)} per rank "
+        f"({info['cores']} cores, {n_ranks} rank{'s' * (n_ranks != 1)} on this host)"
+    )
+
+
 def check_host(
     hostfile: Hostfile, ssh_hostname: str, gathered: str, backend: Optional[str] = None
 ) -> list[Finding]:
@@ -259,7 +292,8 @@ def check_host(
     Checks: macos (version; 26.2+ for jaccl), rdma (for jaccl or when the host lists RDMA
     devices: ibv_devices has them), interfaces (each "ips" address and each RDMA device's
     interface has an IPv4 address; no active bridge over them), versions (the engines'
-    Python runs and has mlx).
+    Python runs and has mlx), blas (on Linux: an optimized BLAS the ranks will load, and its
+    threads per rank).
     """
     backend = resolve_backend(hostfile, backend)
     s = parse_gathered(gathered)
@@ -277,6 +311,7 @@ def check_host(
         checks["rdma"] = _rdma(s, wanted, label)
     checks["interfaces"] = _interfaces(s, ips, wanted, label)
     checks["versions"] = _versions(s)
+    checks["blas"] = _blas(s, len(ranks))
     return [Finding(ssh_hostname, check, status, message) for check, (status, message) in checks.items()]
 
 

@@ -135,7 +135,7 @@ class Identity:
     size: int = 0
     backend: str = ""
     device: str = ""
-    blas: str = ""
+    blas: dict = field(default_factory=dict)  # rank.blas.BlasInfo.to_dict(): the BLAS its MLX runs
     active_memory: int = 0
     peak_memory: int = 0
     error: Optional[RankError] = None  # forming the group failed on this rank

@@ -11,7 +11,7 @@ from IPython.core.error import UsageError
 
 from mlx_nb import Cluster
 from mlx_nb.generate import generate, load_model
-from mlx_nb.models import resolve
+from mlx_nb.models import prepare_bundled
 from mlx_nb.widgets import ChatWidget
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -19,11 +19,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def reference() -> list[int]:
-    """Greedy tokens from one plain mlx-lm process."""
+def reference(pair) -> list[int]:
+    """Greedy tokens from one plain mlx-lm process, on the folder the ranks load (on CPU
+    ranks with OpenBLAS, the dense copy)."""
     from mlx_lm import load, stream_generate
 
-    model, tokenizer = load(resolve(None))
+    model, tokenizer = load(str(prepare_bundled(pair.ranks)))
     prompt = tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True)
     return [r.token for r in stream_generate(model, tokenizer, prompt, max_tokens=10)]
 

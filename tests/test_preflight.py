@@ -132,12 +132,25 @@ def gathered(**sections: str | tuple[str, int]) -> str:
     return "\n".join(out) + "\n"
 
 
+# what mlx_nb/rank/blas.py prints: on a Mac, on Linux with Debian's OpenBLAS and without one
+BLAS_MAC = json.dumps({"system": "Darwin", "cores": 24, "MLX_NB_BLAS": "", "name": "Accelerate (macOS)",
+                       "path": "", "threads": 0, "optimized": True, "note": ""})
+BLAS_OPENBLAS = json.dumps({
+    "system": "Linux", "cores": 16, "MLX_NB_BLAS": "", "name": "OpenBLAS 0.3.21 (Haswell)",
+    "path": "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblasp-r0.3.21.so", "threads": 0,
+    "optimized": True, "note": "",
+})
+BLAS_NONE = json.dumps({"system": "Linux", "cores": 16, "MLX_NB_BLAS": "", "name": "reference BLAS (bundled with mlx)",
+                        "path": "", "threads": 0, "optimized": False,
+                        "note": "no OpenBLAS found: apt-get install libopenblas0-pthread"})
+
 MAC = dict(
     uname="Darwin arm64",
     sw_vers=SW_VERS,
     ibv_devices=IBV_DEVICES,
     interfaces=IFCONFIG_MAC,
     versions=VERSIONS,
+    blas=BLAS_MAC,
 )
 
 
@@ -187,8 +200,24 @@ def test_healthy_mac_passes_every_check():
         "rdma": "ok",
         "interfaces": "ok",
         "versions": "ok",
+        "blas": "ok",
     }
     assert "macOS 26.2 (25C56)" in f["macos"].message and "mlx 0.32.4" in f["versions"].message
+    assert f["blas"].message == "Accelerate (macOS)"
+
+
+def test_linux_blas_check_names_the_library_and_threads_per_rank_or_how_to_install_one():
+    four = hf.from_hosts("box", 4)
+    f = by_check(pf.check_host(four, "box", gathered(uname="Linux x86_64", blas=BLAS_OPENBLAS)))
+    assert str(f["blas"]) == (
+        "[ok] box blas: OpenBLAS 0.3.21 (Haswell) (/usr/lib/x86_64-linux-gnu/openblas-pthread/"
+        "libopenblasp-r0.3.21.so): 4 threads per rank (16 cores, 4 ranks on this host)"
+    )
+    f = by_check(pf.check_host(four, "box", gathered(uname="Linux x86_64", blas=BLAS_NONE)))
+    assert f["blas"].status == "warn"
+    assert f["blas"].message.endswith("slower): no OpenBLAS found: apt-get install libopenblas0-pthread")
+    f = by_check(pf.check_host(four, "box", gathered(uname="Linux x86_64", blas=("mlx_nb is not installed for /x/python", 1))))
+    assert str(f["blas"]) == "[skip] box blas: cannot tell which BLAS the ranks will run: mlx_nb is not installed for /x/python"
 
 
 def test_missing_rdma_device_and_interface_without_ip_fail():
@@ -294,7 +323,7 @@ def run_gather(path_prefix: Path | None = None) -> str:
 
 def test_gather_command_runs_here_and_reports_what_it_cannot_check():
     out = run_gather()
-    assert set(pf.parse_gathered(out)) == {"uname", "sw_vers", "ibv_devices", "interfaces", "versions"}
+    assert set(pf.parse_gathered(out)) == {"uname", "sw_vers", "ibv_devices", "interfaces", "versions", "blas"}
     f = by_check(
         pf.check_host(
             hf.loads('[{"ssh": "127.0.0.1", "ips": ["127.0.0.1"], "rdma": [null]}]'),
@@ -317,12 +346,28 @@ def test_gather_command_on_a_recorded_mac(tmp_path):
     s = pf.parse_gathered(out)
     assert s["ibv_devices"].output == IBV_DEVICES.rstrip("\n") and s["sw_vers"].rc == 0
     f = by_check(pf.check_host(MESH, "mac1", out))
-    assert {k: v.status for k, v in f.items()} == {
+    assert {k: v.status for k, v in f.items() if k != "blas"} == {  # blas: this machine's own (Linux)
         "macos": "ok",
         "rdma": "ok",
         "interfaces": "ok",
         "versions": "ok",
     }
+
+
+def test_gather_command_reports_the_blas_the_ranks_would_load_here():
+    local = hf.local(2)
+
+    def blas_finding(setting):
+        out = subprocess.run(pf.gather_command(sys.executable, setting), shell=True, capture_output=True,
+                             text=True, timeout=30).stdout
+        return by_check(pf.check_host(local, "localhost", out))["blas"]
+
+    assert str(blas_finding("off")) == "[ok] localhost blas: reference BLAS (bundled with mlx) (MLX_NB_BLAS=off)"
+    missing = blas_finding("/nonexistent/libblas.so.3")
+    assert missing.status == "warn" and "MLX_NB_BLAS=/nonexistent/libblas.so.3 could not be loaded" in missing.message
+    found = blas_finding(None)  # this machine's own: OpenBLAS where installed (CI installs it)
+    assert (found.status, "OpenBLAS" in found.message) in (("ok", True), ("warn", False))
+    assert found.status == "ok" or "apt-get install libopenblas0-pthread" in found.message
 
 
 # ------------------------------------------------------- lessons

@@ -14,8 +14,9 @@ import socket
 import sys
 import time
 import uuid
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
 
 import ipyparallel as ipp
@@ -24,7 +25,7 @@ import psutil
 from .. import diagnose
 from .. import hostfile as hostfiles
 from ..display import Table
-from ..rank import session
+from ..rank import blas, session
 from ..results import INIT_KEY, Identity
 from . import ClusterError, launch
 from .hosts import controller_ip, on_hosts
@@ -57,7 +58,7 @@ class RankInfo:
     pid: int = 0
     device: str = ""
     mlx: str = ""
-    blas: str = ""
+    blas: dict = field(default_factory=dict)  # rank.blas.BlasInfo.to_dict(): the BLAS its MLX runs
     active_memory: int = 0
     peak_memory: int = 0
     state: str = "starting"
@@ -157,14 +158,16 @@ class RankGroup:
         """Start one engine process per rank (not yet a group); return the set's tag."""
         self._generation += 1
         tag, spec = f"g{self._generation}", self.spec
+        # BLAS threads per rank are the host's cores over the ranks on it (rank.blas)
+        on_host = Counter(spec.host(h.rank) for h in spec.hostfile.hosts)
         if spec.backend == "mpi":
-            env = {**ENGINE_ENV, **spec.env, "MLX_NB_SET": tag}
+            env = {**ENGINE_ENV, **spec.env, "MLX_NB_SET": tag, blas.RANKS_ENV: str(spec.n)}
             self._start_set(f"{tag}-mpi", "mpi", launch.mpi_engine_launcher_kwargs(spec.n, spec.python, env))
             return tag
         # the ports of the ring are in MLX_HOSTFILE, written at init; jaccl's and nccl's are in env
         ports = None if spec.backend == "ring" else spec.ports
         for rank in hostfiles.rank_launch(spec.hostfile, spec.backend, env=spec.env, ports=ports):
-            env = {**ENGINE_ENV, **rank.env, "MLX_NB_SET": tag}
+            env = {**ENGINE_ENV, **rank.env, "MLX_NB_SET": tag, blas.RANKS_ENV: str(on_host[spec.host(rank.rank)])}
             if rank.rank in spec.remote:
                 ssh = [*spec.ssh_cmd, *launch.SSH_OPTIONS]
                 kwargs = launch.ssh_engine_launcher_kwargs(rank.host, spec.python, ssh, env)

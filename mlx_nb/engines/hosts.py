@@ -12,6 +12,7 @@ from typing import Optional
 from ..display import Table
 from ..hostfile import Hostfile, is_local
 from ..preflight import Finding, check_cluster, gather_command
+from ..rank import blas
 from ..rank.session import mlx_version
 from . import ClusterError
 from .launch import ssh_run
@@ -65,19 +66,21 @@ def on_hosts(hosts: Sequence[str], cmd: str, ssh_cmd: Sequence[str], timeout: fl
 
 def check_hosts(
     hostfile: Hostfile, backend: Optional[str] = None, python: Optional[str] = None,
-    ssh_cmd: Sequence[str] = ("ssh",), timeout: float = 30.0,
+    ssh_cmd: Sequence[str] = ("ssh",), timeout: float = 30.0, env: Optional[dict[str, str]] = None,
 ) -> list[Finding]:
     """Preflight findings for every host of ``hostfile``, gathered over ssh in parallel.
 
     One round trip per host (``preflight.gather_command``); an unreachable host is a
     ``fail`` finding of check ``ssh`` within about 5 s. Local entries are gathered here.
+    ``env`` is what the ranks get on top of the hostfile's "envs" (its ``MLX_NB_BLAS`` counts).
 
     >>> for f in check_hosts(hostfiles.load("hosts.json")): print(f)  # doctest: +SKIP
     """
     from mlx_nb import __version__
 
     python = python or sys.executable
-    cmd = gather_command(python)
+    ranks_env = dict(e.partition("=")[::2] for e in hostfile.envs) | dict(env or {})  # as the ranks get it
+    cmd = gather_command(python, ranks_env.get(blas.ENV))
     names = list(dict.fromkeys(h.ssh_hostname for h in hostfile.hosts))
 
     def gather(host: str) -> tuple[int, str]:

@@ -27,7 +27,7 @@ from importlib.metadata import version
 from typing import Any, Optional
 
 from ..results import INIT_KEY, REPORT_PREFIX, STOP_MESSAGE, Identity, Outcome, RankError
-from . import trace
+from . import blas, trace
 from .output import limited_output
 
 namespace: dict[str, Any] = {}  # the user's cell namespace
@@ -39,7 +39,6 @@ class State:
     size: int = 0
     backend: str = ""
     world: Any = None
-    blas: str = ""
     files: list[str] = field(default_factory=list)
     cells: deque = field(default_factory=lambda: deque(maxlen=16))  # linecache names kept
 
@@ -82,6 +81,7 @@ def warm() -> None:
     """
 
     def imports() -> None:
+        blas.use()  # before MLX loads: it binds its BLAS calls then
         import mlx.core  # noqa: F401
         import mlx.nn  # noqa: F401
 
@@ -103,6 +103,7 @@ def init_group(backend: str, size: int, files: dict[str, str], files_dir: Option
         sys.stdout.flush()
 
     progress("started")
+    blas.use()  # before anything imports mlx.core (a no-op once the warm thread did it)
     if size > 1:  # a group of one reads no hostfile (and MLX rejects an empty one)
         _write_files(files, files_dir)
     import mlx.core as mx
@@ -145,7 +146,7 @@ def describe() -> Identity:
 
     ident = identify()
     ident.rank, ident.size, ident.backend = state.rank, state.size, state.backend
-    ident.device, ident.blas = str(mx.default_device()), state.blas
+    ident.device, ident.blas = str(mx.default_device()), blas.current().to_dict()
     ident.active_memory, ident.peak_memory = memory()
     return ident
 
