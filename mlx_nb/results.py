@@ -17,6 +17,7 @@ TRACE_KEY = "mlx_nb_trace"  # a Trace, while a cell runs
 REPORT_PREFIX = "mlx_nb_report_"  # + a sequence number: live reports (rank.session.report)
 STOP_MESSAGE = "mlx_nb_stop"  # control channel: the cooperative stop flag
 CANCEL_MESSAGE = "mlx_nb_cancel"  # control channel: the cell is cancelled (content: failed ranks)
+INBOX_MESSAGE = "mlx_nb_inbox"  # control channel: data for the running job (Cluster.send, rank.session.inbox)
 
 PENDING_KEPT = 256  # pending calls a Trace carries (what a drain can replay)
 GROUP_OPS = ("all_sum", "all_gather", "all_max", "all_min", "sum_scatter")
