@@ -91,6 +91,7 @@ def generate_batch(
     Prompts are text, chat messages or token ids, as for ``generate``. Each reply's text goes to
     ``on_text(index, text)`` as it comes (else a live table, unless ``quiet``). Greedy unless
     ``temperature`` > 0; ``seed`` makes sampled replies repeatable (prompt i draws with seed + i).
+    The live table goes when the batch ends: the returned result is the table of the replies.
     At most ``max_batch`` sequences decode together; the rest wait their turn. The notebook's
     interrupt stops every rank at the same step.
 
@@ -140,7 +141,8 @@ def _one_line(text: str) -> str:
 
 
 class _Live:
-    """The replies so far: a table redrawn in place in a notebook, else each reply printed as it ends."""
+    """The replies so far: a table redrawn in place in a notebook (removed at the end: the result
+    shows itself), else each reply printed as it ends."""
 
     EVERY = 0.25  # seconds between redraws
 
@@ -171,5 +173,4 @@ class _Live:
 
     def close(self) -> None:
         if self.handle is not None:
-            self.done = [True] * len(self.done)
-            self.handle.update(self._table())
+            self.handle.update({"text/plain": ""}, raw=True)

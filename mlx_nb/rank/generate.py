@@ -23,6 +23,7 @@ from . import session
 
 Prompt = Union[str, list[dict[str, Any]], list[int]]
 _loaded: Optional[tuple] = None  # (model, tokenizer, group) of the last load_on_rank
+_source: dict = {}  # what _loaded was loaded from: model, path, pipeline, adapter_path
 
 
 def load(
@@ -102,7 +103,7 @@ def load_on_rank(model: Optional[str], pipeline: bool, adapter_path: Optional[st
     """Load the model on this rank (every rank at once), keep it, and say how long it took."""
     from mlx_lm import load as load_full
 
-    global _loaded
+    global _loaded, _source
     t0 = time.perf_counter()
     mx.reset_peak_memory()
     if adapter_path:
@@ -113,6 +114,7 @@ def load_on_rank(model: Optional[str], pipeline: bool, adapter_path: Optional[st
         model_, tokenizer = load(model, session.world(), pipeline)
         group = session.world()
     _loaded = (model_, tokenizer, group)
+    _source = {"model": model, "path": resolve(model), "pipeline": pipeline, "adapter_path": adapter_path}
     active, peak = session.memory()
     return {"seconds": time.perf_counter() - t0, "active_memory": active, "peak_memory": peak}
 
