@@ -102,7 +102,7 @@ class FinetuneRun:
         try:
             if self.config.model is None or self.config.model.lower() in BUNDLED_NAMES:
                 prepare_bundled(self.cluster.ranks)  # converted once here, not by every rank at once
-            self.per_rank = self.cluster.call(train_on_rank, asdict(self.config), on_report=self._on_report)
+            self.per_rank = self.cluster.call(train_on_rank, asdict(self.config), on_report=self._on_report, what="fine-tuning")
             r = self.per_rank[0]
             self.result = FinetuneResult(r["history"], r["adapter_path"], r["stopped_at"], r["seconds"], r["ranks"], r["global_batch"])
             how = f"stopped at step {r['stopped_at']}" if r["stopped_at"] else "done"

@@ -89,7 +89,7 @@ def load_model(
     if progress:
         print(f"loading on {cluster.n} ranks...", end="", flush=True)
     t0 = time.perf_counter()
-    loads = cluster.call(load_on_rank, model, pipeline, adapter_path, setup="load_model")
+    loads = cluster.call(load_on_rank, model, pipeline, adapter_path, setup="load_model", what="a model load")
     if progress:
         print(f" done in {time.perf_counter() - t0:.1f} s")
     return {"seconds": loads[0]["seconds"], "peak_memory": [r["peak_memory"] for r in loads],
@@ -104,6 +104,7 @@ def generate(
     on_text: Optional[Callable[[str], None]] = None,
     quiet: bool = False,
     timeout: Optional[float] = None,
+    what: str = "generation",
 ) -> GenerationStats:
     """Generate with the model loaded on the cluster, streaming rank 0's text as it comes.
 
@@ -124,7 +125,7 @@ def generate(
         elif not quiet:
             print(data["text"], end="", flush=True)
 
-    replies = cluster.call(generate_on_rank, prompt, max_tokens, on_report=on_report, timeout=timeout)
+    replies = cluster.call(generate_on_rank, prompt, max_tokens, on_report=on_report, timeout=timeout, what=what)
     if on_text is None and not quiet:
         print()
     r = replies[0]

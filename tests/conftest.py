@@ -16,7 +16,10 @@ from mlx_nb import Cluster
 # modules import the test hosts' helpers (tests/testhosts.py) before it is loaded as a plugin
 pytest.register_assert_rewrite("testhosts")
 
-_PROJECT = ("ipyparallel.engine", "ipyparallel.controller", "ipyparallel.cluster", "ipengine", "ipcontroller")
+_PROJECT = (
+    "ipyparallel.engine", "ipyparallel.controller", "ipyparallel.cluster", "ipengine", "ipcontroller",
+    "mlx_nb.engines.watchdog",
+)
 
 
 # every process this test session starts inherits the mark, orphans included

@@ -65,6 +65,17 @@ class RankTask:
     def output_done(self) -> bool:
         return self._future.output.done()
 
+    def succeeded(self, wait: float = 0.0) -> bool:
+        """The reply came (within ``wait`` s) and the function returned without raising."""
+        concurrent.futures.wait([self._future], timeout=wait)
+        if not self._future.done():
+            return False
+        try:
+            self._future.result()
+        except BaseException:
+            return False
+        return True
+
     def reply_failed(self) -> bool:
         """The reply came, and it is not a clean outcome (an error, a lost engine)."""
         try:
