@@ -173,7 +173,7 @@ def test_magic_status_table_lists_every_rank(ip):
     text = repr(table)
     for column in ("rank", "host", "pid", "device", "memory", "peak", "state"):
         assert column in text.splitlines()[1]
-    assert len(table.rows) == 4 and all(row[-1] == "idle" for row in table.rows)
+    assert len(table.rows) == 4 and all(row[6] == "idle" for row in table.rows)
     assert "<table>" in table._repr_html_()
 
 

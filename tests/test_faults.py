@@ -471,6 +471,9 @@ def magics_on(faulty):
 
 
 def _kill_idle_rank(cluster: Cluster, rank: int = 2) -> list[int]:
+    deadline = time.monotonic() + 60
+    while not cluster.group.spares_ready() and time.monotonic() < deadline:
+        time.sleep(0.1)  # idle a while, as a notebook is: the spares that the last restart started are up
     before = [r.pid for r in cluster.ranks]
     os.kill(before[rank], signal.SIGKILL)
     deadline = time.monotonic() + 5

@@ -50,7 +50,7 @@ def on_engine(f):
 def _mlx_env() -> dict:
     import os
 
-    env = {k: v for k, v in os.environ.items() if k.startswith("MLX_") and k != "MLX_NB_SET"}
+    env = {k: v for k, v in os.environ.items() if k.startswith("MLX_") and not k.startswith("MLX_NB_")}
     if "MLX_HOSTFILE" in env:
         with open(env["MLX_HOSTFILE"]) as f:
             env["MLX_HOSTFILE"] = f.read()
@@ -112,8 +112,7 @@ def test_a_controller_off_loopback_is_encrypted_so_a_stranger_reads_no_output(ip
     import zmq
 
     cluster = magics.current()
-    security = Path(cluster._ipp.profile_dir) / "security"
-    info = json.loads((security / f"ipcontroller-{cluster._ipp.cluster_id}-client.json").read_text())
+    info = json.loads(Path(cluster.group.client_file).read_text())
     assert info["interface"] == f"tcp://{hosts.bridge_ip}" and info["curve_serverkey"]
     url = f"{info['interface']}:{info['iopub']}"
     ctx = zmq.Context()

@@ -83,6 +83,17 @@ class RankGroup(Forming):
         return self._ipp.controller_ip if self._ipp is not None else None
 
     @property
+    def client_file(self) -> Optional[str]:
+        """The controller's connection file for clients (its keys when encrypted): user-readable only."""
+        if self._ipp is None:
+            return None
+        return os.path.join(self._ipp.profile_dir, "security", f"ipcontroller-{self._ipp.cluster_id}-client.json")
+
+    def spares_ready(self) -> bool:
+        """The warm spare set has registered (a restart now takes seconds)."""
+        return self._spare is None or len(self.client.ids) >= 2 * self.spec.n
+
+    @property
     def formed(self) -> bool:
         return len(self.ranks) == self.spec.n
 
@@ -238,7 +249,7 @@ class RankGroup(Forming):
         return on_hosts([self.spec.host(r) for r in sorted(self.spec.remote)], cmd, self.spec.ssh_cmd)
 
     def processes(self) -> list[psutil.Process]:
-        """Every process of the cluster on this machine: controller, engines (spares too), nannies."""
+        """Every process of the cluster on this machine: controller, engines (spares too), watchdog."""
         if self._ipp is None:
             return []
         pids = [
@@ -246,6 +257,8 @@ class RankGroup(Forming):
         ]
         if self._ipp.controller is not None:
             pids.append(self._ipp.controller.pid)
+        if self._watchdog is not None and self._watchdog.poll() is None:
+            pids.append(self._watchdog.pid)
         return [p for pid in pids for p in launch.process_tree(pid)]
 
     # ------------------------------------------------------------ engine sets
