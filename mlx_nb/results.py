@@ -20,6 +20,9 @@ CANCEL_MESSAGE = "mlx_nb_cancel"  # control channel: the cell is cancelled (cont
 CANCEL_KEY = "mlx_nb_cancelled"  # datapub: a rank got the cancel of this cell id
 
 PENDING_KEPT = 256  # pending calls a Trace carries (what a drain can replay)
+# a carriage return in rank output, as it travels: ipyparallel's client rewrites the text it has
+# collected when a "\r" arrives, which would shift what the notebook already read under it
+CR_MARK = "\x1b[mlx_nb-cr]"
 GROUP_OPS = ("all_sum", "all_gather", "all_max", "all_min", "sum_scatter")
 POINT_OPS = ("send", "recv", "recv_like")
 

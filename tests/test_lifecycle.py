@@ -7,51 +7,17 @@ Kernels here are real ones, through jupyter_client: a kernel's death is what the
 from __future__ import annotations
 
 import os
-import signal
 import threading
 import time
 import uuid
 
 import psutil
 import pytest
-from conftest import project_processes
-from jupyter_client.manager import start_new_kernel
+from conftest import Kernel, project_processes
 
 from mlx_nb import Cluster, ClusterError, clusters
 
 GONE_WITHIN = 10.0  # seconds from a kernel's death to none of its cluster's processes left
-
-
-class Kernel:
-    """A real IPython kernel; its processes carry the test's own mark."""
-
-    def __init__(self, mark: str):
-        self.km, self.kc = start_new_kernel(kernel_name="python3", env={**os.environ, "MLX_NB_TEST_SESSION": mark})
-        self.pid = int(self.run("import os; print(os.getpid())")[0])
-
-    def run(self, code: str, timeout: float = 180) -> tuple[str, str]:
-        """(stdout, error: a traceback or stderr) of one cell."""
-        out, err = [], []
-
-        def hook(msg: dict) -> None:
-            kind, content = msg["msg_type"], msg["content"]
-            if kind == "stream":  # a magic's UsageError comes as stderr text
-                (err if content["name"] == "stderr" else out).append(content["text"])
-            elif kind == "error":
-                err.append("\n".join(content["traceback"]))
-            elif kind in ("execute_result", "display_data"):
-                out.append(content["data"].get("text/plain", "") + "\n")
-
-        self.kc.execute_interactive(code, output_hook=hook, timeout=timeout)
-        return "".join(out).strip(), "\n".join(err)
-
-    def kill(self) -> None:
-        os.kill(self.pid, signal.SIGKILL)
-        psutil.wait_procs([psutil.Process(self.pid)], timeout=10) if psutil.pid_exists(self.pid) else None
-
-    def close(self) -> None:
-        self.kc.stop_channels()
-        self.km.shutdown_kernel(now=True)
 
 
 def _gone(mark: str, within: float = GONE_WITHIN) -> list[psutil.Process]:

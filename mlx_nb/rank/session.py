@@ -218,7 +218,18 @@ def pull(name: str) -> Any:
     """A value of the cell namespace, as it can travel (mx.array pickles itself)."""
     if name not in namespace:
         raise NameError(f"name {name!r} is not defined on rank {state.rank}")
-    return namespace[name]
+    value = namespace[name]
+    if not isinstance(value, (int, float, str, bytes, bool, type(None))) and type(value).__name__ not in ("array", "ndarray"):
+        import cloudpickle
+
+        try:
+            cloudpickle.dumps(value)
+        except Exception as e:  # said here, by name, rather than as a failed reply
+            raise TypeError(
+                f"{name} on rank {state.rank} ({type(value).__name__}) cannot travel to the notebook: "
+                f"{type(e).__name__}: {e}"
+            ) from None
+    return value
 
 
 # ------------------------------------------------------------------ running
