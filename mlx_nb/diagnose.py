@@ -105,7 +105,8 @@ def describe_rank(o: Outcome) -> str:
 
 def replayed(titles: Sequence[str], took: float) -> str:
     """'Replayed 2 setup cell(s) on the new ranks in 1.2 s: w = ...; load_model(...)'."""
-    shown = "; ".join(f if len(f) <= 50 else f[:47] + "..." for f in titles)
+    firsts = [(t.strip().splitlines() or [""])[0] for t in titles]  # a cell's first line names it
+    shown = "; ".join(f if len(f) <= 50 else f[:47] + "..." for f in firsts)
     return f"Replayed {len(titles)} setup cell(s) on the new ranks in {took:.1f} s: {shown}"
 
 
