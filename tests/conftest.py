@@ -132,3 +132,22 @@ class Kernel:
     def close(self) -> None:
         self.kc.stop_channels()
         self.km.shutdown_kernel(now=True)
+
+
+def execute_across_a_restart(path, tag: str = "new-kernel"):
+    """Execute a notebook as a person would who restarts the kernel at the cell tagged ``tag``:
+    the cells before it in one kernel, which is then killed, the rest in a new one."""
+    import nbclient
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    at = next(i for i, c in enumerate(nb.cells) if tag in c.metadata.get("tags", []))
+    for cells in (range(at), range(at, len(nb.cells))):
+        client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                                         resources={"metadata": {"path": str(path.parent)}})
+        with client.setup_kernel():
+            for i in cells:
+                if nb.cells[i].cell_type == "code":
+                    client.execute_cell(nb.cells[i], i)
+            os.kill(client.km.provisioner.process.pid, signal.SIGKILL)  # the restart: nothing runs at exit
+    return nb

@@ -187,3 +187,20 @@ def test_nothing_waits_behind_a_server_it_is_refused_at_once(owned):
         owned.run("x = 1")
     assert time.perf_counter() - t0 < 1
     job.join(30)
+
+
+def test_the_keep_and_attach_tutorial_answers_at_once_after_a_kernel_restart():
+    from pathlib import Path
+
+    from conftest import execute_across_a_restart
+
+    keep = {p.pid for p in project_processes()}
+    nb = execute_across_a_restart(Path(__file__).resolve().parent.parent / "notebooks" / "08_keep_and_attach.ipynb")
+    cells = [c for c in nb.cells if c.cell_type == "code"]
+    texts = ["".join(o.get("text", "") for o in c.outputs) for c in cells]
+    assert not [o for c in cells for o in c.outputs if o.output_type == "error"]
+    assert "kept as 'tutorial-llm'" in texts[0]
+    assert "Paris" in texts[2] and "Attached 'tutorial-llm': 2 ranks" in texts[4]
+    assert "Paris" in texts[5] and "without loading anything" in texts[5]
+    assert "tutorial-llm" not in [c["name"] for c in clusters()]
+    assert [p for p in project_processes() if p.pid not in keep] == []

@@ -161,7 +161,8 @@ class RankGroup(Forming):
             # a kept cluster has no owner: it outlives its kernel, until its idle limit
             "owner_pid": None if self.keep else me.pid, "owner_started": me.create_time(),
             "created": self.created, "idle": self.idle, "local": local, "remote": remote, "dir": self.dir,
-            "files": [self._ipp.cluster_file], "gentle": self.spec.backend in ("jaccl", "jaccl-ring"),
+            "files": [self._ipp.cluster_file, self.client_file, self.client_file.replace("-client.json", "-engine.json")],
+            "gentle": self.spec.backend in ("jaccl", "jaccl-ring"),
         }
         tmp = self.state_file + ".tmp"
         with open(tmp, "w") as f:

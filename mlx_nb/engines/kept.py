@@ -145,7 +145,7 @@ def load(name: str) -> IppCluster:
         raise ClusterError(f"no kept cluster named {name!r}{known} (%mlx_cluster list)")
     with open(path) as f:
         d = json.load(f)
-    return IppCluster.from_dict(d, cluster_file=path, shutdown_atexit=False)
+    return IppCluster.from_dict(d, cluster_file=path, shutdown_atexit=False, log_level=40)
 
 
 def attach(name: str, take: bool = False):
@@ -186,10 +186,15 @@ def listing() -> list[dict]:
     for path in cluster_files():
         try:
             with open(path) as f:
-                state = json.load(f).get("mlx_nb") or {}
+                d = json.load(f)
         except (OSError, ValueError):
             continue
+        state = d.get("mlx_nb") or {}
+        controller = ((d.get("controller") or {}).get("state") or {}).get("pid")
         if not state.get("spec"):
+            continue
+        if not controller or not psutil.pid_exists(controller):
+            os.remove(path)  # its processes are gone (the machine restarted, say): nothing to attach
             continue
         pids = [r["pid"] for r in state.get("ranks", [])]
         memory = 0
