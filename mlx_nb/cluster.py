@@ -10,8 +10,6 @@ died while idle is replaced first, and a failure is explained and recovered the 
 
 from __future__ import annotations
 
-import contextlib
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,12 +25,11 @@ from .engines import ClusterError, kept
 from .engines.group import RankGroup, RankInfo
 from .engines.hosts import check_hosts, controller_ip, refuse_on
 from .hostfile import Hostfile
+from .jobs import JobSlot
 from .preflight import Finding
-from .rank import blas, session
+from .rank import session
 from .results import STOP_MESSAGE
 from .spec import BACKENDS, ClusterSpec, check_timeout
-
-SERVING = "serving"  # the job name of a server: it runs until stopped, so nothing waits for it
 
 __all__ = ["BACKENDS", "Cluster", "ClusterError", "RankInfo", "SetupCell", "controller_ip"]
 
@@ -112,10 +109,7 @@ class Cluster:
         self.setup_cells: list[SetupCell] = []
         self.on_message: Callable[[str], None] = print
         self.job: Optional[CellRun] = None  # the job running now
-        self._job_lock = threading.Lock()
-        self._job_owner: Optional[int] = None  # the thread whose job runs
-        self._job_what: Optional[str] = None
-        self._job_since = 0.0
+        self.jobs = JobSlot()  # one job at a time on the ranks
         self._cell_count = 0
 
     @classmethod
@@ -190,22 +184,9 @@ class Cluster:
         if self.remote and self.spec.preflight:
             refuse_on(self.check())
         self.group.start()
-        self._blas_note()
+        for note in diagnose.blas_notes(self.ranks):
+            self.on_message(note)
         return self
-
-    def _blas_note(self) -> None:
-        """One line per reason where ranks run MLX's reference BLAS although nobody asked for it."""
-        notes: dict[str, list[RankInfo]] = {}
-        for r in self.ranks:
-            if r.blas and not r.blas["optimized"] and r.blas["note"] and not r.blas["note"].endswith("=off"):
-                notes.setdefault(r.blas["note"], []).append(r)
-        for note, ranks in notes.items():
-            hosts = ", ".join(dict.fromkeys(r.host for r in ranks))
-            self.on_message(
-                f"rank(s) {diagnose.ranges([r.rank for r in ranks])} on {hosts} run MLX's bundled reference BLAS "
-                f"(float32 matmuls about 30x slower): {note}; then restart the cluster "
-                f"({blas.ENV}=off keeps the reference BLAS without this note)"
-            )
 
     def stop(self) -> None:
         """Stop every engine and the controller; nothing is left running.
@@ -213,13 +194,11 @@ class Cluster:
         A job running in the background (fine-tuning, a chat reply) is asked to stop first and
         given up to a minute to end where the ranks agree (fine-tuning saves its adapters).
         """
-        running = self._job_what
-        if running is not None and self._job_owner != threading.get_ident() and self.group.formed:
+        running = self.jobs.what
+        if running is not None and not self.jobs.mine and self.group.formed:
             self.on_message(f"Stopping {running} first (every rank stops at the same step)...")
             self.request_stop()
-            if self._job_lock.acquire(timeout=60):
-                self._job_lock.release()
-            else:
+            if not self.jobs.wait_idle(60):
                 self.on_message(f"{running} did not stop within 60 s: stopping the cluster under it")
         self.group.stop()
 
@@ -303,7 +282,9 @@ class Cluster:
     # ------------------------------------------------------------------- jobs
     def _run_job(self, job: Job, options: RunOptions, what: str = "a %%mlx_dist cell") -> CellResult:
         self._require_running()
-        with self._one_job(what):
+        if not self.jobs.mine:
+            self.group.check_holder()
+        with self.jobs.hold(what, self.on_message):
             self.heal()
             self._cell_count += 1
             outer = self.job  # a job's restart replays the setup jobs inside it
@@ -313,41 +294,11 @@ class Cluster:
             finally:
                 self.job = outer
                 self.group.touch()
-                if self.group.keep and outer is None:
-                    self.group.setup_state = kept.encode(self.setup_cells)  # for a kernel that attaches
-                    self.group.publish()
-
-    @contextlib.contextmanager
-    def _one_job(self, what: str):
-        """One job at a time on the ranks: a second waits visibly (interrupt gives up), except
-        behind a server, which runs until stopped: then it is refused at once."""
-        if self._job_owner == threading.get_ident():  # inside our own job (a restart's replay)
-            yield
-            return
-        self.group.check_holder()
-        if not self._job_lock.acquire(blocking=False):
-            running, took = self._job_what, time.monotonic() - self._job_since
-            if running == SERVING:
-                raise ClusterError(
-                    f"the ranks are serving (for {took:.0f} s): stop the server first (%mlx_serve stop)"
-                )
-            self.on_message(f"Waiting for {running} to finish (running for {took:.0f} s); interrupt to give up...")
-            try:
-                while not self._job_lock.acquire(timeout=0.2):
-                    pass
-            except KeyboardInterrupt:
-                raise ClusterError(f"gave up waiting: {running} still runs on the ranks") from None
-        self._job_owner, self._job_what, self._job_since = threading.get_ident(), what, time.monotonic()
-        try:
-            yield
-        finally:
-            self._job_owner = self._job_what = None
-            self._job_lock.release()
 
     @property
     def running_job(self) -> Optional[str]:
         """What runs on the ranks now ("a %%mlx_dist cell", "fine-tuning", "serving"...), or None."""
-        return self._job_what
+        return self.jobs.what
 
     def run(
         self,
@@ -382,6 +333,7 @@ class Cluster:
         cell = self._run_job(Job(code=code), options)
         if setup and register:
             self.setup_cells.append(SetupCell(code, dict(push or {})))
+            self._setup_changed()
         return cell
 
     def call(
@@ -421,6 +373,7 @@ class Cluster:
         if setup is not None:
             self.setup_cells[:] = [c for c in self.setup_cells if c.key != setup]
             self.setup_cells.append(SetupCell(job.title, job=job, key=setup))
+            self._setup_changed()
         return values[0] if isinstance(ranks, int) else values
 
     def request_stop(self) -> None:
@@ -440,6 +393,18 @@ class Cluster:
     def pull(self, name: str, ranks: Union[int, Sequence[int], str] = 0) -> Any:
         """A rank's value of ``name`` (rank 0 by default); a list for several ranks."""
         return self.call(session.pull, name, ranks=ranks)
+
+    def forget_setup(self) -> int:
+        """Forget the setup cells (a restart then replays none); how many there were."""
+        n = len(self.setup_cells)
+        self.setup_cells.clear()
+        self._setup_changed()
+        return n
+
+    def _setup_changed(self) -> None:
+        if self.group.keep:  # a kernel that attaches gets them
+            self.group.setup_state = kept.encode(self.setup_cells)
+            self.group.save_state()
 
     def replay_setup(self) -> float:
         """Run the registered setup cells again, in order; return the seconds it took."""
@@ -461,30 +426,7 @@ class Cluster:
     def status(self) -> list[RankInfo]:
         """Each rank's host, pid, device, memory and state (idle / busy / dead)."""
         self._require_running()
-        dead = set(self.group.dead_ranks())
-        if not self.group.controller_alive():
-            for r in self.ranks:
-                r.state = "unreachable (controller died)"
-            return self.ranks
-        try:
-            queued, lost = self.group.busy_ranks()
-        except ClusterError:
-            queued, lost = set(), {r.rank for r in self.ranks}
-        for r in self.ranks:
-            if r.rank in dead:
-                r.state = "dead"
-            elif r.rank in lost:
-                r.state = "lost"
-            else:
-                r.state = "busy" if self.busy or r.rank in queued else "idle"
-        if self.ranks and all(r.state == "idle" for r in self.ranks):
-            try:
-                infos = self.group.view.apply_async(session.describe).get(timeout=5)
-                for r, info in zip(self.ranks, infos):
-                    r.active_memory, r.peak_memory = info.active_memory, info.peak_memory
-            except Exception:
-                pass
-        return self.ranks
+        return self.group.states(busy=self.busy)
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"

@@ -238,6 +238,20 @@ def drain_plan(
     return {f: [c for _, _, c in sorted(s, key=lambda x: x[:2])] for f, s in steps.items() if s}, ""
 
 
+def blas_notes(ranks: Sequence) -> list[str]:
+    """One line per reason where ranks (``RankInfo``) run MLX's reference BLAS unasked."""
+    notes: dict[str, list] = {}
+    for r in ranks:
+        if r.blas and not r.blas["optimized"] and r.blas["note"] and not r.blas["note"].endswith("=off"):
+            notes.setdefault(r.blas["note"], []).append(r)
+    return [
+        f"rank(s) {ranges([r.rank for r in rs])} on {', '.join(dict.fromkeys(r.host for r in rs))} run MLX's "
+        f"bundled reference BLAS (float32 matmuls about 30x slower): {note}; then restart the cluster "
+        "(MLX_NB_BLAS=off keeps the reference BLAS without this note)"
+        for note, rs in notes.items()
+    ]
+
+
 # ------------------------------------------------------------------ forming the group
 def init_failed(rank: int, error: RankError, address: str, ports_given: bool) -> str:
     """mx.distributed.init raised on ``rank``; ``address`` is its ring address ('ip:port')."""

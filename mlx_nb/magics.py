@@ -268,8 +268,7 @@ class MLXMagics(Magics):
                 print(note)
             return status_table(cluster)
         elif args.action == "forget-setup":
-            print(f"Forgot {len(cluster.setup_cells)} setup cell(s).")
-            cluster.setup_cells.clear()
+            print(f"Forgot {cluster.forget_setup()} setup cell(s).")
 
     @magic_arguments()
     @argument("--ranks", default="0", help="whose output to show: 0 (default), all, or a list like 0,2")

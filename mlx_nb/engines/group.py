@@ -7,7 +7,6 @@ so the next restart binds the spares (seconds) while a new spare set starts behi
 from __future__ import annotations
 
 import atexit
-import json
 import os
 import shutil
 import sys
@@ -22,7 +21,7 @@ import psutil
 from ipyparallel.serialize.canning import use_cloudpickle
 
 from .. import hostfile as hostfiles
-from ..rank import blas
+from ..rank import blas, session
 from ..results import Identity
 from . import ClusterError, kept, launch, watchdog
 from .form import Forming, RankInfo
@@ -144,63 +143,14 @@ class RankGroup(Forming):
         self._watchdog = watchdog.start(self.state_file)
 
     def save_state(self) -> None:
-        """What the watchdog must end, written atomically: every process of the cluster."""
-        if self._ipp is None or not os.path.isdir(self.dir):
-            return
-        local, remote = [p.pid for p in self._controller_tree], []
-        if self._ipp.controller is not None:
-            local.append(self._ipp.controller.pid)
-        for es in self._ipp.engines.values():
-            for el in launch.set_launchers(es):
-                if launch.is_ssh(el):
-                    remote.append({"host": el.location, "pid": el.pid, "ssh": [*el.ssh_cmd, *el.ssh_args]})
-                elif el.pid:
-                    local.append(el.pid)
-        me = psutil.Process()
-        state = {
-            # a kept cluster has no owner: it outlives its kernel, until its idle limit
-            "owner_pid": None if self.keep else me.pid, "owner_started": me.create_time(),
-            "created": self.created, "idle": self.idle, "local": local, "remote": remote, "dir": self.dir,
-            "files": [self._ipp.cluster_file, self.client_file, self.client_file.replace("-client.json", "-engine.json")],
-            "gentle": self.spec.backend in ("jaccl", "jaccl-ring"),
-        }
-        tmp = self.state_file + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(state, f)
-        os.replace(tmp, self.state_file)
-        self.publish()
+        """What the watchdog must end (every process of the cluster), and a kept cluster's part
+        of its cluster file: written at every change."""
+        watchdog.write_state(self)
+        kept.publish(self)
 
     def check_holder(self) -> None:
         """A kept cluster taken over by another kernel runs no more jobs from this one."""
-        if not self.keep or self._ipp is None:
-            return
-        try:
-            mtime = os.stat(self._ipp.cluster_file).st_mtime
-        except OSError:
-            return
-        if mtime != getattr(self, "_holder_mtime", None):
-            self._holder_mtime = mtime
-            with open(self._ipp.cluster_file) as f:
-                holder = (json.load(f).get("mlx_nb") or {}).get("holder") or {}
-            if holder.get("pid") not in (None, self.holder["pid"]) or holder.get("host") != self.holder["host"]:
-                self._taken = holder
-        if getattr(self, "_taken", None):
-            h = self._taken
-            raise ClusterError(
-                f"cluster {self.name!r} was taken over by the kernel pid {h['pid']} on {h['host']}: "
-                f"%mlx_cluster attach {self.name} --take to take it back"
-            )
-
-    def publish(self) -> None:
-        """A kept cluster's part of ipyparallel's cluster file: what a kernel needs to attach."""
-        if not self.keep or self._ipp is None:
-            return
-        self._ipp.mlx_nb = {
-            "name": self.name, "spec": kept.spec_state(self.spec), "ranks": [vars(r) for r in self.ranks],
-            "tag": self._tag, "spare": self._spare, "generation": self._generation, "dir": self.dir,
-            "created": self.created, "idle": self.idle, "holder": self.holder, "setup": self.setup_state,
-        }
-        self._ipp.update_cluster_file()
+        kept.check_holder(self)
 
     def touch(self) -> None:
         """The cluster was used now (a kept cluster's idle limit counts from here)."""
@@ -406,6 +356,29 @@ class RankGroup(Forming):
         """Whether the controller's process still runs (its launcher's wait thread says)."""
         c = self._ipp.controller if self._ipp is not None else None
         return c is not None and launch.launcher_alive(c)
+
+    def states(self, busy: bool) -> list[RankInfo]:
+        """The ranks with their state (idle / busy / dead / lost), and their memory when idle;
+        within seconds whatever the hub does."""
+        dead = set(self.dead_ranks())
+        if not self.controller_alive():
+            for r in self.ranks:
+                r.state = "unreachable (controller died)"
+            return self.ranks
+        try:
+            queued, lost = self.busy_ranks()
+        except ClusterError:
+            queued, lost = set(), {r.rank for r in self.ranks}
+        for r in self.ranks:
+            r.state = "dead" if r.rank in dead else "lost" if r.rank in lost else "busy" if busy or r.rank in queued else "idle"
+        if self.ranks and all(r.state == "idle" for r in self.ranks):
+            try:
+                infos = self.view.apply_async(session.describe).get(timeout=5)
+                for r, info in zip(self.ranks, infos):
+                    r.active_memory, r.peak_memory = info.active_memory, info.peak_memory
+            except Exception:  # memory is a nicety: the states stand without it
+                pass
+        return self.ranks
 
     def busy_ranks(self, timeout: float = 3.0) -> tuple[set[int], set[int]]:
         """(ranks the hub has work of others queued for, ranks the hub cannot account for).

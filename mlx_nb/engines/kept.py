@@ -215,3 +215,37 @@ def listing() -> list[dict]:
             "holder": state.get("holder") if holder_alive(state.get("holder")) else None,
         })
     return rows
+
+
+def publish(group) -> None:
+    """A kept cluster's part of ipyparallel's cluster file: what a kernel needs to attach."""
+    if not group.keep or group._ipp is None:
+        return
+    group._ipp.mlx_nb = {
+        "name": group.name, "spec": spec_state(group.spec), "ranks": [vars(r) for r in group.ranks],
+        "tag": group._tag, "spare": group._spare, "generation": group._generation, "dir": group.dir,
+        "created": group.created, "idle": group.idle, "holder": group.holder, "setup": group.setup_state,
+    }
+    group._ipp.update_cluster_file()
+
+
+def check_holder(group) -> None:
+    """A kept cluster taken over by another kernel runs no more jobs from this one."""
+    if not group.keep or group._ipp is None:
+        return
+    try:
+        mtime = os.stat(group._ipp.cluster_file).st_mtime
+    except OSError:
+        return
+    if mtime != getattr(group, "_holder_mtime", None):
+        group._holder_mtime = mtime
+        with open(group._ipp.cluster_file) as f:
+            holder = (json.load(f).get("mlx_nb") or {}).get("holder") or {}
+        if holder.get("pid") not in (None, group.holder["pid"]) or holder.get("host") != group.holder["host"]:
+            group._taken = holder
+    if getattr(group, "_taken", None):
+        h = group._taken
+        raise ClusterError(
+            f"cluster {group.name!r} was taken over by the kernel pid {h['pid']} on {h['host']}: "
+            f"%mlx_cluster attach {group.name} --take to take it back"
+        )

@@ -130,5 +130,34 @@ def start(path: str) -> subprocess.Popen:
     )
 
 
+def write_state(group) -> None:
+    """What the watchdog of ``group`` (a RankGroup) must end, written atomically: every process."""
+    from . import launch  # the notebook's side only: the watchdog itself stays light
+
+    if group._ipp is None or not os.path.isdir(group.dir):
+        return
+    local, remote = [p.pid for p in group._controller_tree], []
+    if group._ipp.controller is not None:
+        local.append(group._ipp.controller.pid)
+    for es in group._ipp.engines.values():
+        for el in launch.set_launchers(es):
+            if launch.is_ssh(el):
+                remote.append({"host": el.location, "pid": el.pid, "ssh": [*el.ssh_cmd, *el.ssh_args]})
+            elif el.pid:
+                local.append(el.pid)
+    me = psutil.Process()
+    state = {
+        # a kept cluster has no owner: it outlives its kernel, until its idle limit
+        "owner_pid": None if group.keep else me.pid, "owner_started": me.create_time(),
+        "created": group.created, "idle": group.idle, "local": local, "remote": remote, "dir": group.dir,
+        "files": [group._ipp.cluster_file, group.client_file, group.client_file.replace("-client.json", "-engine.json")],
+        "gentle": group.spec.backend in ("jaccl", "jaccl-ring"),
+    }
+    tmp = group.state_file + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(state, f)
+    os.replace(tmp, group.state_file)
+
+
 if __name__ == "__main__":
     watch(sys.argv[1])
