@@ -31,6 +31,7 @@ BUNDLED_NAMES = ("smollm2", "bundled")
 _GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Bump when the folder layout changes, so old caches are rebuilt.
 _FORMAT = 1
+FUSED_KEPT = 3  # fused models (base + adapters) kept in the cache
 
 _LAYER_NAMES = {
     "attn_q": "self_attn.q_proj",
@@ -108,7 +109,8 @@ def fused_model(base: str | Path, adapter_path: str | Path) -> Path:
     Fused with mlx-lm's own ``fuse`` (a quantized layer is dequantized, fused and quantized
     again at its bits and group size), in this process, once: the folder is cached under
     :func:`cache_dir`, keyed by the adapter weights and config and by the base's files, and
-    written under a temporary name, then renamed into place.
+    written under a temporary name, then renamed into place. The ``FUSED_KEPT`` most recently
+    used fused models are kept; older ones are removed (a fused model is as big as its base).
 
     Example:
         >>> path = fused_model(bundled_model(), "adapters/run-20250101-120000")  # doctest: +SKIP
@@ -124,8 +126,19 @@ def fused_model(base: str | Path, adapter_path: str | Path) -> Path:
                                     "finetune (or mlx_lm.lora) wrote, holding adapter_config.json and adapters.safetensors")
     target = cache_dir() / "fused" / f"{name}-{_fuse_key(base, adapters)}"
     if (target / "config.json").exists():
-        return target
-    return _atomic_folder(target, lambda tmp: _fuse(base, adapters, tmp))
+        os.utime(target)  # used: the last to be pruned
+    else:
+        _atomic_folder(target, lambda tmp: _fuse(base, adapters, tmp))
+    _prune(target.parent, keep=FUSED_KEPT)
+    return target
+
+
+def _prune(folder: Path, keep: int) -> None:
+    """Remove all but the ``keep`` most recently used model folders in ``folder``."""
+    models = sorted((p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                    key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in models[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _fuse_key(base: Path, adapters: Path) -> str:

@@ -283,6 +283,23 @@ def test_resume_and_adapter_path_mistakes_are_explained(resumed):
         prepare({"resume": str(Path(part.adapter_path).parent)})
 
 
+def test_the_cache_keeps_the_latest_fused_models_only(resumed, tiny_model, tmp_path, monkeypatch):
+    from mlx_nb.models import FUSED_KEPT, fused_model
+
+    monkeypatch.setenv("MLX_NB_CACHE", str(tmp_path / "cache"))
+    trained = Path(resumed[0].adapter_path)
+    made = []
+    for k in range(FUSED_KEPT + 1):  # adapters of their own each: their weights scaled
+        adapters = tmp_path / f"adapters-{k}"
+        adapters.mkdir()
+        shutil.copy(trained / "adapter_config.json", adapters)
+        mx.save_safetensors(str(adapters / "adapters.safetensors"),
+                            {name: w * (k + 1) for name, w in mx.load(str(trained / "adapters.safetensors")).items()})
+        made.append(fused_model(tiny_model, adapters))
+    assert len(set(made)) == FUSED_KEPT + 1
+    assert sorted((tmp_path / "cache" / "fused").iterdir()) == sorted(made[1:])
+
+
 def test_each_run_gets_a_new_folder_by_default(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     first, second = prepare({}).adapter_path, prepare({}).adapter_path

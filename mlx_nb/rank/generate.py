@@ -108,8 +108,9 @@ def load_on_rank(model: Optional[str], pipeline: bool) -> dict:
     mx.reset_peak_memory()
     path = resolve(model)
     if path.startswith("/") and not os.path.exists(path):
-        raise FileNotFoundError(f"{path} is not on this rank's host ({socket.gethostname()}): a fused model is "
-                                "written on the notebook's machine; copy it to the same path there, or share the folder")
+        raise FileNotFoundError(f"{path} is not on this rank's host ({socket.gethostname()}): a fused model is written "
+                                "on the notebook's machine, and leaves its cache when newer ones come; "
+                                "load_model(cluster, adapter_path=...) makes it again (on other hosts, share the folder)")
     model_, tokenizer = load(path, session.world(), pipeline)
     _loaded = (model_, tokenizer, session.world())
     active, peak = session.memory()
