@@ -8,6 +8,9 @@ cell of thousands of collectives. Memory (RSS) is read at the start (after a fir
 block of cells has warmed everything up), in the middle and at the end, after a
 ``gc.collect()`` here; with it, the entries of ipyparallel's Client caches, which
 hold a record per message sent. A session that stays flat ends where it started.
+
+One run (2 local ranks, 2-core Linux VM shared with other jobs, load average 2.7 at the
+start, CPU MLX 0.32.4, ipyparallel 9.2): see README.md, "Measured here".
 """
 
 from __future__ import annotations
@@ -80,6 +83,8 @@ def measure(cluster: Cluster) -> dict[str, int]:
         "client.results + metadata entries": len(client.results) + len(client.metadata),
         "client futures (reply + output)": len(client._futures) + len(client._output_futures),
         "client.outstanding entries": len(client.outstanding) + sum(map(len, client._outstanding_dict.values())),
+        # signatures of messages received, kept against replays: capped at digest_history_size
+        "client.session digests": len(client.session.digest_history),
     }
 
 
@@ -113,11 +118,11 @@ def main() -> None:
     for key in seen["start"]:
         values = [seen[p][key] for p in points]
         shown = [human_bytes(v) if "RSS" in key else str(v) for v in values]
-        ratio = f"{values[-1] / values[0]:.2f}" if values[0] else "-"
-        rows.append([key, *shown, ratio])
+        ratios = [f"{values[-1] / v:.2f}" if v else "-" for v in values[:2]]
+        rows.append([key, *shown, *ratios])
     title = (f"{args.cells} cells on {args.n} ranks in {time.perf_counter() - t0:.0f} s ({args.mb:g} MB push/pull, "
              f"training loops of {args.collectives} all_sums, {sink.chars} characters printed)")
-    columns = ["measure", *(f"{p} (cell {at})" for p, at in points.items()), "end / start"]
+    columns = ["measure", *(f"{p} (cell {at})" for p, at in points.items()), "end / start", "end / middle"]
     print(Table(columns, rows, title))
 
 
