@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 
 from . import diagnose
 from .diagnose import RANK_FAILED, Recovery
-from .engines.tasks import RankTask, dispatch
+from .engines.tasks import RankTask, dispatch, forget
 from .output import Printer, write_stream
 from .rank import session
 from .results import CANCEL_KEY, CANCEL_MESSAGE, REPORT_PREFIX, STOP_MESSAGE, TRACE_KEY, Outcome, RankError, Trace
@@ -239,13 +239,16 @@ class CellRun:
         """Dispatch, wait, and return the result; raise DistCellError (root cause first) if any
         rank failed, after restarting the ranks where the group cannot go on."""
         self._dispatch()
-        failure = self._wait()
-        wall = time.perf_counter() - self.t0
-        if failure is None and any(o.lost for o in self.outcomes.values()):
-            failure = RANK_FAILED  # every rank has reported, but a group that lost one cannot go on
-        if failure is not None:
-            raise self._recover(failure, wall)
-        return self._result(wall)
+        try:
+            failure = self._wait()
+            wall = time.perf_counter() - self.t0
+            if failure is None and any(o.lost for o in self.outcomes.values()):
+                failure = RANK_FAILED  # every rank has reported, but a group that lost one cannot go on
+            if failure is not None:
+                raise self._recover(failure, wall)
+            return self._result(wall)
+        finally:
+            forget(self.tasks.values())  # else the client keeps a record per rank per job
 
     # ------------------------------------------------------------------ dispatch and wait
     def _dispatch(self) -> None:

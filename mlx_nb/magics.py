@@ -379,7 +379,7 @@ class MLXMagics(Magics):
     @argument("--load", metavar="MODEL", default=None,
               help="load MODEL on every rank first: 'bundled' (SmolLM2, offline), an mlx-lm path or repo id")
     @argument("--pipeline", action="store_true", help="with --load: pipeline parallel instead of tensor parallel")
-    @argument("--adapter", default=None, help="with --load: LoRA adapters to apply (every rank holds the whole model)")
+    @argument("--adapter", default=None, help="with --load: LoRA adapters (a finetune folder), fused into the weights, then split")
     @argument("--max-tokens", type=int, default=256, help="most tokens to generate (default 256)")
     @line_magic
     def mlx_generate(self, line: str):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, Optional
 
 import ipyparallel as ipp
 
@@ -20,8 +20,8 @@ class RankTask:
     reacting to callbacks, means output that arrived before anyone listened is not lost.
     """
 
-    def __init__(self, rank: int, future: Any):
-        self.rank, self._future = rank, future
+    def __init__(self, rank: int, future: Any, client: Optional[ipp.Client] = None):
+        self.rank, self._future, self._client = rank, future, client
         self._md = future.output.metadata
 
     # what the rank has sent so far
@@ -102,8 +102,46 @@ class RankTask:
         return result
 
 
+def forget(tasks: Iterable[RankTask]) -> None:
+    """Drop a finished job's messages from the ipyparallel Client's caches (see
+    :func:`forget_messages`); tasks still waiting for a reply are kept.
+
+    Example::
+
+        tasks = dispatch(view, [0, 1], fn)
+        ...  # wait for them
+        forget(tasks.values())
+    """
+    done = [t for t in tasks if t._client is not None and t.replied]
+    if done:
+        forget_messages(done[0]._client, [t._future.msg_id for t in done])
+
+
+def forget_messages(client: ipp.Client, msg_ids: Iterable[str]) -> None:
+    """Drop ``msg_ids`` from ``client``'s caches, once their replies came.
+
+    The Client appends every message id it sends to ``client.history`` and never trims it,
+    and keeps a message's result and metadata until its reply *and* its end of output
+    arrived (the latter never does for a rank whose output was given up on): without this,
+    one entry per rank per job, forever. Messages still outstanding are kept (a reply may
+    still come).
+
+    Example::
+
+        ar = view.apply_async(fn)
+        ar.get()
+        forget_messages(view.client, ar.msg_ids)
+    """
+    ids = set(msg_ids) - client.outstanding
+    for cache in (client.results, client.metadata, client._futures, client._output_futures):
+        for msg_id in ids:
+            cache.pop(msg_id, None)
+    if ids:
+        client.history[:] = [m for m in client.history if m not in ids]
+
+
 def dispatch(view: ipp.DirectView, ranks: list[int], fn: Callable, *args: Any) -> dict[int, RankTask]:
     """``fn(*args)`` on every engine of ``view`` (one per rank of ``ranks``, in order) in one
-    apply: the same dispatch cost as a raw DirectView call."""
+    apply: the same dispatch cost as a raw DirectView call. :func:`forget` the tasks after."""
     ar = view.apply_async(fn, *args)
-    return {r: RankTask(r, child) for r, child in zip(ranks, ar._children)}
+    return {r: RankTask(r, child, view.client) for r, child in zip(ranks, ar._children)}
