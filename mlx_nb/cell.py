@@ -447,6 +447,7 @@ class CellRun:
             self.group.signal(signal.SIGINT, left)
             for rank in self._finishing(time.perf_counter() + self.group.spec.grace, lambda: False):
                 left.remove(rank)
+        forget(drains)
         for r in waiting:
             if r in self.outcomes:
                 o = self.outcomes[r]

@@ -207,3 +207,26 @@ def test_the_keep_and_attach_tutorial_answers_at_once_after_a_kernel_restart():
     while [p for p in project_processes() if p.pid not in keep] and time.monotonic() < deadline:
         time.sleep(0.2)
     assert [p.cmdline() for p in project_processes() if p.pid not in keep] == []
+
+
+def test_stopping_the_cluster_during_fine_tuning_stops_it_at_a_step_and_saves_first(tmp_path, capsys):
+    import json
+
+    from mlx_nb.finetune import finetune
+
+    c = Cluster(n=2, spares=False).start()
+    try:
+        run = finetune(c, iters=100, batch_size=1, num_layers=1, save_every=1000, adapter_path=str(tmp_path / "run"))
+        deadline = time.monotonic() + 240
+        while len(run.history) < 2 and run.error is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(run.history) >= 2, run.label.value
+    finally:
+        procs = c.processes()
+        c.stop()  # from the notebook's thread, while the background run trains
+    result = run.wait(timeout=60)
+    assert "Stopping fine-tuning first (every rank stops at the same step)..." in capsys.readouterr().out
+    assert result.stopped_at is not None and result.stopped_at < 100
+    saved = json.loads((tmp_path / "run" / "checkpoint.json").read_text())
+    assert saved["step"] == result.stopped_at  # saved at the step it stopped, not only at the last save_every
+    assert [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE] == []

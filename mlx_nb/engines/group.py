@@ -23,7 +23,7 @@ from ipyparallel.serialize.canning import use_cloudpickle
 from .. import hostfile as hostfiles
 from ..rank import blas, session
 from ..results import Identity
-from . import ClusterError, kept, launch, watchdog
+from . import ClusterError, kept, launch, tasks, watchdog
 from .form import Forming, RankInfo
 from .hosts import controller_ip, on_hosts
 
@@ -373,9 +373,10 @@ class RankGroup(Forming):
             r.state = "dead" if r.rank in dead else "lost" if r.rank in lost else "busy" if busy or r.rank in queued else "idle"
         if self.ranks and all(r.state == "idle" for r in self.ranks):
             try:
-                infos = self.view.apply_async(session.describe).get(timeout=5)
-                for r, info in zip(self.ranks, infos):
+                ar = self.view.apply_async(session.describe)
+                for r, info in zip(self.ranks, ar.get(timeout=5)):
                     r.active_memory, r.peak_memory = info.active_memory, info.peak_memory
+                tasks.forget_messages(self.client, ar.msg_ids)
             except Exception:  # memory is a nicety: the states stand without it
                 pass
         return self.ranks
@@ -391,7 +392,7 @@ class RankGroup(Forming):
         if not query.wait(timeout):
             raise ClusterError(f"the controller did not answer within {timeout:g} s")
         queues = util.int_keys({k: v for k, v in query.result()["content"].items() if k != "status"})
-        ours = set(self.client.history)
+        ours = set(self.client.history) | set(tasks.recently_forgotten(self.client))
         busy, lost = set(), set()
         for r in self.ranks:
             q = queues.get(r.engine_id, {})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any, Optional
 
@@ -138,6 +139,14 @@ def forget_messages(client: ipp.Client, msg_ids: Iterable[str]) -> None:
             cache.pop(msg_id, None)
     if ids:
         client.history[:] = [m for m in client.history if m not in ids]
+        recently_forgotten(client).extend(ids)
+
+
+def recently_forgotten(client: ipp.Client) -> deque:
+    """The last messages of ours forgotten: the hub's queue status lags their replies."""
+    if not hasattr(client, "_mlx_nb_forgotten"):
+        client._mlx_nb_forgotten = deque(maxlen=4096)
+    return client._mlx_nb_forgotten
 
 
 def dispatch(view: ipp.DirectView, ranks: list[int], fn: Callable, *args: Any) -> dict[int, RankTask]:
