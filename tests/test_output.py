@@ -4,9 +4,11 @@ the notebook's own namespace matters, a real kernel)."""
 from __future__ import annotations
 
 import io
+import shutil
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 from conftest import Kernel, project_processes
@@ -88,10 +90,13 @@ def test_a_figure_returned_by_rank_0_shows_once_without_its_repr(pair):
     assert result.value is None  # no '<Figure size ...>' line after the picture
 
 
-def test_a_failed_load_leaves_the_model_loaded_before(pair):
-    load_model(pair, pipeline=True, progress=False)
+def test_a_failed_load_leaves_the_model_loaded_before(pair, tmp_path):
+    loaded = load_model(pair, pipeline=True, progress=False)
+    broken = tmp_path / "no-weights"  # a config the split check reads, and no weights to load
+    broken.mkdir()
+    shutil.copy(Path(loaded["model"]) / "config.json", broken / "config.json")
     with pytest.raises(DistCellError):
-        load_model(pair, adapter_path="/nonexistent/adapters", progress=False)
+        load_model(pair, str(broken), pipeline=True, progress=False)
     assert [c.key for c in pair.setup_cells] == ["load_model"]
     pair.restart()  # the setup replayed is the model that loaded
     from mlx_nb.generate import generate
