@@ -41,7 +41,7 @@ def raw_ipyparallel_start(n: int) -> tuple[float, ipp.Cluster, ipp.Client]:
     t0 = time.perf_counter()
     cluster = ipp.Cluster(n=n, log_level=40)
     client = cluster.start_and_connect_sync()
-    launches = hostfile.ring_launch(hostfile.local(n), hostfile.free_ports(n))
+    launches = hostfile.rank_launch(hostfile.local(n), "ring", ports=hostfile.free_ports(n))
     files = []
     ars = []
     for eid, launch in zip(sorted(client.ids), launches):

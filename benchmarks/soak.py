@@ -74,6 +74,20 @@ FAULTS = [
     Fault("rank 1 SIGKILLed while idle", SUM, kill_rank=1),
     Fault("interrupt while rank 0 loops", "while rank == 0:\n    pass\n" + SUM, interrupt_after=1.0),
 ]
+# faults whose waiting ranks the drain releases: every process and every variable stays
+DRAINED = [
+    Fault("rank 1 raises before all_sum", "if rank == 1:\n    raise ValueError('soak')\n" + SUM),
+    Fault(
+        "rank 2 raises in step 2 of 3",
+        "for k in range(3):\n    if rank == 2 and k == 1:\n        raise ValueError('soak')\n"
+        "    mx.eval(mx.distributed.all_sum(mx.ones(2)))",
+    ),
+    Fault("ranks 1 and 3 raise", "if rank in (1, 3):\n    raise ValueError('soak')\n" + SUM),
+    Fault("rank 0 raises, rank 1 waits in recv", "if rank == 0:\n    raise ValueError('soak')\n"
+          "if rank == 1:\n    mx.eval(mx.distributed.recv_like(mx.ones(2), 0))"),
+    Fault("--timeout 1, rank 3 sleeps", "import time\nif rank == 3:\n    time.sleep(600)\n" + SUM, timeout=1),
+    Fault("interrupt while rank 0 loops", "while rank == 0:\n    pass\n" + SUM, interrupt_after=0.8),
+]
 
 
 @dataclass
@@ -221,6 +235,28 @@ def soak(
     return out
 
 
+def soak_drains(cluster: Cluster, marker: tuple[str, str], count: int = 50) -> SoakResult:
+    """``count`` drainable faults in a row (:data:`DRAINED` in turn), each followed by an all_sum
+    and a check that a variable set before is still there: nothing may be restarted."""
+    expected = repr(cluster.n * (cluster.n + 1) / 2)
+    out = SoakResult()
+    cluster.run("kept = rank * 7")
+    cluster.run(SUM)
+    out.start = out.peak = _settle(cluster, marker)
+    t_start = time.perf_counter()
+    for i in range(count):
+        fault = DRAINED[i % len(DRAINED)]
+        took, restarted = run_fault(cluster, fault, expected)
+        value = cluster.run(SUM).value
+        kept = cluster.pull("kept", "all") == [r * 7 for r in range(cluster.n)]
+        out.faults.append(FaultRow(i + 1, fault.name, took, restarted, bool(value) and value["text/plain"] == expected and kept))
+        out.peak = out.peak.peak(usage(cluster, marker))
+    out.wall = time.perf_counter() - t_start
+    out.end = _settle(cluster, marker)
+    out.peak = out.peak.peak(out.end)
+    return out
+
+
 def mark() -> tuple[str, str]:
     """Tag every process started from now on, so the soak can count them."""
     os.environ.setdefault("MLX_NB_SOAK", uuid.uuid4().hex)
@@ -234,8 +270,6 @@ def tables(result: SoakResult, cells: int, fault_every: int, n: int) -> list[Tab
          for f in result.faults],
         f"{cells} cells on {n} local ranks, a fault every {fault_every}",
     )
-    third = max(1, len(result.cell_s) // 3)
-    first, last = statistics.median(result.cell_s[:third]), statistics.median(result.cell_s[-third:])
     rows = [
         [name, getattr(result.start, key), getattr(result.end, key), getattr(result.peak, key),
          f"{getattr(result.end, key) / max(1, getattr(result.start, key)):.2f}"]
@@ -245,8 +279,11 @@ def tables(result: SoakResult, cells: int, fault_every: int, n: int) -> list[Tab
             ("open files, controller", "controller_fds"),
         ]
     ]
-    rows.append(["median healthy cell, ms (first third / last third)", f"{first * 1e3:.1f}",
-                 f"{last * 1e3:.1f}", f"{max(result.cell_s) * 1e3:.1f}", f"{last / first:.2f}"])
+    if result.cell_s:
+        third = max(1, len(result.cell_s) // 3)
+        first, last = statistics.median(result.cell_s[:third]), statistics.median(result.cell_s[-third:])
+        rows.append(["median healthy cell, ms (first third / last third)", f"{first * 1e3:.1f}",
+                     f"{last * 1e3:.1f}", f"{max(result.cell_s) * 1e3:.1f}", f"{last / first:.2f}"])
     health = Table(["measure", "start (baseline)", "end", "peak", "end / start"], rows,
                    f"{len(result.cell_s)} healthy cells and {len(result.faults)} faults in {result.wall:.0f} s")
     return [faults, health]
@@ -257,12 +294,16 @@ def main() -> None:
     ap.add_argument("-n", type=int, default=4)
     ap.add_argument("--cells", type=int, default=300)
     ap.add_argument("--fault-every", type=int, default=50)
+    ap.add_argument("--drains", type=int, default=0, help="instead: this many drainable faults in a row")
     args = ap.parse_args()
     marker = mark()
     with Cluster(n=args.n) as cluster:
         cluster.on_message = lambda _text: None
-        result = soak(cluster, marker, args.cells, args.fault_every,
-                      on_fault=lambda f: print(f"cell {f.cell}: {f.name}: {f.prompt_s:.1f} s", flush=True))
+        if args.drains:
+            result = soak_drains(cluster, marker, args.drains)
+        else:
+            result = soak(cluster, marker, args.cells, args.fault_every,
+                          on_fault=lambda f: print(f"cell {f.cell}: {f.name}: {f.prompt_s:.1f} s", flush=True))
     for table in tables(result, args.cells, args.fault_every, args.n):
         print()
         print(table)

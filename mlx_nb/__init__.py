@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 
 _NAMES = {
     "Cluster": "cluster", "ClusterError": "engines", "CellResult": "cell", "DistCellError": "cell",
-    "last_profile": "profile",
+    "last_profile": "profile", "clusters": "cluster",
 }
 _MODULES = ("generate", "widgets", "finetune", "bench", "models", "hostfile", "magics", "sharding", "display")
 

@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 
 from . import diagnose
 from .diagnose import RANK_FAILED, Recovery
-from .engines.tasks import RankTask, dispatch
+from .engines.tasks import RankTask, dispatch, forget
 from .output import Printer, write_stream
 from .rank import session
-from .results import REPORT_PREFIX, STOP_MESSAGE, TRACE_KEY, Outcome, Trace
+from .results import CANCEL_KEY, CANCEL_MESSAGE, REPORT_PREFIX, STOP_MESSAGE, TRACE_KEY, Outcome, RankError, Trace
 
 if TYPE_CHECKING:
     from .engines.group import RankGroup
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 SETTLE = 0.5  # seconds after a failure before a rank's trace can say it is stuck
 OUTPUT_WAIT = 5.0  # seconds a rank's end of output may lag its reply before we stop waiting
 CHECK_EVERY = 0.25  # seconds between looks at the ranks' processes while a cell runs
+DRAIN_BOUND = 2.0  # seconds the drain may take to free the waiting ranks before they are restarted
 OUTPUT_LIMIT = 4 << 20  # characters of output a shown rank sends per cell
 
 
@@ -215,11 +216,11 @@ def _display(content: dict) -> None:
 class CellRun:
     """One job on the ranks: ``CellRun(group, job, cell_id, options, restart).run()``.
 
-    ``restart()`` is the cluster's: new ranks and the setup replayed, as a ``Recovery``.
+    ``restart(why)`` is the cluster's: new ranks and the setup replayed, as a ``Recovery``.
     """
 
     def __init__(self, group: RankGroup, job: Job, cell_id: int, options: RunOptions,
-                 restart: Callable[[], Recovery], on_message: Callable[[str], None] = print):
+                 restart: Callable[[str], Recovery], on_message: Callable[[str], None] = print):
         self.group, self.job, self.cell_id, self.options = group, job, cell_id, options
         self.restart, self.on_message = restart, on_message
         self.n = group.spec.n
@@ -238,13 +239,16 @@ class CellRun:
         """Dispatch, wait, and return the result; raise DistCellError (root cause first) if any
         rank failed, after restarting the ranks where the group cannot go on."""
         self._dispatch()
-        failure = self._wait()
-        wall = time.perf_counter() - self.t0
-        if failure is None and any(o.lost for o in self.outcomes.values()):
-            failure = RANK_FAILED  # every rank has reported, but a group that lost one cannot go on
-        if failure is not None:
-            raise self._recover(failure, wall)
-        return self._result(wall)
+        try:
+            failure = self._wait()
+            wall = time.perf_counter() - self.t0
+            if failure is None and any(o.lost for o in self.outcomes.values()):
+                failure = RANK_FAILED  # every rank has reported, but a group that lost one cannot go on
+            if failure is not None:
+                raise self._recover(failure, wall)
+            return self._result(wall)
+        finally:
+            forget(self.tasks.values())  # else the client keeps a record per rank per job
 
     # ------------------------------------------------------------------ dispatch and wait
     def _dispatch(self) -> None:
@@ -303,6 +307,8 @@ class CellRun:
                 # not after every message (a stream of output would pay it per line)
                 if kind is None or first_error_at is not None or now - checked > CHECK_EVERY:
                     checked = now
+                    if not self.group.controller_alive():
+                        return "the controller died"
                     lost = [r for r in self.group.dead_ranks() if r in self.tasks and r not in self.outcomes]
                     for r in lost:
                         self.outcomes[r] = Outcome(r, lost=True)
@@ -356,35 +362,102 @@ class CellRun:
             o.trace = o.trace or self.inbox.traces.get(o.rank)
         return [self.outcomes[r] for r in self.targets]
 
+    def _waits(self, rank: int) -> bool:
+        t = self.inbox.traces.get(rank)
+        return t is not None and t.in_collective
+
     def _recover(self, failure: str, wall: float) -> DistCellError:
-        """Stop waiting: interrupt what still runs, restart if the group cannot go on."""
+        """Stop waiting: interrupt what runs in Python, then keep the ranks if the ones left
+        waiting in collectives can be released (tier 1), else restart them (tier 2)."""
+        drain = self.group.spec.drain and self.group.controller_alive()
         running = [r for r in self.targets if r not in self.outcomes]
+        if running and drain:
+            # which of them wait in a collective (the drain's) and which run Python (the
+            # interrupt's): a rank's first trace comes 0.4 s into the cell
+            known = lambda: all(r in self.outcomes or r in self.inbox.traces for r in running)  # noqa: E731
+            for rank in self._finishing(time.perf_counter() + SETTLE, known):
+                running.remove(rank)
         if running:
-            # a rank in Python stops at once; one in MLX's native wait only when (if) it returns
-            self.group.signal(signal.SIGINT, running)
+            # a rank in Python stops at once; one in MLX's native wait only when (if) it returns,
+            # and then the interrupt would fire late: those are the drain's
+            self.group.signal(signal.SIGINT, [r for r in running if not (drain and self._waits(r))])
             # after a rank failed, the others have had the grace period already
             grace = self.group.spec.grace
             wait = grace if failure != RANK_FAILED else min(grace, 1.0)
             give_up = lambda: set(running) <= set(self._stuck())  # noqa: E731
             for rank in self._finishing(time.perf_counter() + wait, give_up):
                 running.remove(rank)
+        recovery, why = None, ""
+        lost = [o.rank for o in self.outcomes.values() if o.lost]
+        busy = [r for r in running if not self._waits(r)]
+        if busy and not lost and drain:
+            t = self.inbox.traces.get(busy[0])
+            at = f" (at line {t.line})" if t and t.line else ""
+            why = f"rank {busy[0]} did not stop at the interrupt{at}: busy in native code, not in a collective"
+        elif running and not lost and drain:
+            recovery, why = self._release(running, failure)
+            running = [r for r in running if r not in self.outcomes]
+        elif lost:
+            why = f"rank {lost[0]} was lost, and a group cannot go on without it"
+        elif not self.group.controller_alive():
+            why, running = "the controller died", running or list(self.targets)
         for r in self.printer.show:
             self.printer.finish(r)
         for r in running:
             self.outcomes[r] = Outcome(r, blocked=True)
-        # the group survives only if no rank is stuck and no rank was lost
-        recovery = None
-        if running or any(o.lost for o in self.outcomes.values()):
+        if recovery is None and (running or lost):
             try:
-                recovery = self.restart()
+                recovery = self.restart(why)
             except KeyboardInterrupt:
                 # a second interrupt: keep the explanation of the first failure, and what is left
                 # (no half-formed group: restart() removed it) is repaired by the next cell
-                recovery = Recovery(error="interrupted before the new ranks were ready", ranks=self.n)
+                recovery = Recovery(error="interrupted before the new ranks were ready", ranks=self.n, why=why)
         outcomes = self._ordered()
         text, root = diagnose.cell_report(outcomes, failure, recovery)
         cell = CellResult(outcomes, wall=wall, notes=[failure])
         return DistCellError(text, root=self.outcomes[root] if root is not None else None, result=cell)
+
+    def _release(self, waiting: list[int], failure: str) -> tuple[Optional[Recovery], str]:
+        """Tier 1: the finished ranks make the collectives the ``waiting`` ones wait in (with
+        zeros), and every rank is told the cell is cancelled; nothing is restarted.
+
+        Returns the recovery, or why the ranks could not be released that way.
+        """
+        t0 = time.perf_counter()
+        plan, why = diagnose.drain_plan(self.outcomes, self.inbox.traces, waiting)
+        if why:
+            return None, why
+        waited = {r: self.inbox.traces[r] for r in waiting}
+        root = diagnose.root_cause(list(self.outcomes.values()))
+        reason = failure if failure != RANK_FAILED else f"rank {root} failed" if root is not None else failure
+        self.group.send_control(CANCEL_MESSAGE, {"cell": self.cell_id, "why": reason}, ranks=self.targets)
+        # a released rank must know first, or it may finish its cell, or go on to its next
+        # collective, as if nothing happened
+        deadline = time.perf_counter() + SETTLE
+        while time.perf_counter() < deadline and not all(
+            self.tasks[r].data.get(CANCEL_KEY) == self.cell_id for r in waiting
+        ):
+            time.sleep(0.002)
+        drains = [dispatch(self.group.cells_view([f]), [f], session.drain, calls)[f] for f, calls in plan.items()]
+        left = list(waiting)
+        for rank in self._finishing(time.perf_counter() + DRAIN_BOUND, lambda: False):
+            left.remove(rank)
+        if left and not any(self._waits(r) for r in left):
+            # released, but busy in Python: stop them as any running rank
+            self.group.signal(signal.SIGINT, left)
+            for rank in self._finishing(time.perf_counter() + self.group.spec.grace, lambda: False):
+                left.remove(rank)
+        forget(drains)
+        for r in waiting:
+            if r in self.outcomes:
+                o = self.outcomes[r]
+                o.trace = waited[r]  # where it waited, for the report
+                if o.error is None:  # it ended its cell on the drain's zeros: that is no success
+                    o.error = RankError("CellCancelled", f"the cell was cancelled: {reason}", cancelled=True)
+        if left or not all(d.succeeded(wait=max(0.0, t0 + DRAIN_BOUND - time.perf_counter())) for d in drains):
+            stuck = f"rank(s) {diagnose.ranges(left)}" if left else "the drain"
+            return None, f"draining did not free {stuck} within {DRAIN_BOUND:g} s"
+        return Recovery(drained_by=sorted(plan), seconds=time.perf_counter() - t0, ranks=self.n), ""
 
     def _result(self, wall: float) -> CellResult:
         for r in self.printer.show:

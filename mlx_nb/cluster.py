@@ -21,12 +21,13 @@ import ipyparallel as ipp
 from . import diagnose
 from .cell import CellResult, CellRun, DistCellError, Job, RunOptions, parse_ranks
 from .diagnose import Recovery
-from .engines import ClusterError
+from .engines import ClusterError, kept
 from .engines.group import RankGroup, RankInfo
 from .engines.hosts import check_hosts, controller_ip, refuse_on
 from .hostfile import Hostfile
+from .jobs import JobSlot
 from .preflight import Finding
-from .rank import blas, session
+from .rank import session
 from .results import INBOX_MESSAGE, STOP_MESSAGE
 from .spec import BACKENDS, ClusterSpec, check_timeout
 
@@ -69,22 +70,65 @@ class Cluster:
         spares: bool = True,
         ports: Optional[Sequence[int]] = None,
         preflight: bool = True,
+        drain: bool = True,
+        name: Optional[str] = None,
+        keep: bool = False,
+        idle: Union[str, float, None] = None,
     ) -> None:
         """``n`` local ranks, or one rank per entry of ``hostfile`` (a path or a Hostfile),
         or ``n`` ranks on each host of ``hosts`` ("h1,h2", as ``mlx.launch --hosts``).
 
         Ranks on other hosts start over ``ssh_cmd`` (default ``ssh``) with the Python
         ``python`` there (default this one's path); entries on 127.0.0.1 / localhost run here.
+
+        When a cell fails while other ranks wait in a collective, the ranks that are free make
+        that collective (with zeros) and the cell is cancelled everywhere: nothing is restarted
+        and the ranks keep their state. ``drain=False`` restarts the ranks instead (as before).
+
+        A cluster ends with the kernel that started it, however the kernel ends. ``keep=True``
+        (with a ``name``) keeps it running after its kernel: another kernel, or a new one,
+        reattaches with ``Cluster.attach(name)`` to the same ranks, a model still loaded; ``idle``
+        ("2h", "30m", seconds) stops it once unused that long.
         """
+        if keep and not name:
+            raise ValueError("a kept cluster needs a name, to attach it by: Cluster(..., name='llm', keep=True)")
+        if name is not None:
+            kept.check_name(name)
+        idle_s = kept.parse_idle(idle)
+        if idle_s is not None and not keep:
+            raise ValueError("idle= is for kept clusters (keep=True): an owned cluster ends with its kernel")
         self.spec = ClusterSpec.build(
             n, backend, hostfile=hostfile, hosts=hosts, python=python, ssh_cmd=ssh_cmd, env=env, ports=ports,
             start_timeout=start_timeout, init_timeout=init_timeout, grace=grace, spares=spares, preflight=preflight,
+            drain=drain,
         )
-        self.group = RankGroup(self.spec)
+        self._init(RankGroup(self.spec, name=name, keep=keep, idle=idle_s))
+
+    def _init(self, group: RankGroup) -> None:
+        self.spec, self.group = group.spec, group
         self.setup_cells: list[SetupCell] = []
         self.on_message: Callable[[str], None] = print
         self.job: Optional[CellRun] = None  # the job running now
+        self.jobs = JobSlot()  # one job at a time on the ranks
         self._cell_count = 0
+
+    @classmethod
+    def attach(cls, name: str, take: bool = False) -> Cluster:
+        """The kept cluster ``name`` (``Cluster(name=..., keep=True)``), from this kernel: the same
+        rank processes, their namespace (a loaded model) and setup cells. Refused while another
+        live kernel holds it, unless ``take``.
+
+        Example::
+
+            c = Cluster.attach("llm")
+            c.run("print(model_name)")
+        """
+        cluster = cls.__new__(cls)
+        group = kept.attach(name, take)
+        cluster._init(group)
+        if group.setup_state:
+            cluster.setup_cells[:] = kept.decode(group.setup_state)
+        return cluster
 
     # the spec, read-only
     n = property(lambda self: self.spec.n)
@@ -140,25 +184,22 @@ class Cluster:
         if self.remote and self.spec.preflight:
             refuse_on(self.check())
         self.group.start()
-        self._blas_note()
+        for note in diagnose.blas_notes(self.ranks):
+            self.on_message(note)
         return self
 
-    def _blas_note(self) -> None:
-        """One line per reason where ranks run MLX's reference BLAS although nobody asked for it."""
-        notes: dict[str, list[RankInfo]] = {}
-        for r in self.ranks:
-            if r.blas and not r.blas["optimized"] and r.blas["note"] and not r.blas["note"].endswith("=off"):
-                notes.setdefault(r.blas["note"], []).append(r)
-        for note, ranks in notes.items():
-            hosts = ", ".join(dict.fromkeys(r.host for r in ranks))
-            self.on_message(
-                f"rank(s) {diagnose.ranges([r.rank for r in ranks])} on {hosts} run MLX's bundled reference BLAS "
-                f"(float32 matmuls about 30x slower): {note}; then restart the cluster "
-                f"({blas.ENV}=off keeps the reference BLAS without this note)"
-            )
-
     def stop(self) -> None:
-        """Stop every engine and the controller; nothing is left running."""
+        """Stop every engine and the controller; nothing is left running.
+
+        A job running in the background (fine-tuning, a chat reply) is asked to stop first and
+        given up to a minute to end where the ranks agree (fine-tuning saves its adapters).
+        """
+        running = self.jobs.what
+        if running is not None and not self.jobs.mine and self.group.formed:
+            self.on_message(f"Stopping {running} first (every rank stops at the same step)...")
+            self.request_stop()
+            if not self.jobs.wait_idle(60):
+                self.on_message(f"{running} did not stop within 60 s: stopping the cluster under it")
         self.group.stop()
 
     def restart(self) -> float:
@@ -167,6 +208,10 @@ class Cluster:
         Returns the seconds the replay took.
         """
         self._require_running()
+        if not self.group.controller_alive():  # nothing can reach the ranks: start over
+            self.group.stop()
+            self.group.start()
+            return self.replay_setup()
         self.group.kill()
         try:
             self.group.form()
@@ -178,7 +223,21 @@ class Cluster:
             raise
 
     def heal(self) -> None:
-        """A rank that died while idle (or a failed restart) means new ranks, before the next job."""
+        """A rank that died while idle (or a failed restart) means new ranks, before the next job;
+        a dead controller means a new cluster (a kept one says so, and restart makes it)."""
+        if not self.group.controller_alive():
+            if self.group.keep:
+                raise ClusterError(
+                    f"the controller of the kept cluster {self.group.name!r} died, so its ranks cannot be "
+                    "reached: %mlx_cluster restart starts it anew (what the ranks held is lost)"
+                )
+            self.on_message("The controller died; restarting the cluster (controller and ranks)...")
+            t0 = time.perf_counter()
+            took = self.restart()
+            self.on_message(f"Restarted the cluster in {time.perf_counter() - t0:.1f} s.")
+            if self.setup_cells:
+                self.on_message(diagnose.replayed([c.code for c in self.setup_cells], took) + ".")
+            return
         dead = self.group.dead_ranks()
         if not dead:
             return
@@ -193,15 +252,15 @@ class Cluster:
         if self.setup_cells:
             self.on_message(diagnose.replayed([c.code for c in self.setup_cells], took) + ".")
 
-    def _restart_for_cell(self) -> Recovery:
+    def _restart_for_cell(self, why: str = "") -> Recovery:
         t0 = time.perf_counter()
         try:
             replay = self.restart()
         except (ClusterError, ipp.error.TimeoutError) as e:
-            return Recovery(error=str(e), ranks=self.n)
+            return Recovery(error=str(e), ranks=self.n, why=why, killed=self.group.killed)
         return Recovery(
             restarted=True, seconds=time.perf_counter() - t0, replay=replay,
-            setup=[c.code for c in self.setup_cells], ranks=self.n,
+            setup=[c.code for c in self.setup_cells], ranks=self.n, why=why, killed=self.group.killed,
         )
 
     def check(self) -> list[Finding]:
@@ -221,15 +280,25 @@ class Cluster:
             raise ClusterError("the cluster is not running: start it first (%mlx_cluster start)")
 
     # ------------------------------------------------------------------- jobs
-    def _run_job(self, job: Job, options: RunOptions) -> CellResult:
+    def _run_job(self, job: Job, options: RunOptions, what: str = "a %%mlx_dist cell") -> CellResult:
         self._require_running()
-        self.heal()
-        self._cell_count += 1
-        self.job = CellRun(self.group, job, self._cell_count, options, self._restart_for_cell, self.on_message)
-        try:
-            return self.job.run()
-        finally:
-            self.job = None
+        if not self.jobs.mine:
+            self.group.check_holder()
+        with self.jobs.hold(what, self.on_message):
+            self.heal()
+            self._cell_count += 1
+            outer = self.job  # a job's restart replays the setup jobs inside it
+            self.job = CellRun(self.group, job, self._cell_count, options, self._restart_for_cell, self.on_message)
+            try:
+                return self.job.run()
+            finally:
+                self.job = outer
+                self.group.touch()
+
+    @property
+    def running_job(self) -> Optional[str]:
+        """What runs on the ranks now ("a %%mlx_dist cell", "fine-tuning", "serving"...), or None."""
+        return self.jobs.what
 
     def run(
         self,
@@ -264,6 +333,7 @@ class Cluster:
         cell = self._run_job(Job(code=code), options)
         if setup and register:
             self.setup_cells.append(SetupCell(code, dict(push or {})))
+            self._setup_changed()
         return cell
 
     def call(
@@ -277,6 +347,7 @@ class Cluster:
         on_report: Optional[Callable[[int, dict], None]] = None,
         setup: Optional[str] = None,
         profile: bool = False,
+        what: Optional[str] = None,
     ) -> Any:
         """``fn(*args, **kwargs)`` on every rank of ``ranks`` (a list of values, rank order; one
         value for an int). Same liveness, interrupt, timeout and recovery as ``run``.
@@ -284,6 +355,7 @@ class Cluster:
         ``fn`` may use the group (``mlx_nb.rank.world()``): every rank calls it at once.
         ``show``: ranks whose printed output is shown. ``setup``: a name; the call is replayed
         on new ranks after a restart, replacing an earlier setup of that name (once it succeeded).
+        ``what`` names the job for whoever waits for it ("fine-tuning"; default the function's name).
 
         Example::
 
@@ -297,10 +369,11 @@ class Cluster:
         job = Job(fn=fn, args=args, kwargs=dict(kwargs or {}))
         options = RunOptions(show=list(show), targets=None if len(targets) == self.n else targets,
                              timeout=timeout, on_report=on_report, profile=profile)
-        values = self._run_job(job, options).returned
+        values = self._run_job(job, options, what or f"{job.title[:-5]}()").returned
         if setup is not None:
             self.setup_cells[:] = [c for c in self.setup_cells if c.key != setup]
             self.setup_cells.append(SetupCell(job.title, job=job, key=setup))
+            self._setup_changed()
         return values[0] if isinstance(ranks, int) else values
 
     def request_stop(self) -> None:
@@ -334,6 +407,18 @@ class Cluster:
         """A rank's value of ``name`` (rank 0 by default); a list for several ranks."""
         return self.call(session.pull, name, ranks=ranks)
 
+    def forget_setup(self) -> int:
+        """Forget the setup cells (a restart then replays none); how many there were."""
+        n = len(self.setup_cells)
+        self.setup_cells.clear()
+        self._setup_changed()
+        return n
+
+    def _setup_changed(self) -> None:
+        if self.group.keep:  # a kernel that attaches gets them
+            self.group.setup_state = kept.encode(self.setup_cells)
+            self.group.save_state()
+
     def replay_setup(self) -> float:
         """Run the registered setup cells again, in order; return the seconds it took."""
         t0 = time.perf_counter()
@@ -354,23 +439,7 @@ class Cluster:
     def status(self) -> list[RankInfo]:
         """Each rank's host, pid, device, memory and state (idle / busy / dead)."""
         self._require_running()
-        dead = set(self.group.dead_ranks())
-        queued, lost = self.group.busy_ranks()
-        for r in self.ranks:
-            if r.rank in dead:
-                r.state = "dead"
-            elif r.rank in lost:
-                r.state = "lost"
-            else:
-                r.state = "busy" if self.busy or r.rank in queued else "idle"
-        if self.ranks and all(r.state == "idle" for r in self.ranks):
-            try:
-                infos = self.group.view.apply_async(session.describe).get(timeout=5)
-                for r, info in zip(self.ranks, infos):
-                    r.active_memory, r.peak_memory = info.active_memory, info.peak_memory
-            except Exception:
-                pass
-        return self.ranks
+        return self.group.states(busy=self.busy)
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
@@ -389,3 +458,14 @@ def _cannot_travel(values: dict, error: Exception) -> Exception:
                 f"{name} ({type(value).__name__}) cannot be sent to the ranks: {type(e).__name__}: {e}"
             )
     return error
+
+
+def clusters() -> list[dict]:
+    """The kept clusters here: name, ranks, hosts, backend, age, idle seconds, memory, holder.
+
+    Example::
+
+        for c in mlx_nb.clusters():
+            print(c["name"], c["ranks"], c["idle"])
+    """
+    return kept.listing()

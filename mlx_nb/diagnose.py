@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Optional
 
-from .results import Outcome, RankError, Trace
+from .results import GROUP_OPS, POINT_OPS, Call, Outcome, RankError, Trace
 
 RANK_FAILED = "a rank failed"  # why a cell stopped waiting, besides a timeout or an interrupt
 
@@ -68,12 +68,12 @@ def root_cause(outcomes: Sequence[Outcome]) -> Optional[int]:
     lost = [o.rank for o in outcomes if o.lost]
     if lost:
         return lost[0]
-    errors = [(o.error.time, o.rank) for o in outcomes if o.error and not o.error.interrupted]
+    errors = [(o.error.time, o.rank) for o in outcomes if o.error and not (o.error.interrupted or o.error.cancelled)]
     causes = [(o.error.time, o.rank) for o in outcomes if o.error and not o.error.interrupted and not o.error.consequence]
     if causes:
         return min(causes)[1]
     # stopped by an interrupt or --timeout while others waited in a collective: it held them up
-    if any(o.blocked for o in outcomes):
+    if any(o.blocked or (o.error and o.error.cancelled) for o in outcomes):
         late = [o.rank for o in outcomes if o.error and o.error.interrupted]
         if late:
             return late[0]
@@ -91,6 +91,10 @@ def describe_rank(o: Outcome) -> str:
             return f"blocked in a collective: {collective(t)}{at}"
         return f"still running{at}, not in a collective; stopped by the restart"
     e = o.error
+    if e and e.cancelled:
+        if t and t.in_collective:
+            return f"cancelled; it waited in {collective(t)}{at}"
+        return f"cancelled{f' at line {e.lineno}' if e.lineno else ''}"
     if e:
         where = f" at line {e.lineno}" if e.lineno else ""
         if e.interrupted:
@@ -101,7 +105,8 @@ def describe_rank(o: Outcome) -> str:
 
 def replayed(titles: Sequence[str], took: float) -> str:
     """'Replayed 2 setup cell(s) on the new ranks in 1.2 s: w = ...; load_model(...)'."""
-    shown = "; ".join(f if len(f) <= 50 else f[:47] + "..." for f in titles)
+    firsts = [(t.strip().splitlines() or [""])[0] for t in titles]  # a cell's first line names it
+    shown = "; ".join(f if len(f) <= 50 else f[:47] + "..." for f in firsts)
     return f"Replayed {len(titles)} setup cell(s) on the new ranks in {took:.1f} s: {shown}"
 
 
@@ -115,6 +120,9 @@ class Recovery:
     setup: Sequence[str] = ()  # titles of the setup cells replayed
     error: Optional[str] = None  # the restart failed: why
     ranks: int = 0  # how many ranks the cluster has
+    drained_by: Sequence[int] = ()  # the ranks that made their peers' collectives (no restart)
+    why: str = ""  # why the ranks could not be kept, when they were restarted
+    killed: bool = False  # a rank had to be ended with SIGKILL (JACCL: RDMA may need a reboot)
 
 
 def _root_lines(outcomes: Sequence[Outcome], root: int) -> tuple[list[str], list[int]]:
@@ -163,20 +171,85 @@ def cell_report(
 
 
 def _recovery_lines(recovery: Optional[Recovery]) -> list[str]:
+    if recovery is not None and recovery.drained_by:
+        return [
+            f"Released: rank(s) {ranges(recovery.drained_by)} made the collectives the others waited in "
+            f"(with zeros), and the cell was cancelled on every rank ({recovery.seconds:.1f} s). "
+            "No rank was restarted: the ranks and their state are kept."
+        ]
     if recovery is None or not (recovery.restarted or recovery.error):
         return ["No restart was needed: the ranks and their state are kept."]
+    lines = [f"Not drained: {recovery.why}."] if recovery.why else []
+    if recovery.killed:
+        lines.append("A rank had to be killed (SIGKILL): on JACCL, RDMA may not work again until those Macs restart.")
     if recovery.error:
-        return [
+        return lines + [
             f"Restarting the cluster failed: {recovery.error}\n"
             "The next cell tries again (or %mlx_cluster restart now)."
         ]
-    lines = [
+    lines += [
         f"The group could not go on, so all {recovery.ranks} ranks were restarted ({recovery.seconds:.1f} s); "
         "the cluster is ready for the next cell."
     ]
     if recovery.setup:
         lines.append(replayed(recovery.setup, recovery.replay) + ".")
     return lines
+
+
+# ------------------------------------------------------------------ draining
+def drain_plan(
+    outcomes: Mapping[int, Outcome], traces: Mapping[int, Trace], waiting: Sequence[int]
+) -> tuple[dict[int, list[Call]], str]:
+    """What each finished rank must call so that the ``waiting`` ranks' collectives return.
+
+    Returns ``(plan, "")``: per finished rank, the calls to make in order (a group collective
+    to join; the peer's ``send`` to it, to receive; the peer's ``recv`` from it, to send to);
+    or ``({}, why)`` when draining cannot free them: the ranks disagree about the collective
+    they wait in, one waits on another waiting rank, or more is pending than a trace holds.
+    """
+    free = sorted(r for r, o in outcomes.items() if not o.lost and not o.blocked)
+    if not free:
+        return {}, "every rank left in the cell waits in a collective: none can answer"
+    steps: dict[int, list[tuple[int, int, Call]]] = {f: [] for f in free}
+    group: Optional[tuple[int, list[Call]]] = None  # the first waiting rank's group calls
+    for r in waiting:
+        t = traces.get(r)
+        if t is None or not t.in_collective:
+            return {}, f"rank {r} is not waiting in a collective"
+        if t.n_pending > len(t.pending):
+            return {}, f"rank {r} has {t.n_pending} collectives pending, more than a drain replays"
+        calls = [c for c in t.pending if c.op in GROUP_OPS]
+        if group is None:
+            group = (r, calls)
+        elif [(c.op, c.shape, c.dtype) for c in calls] != [(c.op, c.shape, c.dtype) for c in group[1]]:
+            first = traces[group[0]].pending[0].describe()
+            return {}, (
+                f"the ranks disagree about the collective they wait in: rank {group[0]} in {first}, "
+                f"rank {r} in {t.pending[0].describe()}"
+            )
+        for c in t.pending:
+            if c.op not in POINT_OPS:
+                continue
+            if c.peer not in steps:
+                return {}, f"rank {r} waits in {c.describe()}, and rank {c.peer} cannot answer it"
+            steps[c.peer].append((c.seq, r, Call(c.seq, c.op, c.shape, c.dtype, peer=r)))
+    for f in free:
+        steps[f] += [(c.seq, -1, c) for c in group[1]]
+    return {f: [c for _, _, c in sorted(s, key=lambda x: x[:2])] for f, s in steps.items() if s}, ""
+
+
+def blas_notes(ranks: Sequence) -> list[str]:
+    """One line per reason where ranks (``RankInfo``) run MLX's reference BLAS unasked."""
+    notes: dict[str, list] = {}
+    for r in ranks:
+        if r.blas and not r.blas["optimized"] and r.blas["note"] and not r.blas["note"].endswith("=off"):
+            notes.setdefault(r.blas["note"], []).append(r)
+    return [
+        f"rank(s) {ranges([r.rank for r in rs])} on {', '.join(dict.fromkeys(r.host for r in rs))} run MLX's "
+        f"bundled reference BLAS (float32 matmuls about 30x slower): {note}; then restart the cluster "
+        "(MLX_NB_BLAS=off keeps the reference BLAS without this note)"
+        for note, rs in notes.items()
+    ]
 
 
 # ------------------------------------------------------------------ forming the group

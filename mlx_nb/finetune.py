@@ -4,7 +4,8 @@ Every rank holds the whole model with LoRA layers; each reads its own slice of
 every global batch (``mlx_lm.tuner.trainer.iterate_batches``), and gradients
 are averaged by the trainer (``mlx.nn.average_gradients``). The notebook sees
 the loss and tokens/s of every step live, and can stop training on all ranks
-at the same step.
+at the same step. Rank 0 checkpoints the adapters every ``save_every`` steps, at
+the end and when stopped, into a new folder per run; ``resume=`` continues one.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
 from .display import figure_png
-from .rank.finetune import FinetuneConfig, load_rows, train_on_rank
+from .rank import checkpoint
+from .rank.finetune import FinetuneConfig, load_rows, prepare, train_on_rank
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "FinetuneRun", "finetune", "load_rows", "loss_figure"]
 
@@ -27,6 +29,8 @@ class FinetuneResult:
     seconds: float
     ranks: int
     global_batch: int
+    resumed_from: Optional[int] = None  # the step of the checkpoint this run continued from
+    saved: Optional[str] = None  # the last checkpoint's adapter file
 
     @property
     def losses(self) -> list[float]:
@@ -70,15 +74,20 @@ class FinetuneRun:
         import ipywidgets as widgets
 
         self.cluster, self.config = cluster, config
-        self.history: list[dict] = []
+        # a resumed run's curve starts with the steps it continues from
+        record = checkpoint.latest(config.resume) if config.resume else None
+        self.history: list[dict] = list(record["history"]) if record else []
         self.per_rank: list[dict] = []  # each rank's own account of the run, once it ended
         self.result: Optional[FinetuneResult] = None
         self.error: Optional[BaseException] = None
+        self.saved = ""
+        self.stopping = False
         self.image = widgets.Image(format="png")
         self.label = widgets.HTML("starting: loading the model on every rank...")
         self.stop_button = widgets.Button(description="Stop", button_style="warning")
         self.stop_button.on_click(lambda _: self.stop())
         self.panel = widgets.VBox([self.label, self.image, self.stop_button])
+        self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, name="mlx_nb-finetune", daemon=True)
         self._thread.start()
 
@@ -91,10 +100,15 @@ class FinetuneRun:
         import matplotlib.pyplot as plt
 
         self.history.append(row)
+        if self.stopping:
+            # a stop asked for before the ranks began was cleared when the job started: again
+            self.cluster.request_stop()
         fig = loss_figure(self.history, self.config.iters)
         self.image.value = figure_png(fig)
         plt.close(fig)
-        self.label.value = f"training on {self.cluster.n} ranks: step {row['iteration']}/{self.config.iters}"
+        if row.get("saved"):
+            self.saved = f"; checkpoint of step {row['iteration']} saved"
+        self.label.value = f"training on {self.cluster.n} ranks: step {row['iteration']}/{self.config.iters}{self.saved}"
 
     def _run(self) -> None:
         from .models import BUNDLED_NAMES, prepare_bundled
@@ -102,28 +116,36 @@ class FinetuneRun:
         try:
             if self.config.model is None or self.config.model.lower() in BUNDLED_NAMES:
                 prepare_bundled(self.cluster.ranks)  # converted once here, not by every rank at once
-            self.per_rank = self.cluster.call(train_on_rank, asdict(self.config), on_report=self._on_report)
+            self.per_rank = self.cluster.call(train_on_rank, asdict(self.config), on_report=self._on_report, what="fine-tuning")
             r = self.per_rank[0]
-            self.result = FinetuneResult(r["history"], r["adapter_path"], r["stopped_at"], r["seconds"], r["ranks"], r["global_batch"])
+            self.result = FinetuneResult(r["history"], r["adapter_path"], r["stopped_at"], r["seconds"], r["ranks"],
+                                         r["global_batch"], r["resumed_from"], r["saved"])
             how = f"stopped at step {r['stopped_at']}" if r["stopped_at"] else "done"
-            self.label.value = f"{how}: {len(r['history'])} steps in {r['seconds']:.1f} s; adapters in {r['adapter_path']}"
+            steps = len(r["history"]) - (r["resumed_from"] or 0)
+            self.label.value = f"{how}: {steps} steps in {r['seconds']:.1f} s; adapters in {r['adapter_path']}"
         except BaseException as e:
             self.error = e
-            self.label.value = f"<span style='color:#b00'>training failed: {e}</span>"
+            record = checkpoint.latest(self.config.adapter_path) if self.config.adapter_path else None
+            kept = (f"; the checkpoint of step {record['step']} is kept: finetune(cluster, "
+                    f"resume={self.config.adapter_path!r}) continues from it") if record else ""
+            self.label.value = f"<span style='color:#b00'>training failed: {e}{kept}</span>"
         finally:
             self.stop_button.disabled = True
+            self._done.set()
 
     def stop(self) -> None:
-        """End training on every rank at the same step (the adapters so far are saved)."""
+        """End training on every rank at the same step; rank 0 saves a checkpoint of it first."""
+        self.stopping = True
         self.cluster.request_stop()
 
     def wait(self, timeout: Optional[float] = None) -> FinetuneResult:
-        """Block until training ends; an interrupt stops it cleanly first."""
+        """Block until training ends; an interrupt stops it cleanly first (and it saves)."""
+        # an Event, not Thread.join: an interrupted join (Python 3.11) marks the thread as ended
         try:
-            self._thread.join(timeout)
+            self._done.wait(timeout)
         except KeyboardInterrupt:
             self.stop()
-            self._thread.join()
+            self._done.wait()
         if self.error is not None:
             raise self.error
         return self.result
@@ -134,11 +156,23 @@ def finetune(cluster, **options: Any) -> FinetuneRun:
 
     Options are those of :class:`FinetuneConfig`. Returns a :class:`FinetuneRun`
     that shows a live loss curve and a stop button; ``.wait()`` gives the result.
+    Checkpoints (mlx-lm's adapter format) go to a new folder per run, printed, or to
+    ``adapter_path``: every ``save_every`` steps, at the end, and on Stop, an interrupt
+    or ``cluster.request_stop()``. ``resume=folder`` continues a run from its latest
+    checkpoint: LoRA weights, optimizer state, step count, data order and loss curve.
 
     Example::
 
         from mlx_nb.finetune import finetune
-        run = finetune(cluster, iters=30, batch_size=2)
+        run = finetune(cluster, iters=30, batch_size=2, save_every=5)
         run
+        # later, or after a stop: on to step 60 from the last checkpoint
+        run = finetune(cluster, resume=run.wait().adapter_path, iters=60)
     """
-    return FinetuneRun(cluster, FinetuneConfig(**options))
+    config = prepare(options)
+    if config.resume:
+        step = checkpoint.latest(config.resume)["step"]
+        print(f"resuming {config.resume} at step {step} of {config.iters}; checkpoints go to {config.adapter_path}")
+    else:
+        print(f"checkpoints go to {config.adapter_path} (every {config.save_every} steps, at the end, and on a stop)")
+    return FinetuneRun(cluster, config)

@@ -6,14 +6,16 @@ for use inside cells and ``mlx.launch`` scripts).
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 from .display import Progress
-from .models import check_split, resolve
+from .models import check_split, fused_model, resolve
 from .rank.generate import Prompt, generate_on_rank, load, load_on_rank, stream
 
 __all__ = ["GenerationStats", "Prompt", "generate", "load", "load_model", "stream"]
@@ -56,44 +58,69 @@ def load_model(
 ) -> dict:
     """Load ``model`` on every rank, split tensor-parallel (or ``pipeline=True``), and keep it.
 
-    ``model``: None for the bundled SmolLM2, else any mlx-lm path or repo id.
-    A split the model cannot take fails before anything is loaded, saying which
-    rank counts work. The load is a setup step: it is replayed if the ranks are
-    ever restarted, and a load that fails leaves the previous one in place.
-    Returns load seconds and per-rank memory.
+    ``model``: None for the bundled SmolLM2 (or, with ``adapter_path``, the model the adapters
+    were trained on), else any mlx-lm path or repo id. ``adapter_path``: LoRA adapters (a
+    ``finetune`` run's folder): they are fused into the weights here, once (cached), and the
+    fused model is split like any other. A split the model cannot take fails before anything
+    is loaded, saying which rank counts work. The load is a setup step: it is replayed if the
+    ranks are ever restarted, and a load that fails leaves the previous one in place.
+    Returns load seconds, per-rank memory, and the folder the ranks loaded.
 
     Example::
 
         load_model(cluster)                       # tensor parallel over all ranks
         generate(cluster, "What is the capital of France?")
+        load_model(cluster, adapter_path=run.wait().adapter_path, pipeline=True)
     """
-    from .models import prepare_bundled
-
-    if model is None or str(model).lower() in ("smollm2", "bundled"):
-        # converted here, once, with a progress line: the ranks then only read it
-        bar: list[Progress] = []
-
-        def converting(done: int, total: int, message: str) -> None:
-            if not bar:
-                bar.append(Progress("converting the bundled model", stream=sys.stdout))
-            bar[0].update(done, total, message)
-            if done >= total:
-                bar[0].close()
-
-        path = prepare_bundled(cluster.ranks, progress=converting if progress else None)
-        if progress and "F32" in path.name:
-            print("the ranks load the bundled model's dense float32 copy: on a CPU with OpenBLAS it "
-                  "runs faster than the 4-bit one (MLX's quantized CPU kernels use no BLAS)")
-    if adapter_path is None:
-        check_split(resolve(model), cluster.n, pipeline)
+    if adapter_path is not None and model is None:
+        model = _trained_on(adapter_path)
+    path = _base_path(cluster, model, progress)
+    check_split(path, cluster.n, pipeline)
+    target = model  # each rank resolves it (a host of its own finds its own bundled copy)
+    if adapter_path is not None:
+        if progress:
+            print(f"fusing the adapters of {adapter_path} into {Path(path).name}...", end="", flush=True)
+        t0 = time.perf_counter()
+        path = target = str(fused_model(path, adapter_path))
+        if progress:
+            print(f" done in {time.perf_counter() - t0:.1f} s ({path})")
     if progress:
         print(f"loading on {cluster.n} ranks...", end="", flush=True)
     t0 = time.perf_counter()
-    loads = cluster.call(load_on_rank, model, pipeline, adapter_path, setup="load_model")
+    loads = cluster.call(load_on_rank, target, pipeline, setup="load_model", what="a model load")
     if progress:
         print(f" done in {time.perf_counter() - t0:.1f} s")
     return {"seconds": loads[0]["seconds"], "peak_memory": [r["peak_memory"] for r in loads],
-            "active_memory": [r["active_memory"] for r in loads]}
+            "active_memory": [r["active_memory"] for r in loads], "model": path}
+
+
+def _trained_on(adapter_path: str) -> Optional[str]:
+    """The model named in the adapters' config (None: the bundled one)."""
+    config = Path(adapter_path) / "adapter_config.json"
+    return json.loads(config.read_text()).get("model") if config.exists() else None
+
+
+def _base_path(cluster, model: Optional[str], progress: bool) -> str:
+    """What the ranks load for ``model``: the bundled folder they prefer (converted here, once,
+    with a progress line), else the path or repo id as given."""
+    from .models import BUNDLED_NAMES, prepare_bundled
+
+    if model is not None and str(model).lower() not in BUNDLED_NAMES:
+        return resolve(model)
+    bar: list[Progress] = []
+
+    def converting(done: int, total: int, message: str) -> None:
+        if not bar:
+            bar.append(Progress("converting the bundled model", stream=sys.stdout))
+        bar[0].update(done, total, message)
+        if done >= total:
+            bar[0].close()
+
+    path = prepare_bundled(cluster.ranks, progress=converting if progress else None)
+    if progress and "F32" in path.name:
+        print("the ranks load the bundled model's dense float32 copy: on a CPU with OpenBLAS it "
+              "runs faster than the 4-bit one (MLX's quantized CPU kernels use no BLAS)")
+    return str(path)
 
 
 def generate(
@@ -104,6 +131,7 @@ def generate(
     on_text: Optional[Callable[[str], None]] = None,
     quiet: bool = False,
     timeout: Optional[float] = None,
+    what: str = "generation",
 ) -> GenerationStats:
     """Generate with the model loaded on the cluster, streaming rank 0's text as it comes.
 
@@ -124,7 +152,7 @@ def generate(
         elif not quiet:
             print(data["text"], end="", flush=True)
 
-    replies = cluster.call(generate_on_rank, prompt, max_tokens, on_report=on_report, timeout=timeout)
+    replies = cluster.call(generate_on_rank, prompt, max_tokens, on_report=on_report, timeout=timeout, what=what)
     if on_text is None and not quiet:
         print()
     r = replies[0]

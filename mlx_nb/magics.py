@@ -102,6 +102,7 @@ def _cluster_from_args(args) -> Cluster:
         return Cluster(
             n=args.n, backend=args.backend, grace=args.grace, hostfile=_unquoted(args.hostfile), hosts=args.hosts,
             python=_unquoted(args.python), ssh_cmd=_ssh(args.ssh), env=_env(args.env),
+            name=args.name, keep=args.keep, idle=args.idle,
         )
     except HostfileError as e:
         raise UsageError(" ".join(str(e).split())) from None
@@ -135,6 +136,49 @@ def keep_prompt_question_marks(lines: list[str]) -> list[str]:
     return out
 
 
+def _start(args) -> Cluster:
+    cluster = _cluster_from_args(args)
+    where = f" on {len({h.ssh_hostname for h in cluster.hostfile.hosts})} host(s)" if cluster.remote else ""
+    print(f"Starting {cluster.n} MLX ranks ({cluster.backend}){where}...", flush=True)
+    t0 = time.perf_counter()
+    try:
+        cluster.start()
+    except ClusterError as e:
+        raise UsageError(f"the cluster did not start: {e}") from None
+    kept = f" and kept as {args.name!r} (it outlives this kernel: %mlx_cluster attach {args.name})" if args.keep else ""
+    print(f"Cluster ready in {time.perf_counter() - t0:.1f} s{kept}.")
+    return cluster
+
+
+def _attach(args) -> Cluster:
+    if not args.cluster_name:
+        raise UsageError("%mlx_cluster attach NAME: which kept cluster (%mlx_cluster list shows them)")
+    try:
+        cluster = Cluster.attach(args.cluster_name, take=args.take)
+    except (ClusterError, ValueError) as e:
+        raise UsageError(" ".join(str(e).split())) from None
+    setup = f"; {len(cluster.setup_cells)} setup cell(s) kept" if cluster.setup_cells else ""
+    print(f"Attached {args.cluster_name!r}: {cluster.n} ranks, the same processes and their state{setup}.")
+    return cluster
+
+
+def clusters_table() -> Table:
+    """The kept clusters here (``mlx_nb.clusters()``), one row each."""
+    from .cluster import clusters
+
+    def ago(seconds: float) -> str:
+        return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+    rows = [
+        [c["name"], c["ranks"], ", ".join(c["hosts"]), c["backend"], ago(c["age"]),
+         ago(c["idle"]) + (f" (stops at {ago(c['idle_limit'])})" if c["idle_limit"] else ""),
+         human_bytes(c["memory"]), f"pid {c['holder']['pid']}" if c["holder"] else "no"]
+        for c in clusters()
+    ]
+    title = f"{len(rows)} kept cluster(s)" if rows else "no kept cluster here"
+    return Table(["name", "ranks", "hosts", "backend", "age", "idle", "memory", "attached"], rows, title)
+
+
 def _names(spec: Optional[str]) -> list[str]:
     return [x.strip() for x in (spec or "").replace(" ", ",").split(",") if x.strip()]
 
@@ -150,11 +194,17 @@ class MLXMagics(Magics):
     @magic_arguments()
     @argument(
         "action",
-        choices=["start", "stop", "restart", "status", "forget-setup", "check"],
+        choices=["start", "stop", "restart", "status", "forget-setup", "check", "attach", "list"],
         help="start a cluster, stop it, restart its ranks (replaying setup cells), "
-        "show each rank's state, forget the registered --setup cells, or check the hosts "
-        "of --hostfile / --hosts over ssh without starting anything",
+        "show each rank's state, forget the registered --setup cells, check the hosts "
+        "of --hostfile / --hosts over ssh without starting anything, attach a kept cluster "
+        "by name, or list the kept clusters",
     )
+    @argument("cluster_name", nargs="?", default=None, metavar="NAME", help="with attach: the kept cluster's name")
+    @argument("--name", default=None, help="with start: a name for the cluster (to attach it by)")
+    @argument("--keep", action="store_true", help="with start (and --name): keep the cluster running after this kernel")
+    @argument("--idle", default=None, help="with --keep: stop the kept cluster once unused this long (2h, 30m, 90s)")
+    @argument("--take", action="store_true", help="with attach: take the cluster over from the kernel that holds it")
     @argument("-n", type=int, default=None, help="number of local ranks (default 4); with --hosts, ranks per host (default 1)")
     @argument("--backend", default=None, choices=BACKENDS,
               help="mx.distributed backend (default: the hostfile's, else ring; mpi: local ranks under mpirun)")
@@ -176,6 +226,9 @@ class MLXMagics(Magics):
         %mlx_cluster status          rank, host, pid, device, memory, state, BLAS
         %mlx_cluster restart         new rank processes; --setup cells are replayed
         %mlx_cluster stop            nothing is left running
+        %mlx_cluster start -n 2 --name llm --keep --idle 2h    outlives this kernel
+        %mlx_cluster attach llm      the kept cluster, from this (or a new) kernel
+        %mlx_cluster list            the kept clusters here
         """
         global _current
         args = parse_argstring(self.mlx_cluster, line)
@@ -185,26 +238,21 @@ class MLXMagics(Magics):
                     raise UsageError("%mlx_cluster check needs --hostfile F or --hosts h1,h2 (or a running cluster)")
                 return findings_table(_current.check())
             return findings_table(_cluster_from_args(args).check())
-        if args.action == "start":
+        if args.action == "list":
+            return clusters_table()
+        if args.action in ("start", "attach"):
             if _current is not None and _current.running:
                 raise UsageError("a cluster is already running: %mlx_cluster stop (or restart) first")
-            cluster = _cluster_from_args(args)
-            where = f" on {len({h.ssh_hostname for h in cluster.hostfile.hosts})} host(s)" if cluster.remote else ""
-            print(f"Starting {cluster.n} MLX ranks ({cluster.backend}){where}...", flush=True)
-            t0 = time.perf_counter()
-            try:
-                cluster.start()
-            except ClusterError as e:
-                raise UsageError(f"the cluster did not start: {e}") from None
-            _current = cluster
-            print(f"Cluster ready in {time.perf_counter() - t0:.1f} s.")
-            return status_table(cluster)
+            _current = _start(args) if args.action == "start" else _attach(args)
+            return status_table(_current)
         cluster = current()
         if args.action == "stop":
             _stop_server()
             cluster.stop()
             _current = None
             print("Cluster stopped.")
+            if cluster.group.keep:
+                print(f"(It was kept as {cluster.group.name!r}: it is gone now.)")
         elif args.action == "restart":
             t0 = time.perf_counter()
             replay = cluster.restart()
@@ -222,8 +270,7 @@ class MLXMagics(Magics):
                 print(note)
             return status_table(cluster)
         elif args.action == "forget-setup":
-            print(f"Forgot {len(cluster.setup_cells)} setup cell(s).")
-            cluster.setup_cells.clear()
+            print(f"Forgot {cluster.forget_setup()} setup cell(s).")
 
     @magic_arguments()
     @argument("--ranks", default="0", help="whose output to show: 0 (default), all, or a list like 0,2")
@@ -334,7 +381,7 @@ class MLXMagics(Magics):
     @argument("--load", metavar="MODEL", default=None,
               help="load MODEL on every rank first: 'bundled' (SmolLM2, offline), an mlx-lm path or repo id")
     @argument("--pipeline", action="store_true", help="with --load: pipeline parallel instead of tensor parallel")
-    @argument("--adapter", default=None, help="with --load: LoRA adapters to apply (every rank holds the whole model)")
+    @argument("--adapter", default=None, help="with --load: LoRA adapters (a finetune folder), fused into the weights, then split")
     @argument("--max-tokens", type=int, default=256, help="most tokens to generate (default 256)")
     @line_magic
     def mlx_generate(self, line: str):

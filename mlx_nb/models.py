@@ -31,6 +31,7 @@ BUNDLED_NAMES = ("smollm2", "bundled")
 _GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Bump when the folder layout changes, so old caches are rebuilt.
 _FORMAT = 1
+FUSED_KEPT = 3  # fused models (base + adapters) kept in the cache
 
 _LAYER_NAMES = {
     "attn_q": "self_attn.q_proj",
@@ -79,11 +80,16 @@ def bundled_model(progress: Optional[Progress] = None, dense: bool = False) -> P
     if (target / "config.json").exists():
         return target
     source = bundled_model() if dense else gguf_path()  # the dense copy dequantizes the 4-bit folder
+    convert = _dequantize if dense else _convert
+    return _atomic_folder(target, lambda tmp: convert(source, tmp, progress or (lambda done, total, message: None)))
+
+
+def _atomic_folder(target: Path, build: Callable[[Path], None]) -> Path:
+    """``build`` the folder under a temporary name next to ``target``, then rename it into place."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        convert = _dequantize if dense else _convert
-        convert(source, tmp, progress or (lambda done, total, message: None))
+        build(tmp)
         tmp.chmod(0o755)
         try:
             tmp.rename(target)
@@ -94,6 +100,74 @@ def bundled_model(progress: Optional[Progress] = None, dense: bool = False) -> P
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def fused_model(base: str | Path, adapter_path: str | Path) -> Path:
+    """``base`` with the LoRA adapters of ``adapter_path`` fused into its weights: an ordinary
+    mlx-lm model folder, which loads (and shards) like any other.
+
+    Fused with mlx-lm's own ``fuse`` (a quantized layer is dequantized, fused and quantized
+    again at its bits and group size), in this process, once: the folder is cached under
+    :func:`cache_dir`, keyed by the adapter weights and config and by the base's files, and
+    written under a temporary name, then renamed into place. The ``FUSED_KEPT`` most recently
+    used fused models are kept; older ones are removed (a fused model is as big as its base).
+
+    Example:
+        >>> path = fused_model(bundled_model(), "adapters/run-20250101-120000")  # doctest: +SKIP
+        >>> mlx_lm.load(str(path))  # doctest: +SKIP
+    """
+    from mlx_lm.utils import _download
+
+    name, adapters = Path(str(base)).name, Path(adapter_path)
+    base = Path(base) if Path(base).exists() else _download(str(base))  # a repo id: its whole snapshot
+    for needed in ("adapter_config.json", "adapters.safetensors"):
+        if not (adapters / needed).exists():
+            raise FileNotFoundError(f"{adapters / needed} does not exist: adapter_path takes the folder that "
+                                    "finetune (or mlx_lm.lora) wrote, holding adapter_config.json and adapters.safetensors")
+    target = cache_dir() / "fused" / f"{name}-{_fuse_key(base, adapters)}"
+    if (target / "config.json").exists():
+        os.utime(target)  # used: the last to be pruned
+    else:
+        _atomic_folder(target, lambda tmp: _fuse(base, adapters, tmp))
+    _prune(target.parent, keep=FUSED_KEPT)
+    return target
+
+
+def _prune(folder: Path, keep: int) -> None:
+    """Remove all but the ``keep`` most recently used model folders in ``folder``."""
+    models = sorted((p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                    key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in models[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _fuse_key(base: Path, adapters: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256(f"{_FORMAT}|{base.resolve()}".encode())
+    for path in sorted(base.glob("*.safetensors")) + [base / "config.json"]:
+        stat = path.stat()
+        digest.update(f"|{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    config = json.loads((adapters / "adapter_config.json").read_text())
+    lora = {k: config.get(k) for k in ("fine_tune_type", "num_layers", "lora_parameters")}
+    digest.update(json.dumps(lora, sort_keys=True).encode())
+    digest.update((adapters / "adapters.safetensors").read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _fuse(base: Path, adapters: Path, out: Path) -> None:
+    """mlx-lm's ``fuse`` (``mlx_lm/fuse.py``) into ``out``, with the base's tokenizer files."""
+    from mlx.utils import tree_unflatten
+    from mlx_lm.utils import load, save_config, save_model
+
+    model, _, config = load(str(base), adapter_path=str(adapters), return_config=True)
+    fused = [(name, module.fuse()) for name, module in model.named_modules() if hasattr(module, "fuse")]
+    model.update_modules(tree_unflatten(fused))
+    save_model(out, model, donate_model=True)
+    save_config(config, out / "config.json")
+    for path in base.iterdir():
+        if path.is_file() and path.suffix != ".safetensors" and path.name not in ("config.json", "model.safetensors.index.json"):
+            shutil.copy(path, out / path.name)
 
 
 def resolve(model: Optional[str] = None) -> str:

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Optional
 
 from .diagnose import label
+from .results import CR_MARK
 
 NOISE = ("[ring]",)  # lines MLX's ring backend writes on fd 2 when a peer goes away: noise, not news
 MERGE_WINDOW = 0.5  # seconds a line waits for the same line of the other shown ranks
@@ -49,6 +50,7 @@ class Printer:
         self.partial = {(r, s): "" for r in show for s in STREAMS}
         self.noise: dict[tuple, Optional[bool]] = {k: None for k in self.partial}  # current line's verdict
         self.finished: set[int] = set()
+        self._held: dict[tuple, str] = {}  # the start of a CR_MARK that a chunk ended in
         # per (stream, rank): its lines not yet shown, as (arrival time, text), and how many it showed
         self._lines: dict[tuple, deque] = {(s, r): deque() for r in show for s in STREAMS}
         self._shown: dict[tuple, int] = {(s, r): 0 for r in show for s in STREAMS}
@@ -58,6 +60,9 @@ class Printer:
         if rank not in self.show or not text:
             return
         key = (rank, stream)
+        text = self._carriage_returns(key, text)
+        if not text:
+            return
         if self.single:
             self.write(stream, text if stream == "stdout" else self._without_noise(key, text))
             return
@@ -92,6 +97,16 @@ class Printer:
         """Seconds until the next waiting line must leave (None: none waits)."""
         heads = [q[0][0] for q in self._lines.values() if q]
         return max(0.0, min(heads) + self.window - self.clock()) if heads else None
+
+    def _carriage_returns(self, key: tuple, text: str) -> str:
+        """The rank's text with its carriage returns back (they travel as CR_MARK, which a
+        chunk may end halfway through: that part waits for the next chunk)."""
+        text = self._held.pop(key, "") + text
+        for i in range(min(len(CR_MARK) - 1, len(text)), 0, -1):
+            if CR_MARK.startswith(text[-i:]):
+                text, self._held[key] = text[:-i], text[-i:]
+                break
+        return text.replace(CR_MARK, "\r")
 
     # ------------------------------------------------------------------ out
     def _without_noise(self, key: tuple, text: str) -> str:

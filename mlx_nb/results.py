@@ -16,10 +16,14 @@ INIT_KEY = "mlx_nb_init"  # how far a rank got in forming the group: "started", 
 TRACE_KEY = "mlx_nb_trace"  # a Trace, while a cell runs
 REPORT_PREFIX = "mlx_nb_report_"  # + a sequence number: live reports (rank.session.report)
 STOP_MESSAGE = "mlx_nb_stop"  # control channel: the cooperative stop flag
-CANCEL_MESSAGE = "mlx_nb_cancel"  # control channel: the cell is cancelled (content: failed ranks)
+CANCEL_MESSAGE = "mlx_nb_cancel"  # control channel: the cell is cancelled (content: cell, why)
+CANCEL_KEY = "mlx_nb_cancelled"  # datapub: a rank got the cancel of this cell id
 INBOX_MESSAGE = "mlx_nb_inbox"  # control channel: data for the running job (Cluster.send, rank.session.inbox)
 
 PENDING_KEPT = 256  # pending calls a Trace carries (what a drain can replay)
+# a carriage return in rank output, as it travels: ipyparallel's client rewrites the text it has
+# collected when a "\r" arrives, which would shift what the notebook already read under it
+CR_MARK = "\x1b[mlx_nb-cr]"
 GROUP_OPS = ("all_sum", "all_gather", "all_max", "all_min", "sum_scatter")
 POINT_OPS = ("send", "recv", "recv_like")
 

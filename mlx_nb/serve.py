@@ -31,6 +31,7 @@ from typing import Any, Optional
 
 from .cell import DistCellError
 from .display import Table
+from .jobs import SERVING
 from .models import BUNDLED_NAMES
 from .openai_api import ApiError, Completion, ServedModel
 from .rank.serve import serve_on_rank, source
@@ -140,8 +141,8 @@ class Server:
     # ---------------------------------------------------------------- lifecycle
     def start(self, timeout: float = 120.0) -> Server:
         """Bind the port, start the ranks' job, and return once they serve."""
-        if self.cluster.busy:
-            raise ServeError("a job is running on the ranks: wait for it (or stop it) before serving")
+        if (running := self.cluster.running_job) is not None:
+            raise ServeError(f"{running} runs on the ranks: wait for it (or stop it) before serving")
         self.model = self._served_model()
         try:
             self._httpd = HTTPServer((self.host, self.port), self)
@@ -197,7 +198,8 @@ class Server:
 
     def _job(self) -> None:
         try:
-            self.cluster.call(serve_on_rank, self.id, self.max_batch, self.prefill_step, on_report=self._on_report)
+            self.cluster.call(serve_on_rank, self.id, self.max_batch, self.prefill_step, on_report=self._on_report,
+                              what=SERVING)
         except BaseException as e:  # a thread has no cell to raise into: kept, shown by status()
             self.error = e
         finally:

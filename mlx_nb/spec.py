@@ -47,6 +47,7 @@ class ClusterSpec:
     grace: float = 3.0
     spares: bool = True
     preflight: bool = True
+    drain: bool = True  # release ranks left in a collective by a failed cell, instead of restarting them
 
     @property
     def remote(self) -> set[int]:

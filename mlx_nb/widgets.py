@@ -124,7 +124,7 @@ class ChatWidget(widgets.VBox):
             self._render("".join(chunks))
 
         try:
-            stats = generate(self.cluster, self.messages, self.max_tokens, on_text=on_text, quiet=True)
+            stats = generate(self.cluster, self.messages, self.max_tokens, on_text=on_text, quiet=True, what="a chat reply")
             reply = stats.text
             self.messages.append({"role": "assistant", "content": reply})
             self._turns.append(

@@ -4,19 +4,24 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import time
 import uuid
 
 import psutil
 import pytest
 from IPython.core.error import UsageError
+from jupyter_client.manager import start_new_kernel
 
 from mlx_nb import Cluster
 
 # modules import the test hosts' helpers (tests/testhosts.py) before it is loaded as a plugin
 pytest.register_assert_rewrite("testhosts")
 
-_PROJECT = ("ipyparallel.engine", "ipyparallel.controller", "ipyparallel.cluster", "ipengine", "ipcontroller")
+_PROJECT = (
+    "ipyparallel.engine", "ipyparallel.controller", "ipyparallel.cluster", "ipengine", "ipcontroller",
+    "mlx_nb.engines.watchdog",
+)
 
 
 # every process this test session starts inherits the mark, orphans included
@@ -95,3 +100,54 @@ def magic_cluster(line: str):
         except UsageError:  # stopped by the test already
             pass
         magics.use(None)
+
+
+class Kernel:
+    """A real IPython kernel; its processes carry the test's own mark."""
+
+    def __init__(self, mark: str):
+        self.km, self.kc = start_new_kernel(kernel_name="python3", env={**os.environ, "MLX_NB_TEST_SESSION": mark})
+        self.pid = int(self.run("import os; print(os.getpid())")[0])
+
+    def run(self, code: str, timeout: float = 180) -> tuple[str, str]:
+        """(stdout, error: a traceback or stderr) of one cell."""
+        out, err = [], []
+
+        def hook(msg: dict) -> None:
+            kind, content = msg["msg_type"], msg["content"]
+            if kind == "stream":  # a magic's UsageError comes as stderr text
+                (err if content["name"] == "stderr" else out).append(content["text"])
+            elif kind == "error":
+                err.append("\n".join(content["traceback"]))
+            elif kind in ("execute_result", "display_data"):
+                out.append(content["data"].get("text/plain", "") + "\n")
+
+        self.kc.execute_interactive(code, output_hook=hook, timeout=timeout)
+        return "".join(out).strip(), "\n".join(err)
+
+    def kill(self) -> None:
+        os.kill(self.pid, signal.SIGKILL)
+        psutil.wait_procs([psutil.Process(self.pid)], timeout=10) if psutil.pid_exists(self.pid) else None
+
+    def close(self) -> None:
+        self.kc.stop_channels()
+        self.km.shutdown_kernel(now=True)
+
+
+def execute_across_a_restart(path, tag: str = "new-kernel"):
+    """Execute a notebook as a person would who restarts the kernel at the cell tagged ``tag``:
+    the cells before it in one kernel, which is then killed, the rest in a new one."""
+    import nbclient
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    at = next(i for i, c in enumerate(nb.cells) if tag in c.metadata.get("tags", []))
+    for cells in (range(at), range(at, len(nb.cells))):
+        client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                                         resources={"metadata": {"path": str(path.parent)}})
+        with client.setup_kernel():
+            for i in cells:
+                if nb.cells[i].cell_type == "code":
+                    client.execute_cell(nb.cells[i], i)
+            os.kill(client.km.provisioner.process.pid, signal.SIGKILL)  # the restart: nothing runs at exit
+    return nb

@@ -50,7 +50,7 @@ def on_engine(f):
 def _mlx_env() -> dict:
     import os
 
-    env = {k: v for k, v in os.environ.items() if k.startswith("MLX_") and k != "MLX_NB_SET"}
+    env = {k: v for k, v in os.environ.items() if k.startswith("MLX_") and not k.startswith("MLX_NB_")}
     if "MLX_HOSTFILE" in env:
         with open(env["MLX_HOSTFILE"]) as f:
             env["MLX_HOSTFILE"] = f.read()
@@ -112,8 +112,7 @@ def test_a_controller_off_loopback_is_encrypted_so_a_stranger_reads_no_output(ip
     import zmq
 
     cluster = magics.current()
-    security = Path(cluster._ipp.profile_dir) / "security"
-    info = json.loads((security / f"ipcontroller-{cluster._ipp.cluster_id}-client.json").read_text())
+    info = json.loads(Path(cluster.group.client_file).read_text())
     assert info["interface"] == f"tcp://{hosts.bridge_ip}" and info["curve_serverkey"]
     url = f"{info['interface']}:{info['iopub']}"
     ctx = zmq.Context()
@@ -270,3 +269,25 @@ def test_multi_mac_tutorial_runs_on_local_addresses():
     assert "preflight: every host is ready" in text
     assert "rank 1 of 2 on" in text and "all_sum = 3" in text
     assert "Cluster stopped." in text
+
+
+def test_a_killed_kernel_takes_its_ranks_on_the_other_hosts_with_it(hosts):
+    import uuid
+
+    from conftest import Kernel, project_processes
+
+    mark = uuid.uuid4().hex
+    k = Kernel(mark)
+    try:
+        path = ring_hostfile(hosts)
+        out, err = k.run(f"%load_ext mlx_nb\n%mlx_cluster start --hostfile {path} --ssh '{' '.join(hosts.ssh_cmd)}'")
+        assert "Cluster ready" in out, err
+        assert hosts.processes(), "expected engines on the hosts while the cluster runs"
+        k.kill()
+        assert left_on(hosts) == []  # within 10 s, over ssh
+        deadline = time.monotonic() + 10
+        while project_processes(mark) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert project_processes(mark) == []
+    finally:
+        k.close()

@@ -7,27 +7,24 @@ so the next restart binds the spares (seconds) while a new spare set starts behi
 from __future__ import annotations
 
 import atexit
-import json
+import os
 import shutil
-import signal as signals
-import socket
 import sys
 import time
 import uuid
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Optional
 
 import ipyparallel as ipp
 import psutil
+from ipyparallel.serialize.canning import use_cloudpickle
 
-from .. import diagnose
 from .. import hostfile as hostfiles
-from ..display import Table
 from ..rank import blas, session
-from ..results import INIT_KEY, Identity
-from . import ClusterError, launch
+from ..results import Identity
+from . import ClusterError, kept, launch, tasks, watchdog
+from .form import Forming, RankInfo
 from .hosts import controller_ip, on_hosts
 
 if TYPE_CHECKING:
@@ -50,25 +47,15 @@ CONTROLLER_ARGS = [
 ]
 
 
-@dataclass
-class RankInfo:
-    rank: int
-    engine_id: int
-    host: str = ""
-    pid: int = 0
-    device: str = ""
-    mlx: str = ""
-    blas: dict = field(default_factory=dict)  # rank.blas.BlasInfo.to_dict(): the BLAS its MLX runs
-    active_memory: int = 0
-    peak_memory: int = 0
-    state: str = "starting"
-
-
-class RankGroup:
+class RankGroup(Forming):
     """The processes behind a cluster: start, bind, watch, signal and end them."""
 
-    def __init__(self, spec: ClusterSpec):
-        self.spec = spec
+    def __init__(self, spec: ClusterSpec, name: Optional[str] = None, keep: bool = False,
+                 idle: Optional[float] = None):
+        self.spec, self.name, self.keep, self.idle = spec, name, keep, idle
+        self.created = time.time()
+        self.holder: dict = kept.me()  # who may run jobs on a kept cluster
+        self.setup_state = ""  # the setup cells, for a kernel that attaches (kept.encode)
         self.ranks: list[RankInfo] = []
         self.client: Optional[ipp.Client] = None
         self.addresses: list[str] = []  # each rank's ring address(es), for error messages
@@ -81,6 +68,9 @@ class RankGroup:
         self._tag: Optional[str] = None  # engine set tag of the ranks in use
         self._spare: Optional[str] = None  # tag of the warm spare set
         self._cells: Optional[tuple[list[int], ipp.DirectView]] = None
+        self.killed = False  # the last kill came to SIGKILL on a backend where that does harm
+        self._watchdog = None
+        self._controller_tree: list[psutil.Process] = []
 
     @property
     def running(self) -> bool:
@@ -92,6 +82,17 @@ class RankGroup:
         return self._ipp.controller_ip if self._ipp is not None else None
 
     @property
+    def client_file(self) -> Optional[str]:
+        """The controller's connection file for clients (its keys when encrypted): user-readable only."""
+        if self._ipp is None:
+            return None
+        return os.path.join(self._ipp.profile_dir, "security", f"ipcontroller-{self._ipp.cluster_id}-client.json")
+
+    def spares_ready(self) -> bool:
+        """The warm spare set has registered (a restart now takes seconds)."""
+        return self._spare is None or len(self.client.ids) >= 2 * self.spec.n
+
+    @property
     def formed(self) -> bool:
         return len(self.ranks) == self.spec.n
 
@@ -99,20 +100,66 @@ class RankGroup:
     def start(self) -> None:
         """The controller, then the ranks (formed and checked); nothing is left on failure."""
         # killed engines cannot remove their files: this process does (on stop, or at exit)
-        atexit.register(shutil.rmtree, self.dir, True)
+        if not self.keep:
+            atexit.register(shutil.rmtree, self.dir, True)
+        # values of classes, functions and lambdas defined in the notebook travel too (the
+        # engines switch at start: rank.session.warm)
+        use_cloudpickle()
         ip = controller_ip(self.spec.hostfile, self.spec.ssh_cmd)
         # off loopback, whoever reaches the controller could read every rank's output: encrypt
         curve = [] if hostfiles.is_local(ip) else ["--IPController.enable_curve=True"]
-        self._ipp = ipp.Cluster(
-            n=0, controller_ip=ip, log_level=40, shutdown_atexit=True, controller_args=CONTROLLER_ARGS + curve,
+        named = {"cluster_id": kept.PREFIX + self.name} if self.name else {}
+        if self.name and os.path.exists(kept.IppCluster(**named).cluster_file):
+            raise ClusterError(
+                f"a kept cluster named {self.name!r} exists: attach it (%mlx_cluster attach {self.name}) "
+                "or stop it first"
+            )
+        self._ipp = kept.IppCluster(
+            n=0, controller_ip=ip, log_level=40, shutdown_atexit=not self.keep,
+            controller_args=CONTROLLER_ARGS + curve, **named,
         )
         try:
             self._ipp.start_controller_sync()
+            self._watch()
             self.client = self._ipp.connect_client_sync()
+            # its schedulers, by now: a controller that dies leaves them orphaned
+            self._controller_tree = launch.process_tree(self._ipp.controller.pid)
+            self.save_state()
             self.form()
+            self.touch()  # ready: a kept cluster's idle time counts from here
         except BaseException:
             self.stop()
             raise
+
+    # ------------------------------------------------------------ the watchdog
+    @property
+    def state_file(self) -> str:
+        return os.path.join(self.dir, "watch.json")
+
+    def _watch(self) -> None:
+        """Start the watchdog that ends the cluster if this process dies (engines.watchdog)."""
+        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        self.save_state()
+        self._watchdog = watchdog.start(self.state_file)
+
+    def save_state(self) -> None:
+        """What the watchdog must end (every process of the cluster), and a kept cluster's part
+        of its cluster file: written at every change."""
+        watchdog.write_state(self)
+        kept.publish(self)
+
+    def check_holder(self) -> None:
+        """A kept cluster taken over by another kernel runs no more jobs from this one."""
+        kept.check_holder(self)
+
+    def touch(self) -> None:
+        """The cluster was used now (a kept cluster's idle limit counts from here)."""
+        try:
+            os.utime(self.state_file + ".used")
+        except FileNotFoundError:
+            open(self.state_file + ".used", "w").close()
+        except OSError:
+            pass
 
     def stop(self) -> None:
         """Every engine and the controller; returns once their processes are gone."""
@@ -126,24 +173,34 @@ class RankGroup:
             self._tag, self._spare = self._spare, None
             self.kill()
         procs = launch.process_tree(self._ipp.controller.pid) if self._ipp.controller is not None else []
+        procs += [p for p in self._controller_tree if p.pid not in {q.pid for q in procs}]
+        if not self.controller_alive():  # its orphaned schedulers wait for nothing
+            for p in procs:
+                launch.quietly(p.kill)
         try:
             self._stop_sets(list(self._ipp.engines))
             self._ipp.stop_cluster_sync()
         finally:
             self._ipp = None
             self.ranks, self._tag, self._spare, self._engines, self._cells = [], None, None, {}, None
+            self._controller_tree = []
             # the controller's schedulers exit a moment after it
             for p in launch.wait_exited(procs, timeout=5):
                 p.kill()
             self.on_hosts(f"rm -rf {self.dir}")
-            shutil.rmtree(self.dir, ignore_errors=True)
+            shutil.rmtree(self.dir, ignore_errors=True)  # the state file with it: the watchdog exits
+            if self._watchdog is not None:
+                launch.wait_exited([psutil.Process(self._watchdog.pid)] if self._watchdog.poll() is None else [], 5)
+                self._watchdog.poll()
+                self._watchdog = None
+        self._controller_tree: list[psutil.Process] = []
 
     def on_hosts(self, cmd: str) -> dict[str, tuple[int, str]]:
         """Run ``cmd`` on every other host of the cluster at once."""
         return on_hosts([self.spec.host(r) for r in sorted(self.spec.remote)], cmd, self.spec.ssh_cmd)
 
     def processes(self) -> list[psutil.Process]:
-        """Every process of the cluster on this machine: controller, engines (spares too), nannies."""
+        """Every process of the cluster on this machine: controller, engines (spares too), watchdog."""
         if self._ipp is None:
             return []
         pids = [
@@ -151,6 +208,8 @@ class RankGroup:
         ]
         if self._ipp.controller is not None:
             pids.append(self._ipp.controller.pid)
+        if self._watchdog is not None and self._watchdog.poll() is None:
+            pids.append(self._watchdog.pid)
         return [p for pid in pids for p in launch.process_tree(pid)]
 
     # ------------------------------------------------------------ engine sets
@@ -163,6 +222,7 @@ class RankGroup:
         if spec.backend == "mpi":
             env = {**ENGINE_ENV, **spec.env, "MLX_NB_SET": tag, blas.RANKS_ENV: str(spec.n)}
             self._start_set(f"{tag}-mpi", "mpi", launch.mpi_engine_launcher_kwargs(spec.n, spec.python, env))
+            self.save_state()
             return tag
         # the ports of the ring are in MLX_HOSTFILE, written at init; jaccl's and nccl's are in env
         ports = None if spec.backend == "ring" else spec.ports
@@ -178,6 +238,7 @@ class RankGroup:
                 if spec.python != sys.executable:
                     kwargs["engine_cmd"] = [spec.python, "-m", "ipyparallel.engine"]
                 self._start_set(f"{tag}-rank{rank.rank}", "local", kwargs)
+        self.save_state()
         return tag
 
     def _start_set(self, set_id: str, kind: str, kwargs: dict, host: str = "this machine") -> None:
@@ -207,124 +268,6 @@ class RankGroup:
             except Exception:
                 self._ipp.engines.pop(set_id, None)
 
-    # ------------------------------------------------------------ forming the group
-    def form(self) -> None:
-        """Bind a set of engines into a group: the warm spare set if there is one."""
-        tag = self._spare or self._spawn()
-        self._spare = None
-        self._tag, self.ranks = tag, []
-        found = self._wait_for_set(tag)
-        self.ranks = [RankInfo(r, found[r].engine_id, found[r].host, found[r].pid) for r in range(self.spec.n)]
-        self._check_versions(found)
-        self._init_group(self.spec.ports or hostfiles.free_ports(self.spec.addresses_needed))
-        if self.spec.spares:
-            # the next restart takes these: new processes are the slow part of recovery
-            self._spare = self._spawn()
-
-    def _wait_for_set(self, tag: str) -> dict[int, Any]:
-        deadline = time.monotonic() + self.spec.start_timeout
-        while True:
-            new = [eid for eid in self.client.ids if eid not in self._engines]
-            if new:
-                infos = self.client[new].apply_async(session.identify).get(timeout=self.spec.start_timeout)
-                for eid, info in zip(new, infos):
-                    info.engine_id = eid
-                    self._engines[eid] = info
-            found = {e.rank: e for eid, e in self._engines.items() if e.set == tag and eid in self.client.ids}
-            if len(found) == self.spec.n:
-                return found
-            dead = self.dead_ranks(tag)
-            if dead:
-                raise ClusterError("while starting: " + self._exited(tag, dead))
-            if time.monotonic() > deadline:
-                missing = [r for r in range(self.spec.n) if r not in found]
-                raise ClusterError(
-                    f"rank(s) {diagnose.ranges(missing)} did not come up within {self.spec.start_timeout:.0f} s: "
-                    "the engine process runs but never registered with the controller "
-                    f"(stopped, or stuck starting up); engine logs are in {self._ipp.profile_dir}/log"
-                )
-            time.sleep(0.05)
-
-    def _check_versions(self, found: dict[int, Identity]) -> None:
-        """Refuse ranks whose mlx or mlx_nb differ from each other or from the notebook's."""
-        from mlx_nb import __version__
-
-        rows = [("notebook", socket.gethostname(), session.mlx_version() or "-", __version__)]
-        rows += [(f"rank {r}", e.host, e.mlx or "-", e.mlx_nb) for r, e in sorted(found.items())]
-        if len({row[2:] for row in rows}) > 1:
-            raise ClusterError(
-                "the ranks run different MLX or mlx_nb versions: install the same ones on every "
-                "host (pip install mlx==... mlx_nb==...)\n" + repr(Table(["", "host", "mlx", "mlx_nb"], rows))
-            )
-
-    def _rank_files(self, ports: list[int]) -> list[dict[str, str]]:
-        """What each rank's init writes to files (MLX_HOSTFILE...), and the ranks' addresses."""
-        spec = self.spec
-        if spec.backend == "mpi":
-            self.addresses = ["mpi"] * spec.n
-            return [{} for _ in range(spec.n)]
-        launches = hostfiles.rank_launch(
-            spec.hostfile, spec.backend, env=spec.env, ports=ports if spec.backend == "ring" else spec.ports
-        )
-        if spec.backend == "ring" and spec.n > 1:
-            self.addresses = [",".join(a) for a in json.loads(launches[0].files["MLX_HOSTFILE"])]
-        else:
-            self.addresses = [launches[0].env.get("MLX_JACCL_COORDINATOR", "") for _ in launches]
-        return [launch_.files for launch_ in launches]
-
-    def _init_group(self, ports: list[int]) -> None:
-        """Form the group on ``self.ranks``: mx.distributed.init is collective, so start it
-        on every rank, then wait for all; the first failure, or a rank that never joins, is named."""
-        spec, files = self.spec, self._rank_files(ports)
-        pending = {
-            r.rank: self.client[r.engine_id].apply_async(
-                session.init_group, spec.backend, spec.n, files[r.rank], f"{self.dir}/{self._tag}"
-            )
-            for r in self.ranks
-        }
-        deadline = time.monotonic() + spec.init_timeout
-        while pending:
-            for rank, ar in list(pending.items()):
-                if ar.ready() and self._joined(rank, ar):
-                    del pending[rank]
-            dead = [r for r in self.dead_ranks() if r in pending]
-            if dead:
-                raise ClusterError("during mx.distributed.init: " + self._exited(self._tag, dead))
-            if pending and time.monotonic() > deadline:
-                # how far each rank got: None, "started" (running init_group), "joining" (in the call)
-                steps = {r: ar.metadata["data"].get(INIT_KEY) for r, ar in pending.items()}
-                raise ClusterError(diagnose.init_stuck(spec.backend, spec.init_timeout, steps, self.addresses))
-            time.sleep(0.02)
-        values = self.cells_view().apply_async(session.check_group).get(timeout=spec.init_timeout)
-        want = spec.n * (spec.n + 1) / 2
-        if any(v != want for v in values):
-            raise ClusterError(f"the group check failed: all_sum gave {values} (expected {want} on every rank)")
-
-    def _joined(self, rank: int, ar: Any) -> bool:
-        """A finished init: the rank joined (True), or its engine died (False: named by the caller)."""
-        try:
-            info = ar.get(timeout=0)
-        except ipp.error.EngineError:
-            return False
-        except ipp.RemoteError as e:
-            raise ClusterError(f"mx.distributed.init failed on rank {rank}: {e.ename}: {e.evalue}") from None
-        if info.error is not None:
-            raise ClusterError(diagnose.init_failed(rank, info.error, self.addresses[rank], bool(self.spec.ports)))
-        r = self.ranks[rank]
-        r.device, r.mlx, r.blas, r.state = info.device, info.mlx or "", info.blas, "idle"
-        return True
-
-    def _exited(self, tag: str, dead: list[int]) -> str:
-        out = []
-        for rank in dead:
-            engine_set = self._ipp.engines.get(f"{tag}-mpi" if self.spec.backend == "mpi" else f"{tag}-rank{rank}")
-            try:
-                text = launch.engine_output(engine_set.get_output() if engine_set else "")
-            except Exception:
-                text = ""
-            out.append(diagnose.engine_exited(rank, self.spec.host(rank), text))
-        return "\n".join(out)
-
     # ------------------------------------------------------------ watching, signalling, ending
     def dead_ranks(self, tag: Optional[str] = None) -> list[int]:
         """Ranks whose engine process has exited, or that the controller has dropped."""
@@ -345,20 +288,25 @@ class RankGroup:
         return dead
 
     def kill(self) -> None:
-        """Kill the ranks' processes (and any they started) and forget their engine sets."""
-        # a rank blocked in a native collective ignores SIGTERM: kill outright
+        """Kill the ranks' processes (and any they started) and forget their engine sets.
+
+        A rank blocked in a native collective ignores SIGTERM: the ring and MPI are killed
+        outright. On JACCL a SIGKILL can leave RDMA unusable until the Mac restarts, so there it
+        is SIGINT, then SIGTERM, then SIGKILL, with waits between; ``killed`` says if it came to that.
+        """
+        self.killed = False
         if self._ipp is None or self._tag is None:
             return
         procs: dict[int, psutil.Process] = {}
+        remote = []
         for rank in range(self.spec.n):
             for el in self._launchers(rank):
                 if launch.is_ssh(el):
-                    launch.quietly(el.signal, signals.SIGKILL)  # its nanny tells the controller
+                    remote.append(el)  # its nanny tells the controller
                 else:
                     procs.update((p.pid, p) for p in launch.process_tree(el.pid))
-        for p in procs.values():
-            launch.quietly(p.kill)
-        launch.wait_exited(list(procs.values()), timeout=5)
+        gentle = self.spec.backend in ("jaccl", "jaccl-ring")
+        self.killed = launch.end(list(procs.values()), remote, gentle)
         sets = [k for k in self._ipp.engines if k.startswith(f"{self._tag}-")]
         for set_id in sets:
             # killed already: stopping would signal them again over ssh, in vain and loudly
@@ -368,6 +316,7 @@ class RankGroup:
         # their hostfiles (here; other hosts' go with the whole directory at stop)
         shutil.rmtree(f"{self.dir}/{self._tag}", ignore_errors=True)
         self._tag, self.ranks, self._cells = None, [], None
+        self.save_state()
 
     def signal(self, sig: int, ranks: Optional[Sequence[int]] = None) -> None:
         """Send a signal to the engine processes of ``ranks`` (default all)."""
@@ -403,10 +352,47 @@ class RankGroup:
         view.history.clear()  # it would grow by a message id per rank per cell
         return view
 
-    def busy_ranks(self) -> tuple[set[int], set[int]]:
-        """(ranks the hub has work of others queued for, ranks the hub cannot account for)."""
-        queues = self.client.queue_status(verbose=True)
-        ours = set(self.client.history)
+    def controller_alive(self) -> bool:
+        """Whether the controller's process still runs (its launcher's wait thread says)."""
+        c = self._ipp.controller if self._ipp is not None else None
+        return c is not None and launch.launcher_alive(c)
+
+    def states(self, busy: bool) -> list[RankInfo]:
+        """The ranks with their state (idle / busy / dead / lost), and their memory when idle;
+        within seconds whatever the hub does."""
+        dead = set(self.dead_ranks())
+        if not self.controller_alive():
+            for r in self.ranks:
+                r.state = "unreachable (controller died)"
+            return self.ranks
+        try:
+            queued, lost = self.busy_ranks()
+        except ClusterError:
+            queued, lost = set(), {r.rank for r in self.ranks}
+        for r in self.ranks:
+            r.state = "dead" if r.rank in dead else "lost" if r.rank in lost else "busy" if busy or r.rank in queued else "idle"
+        if self.ranks and all(r.state == "idle" for r in self.ranks):
+            try:
+                ar = self.view.apply_async(session.describe)
+                for r, info in zip(self.ranks, ar.get(timeout=5)):
+                    r.active_memory, r.peak_memory = info.active_memory, info.peak_memory
+                tasks.forget_messages(self.client, ar.msg_ids)
+            except Exception:  # memory is a nicety: the states stand without it
+                pass
+        return self.ranks
+
+    def busy_ranks(self, timeout: float = 3.0) -> tuple[set[int], set[int]]:
+        """(ranks the hub has work of others queued for, ranks the hub cannot account for).
+
+        Within ``timeout`` whatever state the hub is in: ClusterError if it does not answer.
+        """
+        from ipyparallel import util
+
+        query = self.client._send(self.client._query_stream, "queue_request", content={"targets": None, "verbose": True})
+        if not query.wait(timeout):
+            raise ClusterError(f"the controller did not answer within {timeout:g} s")
+        queues = util.int_keys({k: v for k, v in query.result()["content"].items() if k != "status"})
+        ours = set(self.client.history) | set(tasks.recently_forgotten(self.client))
         busy, lost = set(), set()
         for r in self.ranks:
             q = queues.get(r.engine_id, {})

@@ -19,6 +19,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -253,6 +254,30 @@ def engine_output(text: str, lines: int = 20) -> str:
         and not re.search(r"\[(IPEngine|KernelNanny)[.\]]|^\s*\[ring\]", line)
     ]
     return "\n".join("  " + line for line in keep[-lines:])
+
+
+def end(procs: list, remote: list, gentle: bool = False) -> bool:
+    """End local processes and ssh launchers' remote engines; True if one had to be SIGKILLed
+    after gentler signals (``gentle``: SIGINT, 1 s, SIGTERM, 2 s; else SIGKILL at once)."""
+    steps = [(signal.SIGINT, 1.0), (signal.SIGTERM, 2.0)] if gentle else []
+    for sig, wait in steps:
+        for p in procs:
+            quietly(p.send_signal, sig)
+        for el in remote:
+            quietly(el.signal, sig)
+        procs = wait_exited(procs, timeout=wait)
+        deadline = time.monotonic() + wait
+        while remote and time.monotonic() < deadline:
+            remote = [el for el in remote if launcher_alive(el)]
+            time.sleep(0.05)
+        if not procs and not remote:
+            return False
+    for p in procs:
+        quietly(p.kill)
+    for el in remote:
+        quietly(el.signal, signal.SIGKILL)
+    wait_exited(procs, timeout=5)
+    return gentle
 
 
 def wait_exited(procs: list, timeout: float) -> list:

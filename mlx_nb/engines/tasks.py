@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import time
-from collections.abc import Callable
-from typing import Any
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import Any, Optional
 
 import ipyparallel as ipp
 
@@ -20,8 +21,8 @@ class RankTask:
     reacting to callbacks, means output that arrived before anyone listened is not lost.
     """
 
-    def __init__(self, rank: int, future: Any):
-        self.rank, self._future = rank, future
+    def __init__(self, rank: int, future: Any, client: Optional[ipp.Client] = None):
+        self.rank, self._future, self._client = rank, future, client
         self._md = future.output.metadata
 
     # what the rank has sent so far
@@ -65,6 +66,17 @@ class RankTask:
     def output_done(self) -> bool:
         return self._future.output.done()
 
+    def succeeded(self, wait: float = 0.0) -> bool:
+        """The reply came (within ``wait`` s) and the function returned without raising."""
+        concurrent.futures.wait([self._future], timeout=wait)
+        if not self._future.done():
+            return False
+        try:
+            self._future.result()
+        except BaseException:
+            return False
+        return True
+
     def reply_failed(self) -> bool:
         """The reply came, and it is not a clean outcome (an error, a lost engine)."""
         try:
@@ -91,8 +103,54 @@ class RankTask:
         return result
 
 
+def forget(tasks: Iterable[RankTask]) -> None:
+    """Drop a finished job's messages from the ipyparallel Client's caches (see
+    :func:`forget_messages`); tasks still waiting for a reply are kept.
+
+    Example::
+
+        tasks = dispatch(view, [0, 1], fn)
+        ...  # wait for them
+        forget(tasks.values())
+    """
+    done = [t for t in tasks if t._client is not None and t.replied]
+    if done:
+        forget_messages(done[0]._client, [t._future.msg_id for t in done])
+
+
+def forget_messages(client: ipp.Client, msg_ids: Iterable[str]) -> None:
+    """Drop ``msg_ids`` from ``client``'s caches, once their replies came.
+
+    The Client appends every message id it sends to ``client.history`` and never trims it,
+    and keeps a message's result and metadata until its reply *and* its end of output
+    arrived (the latter never does for a rank whose output was given up on): without this,
+    one entry per rank per job, forever. Messages still outstanding are kept (a reply may
+    still come).
+
+    Example::
+
+        ar = view.apply_async(fn)
+        ar.get()
+        forget_messages(view.client, ar.msg_ids)
+    """
+    ids = set(msg_ids) - client.outstanding
+    for cache in (client.results, client.metadata, client._futures, client._output_futures):
+        for msg_id in ids:
+            cache.pop(msg_id, None)
+    if ids:
+        client.history[:] = [m for m in client.history if m not in ids]
+        recently_forgotten(client).extend(ids)
+
+
+def recently_forgotten(client: ipp.Client) -> deque:
+    """The last messages of ours forgotten: the hub's queue status lags their replies."""
+    if not hasattr(client, "_mlx_nb_forgotten"):
+        client._mlx_nb_forgotten = deque(maxlen=4096)
+    return client._mlx_nb_forgotten
+
+
 def dispatch(view: ipp.DirectView, ranks: list[int], fn: Callable, *args: Any) -> dict[int, RankTask]:
     """``fn(*args)`` on every engine of ``view`` (one per rank of ``ranks``, in order) in one
-    apply: the same dispatch cost as a raw DirectView call."""
+    apply: the same dispatch cost as a raw DirectView call. :func:`forget` the tasks after."""
     ar = view.apply_async(fn, *args)
-    return {r: RankTask(r, child) for r, child in zip(ranks, ar._children)}
+    return {r: RankTask(r, child, view.client) for r, child in zip(ranks, ar._children)}

@@ -239,8 +239,6 @@ def generate_batch_on_rank(prompts: list[Prompt], max_tokens: int, temperature: 
                            seeds: list[int], max_batch: int) -> dict:
     """Generate ``prompts`` as one batch on every rank; rank 0 reports each step's text."""
     model, tokenizer, group = loaded()
-    if group is None and session.state.rank != 0:
-        return {}  # adapters: rank 0 holds the whole model and generates alone
     todo = [Request(i, prompt_tokens(tokenizer, p), max_tokens, temperature, top_p, s)
             for i, (p, s) in enumerate(zip(prompts, seeds))]
     for r in todo:

@@ -4,25 +4,31 @@ Every rank holds the whole model with LoRA layers; each reads its own slice of
 every global batch (``mlx_lm.tuner.trainer.iterate_batches``), and gradients
 are averaged by the trainer (``mlx.nn.average_gradients``). Each step is
 reported to the notebook, and a stop request ends training on all ranks at
-the same step.
+the same step. Rank 0 writes a checkpoint (:mod:`mlx_nb.rank.checkpoint`) every
+``save_every`` steps, at the last step and when stopped; a run resumes from
+the latest one.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Union
+
+from . import checkpoint
 
 DATA = Path(__file__).parent.parent / "data"  # mlx_nb/data
+# what a resumed run must share with the run it continues: the shape of the LoRA layers
+FIXED = ("model", "num_layers", "lora_rank", "lora_scale")
 
 
 @dataclass
 class FinetuneConfig:
     model: Optional[str] = None  # None: the bundled SmolLM2; else any mlx-lm path or repo id
     data: Union[str, list, None] = None  # jsonl path or chat rows; None: the bundled mascot facts
-    iters: int = 30
+    iters: int = 30  # the step to train to (a resumed run counts the steps it continues from)
     batch_size: int = 2  # per rank: the global batch is batch_size x ranks
     learning_rate: float = 2e-4
     num_layers: int = 8  # LoRA on the last num_layers blocks
@@ -31,7 +37,9 @@ class FinetuneConfig:
     max_seq_length: int = 256
     mask_prompt: bool = True  # learn the answers only, not the system prompt and question
     seed: int = 0
-    adapter_path: str = "adapters"
+    save_every: int = 10  # steps between checkpoints (also at the last step and on a stop)
+    adapter_path: Optional[str] = None  # None: a new folder per run, adapters/run-YYYYmmdd-HHMMSS
+    resume: Optional[str] = None  # a run folder: continue from its latest checkpoint
 
 
 class _Stopped(Exception):
@@ -48,34 +56,218 @@ def load_rows(data: Union[str, list, None]) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def train_on_rank(cfg: dict) -> dict:
-    """Run inside every rank (collectively): LoRA-train, report each step, save on rank 0."""
-    import contextlib
-    import io
+def prepare(options: dict[str, Any], choose_folder: bool = True) -> FinetuneConfig:
+    """The run's options, checked, with its folder chosen: what ``train_on_rank`` runs.
 
+    With ``resume``, the options saved by the run it continues fill in those not given
+    (``iters`` too: a stopped run goes on to its first target), and the run writes on into
+    that folder unless ``adapter_path`` says otherwise. Without, ``adapter_path`` defaults
+    to a new folder (made here, where ``choose_folder``), and a folder that already holds
+    adapters is refused, not overwritten.
+
+    Example:
+        >>> prepare({"iters": 5}).adapter_path  # doctest: +SKIP
+        '/home/me/adapters/run-20250101-120000'
+    """
+    if options.get("resume"):
+        options = _resumed(options)
+    c = FinetuneConfig(**options)
+    if c.save_every < 1:
+        raise ValueError(f"save_every={c.save_every}: it takes a number of steps, 1 or more")
+    if isinstance(c.data, str):
+        c.data = str(Path(c.data).resolve())
+    if c.adapter_path is None:
+        if not choose_folder:
+            return c
+        c.adapter_path = str(checkpoint.new_run_dir())
+    c.adapter_path = str(Path(c.adapter_path).resolve())
+    folder = Path(c.adapter_path)
+    continuing = c.resume is not None and folder == Path(c.resume).resolve()
+    if not continuing and ((folder / checkpoint.ADAPTERS).exists() or (folder / checkpoint.STATE).exists()):
+        raise ValueError(f"{folder} already holds adapters of an earlier run: pass resume={str(folder)!r} "
+                         "to continue that run, or another adapter_path (by default each run gets a new folder)")
+    return c
+
+
+def _resumed(options: dict[str, Any]) -> dict[str, Any]:
+    folder = Path(options["resume"]).resolve()
+    saved = checkpoint.read_config(folder).get("mlx_nb")
+    if saved is None:
+        raise ValueError(f"{folder} was not written by mlx_nb's finetune: it has no options to resume with")
+    record = checkpoint.latest(folder)
+    if record is None:
+        raise ValueError(f"{folder} holds no checkpoint yet (the run ended before its first save): start a new run")
+    changed = [f"{k}={options[k]!r} (the run has {saved[k]!r})" for k in FIXED if k in options and options[k] != saved[k]]
+    if changed:
+        raise ValueError(f"cannot resume {folder} with other LoRA layers: {', '.join(changed)}; "
+                         "leave these options out to resume, or start a new run")
+    if isinstance(saved["data"], dict) and "data" not in options:
+        raise ValueError(f"the run in {folder} trained on {saved['data']['rows']} rows passed as a list: "
+                         "pass the same data= to resume it")
+    merged = {**saved, **options, "resume": str(folder)}
+    merged.setdefault("adapter_path", str(folder))
+    if merged["iters"] <= record["step"]:
+        raise ValueError(f"the run in {folder} already trained to step {record['step']} (iters={saved['iters']}): "
+                         f"pass iters= above {record['step']} to train on")
+    return merged
+
+
+def train_on_rank(cfg: dict) -> dict:
+    """Run inside every rank (collectively): LoRA-train, report each step, checkpoint on rank 0.
+
+    ``cfg`` holds :class:`FinetuneConfig` options. Returns the loss history (from step 1, on
+    a resumed run too), the step it stopped at (None: it ran to ``iters``), and the folder.
+
+    Example (in a ``%%mlx_dist`` cell)::
+
+        trained = train_on_rank({"iters": 30, "batch_size": 1, "save_every": 5})
+    """
+    import mlx.core as mx
+
+    group = mx.distributed.init()
+    c = prepare(cfg, choose_folder=group.rank() == 0)  # only rank 0 writes: the others need none
+    rows = load_rows(c.data)
+    global_batch = c.batch_size * group.size()
+    if len(rows) < global_batch:
+        raise ValueError(f"{len(rows)} training rows cannot fill a global batch of {global_batch} "
+                         f"({c.batch_size} x {group.size()} ranks)")
+    run = _Run(c, group, rows)
+    stopped_at = None
+    t0 = time.perf_counter()
+    try:
+        run.train()
+    except _Stopped as s:
+        stopped_at = s.args[0]
+    return {"history": run.history, "stopped_at": stopped_at, "seconds": time.perf_counter() - t0,
+            "adapter_path": c.adapter_path, "ranks": group.size(), "global_batch": global_batch,
+            "resumed_from": run.start or None, "saved": run.saved}
+
+
+class _Run:
+    """One rank's share of a run: the model with its LoRA layers, the optimizer, the checkpoints."""
+
+    def __init__(self, c: FinetuneConfig, group: Any, rows: list[dict]):
+        import mlx.optimizers as optim
+
+        self.c, self.group, self.rows = c, group, rows
+        self.rank, self.size = group.rank(), group.size()
+        self.folder = Path(c.adapter_path) if c.adapter_path else None
+        self.model, self.tokenizer = _lora_model(c)
+        self.optimizer = optim.Adam(learning_rate=c.learning_rate)
+        self.start, self.history, self.saved = 0, [], None
+        self.tokens_before = 0  # tokens trained before this run resumed
+        if c.resume:
+            self._restore(Path(c.resume))
+        self._agree()  # every rank has checked the folder (prepare) before rank 0 writes to it
+        if self.rank == 0:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            checkpoint.write_json(self.folder / checkpoint.CONFIG, self._adapter_config())
+
+    def _agree(self) -> None:
+        import mlx.core as mx
+
+        mx.eval(mx.distributed.all_sum(mx.array(1), stream=mx.cpu, group=self.group))
+
+    def _adapter_config(self) -> dict:
+        """mlx-lm's adapter_config.json, and under "mlx_nb" the options to resume with."""
+        c = self.c
+        options = {k: v for k, v in asdict(c).items() if k not in ("adapter_path", "resume")}
+        if isinstance(c.data, list):
+            options["data"] = {"rows": len(c.data)}  # not copied: resuming asks for them again
+        return {"fine_tune_type": "lora", "num_layers": c.num_layers, "model": c.model,
+                "lora_parameters": self.lora, "mlx_nb": options}
+
+    @property
+    def lora(self) -> dict:
+        return {"rank": self.c.lora_rank, "dropout": 0.0, "scale": self.c.lora_scale}
+
+    def _restore(self, folder: Path) -> None:
+        """The LoRA weights, the optimizer state, the step and the loss history of the checkpoint."""
+        from mlx.utils import tree_flatten, tree_unflatten
+
+        record, adapters, optimizer = checkpoint.load(folder)
+        expected = dict(tree_flatten(self.model.trainable_parameters()))
+        if set(adapters) != set(expected) or any(adapters[k].shape != expected[k].shape for k in expected):
+            raise ValueError(f"the checkpoint in {folder} does not fit this model's LoRA layers "
+                             f"(num_layers={self.c.num_layers}, lora_rank={self.c.lora_rank})")
+        self.model.load_weights(list(adapters.items()), strict=False)
+        self.optimizer.state = tree_unflatten(list(optimizer.items()))
+        self.optimizer.learning_rate = self.c.learning_rate
+        self.start, self.history = record["step"], record["history"]
+        self.tokens_before = self.history[-1]["trained_tokens"] if self.history else 0
+
+    def save(self, step: int) -> str:
+        """Rank 0 writes the checkpoint of ``step`` (after the step's update was evaluated)."""
+        from mlx.utils import tree_flatten
+
+        if self.rank == 0:
+            adapters = dict(tree_flatten(self.model.trainable_parameters()))
+            self.saved = str(checkpoint.save(self.folder, step, adapters, dict(tree_flatten(self.optimizer.state)),
+                                             self.history))
+        return self.saved
+
+    def train(self) -> None:
+        import contextlib
+        import io
+
+        import numpy as np
+        from mlx_lm.tuner.callbacks import TrainingCallback
+        from mlx_lm.tuner.datasets import CacheDataset, ChatDataset
+        from mlx_lm.tuner.trainer import TrainingArgs, train
+
+        c = self.c
+        # mlx-lm's own last save (on rank 0), not ours
+        scratch = (self.folder or Path(".")) / f".mlx_lm-trainer-{self.rank}.safetensors"
+        args = TrainingArgs(
+            batch_size=c.batch_size * self.size, iters=c.iters - self.start, steps_per_report=1,
+            steps_per_eval=10**9, steps_per_save=10**9, max_seq_length=c.max_seq_length, adapter_file=str(scratch),
+        )
+        np.random.seed(c.seed)  # iterate_batches shuffles with numpy: the same order on every rank
+        dataset = CacheDataset(ChatDataset(self.rows, self.tokenizer, mask_prompt=c.mask_prompt))
+        run = self
+
+        class Live(TrainingCallback):
+            def on_train_loss_report(self, info: dict) -> None:
+                run.on_step(info)
+
+        quiet = io.StringIO()  # mlx-lm's console progress: the notebook draws its own
+        try:
+            with contextlib.redirect_stdout(quiet):
+                train(self.model, self.optimizer, dataset, None, args, loss=_global_mean_loss(self.group),
+                      iterate_batches=_batches(self.start), training_callback=Live())
+        finally:
+            scratch.unlink(missing_ok=True)
+
+    def on_step(self, info: dict) -> None:
+        """After each step (on every rank): record it, agree on stopping, checkpoint, report."""
+        import mlx.core as mx
+
+        from .session import report, stop_requested
+
+        step = info["iteration"] + self.start
+        row = {"iteration": step, "train_loss": info["train_loss"], "tokens_per_second": info["tokens_per_second"],
+               "trained_tokens": info["trained_tokens"] + self.tokens_before}
+        self.history.append(row)
+        stop = mx.distributed.all_sum(mx.array(int(stop_requested())), stream=mx.cpu, group=self.group).item()
+        if stop or step % self.c.save_every == 0 or step == self.c.iters:
+            self.save(step)
+            if self.rank == 0:
+                row = {**row, "saved": self.saved}
+        if self.rank == 0:
+            report(**row, iters=self.c.iters)
+        if stop and step < self.c.iters:
+            raise _Stopped(step)
+
+
+def _lora_model(c: FinetuneConfig):
+    """The base model (a dense copy of a quantized one on the CPU), frozen, with LoRA layers."""
     import mlx.core as mx
     import mlx.nn as nn
-    import mlx.optimizers as optim
-    import numpy as np
-    from mlx.nn import losses as nn_losses
-    from mlx.utils import tree_flatten
     from mlx_lm import load
-    from mlx_lm.tuner.callbacks import TrainingCallback
-    from mlx_lm.tuner.datasets import CacheDataset, ChatDataset
-    from mlx_lm.tuner.trainer import TrainingArgs, iterate_batches, train
     from mlx_lm.tuner.utils import linear_to_lora_layers
     from mlx_lm.utils import dequantize_model
 
     from ..models import dense_here, resolve
-    from .session import report, stop_requested
-
-    c = FinetuneConfig(**cfg)
-    world = mx.distributed.init()
-    size, rank = world.size(), world.rank()
-    global_batch = c.batch_size * size
-    rows = load_rows(c.data)
-    if len(rows) < global_batch:
-        raise ValueError(f"{len(rows)} training rows cannot fill a global batch of {global_batch} ({c.batch_size} x {size} ranks)")
 
     model, tokenizer = load(resolve(c.model))
     if mx.default_device() == mx.cpu and any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules()):
@@ -85,64 +277,43 @@ def train_on_rank(cfg: dict) -> dict:
         model = dequantize_model(model)
         model.set_dtype(mx.float32 if dense_here() else mx.bfloat16)
     model.freeze()
-    lora = {"rank": c.lora_rank, "dropout": 0.0, "scale": c.lora_scale}
     mx.random.seed(c.seed)
-    linear_to_lora_layers(model, c.num_layers, lora)
-    np.random.seed(c.seed)  # iterate_batches shuffles with numpy: the same order on every rank
+    linear_to_lora_layers(model, c.num_layers, {"rank": c.lora_rank, "dropout": 0.0, "scale": c.lora_scale})
+    return model, tokenizer
+
+
+def _global_mean_loss(group: Any):
+    """The mean over the *global* batch's tokens, so 1 rank x 4 rows and 2 ranks x 2 rows train
+    identically (mlx-lm's default averages per rank)."""
+    import mlx.core as mx
+    from mlx.nn import losses as nn_losses
+
+    size = group.size()
 
     def loss(model, batch, lengths):
-        # the mean over the *global* batch's tokens, so 1 rank x 4 rows and
-        # 2 ranks x 2 rows train identically (mlx-lm's default averages per rank)
         inputs, targets = batch[:, :-1], batch[:, 1:]
         logits = model(inputs)
         steps = mx.arange(1, targets.shape[1] + 1)
         mask = mx.logical_and(steps >= lengths[:, 0:1], steps <= lengths[:, 1:])
         ce = (nn_losses.cross_entropy(logits, targets) * mask).astype(mx.float32).sum()
         ntoks = mask.sum()
-        total = mx.stop_gradient(mx.distributed.all_sum(ntoks, group=world))
+        total = mx.stop_gradient(mx.distributed.all_sum(ntoks, group=group))
         return ce * size / total, ntoks
 
+    return loss
+
+
+def _batches(skip: int):
+    """mlx-lm's batches from the ``skip``-th on (a resumed run takes the batches the whole run
+    would have), cut to their longest row."""
+    from mlx_lm.tuner.trainer import iterate_batches
+
     def batches(**kwargs):
-        # mlx-lm pads every batch to a multiple of 32 tokens plus one; beyond the one target
-        # after each row that its loss mask takes in, padding only costs time: cut it
-        for batch, lengths in iterate_batches(**kwargs):
+        for n, (batch, lengths) in enumerate(iterate_batches(**kwargs)):
+            if n < skip:
+                continue
+            # mlx-lm pads every batch to a multiple of 32 tokens plus one; beyond the one target
+            # after each row that its loss mask takes in, padding only costs time: cut it
             yield batch[:, : int(lengths[:, 1].max()) + 1], lengths
 
-    history: list[dict] = []
-
-    class Live(TrainingCallback):
-        def on_train_loss_report(self, info: dict) -> None:
-            row = {k: info[k] for k in ("iteration", "train_loss", "tokens_per_second", "trained_tokens")}
-            history.append(row)
-            if rank == 0:
-                report(**row, iters=c.iters)
-            stop = mx.distributed.all_sum(mx.array(int(stop_requested())), stream=mx.cpu, group=world)
-            if stop.item():
-                raise _Stopped(info["iteration"])
-
-    adapter_dir = Path(c.adapter_path)
-    args = TrainingArgs(
-        batch_size=global_batch, iters=c.iters, steps_per_report=1, steps_per_eval=10**9,
-        steps_per_save=10**9, max_seq_length=c.max_seq_length,
-        adapter_file=str(adapter_dir / "adapters.safetensors"),
-    )
-    if rank == 0:
-        adapter_dir.mkdir(parents=True, exist_ok=True)
-    stopped_at = None
-    t0 = time.perf_counter()
-    quiet = io.StringIO()  # mlx-lm's console progress: the notebook draws its own
-    try:
-        with contextlib.redirect_stdout(quiet):
-            train(model, optim.Adam(learning_rate=c.learning_rate), CacheDataset(ChatDataset(rows, tokenizer, mask_prompt=c.mask_prompt)),
-                  None, args, loss=loss, iterate_batches=batches, training_callback=Live())
-    except _Stopped as s:
-        stopped_at = s.args[0]
-        if rank == 0:
-            mx.save_safetensors(args.adapter_file, dict(tree_flatten(model.trainable_parameters())))
-    if rank == 0:
-        config = {"fine_tune_type": "lora", "num_layers": c.num_layers, "lora_parameters": lora, "model": c.model}
-        (adapter_dir / "adapter_config.json").write_text(json.dumps(config, indent=2))
-    return {"history": history, "stopped_at": stopped_at, "seconds": time.perf_counter() - t0,
-            "adapter_path": str(adapter_dir.resolve()), "ranks": size, "global_batch": global_batch}
-
-
+    return batches

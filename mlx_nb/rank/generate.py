@@ -8,6 +8,8 @@ kept here, apart from the user's cell namespace.
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, Optional, Union
@@ -99,22 +101,20 @@ def stream(
             return
 
 
-def load_on_rank(model: Optional[str], pipeline: bool, adapter_path: Optional[str]) -> dict:
-    """Load the model on this rank (every rank at once), keep it, and say how long it took."""
-    from mlx_lm import load as load_full
-
+def load_on_rank(model: Optional[str], pipeline: bool) -> dict:
+    """Load the model split over the group on this rank (every rank at once), keep it, and
+    say how long it took and what it holds."""
     global _loaded, _source
     t0 = time.perf_counter()
     mx.reset_peak_memory()
-    if adapter_path:
-        # LoRA adapters wrap unsharded layers: every rank holds the whole adapted model
-        model_, tokenizer = load_full(resolve(model), adapter_path=adapter_path)
-        group = None
-    else:
-        model_, tokenizer = load(model, session.world(), pipeline)
-        group = session.world()
-    _loaded = (model_, tokenizer, group)
-    _source = {"model": model, "path": resolve(model), "pipeline": pipeline, "adapter_path": adapter_path}
+    path = resolve(model)
+    if path.startswith("/") and not os.path.exists(path):
+        raise FileNotFoundError(f"{path} is not on this rank's host ({socket.gethostname()}): a fused model is written "
+                                "on the notebook's machine, and leaves its cache when newer ones come; "
+                                "load_model(cluster, adapter_path=...) makes it again (on other hosts, share the folder)")
+    model_, tokenizer = load(path, session.world(), pipeline)
+    _loaded = (model_, tokenizer, session.world())
+    _source = {"model": model, "path": path, "pipeline": pipeline}
     active, peak = session.memory()
     return {"seconds": time.perf_counter() - t0, "active_memory": active, "peak_memory": peak}
 

@@ -12,6 +12,8 @@ import sys
 from collections.abc import Iterator
 from typing import TextIO
 
+from ..results import CR_MARK
+
 
 class Cut:
     """How many bytes of a cell's output a rank did not send."""
@@ -28,9 +30,11 @@ class _Limited:
 
     def write(self, text: str) -> int:
         n = len(text)
+        text = text.replace("\r", CR_MARK)
         if self._budget[0] >= n:
             self._budget[0] -= n
-            return self._stream.write(text)
+            self._stream.write(text)
+            return n
         keep = max(self._budget[0], 0)
         self._budget[0] = -1
         if keep:
@@ -52,12 +56,9 @@ class _Limited:
 @contextlib.contextmanager
 def limited_output(show: bool, limit: int) -> Iterator[Cut]:
     """While the cell runs: stdout and stderr limited to ``limit`` characters (0: no limit), or
-    silenced when the rank is not shown."""
+    silenced when the rank is not shown; carriage returns travel as ``CR_MARK``."""
     cut = Cut()
-    if show and not limit:
-        yield cut
-        return
-    budget = [limit if show else 0]
+    budget = [(limit or 1 << 62) if show else 0]
     saved = sys.stdout, sys.stderr
     sys.stdout, sys.stderr = _Limited(saved[0], budget, cut), _Limited(saved[1], budget, cut)
     try:

@@ -34,8 +34,6 @@ def source() -> dict:
 def serve_on_rank(serve_id: str, max_batch: int, prefill_step: int, idle_wait: float = 0.1) -> dict:
     """Serve until told to stop (every rank at once); return the steps and tokens made."""
     model, tokenizer, group = loaded()
-    if group is None and session.state.rank != 0:
-        return {}  # adapters: rank 0 holds the whole model and serves alone
     batch = Batch(model, tokenizer, group, max_batch=max_batch, prefill_step=prefill_step)
     made, shown = [0], [0]  # tokens made; the batch size the notebook last heard of
 

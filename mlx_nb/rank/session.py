@@ -27,7 +27,19 @@ from dataclasses import dataclass, field
 from importlib.metadata import version
 from typing import Any, Optional
 
-from ..results import INBOX_MESSAGE, INIT_KEY, REPORT_PREFIX, STOP_MESSAGE, Identity, Outcome, RankError
+from ..results import (
+    CANCEL_KEY,
+    CANCEL_MESSAGE,
+    GROUP_OPS,
+    INBOX_MESSAGE,
+    INIT_KEY,
+    REPORT_PREFIX,
+    STOP_MESSAGE,
+    Call,
+    Identity,
+    Outcome,
+    RankError,
+)
 from . import blas, trace
 from .output import limited_output
 
@@ -48,6 +60,11 @@ state = State()
 _stop = threading.Event()
 _inbox: queue.SimpleQueue = queue.SimpleQueue()  # Cluster.send's messages, oldest first
 _reports = [0]
+_cancelled: dict[int, str] = {}  # cell id -> why the notebook cancelled it
+
+
+class CellCancelled(Exception):
+    """Raised in a rank's cell once the notebook cancelled it because another rank failed."""
 
 
 def world():
@@ -80,7 +97,11 @@ def warm() -> None:
 
     In a thread: the engine answers at once, and an import that hangs shows up where it
     always did, as a rank that never gets to ``mx.distributed.init``.
+    Values travel with cloudpickle both ways (classes and functions defined in a notebook).
     """
+    from ipyparallel.serialize.canning import use_cloudpickle
+
+    use_cloudpickle()
 
     def imports() -> None:
         blas.use()  # before MLX loads: it binds its BLAS calls then
@@ -200,7 +221,18 @@ def pull(name: str) -> Any:
     """A value of the cell namespace, as it can travel (mx.array pickles itself)."""
     if name not in namespace:
         raise NameError(f"name {name!r} is not defined on rank {state.rank}")
-    return namespace[name]
+    value = namespace[name]
+    if not isinstance(value, (int, float, str, bytes, bool, type(None))) and type(value).__name__ not in ("array", "ndarray"):
+        import cloudpickle
+
+        try:
+            cloudpickle.dumps(value)
+        except Exception as e:  # said here, by name, rather than as a failed reply
+            raise TypeError(
+                f"{name} on rank {state.rank} ({type(value).__name__}) cannot travel to the notebook: "
+                f"{type(e).__name__}: {e}"
+            ) from None
+    return value
 
 
 # ------------------------------------------------------------------ running
@@ -234,7 +266,7 @@ def run_code(
         if pull_name is not None and state.rank in pull_ranks:
             out.pulled = pull(pull_name)
 
-    return _execute(filename, body, show, profile, output_limit)
+    return _execute(filename, cell_id, body, show, profile, output_limit)
 
 
 def call(
@@ -247,20 +279,23 @@ def call(
     def body(out: Outcome) -> None:
         out.returned = fn(*args, **kwargs)
 
-    return _execute(name, body, state.rank in show_ranks, profile, output_limit)
+    return _execute(name, cell_id, body, state.rank in show_ranks, profile, output_limit)
 
 
-def _execute(name: str, body: Callable[[Outcome], None], show: bool, profile: bool, output_limit: int) -> Outcome:
+def _execute(
+    name: str, cell_id: int, body: Callable[[Outcome], None], show: bool, profile: bool, output_limit: int
+) -> Outcome:
     import mlx.core as mx
 
     out = Outcome(rank=state.rank)
     mx.reset_peak_memory()
-    trace.recorder.begin(name)
+    trace.recorder.begin(name, cell_id)
     _stop.clear()
     t0 = time.perf_counter()
     with limited_output(show, output_limit) as cut:
         try:
             body(out)
+            _refuse_if_cancelled()  # the end of a cancelled cell is no success
         except BaseException as exc:  # KeyboardInterrupt too: report it as this rank's outcome
             out.error = format_error(exc, name)
         finally:
@@ -294,6 +329,7 @@ def format_error(exc: BaseException, filename: str) -> RankError:
         type=type(exc).__name__, message=str(exc), traceback="".join(lines), time=time.time(),
         lineno=lineno, line=linecache.getline(filename, lineno).strip() if lineno else "",
         pending=trace.recorder.pending[-3:], interrupted=isinstance(exc, KeyboardInterrupt),
+        cancelled=isinstance(exc, CellCancelled),
         peer_lost="peer was lost" in str(exc),  # MLX's ring, when another rank went away
     )
 
@@ -338,7 +374,47 @@ def _install_control_handlers() -> None:
 
     kernel = get_ipython().kernel
     kernel.control_handlers[STOP_MESSAGE] = lambda stream, ident, parent: _stop.set()
+    kernel.control_handlers[CANCEL_MESSAGE] = _on_cancel
     kernel.control_handlers[INBOX_MESSAGE] = lambda stream, ident, parent: _inbox.put(parent["content"])
+    trace.recorder.before_call = _refuse_if_cancelled
+
+
+def _on_cancel(stream, ident, parent) -> None:
+    from ipyparallel.datapub import publish_data
+
+    content = parent["content"]
+    _cancelled.clear()  # only the latest cell can be running
+    _cancelled[content["cell"]] = content["why"]
+    publish_data({CANCEL_KEY: content["cell"]})  # the notebook drains only once every rank knows
+
+
+def _refuse_if_cancelled(op: str = "") -> None:
+    """A cancelled cell goes no further: its next distributed call (or its end) raises."""
+    why = _cancelled.get(trace.recorder.cell_id)
+    if why is not None and trace.recorder.cell is not None:
+        raise CellCancelled(f"the cell was cancelled: {why}")
+
+
+def drain(calls: list[Call]) -> int:
+    """Make the calls that this rank's peers wait in, with zeros, so that their evaluations return.
+
+    ``calls`` are the peers' pending calls this rank must answer, in order: a group collective
+    to join, a ``send`` to this rank (receive it), a ``recv`` from this rank (send to it).
+    Runs outside any cell (the recorder records nothing). Returns how many it made.
+    """
+    import mlx.core as mx
+
+    group = state.world
+    for c in calls:
+        dtype = getattr(mx, c.dtype)
+        if c.op in GROUP_OPS:
+            out = getattr(mx.distributed, c.op)(mx.zeros(c.shape, dtype), group=group)
+        elif c.op == "send":  # the peer sends to us
+            out = mx.distributed.recv(c.shape, dtype, c.peer, group=group)
+        else:  # the peer receives from us
+            out = mx.distributed.send(mx.zeros(c.shape, dtype), c.peer, group=group)
+        mx.eval(out)
+    return len(calls)
 
 
 def inbox(wait: float = 0.0) -> list[dict]:

@@ -35,6 +35,7 @@ class Recorder:
 
     def __init__(self) -> None:
         self.cell: Optional[str] = None
+        self.cell_id = 0
         self.started = 0.0
         self.n_calls = 0
         self.pending: list[Call] = []
@@ -46,8 +47,8 @@ class Recorder:
         self.version = 0  # bumped on every change, so the watch thread publishes only news
         self.before_call: Optional[Callable[[str], None]] = None  # raises to refuse a call
 
-    def begin(self, cell: str) -> None:
-        self.cell, self.started = cell, time.time()
+    def begin(self, cell: str, cell_id: int = 0) -> None:
+        self.cell, self.cell_id, self.started = cell, cell_id, time.time()
         self.n_calls, self.pending, self.done = 0, [], 0
         self.in_eval, self.eval_time, self.polls_stop, self.evals = False, 0.0, False, []
         self.version += 1
@@ -117,17 +118,28 @@ def _recorded(op: str, fn):
         if recorder.cell is not None:
             if recorder.before_call is not None:
                 recorder.before_call(op)
-            call = Call(recorder.n_calls + 1, op)
-            if hasattr(x, "shape"):
-                call.shape, call.dtype = tuple(x.shape), str(x.dtype).replace("mlx.core.", "")
-            if op in POINT_OPS:
-                call.peer = kwargs.get("dst", kwargs.get("src", args[0] if args else None))
-            recorder.record(call)
+            recorder.record(_call(op, recorder.n_calls + 1, x, args, kwargs))
         return fn(x, *args, **kwargs)
 
     recorded.__name__ = recorded.__qualname__ = op
     recorded.__doc__ = fn.__doc__
     return recorded
+
+
+def _call(op: str, seq: int, x, args: tuple, kwargs: dict) -> Call:
+    """The record of one call: send(x, dst), recv(shape, dtype, src), recv_like(x, src), op(x)."""
+    call = Call(seq, op)
+    if op == "recv":
+        shape = x if x is not None else kwargs.get("shape")
+        dtype = args[0] if args else kwargs.get("dtype")
+        call.shape, call.dtype = tuple(shape or ()), str(dtype).replace("mlx.core.", "")
+        call.peer = args[1] if len(args) > 1 else kwargs.get("src")
+        return call
+    if hasattr(x, "shape"):
+        call.shape, call.dtype = tuple(x.shape), str(x.dtype).replace("mlx.core.", "")
+    if op in POINT_OPS:
+        call.peer = args[0] if args else kwargs.get("dst", kwargs.get("src"))
+    return call
 
 
 def _timed_eval(real_eval):

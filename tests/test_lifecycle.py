@@ -1,0 +1,232 @@
+"""The ranks' lifetime: nothing outlives its kernel unless kept, a kept cluster is attached again,
+a dead controller is found, and the ranks run one job at a time.
+
+Kernels here are real ones, through jupyter_client: a kernel's death is what the tests cause.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+
+import psutil
+import pytest
+from conftest import Kernel, project_processes
+
+from mlx_nb import Cluster, ClusterError, clusters
+
+GONE_WITHIN = 10.0  # seconds from a kernel's death to none of its cluster's processes left
+
+
+def _gone(mark: str, within: float = GONE_WITHIN) -> list[psutil.Process]:
+    deadline = time.monotonic() + within
+    while project_processes(mark) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return project_processes(mark)
+
+
+@pytest.fixture
+def mark():
+    m = uuid.uuid4().hex
+    yield m
+    for p in project_processes(m):  # a failed test must not leave its cluster behind
+        p.kill()
+
+
+def test_a_killed_kernel_takes_its_cluster_with_it(mark):
+    k = Kernel(mark)
+    try:
+        out, err = k.run("%load_ext mlx_nb\n%mlx_cluster start -n 2")
+        assert not err and "Cluster ready" in out
+        assert len(project_processes(mark)) >= 4  # controller, ranks, spares
+        k.kill()
+        left = _gone(mark)
+        assert left == [], [p.cmdline() for p in left]
+    finally:
+        k.close()
+
+
+def test_a_kernel_killed_while_its_ranks_wait_in_a_collective_takes_them_with_it(mark):
+    k = Kernel(mark)
+    try:
+        k.run("%load_ext mlx_nb\n%mlx_cluster start -n 2")
+        # rank 0 waits in an all_sum rank 1 never makes: blocked in native code
+        k.kc.execute("%%mlx_dist\nif rank == 0:\n    mx.eval(mx.distributed.all_sum(mx.ones(2)))\nelse:\n    import time; time.sleep(600)")
+        time.sleep(1.0)  # the cell is under way (nothing to wait on from outside)
+        k.km.restart_kernel(now=True)  # what Jupyter does to a kernel whose cell will not stop
+        left = _gone(mark)
+        assert left == [], [p.cmdline() for p in left]
+    finally:
+        k.close()
+
+
+def test_a_kept_cluster_outlives_its_kernel_and_a_new_kernel_attaches_it(mark):
+    name = f"t-{mark[:8]}"
+    a = Kernel(mark)
+    try:
+        out, err = a.run(f"%load_ext mlx_nb\n%mlx_cluster start -n 2 --name {name} --keep")
+        assert not err and f"kept as {name!r}" in out
+        a.run("%%mlx_dist --setup\nbase = 100 + rank")
+        a.run("%%mlx_dist\nsecret = 41 + rank")
+        pids = a.run("from mlx_nb.magics import current\nprint([r.pid for r in current().ranks])")[0]
+        a.kill()
+    finally:
+        a.close()
+    time.sleep(1.0)
+    assert [c["name"] for c in clusters() if c["name"] == name] == [name]
+    b = Kernel(mark)
+    try:
+        out, err = b.run(f"%load_ext mlx_nb\n%mlx_cluster attach {name}")
+        assert not err and f"Attached {name!r}: 2 ranks" in out and "1 setup cell(s) kept" in out
+        assert b.run("from mlx_nb.magics import current\nprint([r.pid for r in current().ranks])")[0] == pids
+        assert b.run("v = %mlx_pull secret --ranks all\nprint(v)")[0] == "[41, 42]"
+        assert b.run("%%mlx_dist\nprint(mx.distributed.all_sum(mx.array([rank + 1.0])).item())")[0] == "3.0"
+        out, err = b.run("%mlx_cluster stop")
+        assert "Cluster stopped." in out
+        assert _gone(mark) == [] and name not in [c["name"] for c in clusters()]
+    finally:
+        b.close()
+
+
+def test_a_second_kernel_is_refused_until_it_takes_the_cluster_over(mark):
+    name = f"t-{mark[:8]}"
+    a, b = Kernel(mark), Kernel(mark)
+    try:
+        a.run(f"%load_ext mlx_nb\n%mlx_cluster start -n 2 --name {name} --keep")
+        _, err = b.run(f"%load_ext mlx_nb\n%mlx_cluster attach {name}")
+        assert f"cluster {name!r} is attached to another kernel (pid {a.pid}" in err and "--take" in err
+        out, err = b.run(f"%mlx_cluster attach {name} --take")
+        assert not err and f"Attached {name!r}" in out
+        _, err = a.run("%%mlx_dist\nx = 1")
+        assert f"cluster {name!r} was taken over by the kernel pid {b.pid}" in err
+        assert "Traceback" not in err
+        b.run("%mlx_cluster stop")
+        assert _gone(mark) == []
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_kept_cluster_idle_past_its_limit_stops_itself(mark):
+    os.environ["MLX_NB_TEST_SESSION"], old = mark, os.environ["MLX_NB_TEST_SESSION"]
+    try:
+        c = Cluster(n=2, name=f"t-{mark[:8]}", keep=True, idle=3, spares=False).start()
+    finally:
+        os.environ["MLX_NB_TEST_SESSION"] = old
+    c.run("x = 1")
+    assert _gone(mark, within=3 + GONE_WITHIN) == []
+    assert f"t-{mark[:8]}" not in [k["name"] for k in clusters()]
+
+
+# ------------------------------------------------------------------ the controller
+@pytest.fixture
+def owned():
+    with Cluster(n=2, spares=False) as c:
+        c.run("base = 1", setup=True)
+        yield c
+
+
+def _controller(cluster: Cluster) -> psutil.Process:
+    return next(p for p in cluster.processes() if "ipyparallel.controller" in " ".join(p.cmdline()))
+
+
+def test_a_dead_controller_is_found_by_the_next_cell_and_the_cluster_restarts(owned, capsys):
+    _controller(owned).kill()
+    time.sleep(0.5)
+    t0 = time.perf_counter()
+    statuses = owned.status()  # answers at once, whatever the hub
+    assert time.perf_counter() - t0 < 5 and {r.state for r in statuses} == {"unreachable (controller died)"}
+    assert owned.run("mx.distributed.all_sum(mx.array([base + 0.0])).item()").value["text/plain"] == "2.0"
+    out = capsys.readouterr().out
+    assert "The controller died; restarting the cluster (controller and ranks)..." in out
+    assert "Replayed 1 setup cell(s)" in out
+
+
+# ------------------------------------------------------------------ one job at a time
+def test_a_foreground_cell_waits_visibly_for_a_background_job_which_goes_on_unharmed(owned, capsys):
+    done: list = []
+
+    def slow() -> int:
+        import time
+
+        from mlx_nb.rank import world
+
+        time.sleep(3)
+        return world().rank()
+
+    job = threading.Thread(target=lambda: done.append(owned.call(slow, what="a chat reply")))
+    job.start()
+    while owned.running_job is None:
+        time.sleep(0.01)
+    t0 = time.perf_counter()
+    value = owned.run("mx.distributed.all_sum(mx.array([1.0])).item()", timeout=2).value
+    job.join(30)
+    assert value["text/plain"] == "2.0"  # its timeout counted from when it ran, not from waiting
+    assert done == [[0, 1]]
+    out = capsys.readouterr().out
+    assert "Waiting for a chat reply to finish (running for 0 s); interrupt to give up..." in out
+    assert "restart" not in out and time.perf_counter() - t0 > 2
+
+
+def test_nothing_waits_behind_a_server_it_is_refused_at_once(owned):
+    from mlx_nb.jobs import SERVING
+
+    def serve_a_while() -> None:
+        import time
+
+        time.sleep(3)
+
+    job = threading.Thread(target=lambda: owned.call(serve_a_while, what=SERVING))
+    job.start()
+    while owned.running_job != SERVING:
+        time.sleep(0.01)
+    t0 = time.perf_counter()
+    with pytest.raises(ClusterError, match=r"the ranks are serving \(for 0 s\): stop the server first"):
+        owned.run("x = 1")
+    assert time.perf_counter() - t0 < 1
+    job.join(30)
+
+
+def test_the_keep_and_attach_tutorial_answers_at_once_after_a_kernel_restart():
+    from pathlib import Path
+
+    from conftest import execute_across_a_restart
+
+    keep = {p.pid for p in project_processes()}
+    nb = execute_across_a_restart(Path(__file__).resolve().parent.parent / "notebooks" / "08_keep_and_attach.ipynb")
+    cells = [c for c in nb.cells if c.cell_type == "code"]
+    texts = ["".join(o.get("text", "") for o in c.outputs) for c in cells]
+    assert not [o for c in cells for o in c.outputs if o.output_type == "error"]
+    assert "kept as 'tutorial-llm'" in texts[0]
+    assert "Paris" in texts[2] and "Attached 'tutorial-llm': 2 ranks" in texts[4]
+    assert "Paris" in texts[5] and "without loading anything" in texts[5]
+    assert "tutorial-llm" not in [c["name"] for c in clusters()]
+    deadline = time.monotonic() + GONE_WITHIN  # the watchdog leaves half a second after the stop
+    while [p for p in project_processes() if p.pid not in keep] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert [p.cmdline() for p in project_processes() if p.pid not in keep] == []
+
+
+def test_stopping_the_cluster_during_fine_tuning_stops_it_at_a_step_and_saves_first(tmp_path, capsys):
+    import json
+
+    from mlx_nb.finetune import finetune
+
+    c = Cluster(n=2, spares=False).start()
+    try:
+        run = finetune(c, iters=100, batch_size=1, num_layers=1, save_every=1000, adapter_path=str(tmp_path / "run"))
+        deadline = time.monotonic() + 240
+        while len(run.history) < 2 and run.error is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(run.history) >= 2, run.label.value
+    finally:
+        procs = c.processes()
+        c.stop()  # from the notebook's thread, while the background run trains
+    result = run.wait(timeout=60)
+    assert "Stopping fine-tuning first (every rank stops at the same step)..." in capsys.readouterr().out
+    assert result.stopped_at is not None and result.stopped_at < 100
+    saved = json.loads((tmp_path / "run" / "checkpoint.json").read_text())
+    assert saved["step"] == result.stopped_at  # saved at the step it stopped, not only at the last save_every
+    assert [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE] == []
