@@ -1,6 +1,6 @@
 """Serving: %mlx_serve against mlx_lm.server under mlx.launch, same ranks, layout, model and prompts.
 
-    python benchmarks/serve.py [-n 2] [--pipeline] [--tokens 32] [--levels 1,4,8,16] [--rounds 2]
+    python benchmarks/serve.py [-n 2] [--tensor] [--tokens 32] [--levels 1,4,8,16] [--rounds 2]
 
 Both servers run at once on this machine (each idles cheaply between requests), and every
 round measures each concurrency level on one, then the other, so that drift in the machine's
@@ -118,7 +118,8 @@ def free_port() -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", type=int, default=2)
-    parser.add_argument("--pipeline", action="store_true", help="pipeline parallel (default tensor)")
+    parser.add_argument("--tensor", dest="pipeline", action="store_false",
+                        help="tensor parallel (default: a pipeline; the bundled model's 9 heads split over 1 or 3 ranks)")
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--levels", default="1,4,8,16")
     parser.add_argument("--rounds", type=int, default=2)

@@ -44,6 +44,8 @@ def status_table(cluster: Cluster) -> Table:
         for r in cluster.status()
     ]
     title = f"{cluster.n} ranks, backend {cluster.backend}, {len(cluster.setup_cells)} setup cell(s)"
+    if (job := cluster.running_job) is not None:
+        title += f"; running: {job}"
     return Table(["rank", "host", "pid", "device", "memory", "peak", "state", "blas"], rows, title)
 
 

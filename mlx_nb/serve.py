@@ -31,6 +31,7 @@ from typing import Any, Optional
 
 from .cell import DistCellError
 from .display import Table
+from .engines import ClusterError
 from .jobs import SERVING
 from .models import BUNDLED_NAMES
 from .openai_api import ApiError, Completion, ServedModel
@@ -127,6 +128,7 @@ class Server:
         self._ttfts: deque = deque(maxlen=100)
         self._batch, self._batch_max, self._started = 0, 0, 0.0
         self._httpd: Optional[HTTPServer] = None
+        self._http: Optional[threading.Thread] = None  # the thread serving HTTP, once started
 
     @property
     def url(self) -> str:
@@ -160,8 +162,9 @@ class Server:
             self._httpd.server_close()
             self._httpd = None
             raise ServeError(f"the ranks could not serve:\n{self.error}")
-        threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.2},
-                         name="mlx_nb-serve-http", daemon=True).start()
+        self._http = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.2},
+                                      name="mlx_nb-serve-http", daemon=True)
+        self._http.start()
         return self
 
     def stop(self, timeout: float = 60.0) -> None:
@@ -203,12 +206,18 @@ class Server:
         except BaseException as e:  # a thread has no cell to raise into: kept, shown by status()
             self.error = e
         finally:
-            self._ended.set()
-            why = "the server stopped" if self._stopping else f"the ranks stopped serving: {self.error}"
+            asked = self._stopping
+            if self.error is None and not asked:
+                self.error = ClusterError("the ranks' job ended: the cluster was stopped")
+            why = "the server stopped" if asked else f"the ranks stopped serving: {self.error}"
             with self._lock:
                 pending = list(self._pending.values())
             for p in pending:
                 p.events.put(("error", 503, f"This reply could not be finished: {why}."))
+            if not asked and self._http is not None:  # nothing is left listening
+                self._httpd.shutdown()
+                self._httpd.server_close()
+            self._ended.set()
 
     # ---------------------------------------------------------------- requests
     def submit(self, request: Completion) -> _Pending:

@@ -17,9 +17,10 @@ import pytest
 from conftest import ipython_shell
 from IPython.core.error import UsageError
 
-from mlx_nb import Cluster, magics, openai_api
+from mlx_nb import Cluster, ClusterError, magics, openai_api
 from mlx_nb.batch import generate_batch
 from mlx_nb.generate import generate, load_model
+from mlx_nb.serve import serve
 
 TOKENS = 8
 QUESTIONS = [
@@ -295,6 +296,22 @@ def test_the_api_checks_are_documented_by_examples():
     assert doctest.testmod(openai_api, optionflags=doctest.ELLIPSIS).failed == 0
 
 
+# ---------------------------------------------------------------- one job at a time
+def test_a_cell_while_serving_is_refused_at_once_and_the_server_goes_on(server, pair, client, alone):
+    ip = shell()
+    magics.use(pair)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(ClusterError, match=r"the ranks are serving \(for \d+ s\): stop the server first"):
+            ip.run_cell_magic("mlx_dist", "", "x = 1")
+        assert time.monotonic() - t0 < 5  # refused, not queued behind a job that runs until stopped
+        assert "running: serving" in repr(ip.run_line_magic("mlx_cluster", "status"))
+    finally:
+        magics.use(None)
+    r = client.chat.completions.create(model=server.model.id, messages=chat(QUESTIONS[0]), max_tokens=TOKENS)
+    assert r.choices[0].message.content == alone[QUESTIONS[0]]
+
+
 # ---------------------------------------------------------------- keys, stop
 def test_stop_closes_the_port_and_frees_the_ranks(server, pair):
     ip = shell()
@@ -326,6 +343,17 @@ def test_a_host_other_machines_reach_needs_a_key_and_every_request_is_checked(pa
         magics.use(None)
 
 
+def test_stopping_the_cluster_ends_its_server_and_closes_the_port():
+    with Cluster(n=1) as c:
+        load_model(c, progress=False)
+        server = serve(c, port=0)
+        port = server.port
+        assert openai.OpenAI(base_url=server.url, api_key="-", max_retries=0).models.list().data
+    assert not server.serving and "the cluster was stopped" in server.status().state
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5)
+
+
 def test_the_serving_tutorial_runs():
     import nbclient
     import nbformat
@@ -341,3 +369,5 @@ def test_the_serving_tutorial_runs():
     assert text.count("Paris") >= 2 and "Aye" in text
     assert "404 The model 'gpt-4' does not exist" in text and "400 messages[0].role is 'wizard'" in text
     assert "requests running / queued" in text and "Stopped serving" in text and "rank 0 is free again" in text
+    assert "running: serving" in text
+    assert any(o.get("output_type") == "error" and "the ranks are serving" in o["evalue"] for o in outputs)
