@@ -130,21 +130,6 @@ def test_seeded_sampling_repeats_and_differs_across_seeds(pair):
     assert first[0] != first[1]  # prompt i draws with seed + i
 
 
-def test_a_batch_on_three_tensor_parallel_ranks_equals_one_process():
-    from mlx_lm import load, stream_generate
-
-    from mlx_nb.models import prepare_bundled
-
-    with Cluster(n=3) as c:
-        load_model(c, progress=False)
-        model, tokenizer = load(str(prepare_bundled(c.ranks)))
-        prompts = [chat(QUESTIONS[0]), chat(QUESTIONS[1])]
-        expected = [[r.token for r in stream_generate(model, tokenizer, tokenizer.apply_chat_template(
-            p, add_generation_prompt=True), max_tokens=6)] for p in prompts]
-        result = generate_batch(c, prompts, 6, quiet=True)
-    assert [r.tokens for r in result.replies] == expected
-
-
 # ---------------------------------------------------------------- the API
 def test_models_lists_the_model_the_ranks_hold(client, server):
     models = client.models.list()
