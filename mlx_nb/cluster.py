@@ -28,7 +28,7 @@ from .hostfile import Hostfile
 from .jobs import JobSlot
 from .preflight import Finding
 from .rank import session
-from .results import STOP_MESSAGE
+from .results import INBOX_MESSAGE, STOP_MESSAGE
 from .spec import BACKENDS, ClusterSpec, check_timeout
 
 __all__ = ["BACKENDS", "Cluster", "ClusterError", "RankInfo", "SetupCell", "controller_ip"]
@@ -380,6 +380,19 @@ class Cluster:
         """Ask the running job to stop: ``mlx_nb.rank.stop_requested()`` turns true on every rank."""
         self._require_running()
         self.group.send_control(STOP_MESSAGE)
+
+    def send(self, content: dict, ranks: Sequence[int] = (0,)) -> None:
+        """Hand ``content`` (JSON-able) to the job running on ``ranks``: it arrives in their
+        ``mlx_nb.rank.inbox()`` while the job runs. Safe from any thread; messages arrive in order.
+
+        Example::
+
+            cluster.send({"text": "hello"})   # rank 0's inbox() returns [{"text": "hello"}]
+        """
+        self._require_running()
+        # ipyparallel's IO thread owns the client's sockets: a send from another thread (an
+        # HTTP handler's, say) is handed to it, in order
+        self.client._io_loop.add_callback(self.group.send_control, INBOX_MESSAGE, content, list(ranks))
 
     def push(self, values: dict, ranks: Optional[Sequence[int]] = None) -> None:
         """Send ``values`` into the cell namespace of every rank (or of ``ranks``)."""

@@ -21,6 +21,7 @@ from .rank.blas import BlasInfo
 from .spec import check_timeout
 
 _current: Optional[Cluster] = None
+_server = None  # the %mlx_serve server (mlx_nb.serve.Server)
 
 
 def current() -> Cluster:
@@ -43,6 +44,8 @@ def status_table(cluster: Cluster) -> Table:
         for r in cluster.status()
     ]
     title = f"{cluster.n} ranks, backend {cluster.backend}, {len(cluster.setup_cells)} setup cell(s)"
+    if (job := cluster.running_job) is not None:
+        title += f"; running: {job}"
     return Table(["rank", "host", "pid", "device", "memory", "peak", "state", "blas"], rows, title)
 
 
@@ -246,6 +249,7 @@ class MLXMagics(Magics):
             return status_table(_current)
         cluster = current()
         if args.action == "stop":
+            _stop_server()
             cluster.stop()
             _current = None
             print("Cluster stopped.")
@@ -419,3 +423,79 @@ class MLXMagics(Magics):
 
         args = parse_argstring(self.mlx_chat, line)
         return ChatWidget(current(), max_tokens=args.max_tokens, system=args.system)
+
+    @magic_arguments()
+    @argument("action", nargs="?", default="start", choices=["start", "status", "stop"],
+              help="start serving (default), show what the server does, or stop it")
+    @argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0: any free one)")
+    @argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    @argument("--api-key", default=None, help="a key every request must send (Authorization: Bearer KEY); "
+              "required for a --host other machines can reach")
+    @argument("--name", default=None, help="the model's id in the API (default: the model's name)")
+    @argument("--max-batch", type=int, default=32, help="most sequences decoded together (default 32)")
+    @line_magic
+    def mlx_serve(self, line: str):
+        """Serve the model loaded on the ranks as an OpenAI-compatible API, batching requests.
+
+        server = %mlx_serve --port 8000    GET /v1/models, POST /v1/chat/completions, /v1/completions
+        %mlx_serve status            requests running and queued, tokens/s, time to first token
+        %mlx_serve stop              close the port; the ranks are free again
+        Load a model first (%mlx_generate --load bundled --pipeline); the notebook stays free.
+        """
+        from .serve import ServeError, Server
+
+        global _server
+        args = parse_argstring(self.mlx_serve, line)
+        if args.action != "start":
+            if _server is None:
+                raise UsageError("no server is running: start one with %mlx_serve --port 8000")
+            if args.action == "stop":
+                url = _server.url
+                _stop_server()
+                print(f"Stopped serving at {url}.")
+                return None
+            return _server.status()
+        if _server is not None and _server.serving:
+            raise UsageError(f"already serving at {_server.url}: %mlx_serve stop first")
+        if not 0 <= args.port < 65536:
+            raise UsageError(f"--port must be 0-65535, got {args.port}")
+        try:
+            server = Server(current(), _unquoted(args.host), args.port, _unquoted(args.api_key),
+                            model_name=_unquoted(args.name), max_batch=args.max_batch)
+            _server = server.start()
+        except (ValueError, ServeError) as e:
+            raise UsageError(str(e)) from None
+        print(f"Serving {server.model.id} at {server.url} (OpenAI API; %mlx_serve status, %mlx_serve stop).")
+        return server
+
+    @magic_arguments()
+    @argument("--max-tokens", type=int, default=256, help="most tokens per reply (default 256)")
+    @argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
+    @argument("--seed", type=int, default=None, help="makes sampled replies repeatable")
+    @cell_magic
+    def mlx_batch(self, line: str, cell: str):
+        """Generate one reply per line of the cell, as one batch over the ranks (chat turns).
+
+        %%mlx_batch --max-tokens 32
+        What is the capital of France?
+        Name three colours.
+        """
+        from .batch import generate_batch
+
+        args = parse_argstring(self.mlx_batch, line)
+        prompts = [p.strip() for p in cell.splitlines() if p.strip()]
+        if not prompts:
+            raise UsageError("%%mlx_batch takes one prompt per line of the cell, and the cell is empty")
+        if args.max_tokens < 1:
+            raise UsageError(f"--max-tokens must be at least 1, got {args.max_tokens}")
+        if not 0 <= args.temperature <= 2:
+            raise UsageError(f"--temperature must be in [0, 2], got {args.temperature}")
+        return generate_batch(current(), [[{"role": "user", "content": p}] for p in prompts], args.max_tokens,
+                              temperature=args.temperature, seed=args.seed)
+
+
+def _stop_server() -> None:
+    global _server
+    if _server is not None:
+        _server.stop()
+        _server = None

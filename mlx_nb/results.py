@@ -18,6 +18,7 @@ REPORT_PREFIX = "mlx_nb_report_"  # + a sequence number: live reports (rank.sess
 STOP_MESSAGE = "mlx_nb_stop"  # control channel: the cooperative stop flag
 CANCEL_MESSAGE = "mlx_nb_cancel"  # control channel: the cell is cancelled (content: cell, why)
 CANCEL_KEY = "mlx_nb_cancelled"  # datapub: a rank got the cancel of this cell id
+INBOX_MESSAGE = "mlx_nb_inbox"  # control channel: data for the running job (Cluster.send, rank.session.inbox)
 
 PENDING_KEPT = 256  # pending calls a Trace carries (what a drain can replay)
 # a carriage return in rank output, as it travels: ipyparallel's client rewrites the text it has

@@ -454,7 +454,10 @@ def test_interrupt_during_the_recovery_restart_keeps_the_report(faulty, capsys):
 
 
 # ------------------------------------------- every way to the ranks finds a rank lost while idle
-IDLE_BOUND = 5.0  # seconds from the call to its result, the replacement of the ranks included
+# seconds from the call to its result, the replacement of the ranks included: about 3 s on a quiet
+# 2-core machine, 5-8 s when it is loaded; what this rules out is ipyparallel's own 30 s wait for a
+# dead engine ending in a CompositeError (how long it takes is benchmarks' business, not a test's)
+IDLE_BOUND = 15.0
 
 
 @pytest.fixture

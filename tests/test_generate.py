@@ -10,6 +10,7 @@ from conftest import ipython_shell
 from IPython.core.error import UsageError
 
 from mlx_nb import Cluster
+from mlx_nb.batch import generate_batch
 from mlx_nb.generate import generate, load_model
 from mlx_nb.models import prepare_bundled
 from mlx_nb.widgets import ChatWidget
@@ -37,12 +38,29 @@ def pair():
         yield c
 
 
-def test_tensor_parallel_on_three_ranks_equals_one_process(reference):
+@pytest.fixture(scope="module")
+def trio():
+    """Three ranks: the bundled model tensor parallel (its 9 heads split over 3)."""
     with Cluster(n=3) as c:
-        load_model(c)
-        stats = generate(c, QUESTION, 10, quiet=True)
+        load_model(c, progress=False)
+        yield c
+
+
+def test_tensor_parallel_on_three_ranks_equals_one_process(trio, reference):
+    stats = generate(trio, QUESTION, 10, quiet=True)
     assert stats.tokens == reference
     assert "Paris" in stats.text
+
+
+def test_a_batch_on_three_tensor_parallel_ranks_equals_one_process(trio, reference):
+    from mlx_lm import load, stream_generate
+
+    model, tokenizer = load(str(prepare_bundled(trio.ranks)))
+    other = [{"role": "user", "content": "Name three colors."}]
+    expected = [r.token for r in stream_generate(model, tokenizer, tokenizer.apply_chat_template(
+        other, add_generation_prompt=True), max_tokens=10)]
+    result = generate_batch(trio, [QUESTION, other], 10, quiet=True)
+    assert [r.tokens for r in result.replies] == [reference, expected]
 
 
 def test_pipeline_on_two_ranks_equals_one_process(pair, reference, capsys):

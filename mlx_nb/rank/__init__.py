@@ -2,9 +2,9 @@
 
 In a ``%%mlx_dist`` cell (or a function shipped with ``Cluster.call``)::
 
-    from mlx_nb.rank import report, stop_requested, world
+    from mlx_nb.rank import inbox, report, stop_requested, world
 """
 
-from .session import report, stop_requested, world
+from .session import inbox, report, stop_requested, world
 
-__all__ = ["report", "stop_requested", "world"]
+__all__ = ["inbox", "report", "stop_requested", "world"]

@@ -25,6 +25,7 @@ from . import session
 
 Prompt = Union[str, list[dict[str, Any]], list[int]]
 _loaded: Optional[tuple] = None  # (model, tokenizer, group) of the last load_on_rank
+_source: dict = {}  # what _loaded was loaded from: model, path, pipeline, adapter_path
 
 
 def load(
@@ -103,7 +104,7 @@ def stream(
 def load_on_rank(model: Optional[str], pipeline: bool) -> dict:
     """Load the model split over the group on this rank (every rank at once), keep it, and
     say how long it took and what it holds."""
-    global _loaded
+    global _loaded, _source
     t0 = time.perf_counter()
     mx.reset_peak_memory()
     path = resolve(model)
@@ -113,6 +114,7 @@ def load_on_rank(model: Optional[str], pipeline: bool) -> dict:
                                 "load_model(cluster, adapter_path=...) makes it again (on other hosts, share the folder)")
     model_, tokenizer = load(path, session.world(), pipeline)
     _loaded = (model_, tokenizer, session.world())
+    _source = {"model": model, "path": path, "pipeline": pipeline}
     active, peak = session.memory()
     return {"seconds": time.perf_counter() - t0, "active_memory": active, "peak_memory": peak}
 

@@ -14,6 +14,7 @@ import ast
 import atexit
 import linecache
 import os
+import queue
 import socket
 import sys
 import tempfile
@@ -30,6 +31,7 @@ from ..results import (
     CANCEL_KEY,
     CANCEL_MESSAGE,
     GROUP_OPS,
+    INBOX_MESSAGE,
     INIT_KEY,
     REPORT_PREFIX,
     STOP_MESSAGE,
@@ -56,6 +58,7 @@ class State:
 
 state = State()
 _stop = threading.Event()
+_inbox: queue.SimpleQueue = queue.SimpleQueue()  # Cluster.send's messages, oldest first
 _reports = [0]
 _cancelled: dict[int, str] = {}  # cell id -> why the notebook cancelled it
 
@@ -372,6 +375,7 @@ def _install_control_handlers() -> None:
     kernel = get_ipython().kernel
     kernel.control_handlers[STOP_MESSAGE] = lambda stream, ident, parent: _stop.set()
     kernel.control_handlers[CANCEL_MESSAGE] = _on_cancel
+    kernel.control_handlers[INBOX_MESSAGE] = lambda stream, ident, parent: _inbox.put(parent["content"])
     trace.recorder.before_call = _refuse_if_cancelled
 
 
@@ -411,6 +415,29 @@ def drain(calls: list[Call]) -> int:
             out = mx.distributed.send(mx.zeros(c.shape, dtype), c.peer, group=group)
         mx.eval(out)
     return len(calls)
+
+
+def inbox(wait: float = 0.0) -> list[dict]:
+    """What the notebook sent this rank with ``Cluster.send`` since the last call, oldest first.
+
+    Waits up to ``wait`` seconds for a first message when none is there. Messages are not
+    cleared when a job starts (one sent just after a job was dispatched may arrive before
+    the job begins): a job that needs its own tells them apart by their content.
+
+    Example (in a job run with ``Cluster.call``)::
+
+        for message in inbox(wait=0.1):
+            print(message["text"])
+    """
+    try:
+        messages = [_inbox.get(timeout=wait)] if wait > 0 else []
+    except queue.Empty:
+        return []
+    while True:
+        try:
+            messages.append(_inbox.get_nowait())
+        except queue.Empty:
+            return messages
 
 
 def stop_requested() -> bool:

@@ -1,0 +1,274 @@
+"""Batched generation, the rank half: many sequences in one mlx-lm ``BatchGenerator``, alike on every rank.
+
+A sharded model's collectives pair up across ranks only while every rank runs the same batch:
+the same sequences, added and removed at the same step, in the same order. So the batch
+changes only by a :class:`Plan` that rank 0 makes and every rank receives by a collective
+(:func:`share`). What depends on a token (an end-of-sequence token, a stop string, a client
+that left) is decided on rank 0 alone and takes effect one step later; mlx-lm's own end at
+``max_tokens`` counts steps, which every rank counts alike. Sampling is seeded per request,
+so every rank draws the same numbers for it and no rank needs another's tokens.
+"""
+
+from __future__ import annotations
+
+import pickle
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.generate import BatchGenerator
+from mlx_lm.sample_utils import apply_top_p
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+
+from . import session
+from .generate import Prompt
+
+
+@dataclass
+class Request:
+    """One sequence to generate: its prompt's token ids and how to sample it."""
+
+    id: int
+    prompt: list[int]
+    max_tokens: int
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int = 0
+
+    def problem(self) -> Optional[str]:
+        """Why the batch cannot take it (None: it can)."""
+        if not self.prompt:
+            return "the prompt has no tokens"
+        if self.max_tokens < 1:
+            return f"max_tokens must be at least 1, got {self.max_tokens}"
+        return None
+
+
+@dataclass
+class Plan:
+    """What changes before the next step: made on rank 0, applied on every rank in this order."""
+
+    remove: list[int] = field(default_factory=list)  # request ids
+    add: list[Request] = field(default_factory=list)
+    stop: bool = False
+
+    def __bool__(self) -> bool:
+        return bool(self.add or self.remove or self.stop)
+
+
+@dataclass
+class Token:
+    """A token one step made for one request, as rank 0 sees it."""
+
+    id: int  # the request's
+    token: int
+    text: str  # the text it completes (empty for an end-of-sequence token)
+    finish: Optional[str] = None  # "stop" (end of sequence), "length" (max_tokens), None: more to come
+
+
+def sampler(temperature: float, top_p: float, seed: int) -> Optional[Callable[[mx.array], mx.array]]:
+    """None for greedy (the batch then shares one argmax), else a sampler with its own random key:
+    the same draws on every rank, and for a seed whatever else is in the batch.
+
+    Example:
+        >>> sample = sampler(0.7, 0.9, seed=1)
+        >>> sample(mx.log(mx.array([[0.5, 0.5]]))).shape
+        (1,)
+    """
+    if temperature <= 0:
+        return None
+    key = mx.random.key(seed)
+
+    def sample(logprobs: mx.array) -> mx.array:
+        nonlocal key
+        key, now = mx.random.split(key)
+        if 0 < top_p < 1:
+            logprobs = apply_top_p(logprobs, top_p)
+        return mx.random.categorical(logprobs * (1 / temperature), key=now)
+
+    return sample
+
+
+def share(plan: Optional[Plan], group: Optional[mx.distributed.Group], stream: Any) -> Plan:
+    """Rank 0's ``plan`` on every rank of ``group``: a collective, every rank calls it; only rank 0's
+    plan counts. No change costs one 4-byte ``all_sum``; a change, a second one of its bytes.
+
+    ``stream`` is the one the model's own collectives run on, so that all of them queue in one
+    order on every rank.
+    """
+    if group is None or group.size() == 1:
+        return plan or Plan()
+    data = pickle.dumps(plan) if group.rank() == 0 and plan else b""
+    with mx.stream(stream):
+        size = mx.distributed.all_sum(mx.array([len(data)], dtype=mx.int32), group=group).item()
+        if not size:
+            return Plan()
+        mine = mx.array(np.frombuffer(data, dtype=np.uint8)) if data else mx.zeros((size,), dtype=mx.uint8)
+        data = np.array(mx.distributed.all_sum(mine, group=group)).tobytes()
+    return pickle.loads(data)
+
+
+class Batch:
+    """The sequences one rank generates together, changed only by plans (every rank applies the same).
+
+    Example (on every rank at once)::
+
+        batch = Batch(model, tokenizer, world())
+        batch.apply(share(Plan(add=[Request(0, tokenizer.encode("Hi"), 16)]), batch.group, batch.stream))
+        while len(batch):
+            print(batch.step())   # rank 0: the new Tokens
+            batch.apply(share(Plan(remove=batch.ended()), batch.group, batch.stream))
+    """
+
+    def __init__(
+        self, model: Any, tokenizer: TokenizerWrapper, group: Optional[mx.distributed.Group], *,
+        max_batch: int = 32, prefill_batch: int = 8, prefill_step: int = 2048,
+    ) -> None:
+        # no stop tokens: an end of sequence is rank 0's decision (see the module's docstring)
+        self.gen = BatchGenerator(model, completion_batch_size=max_batch, prefill_batch_size=min(prefill_batch, max_batch),
+                                  prefill_step_size=prefill_step)
+        self.tokenizer, self.group = tokenizer, group
+        self.rank = group.rank() if group is not None else 0
+        self.eos = set(tokenizer.eos_token_ids)
+        self._ids: dict[int, int] = {}  # BatchGenerator uid -> request id
+        self._uids: dict[int, int] = {}  # request id -> uid
+        self._ended: set[int] = set()  # requests rank 0 ended, in the batch until the next plan
+        self._detokenizers: dict[int, Any] = {}
+
+    @property
+    def stream(self) -> Any:
+        return self.gen.stream
+
+    def __len__(self) -> int:
+        """Sequences in the batch: waiting, prefilling or generating."""
+        return len(self._ids)
+
+    def ended(self) -> list[int]:
+        """Requests rank 0 ended at an end-of-sequence token, for the next plan to remove."""
+        return sorted(self._ended)
+
+    def apply(self, plan: Plan) -> None:
+        gone = [self._uids.pop(r) for r in dict.fromkeys(plan.remove) if r in self._uids]
+        if gone:
+            self.gen.remove(gone)
+        for uid in gone:
+            rid = self._ids.pop(uid)
+            self._ended.discard(rid)
+            self._detokenizers.pop(rid, None)
+        if plan.add:
+            uids = self.gen.insert(
+                [r.prompt for r in plan.add], [r.max_tokens for r in plan.add],
+                samplers=[sampler(r.temperature, r.top_p, r.seed) for r in plan.add],
+            )
+            for uid, r in zip(uids, plan.add):
+                self._ids[uid], self._uids[r.id] = r.id, uid
+                if self.rank == 0:
+                    self._detokenizers[r.id] = self.tokenizer.detokenizer
+
+    def step(self) -> list[Token]:
+        """Every sequence one step on (a collective on a sharded model); rank 0 gets the new tokens."""
+        _, responses = self.gen.next()
+        out = []
+        for r in responses:
+            rid = self._ids[r.uid]
+            dropped = r.finish_reason is not None  # max_tokens: every rank's generator dropped it already
+            if dropped:
+                del self._ids[r.uid], self._uids[rid]
+            if self.rank == 0 and rid not in self._ended:
+                out.append(self._token(rid, r.token, r.finish_reason))
+            if dropped:
+                self._ended.discard(rid)
+                self._detokenizers.pop(rid, None)
+        return out
+
+    def _token(self, rid: int, token: int, finish: Optional[str]) -> Token:
+        detokenizer = self._detokenizers[rid]
+        if token in self.eos:
+            finish = "stop"
+            self._ended.add(rid)
+        else:
+            detokenizer.add_token(token)
+        if finish is not None:
+            detokenizer.finalize()
+        return Token(rid, token, detokenizer.last_segment, finish)
+
+    def close(self) -> None:
+        self.gen.close()
+
+
+def run(batch: Batch, decide: Callable[[Batch], Plan], emit: Callable[[list[Token]], None]) -> int:
+    """Step ``batch`` until a plan says stop; return the steps taken. On rank 0, ``decide(batch)``
+    makes each plan and ``emit(tokens)`` gets each step's tokens; other ranks follow."""
+    steps = 0
+    while True:
+        plan = share(decide(batch) if batch.rank == 0 else None, batch.group, batch.stream)
+        batch.apply(plan)
+        if plan.stop:
+            return steps
+        if len(batch):
+            tokens = batch.step()
+            steps += 1
+            if batch.rank == 0:
+                emit(tokens)
+
+
+def prompt_tokens(tokenizer: TokenizerWrapper, prompt: Prompt) -> list[int]:
+    """Token ids for text, chat messages (through the chat template) or ids, as ``stream`` makes them."""
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
+        return list(tokenizer.apply_chat_template(prompt, add_generation_prompt=True))
+    if isinstance(prompt, str):
+        # as mlx_lm.stream_generate encodes text: no second BOS where the text has one
+        special = tokenizer.bos_token is None or not prompt.startswith(tokenizer.bos_token)
+        return list(tokenizer.encode(prompt, add_special_tokens=special))
+    return list(prompt)
+
+
+def loaded() -> tuple[Any, TokenizerWrapper, Optional[mx.distributed.Group]]:
+    """The model ``load_model`` left on this rank: (model, tokenizer, group)."""
+    from . import generate
+
+    if generate._loaded is None:
+        raise RuntimeError("no model is loaded on the ranks: call mlx_nb.generate.load_model(cluster) first")
+    return generate._loaded
+
+
+def generate_batch_on_rank(prompts: list[Prompt], max_tokens: int, temperature: float, top_p: float,
+                           seeds: list[int], max_batch: int) -> dict:
+    """Generate ``prompts`` as one batch on every rank; rank 0 reports each step's text."""
+    model, tokenizer, group = loaded()
+    todo = [Request(i, prompt_tokens(tokenizer, p), max_tokens, temperature, top_p, s)
+            for i, (p, s) in enumerate(zip(prompts, seeds))]
+    for r in todo:
+        if problem := r.problem():
+            raise ValueError(f"prompt {r.id}: {problem}")
+    batch = Batch(model, tokenizer, group, max_batch=max_batch)
+    replies = [{"tokens": [], "text": "", "finish_reason": None, "ttft": None, "prompt_tokens": len(r.prompt)}
+               for r in todo]
+    t0 = time.perf_counter()
+
+    def decide(batch: Batch) -> Plan:
+        plan = Plan(remove=batch.ended(), add=todo[:])
+        todo.clear()
+        live = len(batch) - len(plan.remove) + len(plan.add)
+        plan.stop = session.stop_requested() or live == 0
+        return plan
+
+    def emit(tokens: list[Token]) -> None:
+        now = time.perf_counter() - t0
+        for t in tokens:
+            reply = replies[t.id]
+            reply["tokens"].append(t.token)
+            reply["text"] += t.text
+            reply["finish_reason"] = t.finish
+            reply["ttft"] = reply["ttft"] if reply["ttft"] is not None else now
+        session.report(t=time.time(), tokens=[(t.id, t.text, t.finish) for t in tokens if t.text or t.finish])
+
+    try:
+        steps = run(batch, decide, emit)
+    finally:
+        batch.close()
+    return {"replies": replies, "seconds": time.perf_counter() - t0, "steps": steps,
+            "stopped": session.stop_requested(), "peak_memory": session.memory()[1]}

@@ -1,0 +1,69 @@
+"""Serving, the rank half: one long job that generates for every request the notebook hands in.
+
+Requests reach rank 0's inbox (``Cluster.send``) as ``{"serve": id, "add": [Request fields]}``,
+cancellations as ``{"serve": id, "cancel": [request ids]}`` and the end as ``{"serve": id,
+"stop": true}``. Each step rank 0 turns what arrived into a plan that every rank applies
+(:mod:`mlx_nb.rank.batch`): a request that arrives while others run joins at the next step.
+Rank 0 reports every step's tokens in one ``report``. With nothing to do, rank 0 waits on its
+inbox for a moment between agreements, so an idle server costs a few small collectives a second.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from . import session
+from .batch import Batch, Plan, Request, Token, loaded, run
+
+
+def source() -> dict:
+    """What the model on this rank was loaded from (``load_model``'s arguments, and the path),
+    with its context length, vocabulary size and end-of-sequence tokens."""
+    from mlx_lm.utils import load_config
+
+    from . import generate
+
+    _, tokenizer, group = loaded()
+    config = load_config(Path(generate._source["path"]))
+    config = {**config.get("text_config", {}), **config}
+    return {**generate._source, "context": config.get("max_position_embeddings"), "vocab": config.get("vocab_size"),
+            "eos": sorted(tokenizer.eos_token_ids), "ranks": group.size() if group else 1}
+
+
+def serve_on_rank(serve_id: str, max_batch: int, prefill_step: int, idle_wait: float = 0.1) -> dict:
+    """Serve until told to stop (every rank at once); return the steps and tokens made."""
+    model, tokenizer, group = loaded()
+    batch = Batch(model, tokenizer, group, max_batch=max_batch, prefill_step=prefill_step)
+    made, shown = [0], [0]  # tokens made; the batch size the notebook last heard of
+
+    def decide(batch: Batch) -> Plan:
+        if len(batch) != shown[0]:  # the last plan changed it, and no step told the notebook
+            emit([])
+        plan = Plan(remove=batch.ended())
+        cancelled: set[int] = set()
+        for message in session.inbox(wait=0.0 if len(batch) else idle_wait):
+            if message.get("serve") != serve_id:
+                continue  # left from an earlier server
+            plan.add += [Request(**r) for r in message.get("add", ())]
+            cancelled.update(message.get("cancel", ()))
+            plan.stop = plan.stop or bool(message.get("stop"))
+        rejected = [(r.id, p) for r in plan.add if (p := r.problem())]
+        plan.add = [r for r in plan.add if r.id not in cancelled and not r.problem()]
+        plan.remove += sorted(cancelled)
+        plan.stop = plan.stop or session.stop_requested()
+        if rejected:
+            session.report(t=time.time(), rejected=rejected)
+        return plan
+
+    def emit(tokens: list[Token]) -> None:
+        made[0], shown[0] = made[0] + len(tokens), len(batch)
+        session.report(t=time.time(), batch=len(batch),
+                       tokens=[(t.id, t.token, t.text, t.finish) for t in tokens])
+
+    session.report(t=time.time(), ready=True)
+    try:
+        steps = run(batch, decide, emit)
+    finally:
+        batch.close()
+    return {"steps": steps, "tokens": made[0]}

@@ -1,0 +1,364 @@
+"""Serving the model the ranks hold: an OpenAI-compatible HTTP API with continuous batching.
+
+    load_model(cluster, pipeline=True)
+    server = serve(cluster, port=8000)      # the notebook stays free meanwhile
+    # any OpenAI client: OpenAI(base_url=server.url, api_key="-")
+    server.status()                         # requests running and queued, tok/s, first token
+    server.stop()                           # the port closes, the ranks are free again
+
+The ranks run one long job (:mod:`mlx_nb.rank.serve`) from a thread of this process. Each HTTP
+request is checked and tokenized here (:mod:`mlx_nb.openai_api`), handed to rank 0's inbox,
+and joins the batch at the next step; rank 0 reports each step's tokens, which go to the
+request's handler, which streams them (server-sent events) or answers when the reply is done.
+A client that leaves is noticed within a step or a quarter of a second and leaves the batch.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+import queue
+import random
+import statistics
+import threading
+import time
+import uuid
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from .cell import DistCellError
+from .display import Table
+from .engines import ClusterError
+from .jobs import SERVING
+from .models import BUNDLED_NAMES
+from .openai_api import ApiError, Completion, ServedModel
+from .rank.serve import serve_on_rank, source
+from .serve_http import HTTPServer
+
+__all__ = ["ServeError", "ServeStatus", "Server", "serve"]
+
+BUNDLED_ID = "SmolLM2-135M-Instruct"
+MAX_BODY = 8 << 20  # bytes of a request body (413 above)
+LOOK_EVERY = 0.25  # seconds between looks at a waiting request's client
+WINDOW = 10.0  # seconds of tokens that tokens/s counts
+
+
+class ServeError(RuntimeError):
+    """The server could not start (or go on): what happened and what to do."""
+
+
+@dataclass
+class ServeStatus:
+    """What the server is doing: ``Server.status()``, ``%mlx_serve status``."""
+
+    url: str
+    model: str
+    state: str  # "serving", "stopped", or "stopped: why"
+    running: int  # requests receiving tokens
+    queued: int  # requests handed to the ranks, no token yet (waiting or prefilling)
+    completed: int
+    cancelled: int  # their client left
+    failed: int
+    tokens_per_second: float  # every request's tokens together, over the last WINDOW seconds
+    ttft_median: Optional[float]  # seconds from a request's arrival to its first token (last 100)
+    ttft_last: Optional[float]
+    batch: int  # sequences in the ranks' batch at the last step
+    batch_max: int
+    generated: int  # tokens since the start
+    uptime: float
+
+    def table(self) -> Table:
+        def s(x: Optional[float]) -> str:
+            return "-" if x is None else f"{x:.2f} s"
+
+        rows = [["state", self.state], ["requests running / queued", f"{self.running} / {self.queued}"],
+                ["completed / cancelled / failed", f"{self.completed} / {self.cancelled} / {self.failed}"],
+                [f"tokens/s (last {WINDOW:g} s)", f"{self.tokens_per_second:.1f}"],
+                ["first token: median / last", f"{s(self.ttft_median)} / {s(self.ttft_last)}"],
+                ["batch now / largest", f"{self.batch} / {self.batch_max}"],
+                ["tokens generated", self.generated], ["up", f"{self.uptime:.0f} s"]]
+        return Table(["measure", "value"], rows, f"{self.model} at {self.url}")
+
+    def __repr__(self) -> str:
+        return repr(self.table())
+
+    def _repr_html_(self) -> str:
+        return self.table()._repr_html_()
+
+
+class _Pending:
+    """A request handed to the ranks: what came back for it so far."""
+
+    def __init__(self, rid: int, request: Completion) -> None:
+        self.id, self.request = rid, request
+        self.events: queue.SimpleQueue = queue.SimpleQueue()  # ("token", text, finish) / ("error", status, message)
+        self.arrived = time.monotonic()
+        self.first: Optional[float] = None
+        self.on_ranks = True  # until its last token came, or it was cancelled
+        self.gone = False  # its client left
+
+
+class Server:
+    """An OpenAI-compatible API for the model loaded on ``cluster`` (``load_model``); see :func:`serve`."""
+
+    def __init__(self, cluster, host: str = "127.0.0.1", port: int = 8000, api_key: Optional[str] = None, *,
+                 model_name: Optional[str] = None, max_batch: int = 32, prefill_step: int = 512,
+                 max_body: int = MAX_BODY, default_max_tokens: int = 512) -> None:
+        if api_key is None and not _loopback(host):
+            raise ValueError(f"--host {host} is reachable from other machines: give an --api-key too "
+                             "(clients send it as 'Authorization: Bearer KEY')")
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        self.cluster, self.host, self.port, self.api_key = cluster, host, port, api_key
+        self.model_name, self.max_batch, self.prefill_step = model_name, max_batch, prefill_step
+        self.max_body, self.default_max_tokens = max_body, default_max_tokens
+        self.id = uuid.uuid4().hex
+        self.model: Optional[ServedModel] = None
+        self.error: Optional[BaseException] = None  # why the ranks stopped serving, if not asked to
+        self._pending: dict[int, _Pending] = {}
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+        self._ready, self._ended = threading.Event(), threading.Event()
+        self._stopping = False
+        self._counts: Counter = Counter()
+        self._recent: deque = deque()  # (monotonic time, tokens) per step
+        self._ttfts: deque = deque(maxlen=100)
+        self._batch, self._batch_max, self._started = 0, 0, 0.0
+        self._httpd: Optional[HTTPServer] = None
+        self._http: Optional[threading.Thread] = None  # the thread serving HTTP, once started
+
+    @property
+    def url(self) -> str:
+        """The API's base URL, as OpenAI clients take it (``.../v1``)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/v1"
+
+    @property
+    def serving(self) -> bool:
+        return self._httpd is not None and not self._ended.is_set()
+
+    # ---------------------------------------------------------------- lifecycle
+    def start(self, timeout: float = 120.0) -> Server:
+        """Bind the port, start the ranks' job, and return once they serve."""
+        if (running := self.cluster.running_job) is not None:
+            raise ServeError(f"{running} runs on the ranks: wait for it (or stop it) before serving")
+        self.model = self._served_model()
+        try:
+            self._httpd = HTTPServer((self.host, self.port), self)
+        except OSError as e:
+            raise ServeError(f"cannot listen on {self.host}:{self.port}: {e.strerror or e}; "
+                             "choose another --port (0 takes any free one)") from None
+        self.port = self._httpd.server_address[1]
+        self._started = time.monotonic()
+        threading.Thread(target=self._job, name="mlx_nb-serve-ranks", daemon=True).start()
+        while not (self._ready.wait(0.1) or self._ended.is_set()):
+            if time.monotonic() - self._started > timeout:
+                self.stop()
+                raise ServeError(f"the ranks did not start serving within {timeout:g} s")
+        if not self._ready.is_set():
+            self._httpd.server_close()
+            self._httpd = None
+            raise ServeError(f"the ranks could not serve:\n{self.error}")
+        self._http = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.2},
+                                      name="mlx_nb-serve-http", daemon=True)
+        self._http.start()
+        return self
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """Close the port, end the ranks' job (every rank at the same step), and answer what
+        was still running with an error (HTTP 503)."""
+        if self._stopping:
+            return
+        self._stopping = True
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()  # the port is closed from here on
+        if not self._ended.is_set():
+            self.cluster.send({"serve": self.id, "stop": True})
+            if not self._ended.wait(timeout):
+                self.cluster.request_stop()
+                self._ended.wait(timeout)
+        if self._httpd is not None:
+            self._httpd.close_connections(wait=2.0)
+
+    def _served_model(self) -> ServedModel:
+        from mlx_lm.utils import load_tokenizer
+
+        try:
+            src = self.cluster.call(source, ranks=0)
+        except DistCellError as e:
+            why = e.root.error.message if e.root is not None and e.root.error is not None else str(e)
+            raise ServeError(why) from None
+        path = src["path"]
+        tokenizer = load_tokenizer(Path(path) if Path(path).exists() else path, eos_token_ids=src["eos"])
+        bundled = src["model"] is None or str(src["model"]).lower() in BUNDLED_NAMES
+        name = self.model_name or (BUNDLED_ID if bundled else str(src["model"]))
+        names = {path, str(src["model"])} | (set(BUNDLED_NAMES) if bundled else set())
+        return ServedModel(name, tokenizer, src["context"], src["vocab"], names)
+
+    def _job(self) -> None:
+        try:
+            self.cluster.call(serve_on_rank, self.id, self.max_batch, self.prefill_step, on_report=self._on_report,
+                              what=SERVING)
+        except BaseException as e:  # a thread has no cell to raise into: kept, shown by status()
+            self.error = e
+        finally:
+            asked = self._stopping
+            if self.error is None and not asked:
+                self.error = ClusterError("the ranks' job ended: the cluster was stopped")
+            why = "the server stopped" if asked else f"the ranks stopped serving: {self.error}"
+            with self._lock:
+                pending = list(self._pending.values())
+            for p in pending:
+                p.events.put(("error", 503, f"This reply could not be finished: {why}."))
+            if not asked and self._http is not None:  # nothing is left listening
+                self._httpd.shutdown()
+                self._httpd.server_close()
+            self._ended.set()
+
+    # ---------------------------------------------------------------- requests
+    def submit(self, request: Completion) -> _Pending:
+        """Hand ``request`` to the ranks; it joins the batch at their next step."""
+        if self._ended.is_set() or self._stopping:
+            why = "it is stopping" if self._stopping else f"the ranks stopped serving ({self.error})"
+            raise ApiError(503, f"This server cannot take requests: {why}. Start it again (%mlx_serve).",
+                           kind="server_error")
+        p = _Pending(next(self._ids), request)
+        with self._lock:
+            self._pending[p.id] = p
+        seed = request.seed % (1 << 63) if request.seed is not None else random.getrandbits(63)
+        self.cluster.send({"serve": self.id, "add": [{
+            "id": p.id, "prompt": request.prompt, "max_tokens": request.max_tokens,
+            "temperature": request.temperature, "top_p": request.top_p, "seed": seed}]})
+        return p
+
+    def events(self, p: _Pending, gone: Callable[[], bool]) -> Iterator[tuple[str, Optional[str]]]:
+        """``(text, finish)`` per token of ``p`` as the ranks make it, until its finish; it ends early
+        (with ``p.gone``) if ``gone()`` says its client left. ``ApiError`` if the server stops."""
+        looked = time.monotonic()
+        while True:
+            try:
+                event = p.events.get(timeout=LOOK_EVERY)
+            except queue.Empty:
+                event = None
+            if time.monotonic() - looked >= LOOK_EVERY or event is None:
+                looked = time.monotonic()
+                if gone():
+                    p.gone = True
+                    return
+            if event is None:
+                continue
+            if event[0] == "error":
+                raise ApiError(event[1], event[2], kind="server_error")
+            yield event[1], event[2]
+            if event[2] is not None:
+                return
+
+    def finish(self, p: _Pending, outcome: str) -> None:
+        """The handler is done with ``p`` (``completed``, ``cancelled`` or ``failed``): it leaves the
+        batch if the ranks still generate for it."""
+        with self._lock:
+            if self._pending.pop(p.id, None) is None:
+                return
+            self._counts[outcome] += 1
+        if p.on_ranks and not self._ended.is_set():
+            p.on_ranks = False
+            self.cluster.send({"serve": self.id, "cancel": [p.id]})
+
+    def _on_report(self, rank: int, data: dict) -> None:
+        if data.get("ready"):
+            self._ready.set()
+        for rid, message in data.get("rejected", ()):
+            if (p := self._pending.get(rid)) is not None:
+                p.on_ranks = False
+                p.events.put(("error", 400, message))
+        tokens = data.get("tokens")
+        if tokens is None:
+            return
+        now = time.monotonic()
+        with self._lock:
+            self._recent.append((now, len(tokens)))
+            self._counts["tokens"] += len(tokens)
+            self._batch = data["batch"]
+            self._batch_max = max(self._batch_max, self._batch)
+        for rid, _token, text, finish in tokens:
+            p = self._pending.get(rid)
+            if p is None:
+                continue  # its client is gone; the ranks drop it at their next step
+            if p.first is None:
+                p.first = now
+                self._ttfts.append(now - p.arrived)
+            if finish is not None:
+                p.on_ranks = False
+            p.events.put(("token", text, finish))
+
+    # ---------------------------------------------------------------- status
+    def status(self) -> ServeStatus:
+        """Requests running and queued, tokens/s, time to first token, the batch.
+
+        Example::
+
+            server.status()     # a table in the notebook; its fields as attributes
+        """
+        now = time.monotonic()
+        with self._lock:
+            while self._recent and now - self._recent[0][0] > WINDOW:
+                self._recent.popleft()
+            recent = sum(n for _, n in self._recent)
+            pending = list(self._pending.values())
+            counts = Counter(self._counts)
+        window = min(WINDOW, now - self._started) if self._started else 0.0
+        if self.serving:
+            state = "serving"
+        elif self.error is not None:
+            state = f"stopped: {str(self.error).splitlines()[0] if str(self.error) else type(self.error).__name__}"
+        else:
+            state = "stopped"
+        ttfts = list(self._ttfts)
+        return ServeStatus(
+            self.url, self.model.id if self.model else "-", state,
+            running=sum(p.first is not None for p in pending), queued=sum(p.first is None for p in pending),
+            completed=counts["completed"], cancelled=counts["cancelled"], failed=counts["failed"],
+            tokens_per_second=recent / window if window > 0 else 0.0,
+            ttft_median=statistics.median(ttfts) if ttfts else None, ttft_last=ttfts[-1] if ttfts else None,
+            batch=self._batch if self.serving else 0, batch_max=self._batch_max, generated=counts["tokens"],
+            uptime=now - self._started if self._started else 0.0,
+        )
+
+    def __repr__(self) -> str:
+        return f"<mlx_nb.Server {self.url} {'serving' if self.serving else 'stopped'}>"
+
+
+def serve(cluster, port: int = 8000, host: str = "127.0.0.1", api_key: Optional[str] = None, **options: Any) -> Server:
+    """Serve the model loaded on ``cluster`` (``load_model``) as an OpenAI-compatible HTTP API.
+
+    ``GET /v1/models``, ``POST /v1/chat/completions`` and ``POST /v1/completions``, streamed or
+    not, with ``max_tokens``, ``temperature`` (default 0: greedy, as mlx_lm.server), ``top_p``,
+    ``stop`` and ``seed``. Requests are batched continuously: one that arrives while others run
+    joins at the next step. It listens on 127.0.0.1 unless ``host`` says otherwise, and a host
+    reachable from other machines needs ``api_key`` (checked on every request). ``port=0``
+    takes a free port. Options: ``model_name`` (the id clients use; default the model's
+    name), ``max_batch`` (sequences decoded together, 32), ``prefill_step``, ``max_body``,
+    ``default_max_tokens``. The notebook stays free; ``stop()`` ends it.
+
+    Example::
+
+        server = serve(cluster, port=8000)
+        from openai import OpenAI
+        client = OpenAI(base_url=server.url, api_key="-")
+        client.chat.completions.create(model=server.model.id, messages=[{"role": "user", "content": "Hi"}])
+        server.stop()
+    """
+    return Server(cluster, host, port, api_key, **options).start()
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,358 @@
+"""Batched generation and serving with the bundled model: the official openai client against
+%mlx_serve on 2 pipeline ranks, real HTTP over loopback; generate_batch on pipeline and tensor
+parallel ranks. Every reply is checked against the same prompt generated alone."""
+
+from __future__ import annotations
+
+import doctest
+import http.client
+import json
+import socket
+import threading
+import time
+from pathlib import Path
+
+import openai
+import pytest
+from conftest import ipython_shell
+from IPython.core.error import UsageError
+
+from mlx_nb import Cluster, ClusterError, magics, openai_api
+from mlx_nb.batch import generate_batch
+from mlx_nb.generate import generate, load_model
+from mlx_nb.serve import serve
+
+TOKENS = 8
+QUESTIONS = [
+    "What is the capital of France?", "Name three colors.", "What is 2+2?", "Who wrote Hamlet?",
+    "What is the largest ocean?", "Say hello in Spanish.", "What do bees make?", "What color is the sky?",
+]
+SYSTEM = [{"role": "system", "content": "You are a pirate."}, {"role": "user", "content": "Who are you?"}]
+STORY = [{"role": "user", "content": "Write a very long story about a lighthouse keeper and the sea."}]
+
+
+def chat(question: str) -> list[dict]:
+    return [{"role": "user", "content": question}]
+
+
+def wait_for(condition, timeout: float = 120.0, what: str = "the condition"):
+    """Poll ``condition()`` until it is truthy (its value) or fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+    return value
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """Two ranks holding the bundled model as a pipeline (its 9 heads do not split over 2)."""
+    with Cluster(n=2) as c:
+        load_model(c, pipeline=True, progress=False)
+        yield c
+
+
+@pytest.fixture(scope="module")
+def alone(pair) -> dict:
+    """Each test prompt's greedy reply generated alone (``generate``), before anything serves."""
+    prompts = {q: chat(q) for q in QUESTIONS} | {"system": SYSTEM, "no system": SYSTEM[1:]}
+    return {key: generate(pair, p, TOKENS, quiet=True).text for key, p in prompts.items()}
+
+
+@pytest.fixture(scope="module")
+def server(pair, alone):
+    """``%mlx_serve --port 0`` in the test shell, on the pair; stopped at the end of the module."""
+    ip = shell()
+    magics.use(pair)
+    try:
+        ip.run_line_magic("mlx_serve", "--port 0")
+        yield magics._server
+    finally:
+        magics._stop_server()
+        magics.use(None)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url, api_key="not-needed", max_retries=0, timeout=600)
+
+
+def shell():
+    """The test IPython shell with mlx_nb's magics."""
+    ip = ipython_shell()
+    if "mlx_nb" not in ip.extension_manager.loaded:
+        ip.run_line_magic("load_ext", "mlx_nb")
+    return ip
+
+
+def post(server, path: str, body: bytes, headers: dict | None = None) -> tuple[int, dict]:
+    """A raw POST over loopback (for bodies the openai client would never send)."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
+    try:
+        conn.request("POST", path, body=body, headers={"Content-Type": "application/json", **(headers or {})})
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        conn.close()
+
+
+# ---------------------------------------------------------------- generate_batch
+def test_a_batch_of_prompts_gives_each_prompt_its_answer_alone_on_a_pipeline(pair, alone):
+    texts = {}
+    result = generate_batch(pair, [chat(q) for q in QUESTIONS[:4]], TOKENS,
+                            on_text=lambda i, text: texts.setdefault(i, []).append(text))
+    assert result.texts == [alone[q] for q in QUESTIONS[:4]]
+    assert "Paris" in result.texts[0]
+    # each reply streamed in pieces, as its tokens came
+    assert ["".join(texts[i]) for i in range(4)] == result.texts and max(len(t) for t in texts.values()) > 2
+    assert result.tokens_per_second > 0 and all(r.finish_reason in ("stop", "length") for r in result.replies)
+
+
+def test_the_batch_magic_answers_one_prompt_per_line(pair, alone, capsys):
+    ip = shell()
+    magics.use(pair)
+    try:
+        result = ip.run_cell_magic("mlx_batch", f"--max-tokens {TOKENS}", f"{QUESTIONS[0]}\n\n{QUESTIONS[2]}\n")
+        assert result.texts == [alone[QUESTIONS[0]], alone[QUESTIONS[2]]]
+        assert f"[0] {alone[QUESTIONS[0]]}" in capsys.readouterr().out  # each reply as it ended
+        assert "2 prompts" in repr(result) and "Paris" in repr(result)
+        with pytest.raises(UsageError, match="one prompt per line"):
+            ip.run_cell_magic("mlx_batch", "", "\n  \n")
+    finally:
+        magics.use(None)
+
+
+def test_seeded_sampling_repeats_and_differs_across_seeds(pair):
+    prompts = ["Once upon a time"] * 2
+    first = generate_batch(pair, prompts, TOKENS, temperature=1.0, seed=5, quiet=True).texts
+    again = generate_batch(pair, prompts, TOKENS, temperature=1.0, seed=5, quiet=True).texts
+    assert first == again
+    assert first[0] != first[1]  # prompt i draws with seed + i
+
+
+# ---------------------------------------------------------------- the API
+def test_models_lists_the_model_the_ranks_hold(client, server):
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["SmolLM2-135M-Instruct"] == [server.model.id]
+    assert client.models.retrieve(server.model.id).owned_by == "mlx_nb"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
+
+
+def test_a_chat_completion_is_the_answer_alone(client, server, alone):
+    r = client.chat.completions.create(model=server.model.id, messages=chat(QUESTIONS[0]), max_tokens=TOKENS)
+    assert r.choices[0].message.content == alone[QUESTIONS[0]]
+    assert r.choices[0].message.role == "assistant" and r.choices[0].finish_reason in ("stop", "length")
+    assert r.usage.prompt_tokens > 10 and 1 <= r.usage.completion_tokens <= TOKENS
+
+
+def test_a_streamed_chat_completion_arrives_in_pieces_that_make_the_answer(client, server, alone):
+    stream = client.chat.completions.create(model=server.model.id, messages=chat(QUESTIONS[1]), max_tokens=TOKENS,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(pieces) > 2 and "".join(pieces) == alone[QUESTIONS[1]]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+    assert chunks[-1].usage.completion_tokens >= len(pieces)
+
+
+def test_a_system_prompt_goes_through_the_chat_template(client, server, alone):
+    r = client.chat.completions.create(model=server.model.id, messages=SYSTEM, max_tokens=TOKENS)
+    assert r.choices[0].message.content == alone["system"] != alone["no system"]
+    assert "Aye" in alone["system"]
+
+
+def test_text_completions_streamed_and_not_agree(client, server):
+    whole = client.completions.create(model=server.model.id, prompt="The capital of France is", max_tokens=TOKENS)
+    pieces = [c.choices[0].text for c in client.completions.create(
+        model=server.model.id, prompt="The capital of France is", max_tokens=TOKENS, stream=True)]
+    assert "".join(pieces) == whole.choices[0].text and "Paris" in whole.choices[0].text
+    assert whole.object == "text_completion" and whole.usage.completion_tokens == TOKENS
+
+
+def test_eight_concurrent_requests_each_get_their_answer_alone(client, server, alone):
+    answers: dict[str, str] = {}
+
+    def ask(q: str) -> None:
+        r = client.chat.completions.create(model=server.model.id, messages=chat(q), max_tokens=TOKENS)
+        answers[q] = r.choices[0].message.content
+
+    threads = [threading.Thread(target=ask, args=(q,)) for q in QUESTIONS]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(600)
+    assert answers == {q: alone[q] for q in QUESTIONS}
+    assert server.status().batch_max >= 4  # they ran together, not one after another
+
+
+def test_a_client_that_disconnects_mid_stream_leaves_the_batch_while_another_goes_on(client, server, alone):
+    before = server.status().cancelled
+    other: dict[str, str] = {}
+    story = client.chat.completions.create(model=server.model.id, messages=STORY, max_tokens=4000, stream=True)
+    pieces = iter(story)
+    wait_for(lambda: next(pieces).choices[0].delta.content, what="the story's first words")
+
+    def ask() -> None:
+        r = client.chat.completions.create(model=server.model.id, messages=chat(QUESTIONS[0]), max_tokens=TOKENS)
+        other["text"] = r.choices[0].message.content
+
+    asker = threading.Thread(target=ask)
+    asker.start()
+    wait_for(lambda: server.status().running == 2, what="both requests in the batch")
+    story.close()  # the client goes away mid-stream
+    asker.join(600)
+    assert other["text"] == alone[QUESTIONS[0]]
+    status = wait_for(lambda: (s := server.status()).batch == 0 and s, what="the ranks' batch to empty")
+    assert status.cancelled == before + 1 and status.running == status.queued == 0
+
+
+def test_stop_strings_end_the_reply_before_them(client, server):
+    r = client.chat.completions.create(model=server.model.id, messages=chat(QUESTIONS[0]), max_tokens=TOKENS,
+                                       stop=[" is"])
+    assert r.choices[0].message.content == "The capital of France" and r.choices[0].finish_reason == "stop"
+    streamed = client.completions.create(model=server.model.id, prompt="One, two, three,", max_tokens=TOKENS,
+                                         stop=",", stream=True)
+    assert "," not in "".join(c.choices[0].text for c in streamed)
+
+
+def test_a_seed_repeats_a_sampled_reply(client, server):
+    def sample(seed: int) -> str:
+        return client.completions.create(model=server.model.id, prompt="Once upon a time", max_tokens=TOKENS,
+                                         temperature=1.0, top_p=0.95, seed=seed).choices[0].text
+
+    assert sample(11) == sample(11)
+
+
+def test_status_shows_requests_rates_and_first_token(server, client):
+    client.completions.create(model=server.model.id, prompt="Hello", max_tokens=2)
+    status = shell().run_line_magic("mlx_serve", "status")
+    assert status.state == "serving" and status.completed >= 1 and status.generated >= 2
+    assert status.ttft_median > 0 and status.running == status.queued == 0
+    text = repr(status)
+    assert "requests running / queued" in text and "tokens/s" in text and server.url in text
+
+
+# ---------------------------------------------------------------- bad requests
+CHAT, TEXT = "/v1/chat/completions", "/v1/completions"
+
+
+@pytest.mark.parametrize("path, body, status, match", [
+    (CHAT, b"{not json", 400, "not valid JSON"),
+    (CHAT, b"[1, 2]", 400, "must be a JSON object"),
+    (CHAT, json.dumps({"messages": [{"role": "wizard", "content": "Hi"}]}).encode(), 400, "role is 'wizard'"),
+    (CHAT, json.dumps({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 0}).encode(), 400, "max_tokens"),
+    (CHAT, json.dumps({"model": "gpt-4", "messages": [{"role": "user", "content": "Hi"}]}).encode(), 404, "does not exist"),
+    (CHAT, json.dumps({"messages": [{"role": "user", "content": "Hi"}], "temperature": -1}).encode(), 400, "temperature"),
+    (TEXT, json.dumps({"prompt": [1, 2, 10**9]}).encode(), 400, "token ids must lie in"),
+    (TEXT, json.dumps({"prompt": "Hi", "stop": ["a", "b", "c", "d", "e"]}).encode(), 400, "up to 4"),
+])
+def test_a_bad_request_gets_an_openai_error_and_the_server_goes_on(server, client, path, body, status, match):
+    got, error = post(server, path, body)
+    assert got == status and match in error["error"]["message"]
+    assert client.completions.create(model=server.model.id, prompt="Hi", max_tokens=1).choices[0].text is not None
+
+
+def test_bad_requests_through_the_openai_client_raise_its_errors(client, server):
+    def refused(error: type, call, **request) -> openai.APIStatusError:
+        with pytest.raises(error) as raised:
+            call(**request)
+        return raised.value
+
+    chat_call, text_call = client.chat.completions.create, client.completions.create
+    e = refused(openai.NotFoundError, chat_call, model="gpt-4", messages=chat("Hi"), max_tokens=4)
+    assert e.code == "model_not_found" and "serves 'SmolLM2-135M-Instruct'" in e.message
+    e = refused(openai.BadRequestError, text_call, model=server.model.id, prompt="hello " * 9000, max_tokens=4)
+    assert e.code == "context_length_exceeded" and "maximum context length is 8192 tokens" in e.message
+    e = refused(openai.BadRequestError, chat_call, model=server.model.id, messages=chat("Hi"), max_tokens=0)
+    assert e.param == "max_tokens" and "at least 1" in e.message
+    e = refused(openai.BadRequestError, chat_call, model=server.model.id, messages=[{"role": "tool", "content": "x"}])
+    assert e.param == "messages[0].role" and "no tool calling" in e.message
+
+
+def test_a_body_over_the_limit_is_a_413_and_an_unknown_route_a_404(server):
+    got, error = post(server, "/v1/completions", b" " * (server.max_body + 1))
+    assert got == 413 and "over this server's limit" in error["error"]["message"]
+    got, error = post(server, "/v1/embeddings", b"{}")
+    assert got == 404 and "No route" in error["error"]["message"]
+
+
+def test_the_api_checks_are_documented_by_examples():
+    assert doctest.testmod(openai_api, optionflags=doctest.ELLIPSIS).failed == 0
+
+
+# ---------------------------------------------------------------- one job at a time
+def test_a_cell_while_serving_is_refused_at_once_and_the_server_goes_on(server, pair, client, alone):
+    ip = shell()
+    magics.use(pair)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(ClusterError, match=r"the ranks are serving \(for \d+ s\): stop the server first"):
+            ip.run_cell_magic("mlx_dist", "", "x = 1")
+        assert time.monotonic() - t0 < 5  # refused, not queued behind a job that runs until stopped
+        assert "running: serving" in repr(ip.run_line_magic("mlx_cluster", "status"))
+    finally:
+        magics.use(None)
+    r = client.chat.completions.create(model=server.model.id, messages=chat(QUESTIONS[0]), max_tokens=TOKENS)
+    assert r.choices[0].message.content == alone[QUESTIONS[0]]
+
+
+# ---------------------------------------------------------------- keys, stop
+def test_stop_closes_the_port_and_frees_the_ranks(server, pair):
+    ip = shell()
+    port = server.port
+    ip.run_line_magic("mlx_serve", "stop")
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5)
+    assert pair.run("mx.distributed.all_sum(mx.array([1.0]))").value["text/plain"] == "array([2], dtype=float32)"
+    with pytest.raises(UsageError, match="no server is running"):
+        ip.run_line_magic("mlx_serve", "status")
+
+
+def test_a_host_other_machines_reach_needs_a_key_and_every_request_is_checked(pair):
+    ip = shell()
+    magics._stop_server()  # the module's server, if the test before did not stop it
+    magics.use(pair)
+    try:
+        with pytest.raises(UsageError, match="give an --api-key"):
+            ip.run_line_magic("mlx_serve", "--host 0.0.0.0 --port 0")
+        ip.run_line_magic("mlx_serve", "--port 0 --api-key s3cret")
+        url = magics._server.url
+        with pytest.raises(openai.AuthenticationError) as refused:
+            openai.OpenAI(base_url=url, api_key="wrong", max_retries=0).models.list()
+        assert refused.value.code == "invalid_api_key" and "--api-key" in refused.value.message
+        keyed = openai.OpenAI(base_url=url, api_key="s3cret", max_retries=0)
+        assert keyed.completions.create(model="bundled", prompt="Hi", max_tokens=2).usage.completion_tokens == 2
+    finally:
+        magics._stop_server()
+        magics.use(None)
+
+
+def test_stopping_the_cluster_ends_its_server_and_closes_the_port():
+    with Cluster(n=1) as c:
+        load_model(c, progress=False)
+        server = serve(c, port=0)
+        port = server.port
+        assert openai.OpenAI(base_url=server.url, api_key="-", max_retries=0).models.list().data
+    assert not server.serving and "the cluster was stopped" in server.status().state
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5)
+
+
+def test_the_serving_tutorial_runs():
+    import nbclient
+    import nbformat
+
+    path = Path(__file__).resolve().parent.parent / "notebooks" / "07_serving.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    for cell in nb.cells:
+        if "parameters" in cell.metadata.get("tags", []):
+            cell.source = f"MAX_TOKENS = {TOKENS}"
+    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    text = "".join(o.get("text", "") + o.get("data", {}).get("text/plain", "") for o in outputs)
+    assert text.count("Paris") >= 2 and "Aye" in text
+    assert "404 The model 'gpt-4' does not exist" in text and "400 messages[0].role is 'wizard'" in text
+    assert "requests running / queued" in text and "Stopped serving" in text and "rank 0 is free again" in text
+    assert "running: serving" in text
+    assert any(o.get("output_type") == "error" and "the ranks are serving" in o["evalue"] for o in outputs)
