@@ -124,7 +124,7 @@ class Cluster:
             c.run("print(model_name)")
         """
         cluster = cls.__new__(cls)
-        group = kept.attach(name, take)
+        group = RankGroup.attach(name, take)
         cluster._init(group)
         if group.setup_state:
             cluster.setup_cells[:] = kept.decode(group.setup_state)

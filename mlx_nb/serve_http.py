@@ -14,14 +14,34 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING, Any
+from typing import Any, Optional, Protocol
 
-from .openai_api import ApiError, StopText, chunk, completion, parse_json, reply, usage
+from .openai_api import ApiError, Completion, ServedModel, StopText, chunk, completion, parse_json, reply, usage
 
-if TYPE_CHECKING:
-    from .serve import Server, _Pending
+
+class Pending(Protocol):
+    """A request handed to the ranks, as a handler sees it."""
+
+    request: Completion
+    gone: bool  # its client left
+
+
+class Owner(Protocol):
+    """What the HTTP side needs of the server it serves for (:class:`mlx_nb.serve.Server`)."""
+
+    model: ServedModel
+    api_key: Optional[str]
+    max_body: int
+    default_max_tokens: int
+    serving: bool
+
+    def submit(self, request: Completion) -> Pending: ...
+
+    def events(self, p: Pending, gone: Callable[[], bool]) -> Iterator[tuple[str, Optional[str]]]: ...
+
+    def finish(self, p: Pending, outcome: str) -> None: ...
 
 
 class HTTPServer(ThreadingHTTPServer):
@@ -30,7 +50,7 @@ class HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
 
-    def __init__(self, address: tuple[str, int], owner: Server) -> None:
+    def __init__(self, address: tuple[str, int], owner: Owner) -> None:
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.owner = owner
         self.connections: set[socket.socket] = set()
@@ -175,7 +195,7 @@ class _Handler(BaseHTTPRequestHandler):
         except (OSError, ValueError):
             return True
 
-    def _whole(self, p: _Pending, rid: str) -> str:
+    def _whole(self, p: Pending, rid: str) -> str:
         owner, request = self.server.owner, p.request
         stop, parts, finish, n = StopText(request.stop), [], None, 0
         for text, finish in owner.events(p, self._gone):
@@ -191,7 +211,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._json(200, body)
         return "completed"
 
-    def _stream(self, p: _Pending, rid: str) -> str:
+    def _stream(self, p: Pending, rid: str) -> str:
         owner, request = self.server.owner, p.request
         model, chat = owner.model.id, request.chat
         self.send_response(200)

@@ -195,6 +195,20 @@ def test_generate_answers_a_question_that_ends_in_a_question_mark(page):
     assert "Paris" in cell["text"], f"%mlx_generate ... France? printed {cell['text']!r}"
 
 
+def test_the_server_answers_clients_and_its_status_shows_them_batched(page):
+    from selenium.webdriver.common.by import By
+
+    started = page.run_and_wait(page.index("server = %mlx_serve"), timeout=60)
+    assert started["errors"] == [] and "Serving SmolLM2-135M-Instruct at http://127.0.0.1:" in started["text"]
+    i = page.index("import threading")
+    cell = page.run_and_wait(i, timeout=120)
+    assert cell["errors"] == [] and "requests running / queued" in cell["text"]
+    assert "4 / 0" in cell["text"], cell["text"]  # four requests in the batch, none waiting
+    page.screenshot(page.cell(i).find_element(By.CSS_SELECTOR, ".jp-OutputArea-output table"), "serve-status", DOCS)
+    stopped = page.run_and_wait(page.index("for t in asks:"), timeout=120)
+    assert stopped["errors"] == [] and "Stopped serving at" in stopped["text"]
+
+
 def test_stopping_the_cluster_ends_the_status_panel(page):
     cell = page.run_and_wait(page.index("%mlx_cluster stop"), timeout=60)
     assert cell["errors"] == [] and "Cluster stopped." in cell["text"]

@@ -72,6 +72,36 @@ class RankGroup(Forming):
         self._watchdog = None
         self._controller_tree: list[psutil.Process] = []
 
+    @classmethod
+    def attach(cls, name: str, take: bool = False) -> RankGroup:
+        """The group of the kept cluster ``name``, connected, its ranks as they are.
+
+        Refused (ClusterError, one line) while another live kernel holds it, unless ``take``.
+        """
+        ipc = kept.load(name)
+        state = ipc.mlx_nb
+        holder = state.get("holder")
+        if holder and kept.holder_alive(holder) and holder.get("pid") != os.getpid() and not take:
+            since = time.strftime("%H:%M", time.localtime(holder.get("since", 0)))
+            raise ClusterError(
+                f"cluster {name!r} is attached to another kernel (pid {holder['pid']} on {holder['host']}, "
+                f"since {since}): %mlx_cluster attach {name} --take to take it over"
+            )
+        group = cls(kept.spec_from_state(state["spec"]), name=name, keep=True, idle=state.get("idle"))
+        group._ipp, group.dir, group.created = ipc, state["dir"], state.get("created", time.time())
+        group._tag, group._spare, group._generation = state["tag"], state["spare"], state["generation"]
+        group.ranks = [RankInfo(**r) for r in state["ranks"]]
+        group.setup_state = state.get("setup", "")
+        try:
+            group.client = ipc.connect_client_sync()
+            group.client.wait_for_engines(len(group.ranks), timeout=10)
+        except Exception as e:
+            raise ClusterError(f"cluster {name!r}: its controller does not answer ({type(e).__name__}: {e})") from None
+        group.identify_engines()
+        group.holder = kept.me()
+        group.save_state()
+        return group
+
     @property
     def running(self) -> bool:
         return self._ipp is not None

@@ -148,38 +148,6 @@ def load(name: str) -> IppCluster:
     return IppCluster.from_dict(d, cluster_file=path, shutdown_atexit=False, log_level=40)
 
 
-def attach(name: str, take: bool = False):
-    """The RankGroup of the kept cluster ``name``, connected, its ranks as they are.
-
-    Refused (ClusterError, one line) while another live kernel holds it, unless ``take``.
-    """
-    from .group import RankGroup, RankInfo
-
-    ipc = load(name)
-    state = ipc.mlx_nb
-    holder = state.get("holder")
-    if holder and holder_alive(holder) and holder.get("pid") != os.getpid() and not take:
-        since = time.strftime("%H:%M", time.localtime(holder.get("since", 0)))
-        raise ClusterError(
-            f"cluster {name!r} is attached to another kernel (pid {holder['pid']} on {holder['host']}, "
-            f"since {since}): %mlx_cluster attach {name} --take to take it over"
-        )
-    group = RankGroup(spec_from_state(state["spec"]), name=name, keep=True, idle=state.get("idle"))
-    group._ipp, group.dir, group.created = ipc, state["dir"], state.get("created", time.time())
-    group._tag, group._spare, group._generation = state["tag"], state["spare"], state["generation"]
-    group.ranks = [RankInfo(**r) for r in state["ranks"]]
-    group.setup_state = state.get("setup", "")
-    try:
-        group.client = ipc.connect_client_sync()
-        group.client.wait_for_engines(len(group.ranks), timeout=10)
-    except Exception as e:
-        raise ClusterError(f"cluster {name!r}: its controller does not answer ({type(e).__name__}: {e})") from None
-    group.identify_engines()
-    group.holder = me()
-    group.save_state()
-    return group
-
-
 def listing() -> list[dict]:
     """Every kept cluster here: name, ranks, hosts, backend, age, idle time, memory, holder."""
     rows = []
