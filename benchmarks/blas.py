@@ -60,7 +60,7 @@ def measure(setting: str, n: int, tokens: int, iters: int, tmp: str) -> dict[str
             stats = generate(cluster, PROMPT, tokens, quiet=True)
             out[f"prefill {name}"], out[f"decode {name}"] = stats.prompt_tps, stats.generation_tps
         result = finetune(cluster, iters=iters, batch_size=1, num_layers=2,
-                          adapter_path=os.path.join(tmp, f"{setting}-{n}")).wait()
+                          adapter_path=tempfile.mkdtemp(prefix=f"{setting}-{n}-", dir=tmp)).wait()
         trained, seconds = throughput(result, warmup=1)
         out["finetune"] = seconds / (iters - 1)
     print(f"{setting} BLAS ({out['blas']}), {n} rank(s): " + ", ".join(f"{k} {v:.2f}" for k, v in out.items() if k != "blas"), flush=True)

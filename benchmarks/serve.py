@@ -2,9 +2,9 @@
 
     python benchmarks/serve.py [-n 2] [--tensor] [--tokens 32] [--levels 1,4,8,16] [--rounds 2]
 
-Both servers run at once on this machine (each idles cheaply between requests), and every
-round measures each concurrency level on one, then the other, so that drift in the machine's
-load falls on both. Per level: N streamed chat requests with N different prompts, sent at once
+The two servers take turns, one at a time on the machine (mlx_lm.server's idle ranks poll and
+would take CPU from the other's): each round runs every concurrency level on one, then on the
+other, in the other order the next round, so that drift in the machine's load falls on both. Per level: N streamed chat requests with N different prompts, sent at once
 by the official openai client; aggregate tokens/s (completion tokens from each stream's usage,
 over the wall time from the first request sent to the last token) and time to first content
 token, median over the requests; the table keeps each level's best round. Greedy decoding, the
@@ -41,11 +41,12 @@ PROMPTS = [[{"role": "user", "content": f"Write a long story about {t}."}] for t
 
 # mlx_lm.server on every rank, with the BLAS mlx_nb's ranks load
 LAUNCHED = """
-import runpy, sys
+import sys
 from mlx_nb.rank import blas
 blas.use()
 sys.argv = ["mlx_lm.server"] + sys.argv[1:]
-runpy.run_module("mlx_lm.server", run_name="__main__")
+from mlx_lm.server import main  # its classes must live in mlx_lm.server: ranks share requests pickled
+main()
 """
 
 
@@ -87,13 +88,14 @@ def measure(base_url: str, model: str, n: int, tokens: int) -> dict:
 
 
 def launch_mlx_lm(n: int, pipeline: bool, port: int) -> subprocess.Popen:
+    hub = tempfile.mkdtemp(prefix="hf-hub-")  # its /v1/models lists a Hugging Face cache, which must exist
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
         f.write(LAUNCHED)
     launcher = str(Path(sys.executable).parent / "mlx.launch")
     cmd = [launcher, "-n", str(n), "--backend", "ring", "--", sys.executable, f.name,
            "--model", resolve(None), "--port", str(port), "--host", "127.0.0.1"] + (["--pipeline"] if pipeline else [])
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env={**os.environ, blas.RANKS_ENV: str(n)})
+                            env={**os.environ, blas.RANKS_ENV: str(n), "HF_HUB_CACHE": hub})
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -126,30 +128,36 @@ def main() -> None:
     args = parser.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
 
-    port = free_port()
-    theirs = launch_mlx_lm(args.n, args.pipeline, port)
     best: dict[tuple[str, int], dict] = {}
     errors: list[str] = []
-    try:
-        with Cluster(n=args.n) as cluster:
-            load_model(cluster, pipeline=args.pipeline, progress=False)
-            server = serve(cluster, port=0)
-            targets = {"mlx_nb": (server.url, server.model.id), "mlx_lm": (f"http://127.0.0.1:{port}/v1", "default_model")}
-            for url, model in targets.values():
-                measure(url, model, 2, 4)  # warm both
-            for _ in range(args.rounds):
-                for n in levels:
-                    for name, (url, model) in targets.items():
-                        r = measure(url, model, n, args.tokens)
-                        errors += [f"{name} at {n}: {e}" for e in r["errors"]]
-                        if (name, n) not in best or r["tps"] > best[name, n]["tps"]:
-                            best[name, n] = r
-                        print(f"{name:6s} concurrency {n:2d}: {r['tps']:6.1f} tok/s, first token {r['ttft']:.2f} s",
-                              flush=True)
-            server.stop()
-    finally:
-        os.killpg(theirs.pid, 15)
-        theirs.wait(30)
+
+    def rounds_of(name: str, url: str, model: str) -> None:
+        measure(url, model, 2, 4)  # warm
+        for n in levels:
+            r = measure(url, model, n, args.tokens)
+            errors.extend(f"{name} at {n}: {e}" for e in r["errors"])
+            if (name, n) not in best or r["tps"] > best[name, n]["tps"]:
+                best[name, n] = r
+            print(f"{name:6s} concurrency {n:2d}: {r['tps']:6.1f} tok/s, first token {r['ttft']:.2f} s", flush=True)
+
+    with Cluster(n=args.n) as cluster:
+        load_model(cluster, pipeline=args.pipeline, progress=False)
+        for i in range(args.rounds):
+            for name in (("mlx_nb", "mlx_lm") if i % 2 == 0 else ("mlx_lm", "mlx_nb")):
+                if name == "mlx_nb":
+                    server = serve(cluster, port=0)
+                    try:
+                        rounds_of(name, server.url, server.model.id)
+                    finally:
+                        server.stop()
+                    continue
+                port = free_port()
+                theirs = launch_mlx_lm(args.n, args.pipeline, port)  # its idle ranks poll: never beside ours
+                try:
+                    rounds_of(name, f"http://127.0.0.1:{port}/v1", "default_model")
+                finally:
+                    os.killpg(theirs.pid, 15)
+                    theirs.wait(30)
 
     base = {name: best[name, levels[0]]["tps"] for name in ("mlx_nb", "mlx_lm")}
     rows = []

@@ -49,6 +49,7 @@ class HTTPServer(ThreadingHTTPServer):
 
     daemon_threads = True
     block_on_close = False
+    request_queue_size = 128  # connections waiting to be accepted (socketserver's 5 refused a burst of 16)
 
     def __init__(self, address: tuple[str, int], owner: Owner) -> None:
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET

@@ -186,6 +186,25 @@ def test_eight_concurrent_requests_each_get_their_answer_alone(client, server, a
     assert server.status().batch_max >= 4  # they ran together, not one after another
 
 
+def test_a_burst_of_32_clients_connecting_at_once_is_answered(client, server):
+    errors: list[str] = []
+    start = threading.Barrier(32)
+
+    def ask() -> None:
+        start.wait()
+        try:
+            client.completions.create(model=server.model.id, prompt="Hi", max_tokens=1)
+        except openai.APIError as e:
+            errors.append(f"{type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=ask) for _ in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(600)
+    assert errors == []
+
+
 def test_a_client_that_disconnects_mid_stream_leaves_the_batch_while_another_goes_on(client, server, alone):
     before = server.status().cancelled
     other: dict[str, str] = {}
