@@ -40,20 +40,25 @@ registry in reach):
    ``part-ab``: the 90 MB wheel is more than one call carries), and copies the bundled model's tokenizer
    into ``.gpu/tokenizer/``. (From another worktree, copy the tree into ``.gpu/tree/`` and
    run from there.)
-2. Call 1 carries ``.whl/rest`` and ``.whl/cuda/part-aa`` and stages them::
+2. Call 1 carries ``.whl/rest``, ``.whl/cuda/part-aa`` and ``.whl/cuda/NAME`` and only
+   stages them (installing part of the wheels now would leave a ``/tmp/site/bin`` that the
+   second install does not add ``mlx.launch`` to)::
 
        mkdir -p /tmp/w && cp .whl/rest/*.whl .whl/cuda/part-aa .whl/cuda/NAME /tmp/w/
 
 3. Call 2, while the machine is still warm (it keeps files 30 s after a call), carries
-   ``.whl/cuda/part-ab`` and ``.gpu``, joins the wheel, installs and runs::
+   ``.whl/cuda/part-ab`` and ``.gpu``, joins the wheel, installs everything in one go, links
+   the image's CUDA libraries where ``libmlx.so`` looks for them (its RPATH is
+   ``$ORIGIN/../../nvidia/*/lib``, i.e. ``/tmp/site/nvidia``) and runs::
 
-       cat /tmp/w/part-aa .whl/cuda/part-ab > /tmp/w/$(cat /tmp/w/NAME) &&
+       cat /tmp/w/part-aa .whl/cuda/part-ab > /tmp/w/$(cat /tmp/w/NAME) && rm /tmp/w/part-aa &&
        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site /tmp/w/*.whl &&
+       ln -sfn /opt/torch/.venv/lib/python3.12/site-packages/nvidia /tmp/site/nvidia &&
        export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1 &&
        python3 benchmarks/gpu.py --tokenizer .gpu/tokenizer --out $OUT
 
    (``--target`` puts the console scripts in ``/tmp/site/bin``: ``mlx.launch`` must be on
-   ``PATH``.)
+   ``PATH``. The whole run takes about 5 minutes.)
 
 NCCL is not measured: it needs one GPU per rank (``mlx.launch`` gives rank r
 ``CUDA_VISIBLE_DEVICES=r``), and the ``ranks`` stage shows how mlx_nb refuses two ranks
@@ -98,6 +103,7 @@ MODEL = dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num
 LAYERS_PER_FILE = 4
 SPECIAL_TOKENS = 17  # SmolLM2's ids 0-16: their embeddings are zero, so greedy decoding never stops early
 TOKENS = 128  # generated per measured reply
+REPLIES = 3  # measured replies per configuration (after one warm-up): the table has their median
 PROMPT = [{"role": "user", "content": "Here are my notes about the sea. " + " ".join(
     f"Note {i}: the tide rose over the rocks at dawn, the gulls turned over the harbour, and the boats "
     "came back with the morning light." for i in range(1, 25)) + " Write three sentences about them."}]
@@ -221,12 +227,13 @@ def stage_ranks() -> dict:
         apps = nvidia_smi_apps()
         out["held"] = [
             {"rank": r.rank, "status_active": r.active_memory, "status_peak": r.peak_memory,
+             "status_cache": r.cache_memory,
              "cell_active": h["active"], "cell_peak": h["peak"], "nvidia_smi_mib": apps.get(r.pid)}
             for r, h in zip(ranks, held)
         ]
         for h in out["held"]:
-            print(f"rank {h['rank']}: status memory {human_bytes(h['status_active'])}, peak {human_bytes(h['status_peak'])}; "
-                  f"nvidia-smi says its process holds {h['nvidia_smi_mib']} MiB (MLX's allocator plus the CUDA context)")
+            print(f"rank {h['rank']}: status memory {human_bytes(h['status_active'])}, cached {human_bytes(h['status_cache'])}, "
+                  f"peak {human_bytes(h['status_peak'])}; nvidia-smi says its process holds {h['nvidia_smi_mib']} MiB")
         res = c.run(PROFILE_CELL, ranks="all", pull="res", profile=True).pulled
         prof = last_profile()
         print("\n%%mlx_dist --profile of 16 float32 4096x4096 matmuls per rank (both ranks share the GPU):")
@@ -321,11 +328,12 @@ def reply(k):
     return r, ttft
 
 reply(4)  # warm, as mlx_nb's side is warmed
-r, ttft = reply(tokens)
+rows = [reply(tokens) for _ in range(int(sys.argv[5]))]
 if group.rank() == 0:
-    print(json.dumps({"tps": r.generation_tps, "ttft": ttft, "tokens": r.generation_tokens,
-                      "prompt_tokens": r.prompt_tokens, "prompt_tps": r.prompt_tps, "load": load,
-                      "peak": mx.get_peak_memory()}))
+    r = rows[-1][0]
+    print(json.dumps({"tps_all": [x.generation_tps for x, _ in rows], "ttft_all": [t for _, t in rows],
+                      "tokens": r.generation_tokens, "prompt_tokens": r.prompt_tokens, "prompt_tps": r.prompt_tps,
+                      "load": load, "peak": mx.get_peak_memory()}))
 """
 
 
@@ -334,7 +342,7 @@ def plain_script(path: str, n: int, tokens: int) -> dict:
 
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
         f.write(SCRIPT)
-    args = [sys.executable, f.name, path, str(tokens), json.dumps(PROMPT), str(n)]
+    args = [sys.executable, f.name, path, str(tokens), json.dumps(PROMPT), str(n), str(REPLIES)]
     if n > 1:
         launcher = shutil.which("mlx.launch") or str(Path(sys.executable).parent / "mlx.launch")
         args = [launcher, "-n", str(n), "--backend", "ring", "--", *args]
@@ -344,7 +352,12 @@ def plain_script(path: str, n: int, tokens: int) -> dict:
         raise RuntimeError(f"{' '.join(args[:6])} failed ({p.returncode}):\n{p.stderr[-3000:]}")
     row = json.loads([line for line in p.stdout.splitlines() if line.startswith("{")][-1])
     row["wall"] = time.perf_counter() - t0
-    return row
+    return medians(row)
+
+
+def medians(row: dict) -> dict:
+    """tps and ttft: the medians of the measured replies (their lists stay beside them)."""
+    return {**row, "tps": statistics.median(row["tps_all"]), "ttft": statistics.median(row["ttft_all"])}
 
 
 def through_mlx_nb(path: str, n: int, tokens: int) -> dict:
@@ -356,12 +369,18 @@ def through_mlx_nb(path: str, n: int, tokens: int) -> dict:
         ready = time.perf_counter() - t0
         loaded = load_model(cluster, path, progress=False)
         generate(cluster, PROMPT, 4, quiet=True)  # warm, as the script's first reply is
-        stats = generate(cluster, PROMPT, tokens, quiet=True)
-    delays = sorted(stats.delays) or [0.0]
-    return {"tps": stats.generation_tps, "ttft": stats.ttft, "tokens": stats.generation_tokens,
-            "prompt_tokens": stats.prompt_tokens, "prompt_tps": stats.prompt_tps, "load": loaded["seconds"],
-            "peak": max(stats.peak_memory), "ready": ready, "delay_median": statistics.median(delays),
-            "wall": time.perf_counter() - t0}
+        replies = [generate(cluster, PROMPT, tokens, quiet=True) for _ in range(REPLIES)]
+    stats = replies[-1]
+    delays = sorted(d for s in replies for d in s.delays) or [0.0]
+    return medians({
+        "tps_all": [s.generation_tps for s in replies], "ttft_all": [s.ttft for s in replies],
+        "tokens": stats.generation_tokens, "prompt_tokens": stats.prompt_tokens, "prompt_tps": stats.prompt_tps,
+        "load": loaded["seconds"], "peak": max(stats.peak_memory), "ready": ready,
+        "delay_median": statistics.median(delays), "wall": time.perf_counter() - t0})
+
+
+def spread(values: list[float], scale: float = 1.0) -> str:
+    return f"({min(values) * scale:.1f}-{max(values) * scale:.1f})"
 
 
 def stage_generate(path: str) -> dict:
@@ -371,7 +390,8 @@ def stage_generate(path: str) -> dict:
             t0 = time.perf_counter()
             try:
                 out[f"{side}_{n}"] = r = fn(path, n, TOKENS)
-                print(f"{side}, {n} rank{'s' * (n > 1)}: {r['tps']:.1f} tok/s, first token {r['ttft'] * 1e3:.0f} ms "
+                print(f"{side}, {n} rank{'s' * (n > 1)}: {r['tps']:.1f} tok/s {spread(r['tps_all'])}, "
+                      f"first token {r['ttft'] * 1e3:.0f} ms {spread(r['ttft_all'], 1e3)} "
                       f"({r['prompt_tokens']} prompt tokens at {r['prompt_tps']:.0f} tok/s), {r['tokens']} tokens, "
                       f"load {r['load']:.1f} s, peak {r['peak'] / 2**30:.2f} GiB per rank "
                       f"({time.perf_counter() - t0:.0f} s in all)", flush=True)
@@ -443,6 +463,13 @@ def ratio(a, b) -> str:
     return f"{a / b:.2f}x" if a and b else "-"
 
 
+def median_cell(row: dict, key: str, scale: float = 1.0) -> str:
+    """'median (min-max)' of the replies measured."""
+    if key not in row:
+        return "-"
+    return f"{row[key] * scale:.1f} {spread(row[key + '_all'], scale)}"
+
+
 def summary_table(r: dict):
     from mlx_nb.display import Table
 
@@ -452,10 +479,10 @@ def summary_table(r: dict):
         nb, sc = g.get(f"mlx_nb_{n}", {}), g.get(f"script_{n}", {})
         base = "script alone (= mlx.launch -n 1)" if n == 1 else "mlx.launch -n 2 --backend ring script"
         if "tps" in nb or "tps" in sc:
-            rows.append([f"generation tok/s, {n} rank{'s' * (n > 1)}", f"{nb.get('tps', 0):.1f}", base,
-                         f"{sc.get('tps', 0):.1f}", ratio(nb.get("tps"), sc.get("tps"))])
-            rows.append([f"time to first token (ms), {n} rank{'s' * (n > 1)}", f"{nb.get('ttft', 0) * 1e3:.0f}", base,
-                         f"{sc.get('ttft', 0) * 1e3:.0f}", ratio(nb.get("ttft"), sc.get("ttft"))])
+            rows.append([f"generation tok/s, {n} rank{'s' * (n > 1)}", median_cell(nb, "tps"), base,
+                         median_cell(sc, "tps"), ratio(nb.get("tps"), sc.get("tps"))])
+            rows.append([f"time to first token (ms), {n} rank{'s' * (n > 1)}", median_cell(nb, "ttft", 1e3), base,
+                         median_cell(sc, "ttft", 1e3), ratio(nb.get("ttft"), sc.get("ttft"))])
         for side in (nb, sc):
             if "error" in side:
                 rows.append([f"generation, {n} ranks", "FAILED", "", side["error"][:80], ""])
@@ -471,8 +498,10 @@ def summary_table(r: dict):
                      f"{p['in_cell'] * 1e3:.1f}", f"{ratio(p['eval'], p['in_cell'])} ({p['tflops_eval']:.1f} TFLOP/s)"])
     for h in k.get("held", []):
         if h.get("nvidia_smi_mib"):
-            rows.append([f"rank {h['rank']} memory in use (MiB), status table", f"{h['status_active'] / 2**20:.0f}",
-                         "nvidia-smi, its process", f"{h['nvidia_smi_mib']}", ratio(h["status_active"] / 2**20, h["nvidia_smi_mib"])])
+            held = (h["status_active"] + h.get("status_cache", 0)) / 2**20
+            rows.append([f"rank {h['rank']}: memory + cached in the status table (MiB)", f"{held:.0f}",
+                         "nvidia-smi, the rank's process", f"{h['nvidia_smi_mib']}",
+                         f"{ratio(held, h['nvidia_smi_mib'])} (the rest: its CUDA context)"])
     d = r.get("demo", {})
     if "ready" in d:
         rows.append(["mlx-nb demo -n 4: ready (s)", f"{d['ready']}", "all-reduce / sharded Linear",

@@ -38,8 +38,7 @@ def use(cluster: Optional[Cluster]) -> None:
 
 def status_table(cluster: Cluster) -> Table:
     rows = [
-        [r.rank, r.host, r.pid, device_label(r), human_bytes(r.active_memory), human_bytes(r.peak_memory), r.state,
-         blas_label(r)]
+        [r.rank, r.host, r.pid, device_label(r), memory_label(r), human_bytes(r.peak_memory), r.state, blas_label(r)]
         for r in cluster.status()
     ]
     title = f"{cluster.n} ranks, backend {cluster.backend}, {len(cluster.setup_cells)} setup cell(s)"
@@ -52,6 +51,13 @@ def device_label(r) -> str:
     if not r.device_name:
         return r.device
     return f"{r.device} {r.device_name}" + (f", {human_bytes(r.device_memory)}" if r.device_memory else "")
+
+
+def memory_label(r) -> str:
+    """Memory in use, and the freed buffers MLX keeps for reuse where they pass 1 MB: the
+    process holds both (on a GPU, ``nvidia-smi`` shows their sum plus the CUDA context)."""
+    cached = getattr(r, "cache_memory", 0)
+    return human_bytes(r.active_memory) + (f" (+{human_bytes(cached)} cached)" if cached >= 2**20 else "")
 
 
 def blas_label(r) -> str:

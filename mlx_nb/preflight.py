@@ -31,11 +31,15 @@ _VERSIONS_PY = """import platform, sys
 from importlib import metadata
 print('python', platform.python_version())
 print('executable', sys.executable)
-for name in ('mlx', 'mlx_nb'):
-    try:
-        print(name, metadata.version(name))
-    except metadata.PackageNotFoundError:
-        print(name, '-')
+try:
+    print('mlx', metadata.version('mlx'))
+except metadata.PackageNotFoundError:
+    print('mlx', '-')
+try:  # as the notebook reads its own: a checkout on PYTHONPATH counts
+    import mlx_nb
+    print('mlx_nb', mlx_nb.__version__)
+except ImportError:
+    print('mlx_nb', '-')
 found = []
 for name in ('mlx-cuda-13', 'mlx-cuda-12', 'mlx-cpu', 'mlx-metal'):
     try:

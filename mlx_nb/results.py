@@ -144,4 +144,5 @@ class Identity:
     blas: dict = field(default_factory=dict)  # rank.blas.BlasInfo.to_dict(): the BLAS its MLX runs
     active_memory: int = 0
     peak_memory: int = 0
+    cache_memory: int = 0  # freed buffers MLX keeps for reuse (still held by the process)
     error: Optional[RankError] = None  # forming the group failed on this rank

@@ -37,6 +37,7 @@ class RankInfo:
     blas: dict = field(default_factory=dict)  # rank.blas.BlasInfo.to_dict(): the BLAS its MLX runs
     active_memory: int = 0
     peak_memory: int = 0
+    cache_memory: int = 0  # freed buffers MLX keeps for reuse: the process holds them too
     state: str = "starting"
 
 

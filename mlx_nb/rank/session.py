@@ -169,6 +169,7 @@ def describe() -> Identity:
     ident.device, ident.device_name, ident.device_memory = device(mx)
     ident.blas = blas.current().to_dict()
     ident.active_memory, ident.peak_memory = memory()
+    ident.cache_memory = mx.get_cache_memory()
     return ident
 
 
