@@ -318,12 +318,12 @@ group = mx.distributed.init(strict=True, backend="ring") if n > 1 else mx.distri
 t0 = time.perf_counter()
 model, tokenizer = sharded_load(path, tensor_group=group)
 load = time.perf_counter() - t0
-prompt = tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
 
 def reply(k):
     mx.reset_peak_memory()
-    t0, ttft = time.perf_counter(), None
-    for r in stream_generate(model, tokenizer, prompt, max_tokens=k):
+    t0, ttft = time.perf_counter(), None  # from the chat messages, as mlx_nb's ttft is
+    ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
+    for r in stream_generate(model, tokenizer, ids, max_tokens=k):
         ttft = ttft or time.perf_counter() - t0
     return r, ttft
 
@@ -490,6 +490,8 @@ def summary_table(r: dict):
     if "tps" in one and "tps" in two:
         rows.append(["generation tok/s, mlx_nb 2 ranks / 1 rank", f"{two['tps']:.1f}", "mlx_nb, 1 rank",
                      f"{one['tps']:.1f}", ratio(two["tps"], one["tps"])])
+        rows.append(["token -> notebook delay, median (ms), mlx_nb 1 / 2 ranks",
+                     f"{one['delay_median'] * 1e3:.1f} / {two['delay_median'] * 1e3:.1f}", "-", "-", "-"])
         rows.append(["peak GPU memory per rank (GiB), mlx_nb", f"{two['peak'] / 2**30:.2f} (2 ranks)", "mlx_nb, 1 rank",
                      f"{one['peak'] / 2**30:.2f}", ratio(two["peak"], one["peak"])])
     k = r.get("ranks", {})
@@ -569,7 +571,7 @@ def main(argv=None) -> int:
     m = results.get("model", {})
     if "params" in m:
         title += (f"; generation: random-weight llama built on the machine, {m['params'] / 1e9:.2f}e9 params bf16, "
-                  f"tensor parallel, {TOKENS} tokens")
+                  f"tensor parallel, {TOKENS} tokens, median (range) of {REPLIES} replies")
     table = summary_table(results)
     table.title = title
     print(table)
