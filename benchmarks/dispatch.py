@@ -1,14 +1,17 @@
 """Cluster start and cell round trip: mlx_nb against raw ipyparallel and mlx.launch.
 
-    python benchmarks/dispatch.py [-n 4] [--cells 300]
+    python benchmarks/dispatch.py [-n 4] [--cells 300] [--summary FILE]
 
-Prints one table measured in this run; ratios are against the baselines measured here.
+Prints one table measured in this run; ratios are against the baselines measured here
+(``--summary`` also writes its numbers as JSON, for benchmarks/gpu.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -61,6 +64,8 @@ def mlx_launch(n: int) -> float:
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
         f.write(ALL_REDUCE)
     launcher = Path(sys.executable).parent / "mlx.launch"
+    if not launcher.exists():  # installed elsewhere (pip install --target): the one on PATH
+        launcher = Path(shutil.which("mlx.launch") or launcher)
     t0 = time.perf_counter()
     subprocess.run([str(launcher), "-n", str(n), "--backend", "ring", "--", sys.executable, f.name], check=True)
     took = time.perf_counter() - t0
@@ -99,6 +104,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", type=int, default=4)
     parser.add_argument("--cells", type=int, default=300)
+    parser.add_argument("--summary", default=None, help="also write the measured numbers to this JSON file")
     args = parser.parse_args()
     n = args.n
 
@@ -135,6 +141,10 @@ def main() -> None:
         ["empty cell round trip (ms, median)", "%%mlx_dist", f"{nb_cell:.2f}", "DirectView.execute('pass'), raw ipp cluster", f"{raw_cell:.2f}", f"{nb_cell / raw_cell:.2f}x"],
     ]
     print(Table(["measure", "mlx_nb", "value", "baseline", "value", "ratio"], rows, f"{n} local ranks, ring backend"))
+    if args.summary:
+        with open(args.summary, "w") as f:
+            json.dump({"n": n, "start": nb_start, "raw_start": raw_start, "launch_start": launch,
+                       "cell_ms": nb_cell, "same_raw_ms": same_raw, "raw_ms": raw_cell}, f)
 
 
 if __name__ == "__main__":

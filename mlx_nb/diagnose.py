@@ -239,9 +239,14 @@ def drain_plan(
 
 
 def blas_notes(ranks: Sequence) -> list[str]:
-    """One line per reason where ranks (``RankInfo``) run MLX's reference BLAS unasked."""
+    """One line per reason where ranks (``RankInfo``) run MLX's reference BLAS unasked.
+
+    Ranks on a GPU are left out: their matmuls run on the GPU, not in the CPU BLAS.
+    """
     notes: dict[str, list] = {}
     for r in ranks:
+        if "gpu" in getattr(r, "device", ""):
+            continue
         if r.blas and not r.blas["optimized"] and r.blas["note"] and not r.blas["note"].endswith("=off"):
             notes.setdefault(r.blas["note"], []).append(r)
     return [

@@ -39,14 +39,39 @@ def use(cluster: Optional[Cluster]) -> None:
 
 def status_table(cluster: Cluster) -> Table:
     rows = [
-        [r.rank, r.host, r.pid, r.device, human_bytes(r.active_memory), human_bytes(r.peak_memory), r.state,
-         BlasInfo(**r.blas) if r.blas else "-"]
+        [r.rank, r.host, r.pid, device_label(r), memory_label(r), human_bytes(r.peak_memory), r.state, blas_label(r)]
         for r in cluster.status()
     ]
     title = f"{cluster.n} ranks, backend {cluster.backend}, {len(cluster.setup_cells)} setup cell(s)"
     if (job := cluster.running_job) is not None:
         title += f"; running: {job}"
     return Table(["rank", "host", "pid", "device", "memory", "peak", "state", "blas"], rows, title)
+
+
+def device_label(r) -> str:
+    """A rank's device for the status table: ``Device(gpu, 0) NVIDIA H200, 140.4 GB`` on a GPU
+    (its name and memory from MLX's ``device_info``), ``Device(cpu, 0)`` on the CPU."""
+    if not r.device_name:
+        return r.device
+    return f"{r.device} {r.device_name}" + (f", {human_bytes(r.device_memory)}" if r.device_memory else "")
+
+
+def memory_label(r) -> str:
+    """Memory in use, and the freed buffers MLX keeps for reuse where they pass 1 MB: the
+    process holds both (on a GPU, ``nvidia-smi`` shows their sum plus the CUDA context)."""
+    cached = getattr(r, "cache_memory", 0)
+    return human_bytes(r.active_memory) + (f" (+{human_bytes(cached)} cached)" if cached >= 2**20 else "")
+
+
+def blas_label(r) -> str:
+    """A rank's BLAS for the status table; on a Linux GPU (CUDA) matmuls run in cuBLAS, and
+    the CPU BLAS serves only work put on the CPU."""
+    if not r.blas:
+        return "-"
+    info = BlasInfo(**r.blas)
+    if "gpu" in r.device and info.system == "Linux":
+        return f"cuBLAS (GPU); on the CPU: {info}"
+    return str(info)
 
 
 def status_note(cluster: Cluster) -> Optional[str]:

@@ -31,12 +31,25 @@ _VERSIONS_PY = """import platform, sys
 from importlib import metadata
 print('python', platform.python_version())
 print('executable', sys.executable)
-for name in ('mlx', 'mlx_nb'):
+try:
+    print('mlx', metadata.version('mlx'))
+except metadata.PackageNotFoundError:
+    print('mlx', '-')
+try:  # as the notebook reads its own: a checkout on PYTHONPATH counts
+    import mlx_nb
+    print('mlx_nb', mlx_nb.__version__)
+except ImportError:
+    print('mlx_nb', '-')
+found = []
+for name in ('mlx-cuda-13', 'mlx-cuda-12', 'mlx-cpu', 'mlx-metal'):
     try:
-        print(name, metadata.version(name))
+        found.append(name + ' ' + metadata.version(name))
     except metadata.PackageNotFoundError:
-        print(name, '-')
+        pass
+print('mlx_backend', ', '.join(found) or '-')
 """
+# the host's NVIDIA GPUs, one CSV line each (nvidia-smi ships with the driver)
+GPU_QUERY = "index,name,memory.total,uuid,pci.bus_id"
 # rank/blas.py run by path (importing mlx_nb would cost a second): which BLAS a rank would load
 _BLAS_PY = """import importlib.util, os, runpy, sys
 spec = importlib.util.find_spec('mlx_nb')
@@ -65,6 +78,20 @@ class Section:
 
     output: str
     rc: int
+
+
+@dataclass
+class Gpu:
+    """One NVIDIA GPU of a host, as ``nvidia-smi --query-gpu`` lists it."""
+
+    index: int
+    name: str
+    memory_mib: int
+    uuid: str = ""
+    pci_bus_id: str = ""
+
+    def __str__(self) -> str:
+        return f"GPU {self.index} {self.name} ({self.memory_mib / 1024:.0f} GiB)"
 
 
 @dataclass
@@ -98,6 +125,8 @@ def gather_command(python: str = "python3", blas: Optional[str] = None) -> str:
             "m interfaces ifs",
             f'm versions {shlex.quote(python)} -c "{_VERSIONS_PY}"',
             f'm blas {blas_env}{shlex.quote(python)} -c "{_BLAS_PY}"',
+            f"m gpus nvidia-smi --query-gpu={GPU_QUERY} --format=csv,noheader,nounits",
+            "m cuda_visible printenv CUDA_VISIBLE_DEVICES",
         ]
     )
     return "sh -c " + shlex.quote(script)
@@ -161,6 +190,48 @@ def parse_sw_vers(text: str) -> dict[str, str]:
 def parse_versions(text: str) -> dict[str, str]:
     """The versions section: python, executable, mlx and mlx_nb (``-`` when not installed)."""
     return {k: v.strip() for k, _, v in (l.partition(" ") for l in text.splitlines()) if k and v}
+
+
+def parse_gpus(text: str) -> list[Gpu]:
+    """The GPUs of ``nvidia-smi --query-gpu=index,name,memory.total,uuid,pci.bus_id
+    --format=csv,noheader,nounits`` output (lines it cannot read are left out).
+
+    >>> parse_gpus("0, NVIDIA H200, 143771, GPU-1f2e, 00000000:00:05.0")
+    [Gpu(index=0, name='NVIDIA H200', memory_mib=143771, uuid='GPU-1f2e', pci_bus_id='00000000:00:05.0')]
+    """
+    gpus = []
+    for line in text.splitlines():
+        f = [x.strip() for x in line.split(",")]
+        if len(f) >= 3 and f[0].isdigit():
+            gpus.append(Gpu(int(f[0]), f[1], int(f[2]) if f[2].isdigit() else 0, *f[3:5]))
+    return gpus
+
+
+def visible_gpu(visible: Optional[str], gpus: list[Gpu]) -> tuple[Optional[Gpu], str]:
+    """The GPU MLX's device 0 is under ``CUDA_VISIBLE_DEVICES=visible`` (None: unset), and
+    why not where none is: (gpu, "") or (None, reason).
+
+    CUDA counts only the visible devices: device 0 is the first entry (an index or a UUID).
+
+    >>> gpus = parse_gpus("0, NVIDIA H200, 143771, GPU-1f2e, 0:5.0\\n1, NVIDIA H200, 143771, GPU-9a8b, 0:6.0")
+    >>> visible_gpu("1", gpus)[0].index, visible_gpu(None, gpus)[0].index, visible_gpu("GPU-9a", gpus)[0].index
+    (1, 0, 1)
+    >>> visible_gpu("2", gpus)[1]
+    'CUDA_VISIBLE_DEVICES=2 but the host has GPUs 0-1'
+    """
+    if not gpus:
+        return None, "nvidia-smi lists no GPU"
+    if visible is None:
+        return gpus[0], ""
+    first = visible.split(",")[0].strip()
+    if first.isdigit():
+        found = next((g for g in gpus if g.index == int(first)), None)
+    else:
+        found = next((g for g in gpus if first and g.uuid.startswith(first)), None)
+    if found is None:
+        have = f"GPUs 0-{len(gpus) - 1}" if len(gpus) > 1 else "GPU 0 only"
+        return None, f"CUDA_VISIBLE_DEVICES={visible} but the host has {have}"
+    return found, ""
 
 
 def rdma_interface(device: str) -> str:
@@ -263,6 +334,61 @@ def _versions(s: dict[str, Section]) -> tuple[str, str]:
     )
 
 
+def _cuda(s: dict[str, Section]) -> str:
+    """The engines' MLX CUDA backend package ("mlx-cuda-13 0.32.4"), or "" where it has none."""
+    sec = s.get("versions")
+    found = parse_versions(sec.output).get("mlx_backend", "") if sec and not sec.rc else ""
+    return next((b.strip() for b in found.split(",") if b.strip().startswith("mlx-cuda")), "")
+
+
+def _host_gpus(s: dict[str, Section]) -> list[Gpu]:
+    sec = s.get("gpus")
+    return parse_gpus(sec.output) if sec is not None and not sec.rc else []
+
+
+def _gpu(
+    s: dict[str, Section], ranks: list, backend: str, rank_env: dict[int, dict[str, str]]
+) -> Optional[tuple[str, str]]:
+    """Which GPU each rank of this host gets (None where the host has no NVIDIA GPU and its MLX no CUDA)."""
+    gpus, cuda = _host_gpus(s), _cuda(s)
+    if not gpus and not cuda:
+        return None
+    if not gpus:
+        sec = s.get("gpus")
+        why = "nvidia-smi is not installed" if sec is None or sec.rc == NOT_FOUND else (
+            f"nvidia-smi failed: {sec.output.strip().splitlines()[-1] if sec.output.strip() else sec.rc}")
+        return "warn", f"the engines' mlx has the CUDA backend ({cuda}) but {why}: the ranks may find no GPU"
+    kinds = ", ".join(dict.fromkeys(g.name for g in gpus))
+    if not cuda:
+        v = parse_versions(s["versions"].output) if "versions" in s else {}
+        return "warn", (
+            f"{len(gpus)} GPU{'s' * (len(gpus) != 1)} ({kinds}) here, but the engines' mlx has no CUDA backend "
+            f"({v.get('mlx_backend', '-')}): the ranks run on the CPU; pip install 'mlx[cuda13]' to use them"
+        )
+    vis = s.get("cuda_visible")
+    inherited = vis.output.strip() if vis is not None and not vis.rc else None
+    on: dict[int, list[int]] = {}
+    problems = []
+    for h in ranks:
+        visible = rank_env.get(h.rank, {}).get("CUDA_VISIBLE_DEVICES", inherited)
+        gpu, why = visible_gpu(visible, gpus)
+        if gpu is None:
+            problems.append(f"rank {h.rank}: {why}")
+        else:
+            on.setdefault(gpu.index, []).append(h.rank)
+    by_index = {g.index: g for g in gpus}
+    parts = [
+        f"{'ranks' if len(rs) > 1 else 'rank'} {', '.join(map(str, rs))} on {by_index[i]}"
+        + (f", shared by {len(rs)} ranks" if len(rs) > 1 else "")
+        for i, rs in on.items()
+    ]
+    shared = [i for i, rs in on.items() if len(rs) > 1]
+    if problems or (backend == "nccl" and shared):
+        fix = "NCCL needs one GPU per rank" if backend == "nccl" else "fix CUDA_VISIBLE_DEVICES"
+        return "fail", "; ".join(problems + parts) + f": {fix}"
+    return "ok", "; ".join(parts) + f" ({cuda})"
+
+
 def _blas(s: dict[str, Section], n_ranks: int) -> tuple[str, str]:
     sec = s.get("blas")
     lines = sec.output.strip().splitlines() if sec else []
@@ -275,6 +401,8 @@ def _blas(s: dict[str, Section], n_ranks: int) -> tuple[str, str]:
         return "skip", f"cannot tell which BLAS the ranks will run: {why}"
     if info["system"] != "Linux" or info["note"].endswith("=off"):
         return "ok", info["name"] + (f" ({info['note']})" if info["note"] else "")
+    if _cuda(s) and _host_gpus(s):
+        return "ok", f"matmuls run on the GPU (cuBLAS); work put on the CPU uses {info['name']}"
     if not info["optimized"]:
         return "warn", f"ranks will run MLX's bundled reference BLAS (float32 matmuls about 30x slower): {info['note']}"
     threads = threads_per_rank(info["cores"], n_ranks)
@@ -285,7 +413,8 @@ def _blas(s: dict[str, Section], n_ranks: int) -> tuple[str, str]:
 
 
 def check_host(
-    hostfile: Hostfile, ssh_hostname: str, gathered: str, backend: Optional[str] = None
+    hostfile: Hostfile, ssh_hostname: str, gathered: str, backend: Optional[str] = None,
+    rank_env: Optional[dict[int, dict[str, str]]] = None,
 ) -> list[Finding]:
     """Findings for the host ``ssh_hostname`` of ``hostfile`` from its ``gather_command`` output.
 
@@ -293,7 +422,9 @@ def check_host(
     devices: ibv_devices has them), interfaces (each "ips" address and each RDMA device's
     interface has an IPv4 address; no active bridge over them), versions (the engines'
     Python runs and has mlx), blas (on Linux: an optimized BLAS the ranks will load, and its
-    threads per rank).
+    threads per rank; on a CUDA host, matmuls run on the GPU), gpu (where the host has NVIDIA
+    GPUs or the engines' MLX has CUDA: which GPU each rank gets, from ``CUDA_VISIBLE_DEVICES``
+    in ``rank_env`` (rank -> the variables the launch sets) or the host's own).
     """
     backend = resolve_backend(hostfile, backend)
     s = parse_gathered(gathered)
@@ -312,6 +443,9 @@ def check_host(
     checks["interfaces"] = _interfaces(s, ips, wanted, label)
     checks["versions"] = _versions(s)
     checks["blas"] = _blas(s, len(ranks))
+    gpu = _gpu(s, ranks, backend, rank_env or {})
+    if gpu is not None:
+        checks["gpu"] = gpu
     return [Finding(ssh_hostname, check, status, message) for check, (status, message) in checks.items()]
 
 
@@ -320,11 +454,12 @@ def check_cluster(
     outputs: dict[str, str],
     backend: Optional[str] = None,
     local_versions: Optional[dict[str, str]] = None,
+    rank_env: Optional[dict[int, dict[str, str]]] = None,
 ) -> list[Finding]:
     """Findings for every host (``outputs`` maps ssh hostname to gathered text) and across hosts.
 
     ``local_versions`` (``parse_versions`` of the notebook's side) adds a check that every
-    host runs the notebook's mlx and mlx_nb.
+    host runs the notebook's mlx and mlx_nb; ``rank_env``, see :func:`check_host`.
     """
     found: list[Finding] = []
     versions: dict[str, dict[str, str]] = {}
@@ -334,7 +469,7 @@ def check_cluster(
                 Finding(host, "gather", "skip", "cannot check this host: no output was gathered from it")
             )
             continue
-        found += check_host(hostfile, host, outputs[host], backend)
+        found += check_host(hostfile, host, outputs[host], backend, rank_env)
         s = parse_gathered(outputs[host]).get("versions")
         if s is not None and not s.rc:
             versions[host] = parse_versions(s.output)

@@ -140,7 +140,10 @@ class Identity:
     size: int = 0
     backend: str = ""
     device: str = ""
+    device_name: str = ""  # a GPU's name as MLX gives it ("NVIDIA H200"); empty on the CPU
+    device_memory: int = 0  # that GPU's total memory, bytes (0: not known)
     blas: dict = field(default_factory=dict)  # rank.blas.BlasInfo.to_dict(): the BLAS its MLX runs
     active_memory: int = 0
     peak_memory: int = 0
+    cache_memory: int = 0  # freed buffers MLX keeps for reuse (still held by the process)
     error: Optional[RankError] = None  # forming the group failed on this rank

@@ -220,6 +220,50 @@ def test_linux_blas_check_names_the_library_and_threads_per_rank_or_how_to_insta
     assert str(f["blas"]) == "[skip] box blas: cannot tell which BLAS the ranks will run: mlx_nb is not installed for /x/python"
 
 
+# a one-GPU CUDA host as the H200 machine gathered it: nvidia-smi's query, mlx with mlx-cuda-13
+NVIDIA_SMI = "0, NVIDIA H200, 143771, GPU-5c3b9a0e-1d2f-4e6a-8b7c-0d1e2f3a4b5c, 00000000:00:05.0"
+VERSIONS_CUDA = VERSIONS + "mlx_backend mlx-cuda-13 0.32.4\n"
+CUDA_HOST = dict(uname="Linux x86_64", versions=VERSIONS_CUDA, blas=BLAS_NONE, gpus=NVIDIA_SMI,
+                 cuda_visible=("", 1))
+
+
+def test_gpu_check_says_which_gpu_each_rank_gets():
+    two = hf.from_hosts("gpu1", 2)
+    f = by_check(pf.check_host(two, "gpu1", gathered(**CUDA_HOST), "ring"))
+    assert str(f["gpu"]) == (
+        "[ok] gpu1 gpu: ranks 0, 1 on GPU 0 NVIDIA H200 (140 GiB), shared by 2 ranks (mlx-cuda-13 0.32.4)"
+    )
+    # the reference BLAS serves only CPU work there: no warning
+    assert f["blas"].status == "ok" and f["blas"].message.startswith("matmuls run on the GPU (cuBLAS)")
+    # what the launch sets per rank wins over the host's own CUDA_VISIBLE_DEVICES
+    nccl = {0: {"CUDA_VISIBLE_DEVICES": "0"}, 1: {"CUDA_VISIBLE_DEVICES": "1"}}
+    f = by_check(pf.check_host(two, "gpu1", gathered(**CUDA_HOST | {"cuda_visible": "0"}), "nccl", nccl))
+    assert f["gpu"].status == "fail"
+    assert f["gpu"].message == (
+        "rank 1: CUDA_VISIBLE_DEVICES=1 but the host has GPU 0 only; rank 0 on GPU 0 NVIDIA H200 (140 GiB): "
+        "NCCL needs one GPU per rank"
+    )
+    two_gpus = NVIDIA_SMI + "\n" + NVIDIA_SMI.replace("0, ", "1, ", 1).replace("GPU-5c", "GPU-7d")
+    f = by_check(pf.check_host(two, "gpu1", gathered(**CUDA_HOST | {"gpus": two_gpus}), "nccl", nccl))
+    assert str(f["gpu"]) == (
+        "[ok] gpu1 gpu: rank 0 on GPU 0 NVIDIA H200 (140 GiB); rank 1 on GPU 1 NVIDIA H200 (140 GiB) "
+        "(mlx-cuda-13 0.32.4)"
+    )
+
+
+def test_gpu_check_names_a_cpu_only_mlx_on_a_gpu_host_and_says_nothing_elsewhere():
+    one = hf.from_hosts("gpu1", 1)
+    cpu = CUDA_HOST | {"versions": VERSIONS + "mlx_backend mlx-cpu 0.32.4\n"}
+    f = by_check(pf.check_host(one, "gpu1", gathered(**cpu)))
+    assert f["gpu"].status == "warn" and "no CUDA backend (mlx-cpu 0.32.4): the ranks run on the CPU" in f["gpu"].message
+    assert f["blas"].status == "warn"  # a CPU rank does run the reference BLAS
+    no_smi = CUDA_HOST | {"gpus": ("sh: 1: nvidia-smi: not found", 127)}
+    f = by_check(pf.check_host(one, "gpu1", gathered(**no_smi)))
+    assert f["gpu"].status == "warn" and "nvidia-smi is not installed" in f["gpu"].message
+    f = by_check(pf.check_host(one, "gpu1", gathered(**cpu | {"gpus": ("sh: 1: nvidia-smi: not found", 127)})))
+    assert "gpu" not in f
+
+
 def test_missing_rdma_device_and_interface_without_ip_fail():
     hosts = json.loads(json.dumps(MESH.to_json()))
     hosts["hosts"][0]["rdma"] = [None, "rdma_en4", "rdma_en5"]
@@ -323,7 +367,9 @@ def run_gather(path_prefix: Path | None = None) -> str:
 
 def test_gather_command_runs_here_and_reports_what_it_cannot_check():
     out = run_gather()
-    assert set(pf.parse_gathered(out)) == {"uname", "sw_vers", "ibv_devices", "interfaces", "versions", "blas"}
+    assert set(pf.parse_gathered(out)) == {
+        "uname", "sw_vers", "ibv_devices", "interfaces", "versions", "blas", "gpus", "cuda_visible"
+    }
     f = by_check(
         pf.check_host(
             hf.loads('[{"ssh": "127.0.0.1", "ips": ["127.0.0.1"], "rdma": [null]}]'),

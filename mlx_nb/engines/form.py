@@ -31,10 +31,13 @@ class RankInfo:
     host: str = ""
     pid: int = 0
     device: str = ""
+    device_name: str = ""  # the GPU's name (MLX's device_info), empty on the CPU
+    device_memory: int = 0  # the GPU's total memory, bytes
     mlx: str = ""
     blas: dict = field(default_factory=dict)  # rank.blas.BlasInfo.to_dict(): the BLAS its MLX runs
     active_memory: int = 0
     peak_memory: int = 0
+    cache_memory: int = 0  # freed buffers MLX keeps for reuse: the process holds them too
     state: str = "starting"
 
 
@@ -147,6 +150,7 @@ class Forming:
             raise ClusterError(diagnose.init_failed(rank, info.error, self.addresses[rank], bool(self.spec.ports)))
         r = self.ranks[rank]
         r.device, r.mlx, r.blas, r.state = info.device, info.mlx or "", info.blas, "idle"
+        r.device_name, r.device_memory = info.device_name, info.device_memory
         return True
 
     def _exited(self, tag: str, dead: list[int]) -> str:

@@ -406,6 +406,7 @@ class RankGroup(Forming):
                 ar = self.view.apply_async(session.describe)
                 for r, info in zip(self.ranks, ar.get(timeout=5)):
                     r.active_memory, r.peak_memory = info.active_memory, info.peak_memory
+                    r.cache_memory = info.cache_memory
                 tasks.forget_messages(self.client, ar.msg_ids)
             except Exception:  # memory is a nicety: the states stand without it
                 pass

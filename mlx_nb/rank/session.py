@@ -169,9 +169,28 @@ def describe() -> Identity:
 
     ident = identify()
     ident.rank, ident.size, ident.backend = state.rank, state.size, state.backend
-    ident.device, ident.blas = str(mx.default_device()), blas.current().to_dict()
+    ident.device, ident.device_name, ident.device_memory = device(mx)
+    ident.blas = blas.current().to_dict()
     ident.active_memory, ident.peak_memory = memory()
+    ident.cache_memory = mx.get_cache_memory()
     return ident
+
+
+def device(mx) -> tuple[str, str, int]:
+    """(``str(mx.default_device())``, the GPU's name, its total memory in bytes) for this rank.
+
+    The name and memory come from ``mx.device_info`` (CUDA: "NVIDIA H200" and the card's
+    memory; Metal: the chip), for a GPU only: a CPU rank gets ``("Device(cpu, 0)", "", 0)``.
+    """
+    d = mx.default_device()
+    if d.type != mx.gpu:
+        return str(d), "", 0
+    try:
+        info = mx.device_info(d)
+    except Exception:  # an MLX without device_info: the device alone
+        return str(d), "", 0
+    total = info.get("total_memory") or info.get("memory_size") or 0
+    return str(d), str(info.get("device_name", "")), int(total) if isinstance(total, int) else 0
 
 
 def check_group() -> float:
