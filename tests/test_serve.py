@@ -186,18 +186,19 @@ def test_eight_concurrent_requests_each_get_their_answer_alone(client, server, a
     assert server.status().batch_max >= 4  # they ran together, not one after another
 
 
-def test_a_burst_of_32_clients_connecting_at_once_is_answered(client, server):
+def test_a_burst_of_64_clients_connecting_at_once_is_answered(client, server):
     errors: list[str] = []
-    start = threading.Barrier(32)
+    start = threading.Barrier(64)
 
     def ask() -> None:
         start.wait()
         try:
-            client.completions.create(model=server.model.id, prompt="Hi", max_tokens=1)
+            for _ in client.chat.completions.create(model=server.model.id, messages=chat("Hi"), max_tokens=2, stream=True):
+                pass
         except openai.APIError as e:
             errors.append(f"{type(e).__name__}: {e}")
 
-    threads = [threading.Thread(target=ask) for _ in range(32)]
+    threads = [threading.Thread(target=ask) for _ in range(64)]
     for t in threads:
         t.start()
     for t in threads:
