@@ -569,17 +569,18 @@ def test_soak_300_cells_with_a_fault_every_50_ends_healthy(faulty):
     _assert_healthy(faulty, restarted=True, before=[])
 
 
-def test_fifty_drained_faults_in_a_row_keep_answers_right_and_counts_flat(faulty):
+def test_twenty_drained_faults_in_a_row_keep_answers_right_and_counts_flat(faulty):
+    """benchmarks/soak.py --drains 50 is the long soak (its table is in the README)."""
     soak = _load_soak()
     faulty.on_message = lambda _text: None
     try:
         marker = ("MLX_NB_TEST_SESSION", os.environ["MLX_NB_TEST_SESSION"])
-        result = soak.soak_drains(faulty, marker, count=50)
+        result = soak.soak_drains(faulty, marker, count=20)
     finally:
         faulty.on_message = print
-    for table in soak.tables(result, 50, 1, faulty.n):
+    for table in soak.tables(result, 20, 1, faulty.n):
         print(table)
-    assert len(result.faults) == 50
+    assert len(result.faults) == 20
     assert not [f for f in result.faults if f.restarted or not f.next_ok], result.faults
     assert result.end.processes == result.start.processes
     assert result.end.notebook_fds - result.start.notebook_fds <= 4
