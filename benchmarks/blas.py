@@ -31,8 +31,13 @@ from mlx_nb.finetune import finetune  # noqa: E402
 from mlx_nb.generate import generate, load_model  # noqa: E402
 from mlx_nb.models import bundled_model  # noqa: E402
 
-PROMPT = [{"role": "user", "content": "Write a story about a lighthouse keeper who finds a message in a bottle, "
-           "and tell what the message says, who wrote it, and what the keeper does next."}]
+PROMPT = [
+    {
+        "role": "user",
+        "content": "Write a story about a lighthouse keeper who finds a message in a bottle, "
+        "and tell what the message says, who wrote it, and what the keeper does next.",
+    }
+]
 MATMUL = """
 import time
 a, b = mx.random.normal((1024, 1024)), mx.random.normal((1024, 1024))
@@ -59,11 +64,20 @@ def measure(setting: str, n: int, tokens: int, iters: int, tmp: str) -> dict[str
             generate(cluster, PROMPT, 4, quiet=True)
             stats = generate(cluster, PROMPT, tokens, quiet=True)
             out[f"prefill {name}"], out[f"decode {name}"] = stats.prompt_tps, stats.generation_tps
-        result = finetune(cluster, iters=iters, batch_size=1, num_layers=2,
-                          adapter_path=tempfile.mkdtemp(prefix=f"{setting}-{n}-", dir=tmp)).wait()
+        result = finetune(
+            cluster,
+            iters=iters,
+            batch_size=1,
+            num_layers=2,
+            adapter_path=tempfile.mkdtemp(prefix=f"{setting}-{n}-", dir=tmp),
+        ).wait()
         trained, seconds = throughput(result, warmup=1)
         out["finetune"] = seconds / (iters - 1)
-    print(f"{setting} BLAS ({out['blas']}), {n} rank(s): " + ", ".join(f"{k} {v:.2f}" for k, v in out.items() if k != "blas"), flush=True)
+    print(
+        f"{setting} BLAS ({out['blas']}), {n} rank(s): "
+        + ", ".join(f"{k} {v:.2f}" for k, v in out.items() if k != "blas"),
+        flush=True,
+    )
     return out
 
 
@@ -102,10 +116,20 @@ def main() -> None:
             ratios = [(o[key] / r[key]) if higher else (r[key] / o[key]) for r, o in zip(ref, opt)]
             med_ref, med_opt = (statistics.median(x[key] for x in runs[(w, n)]) for w in SETTINGS)
             ratio = med_opt / med_ref if higher else med_ref / med_opt
-            rows.append([label, n, f"{med_ref:.2f}", f"{med_opt:.2f}", f"{ratio:.1f}x",
-                         f"{min(ratios):.1f}x-{max(ratios):.1f}x"])
-    title = (f"{names['reference']} vs {names['optimized']}: bundled SmolLM2, {args.tokens} tokens decoded, "
-             f"{args.rounds} round(s), {os.cpu_count()} CPU cores (ratio: how many times faster)")
+            rows.append(
+                [
+                    label,
+                    n,
+                    f"{med_ref:.2f}",
+                    f"{med_opt:.2f}",
+                    f"{ratio:.1f}x",
+                    f"{min(ratios):.1f}x-{max(ratios):.1f}x",
+                ]
+            )
+    title = (
+        f"{names['reference']} vs {names['optimized']}: bundled SmolLM2, {args.tokens} tokens decoded, "
+        f"{args.rounds} round(s), {os.cpu_count()} CPU cores (ratio: how many times faster)"
+    )
     print(Table(["measure", "ranks", "reference BLAS", "optimized BLAS", "ratio", "ratio per round"], rows, title))
 
 

@@ -81,9 +81,25 @@ def launched(n: int, backend: str, sizes: list[int], args) -> list[BenchRow]:
             # mpirun itself: mlx.launch passes options (--output) that Open MPI 4 does not know
             cmd = ["mpirun", "-np", str(n), "--oversubscribe", "--bind-to", "none"]
             cmd += ["--allow-run-as-root"] if os.geteuid() == 0 else []
-        cmd += [sys.executable, os.path.abspath(__file__), "--rank-side", "--backend", backend,
-                "--json", out, "--sizes", ",".join(map(str, sizes)), "--ops", args.ops,
-                "--dtypes", args.dtypes, "--warmup", str(args.warmup), "--iters", str(args.iters)]
+        cmd += [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--rank-side",
+            "--backend",
+            backend,
+            "--json",
+            out,
+            "--sizes",
+            ",".join(map(str, sizes)),
+            "--ops",
+            args.ops,
+            "--dtypes",
+            args.dtypes,
+            "--warmup",
+            str(args.warmup),
+            "--iters",
+            str(args.iters),
+        ]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         if backend == "ring" and args.pause_launcher:
             pause_while_ranks_run(proc, n)
@@ -91,8 +107,10 @@ def launched(n: int, backend: str, sizes: list[int], args) -> list[BenchRow]:
         if proc.returncode or not os.path.exists(out):
             raise RuntimeError(f"{' '.join(cmd[:5])} failed ({proc.returncode}):\n{err[-2000:]}")
         with open(out) as f:
-            return [BenchRow(**{**r, "wrong_ranks": tuple(r["wrong_ranks"]), "times": tuple(r["times"])})
-                    for r in json.load(f)]
+            return [
+                BenchRow(**{**r, "wrong_ranks": tuple(r["wrong_ranks"]), "times": tuple(r["times"])})
+                for r in json.load(f)
+            ]
 
 
 def pause_while_ranks_run(launcher: subprocess.Popen, n: int, timeout: float = 1800) -> None:
@@ -113,9 +131,7 @@ def pause_while_ranks_run(launcher: subprocess.Popen, n: int, timeout: float = 1
         return
     launcher.send_signal(signal.SIGSTOP)
     try:
-        while time.monotonic() < deadline and any(
-            p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in ranks
-        ):
+        while time.monotonic() < deadline and any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in ranks):
             time.sleep(0.02)
     except psutil.NoSuchProcess:
         pass
@@ -158,8 +174,12 @@ def main(argv=None) -> int:
     p.add_argument("-n", type=int, default=4, help="ranks (default 4)")
     add_sweep_arguments(p)
     p.add_argument("--rounds", type=int, default=3, help="alternations of the two sides (default 3)")
-    p.add_argument("--launcher-as-is", dest="pause_launcher", action="store_false",
-                   help="leave mlx.launch running while its ranks run (by default it is paused: it busy-waits)")
+    p.add_argument(
+        "--launcher-as-is",
+        dest="pause_launcher",
+        action="store_false",
+        help="leave mlx.launch running while its ranks run (by default it is paused: it busy-waits)",
+    )
     p.add_argument("--rank-side", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--backend", default="ring", help=argparse.SUPPRESS)
     p.add_argument("--json", default=None, help=argparse.SUPPRESS)
@@ -185,14 +205,34 @@ def main(argv=None) -> int:
     med = {k: (statistics.median(a[k]), statistics.median(b[k])) for k in a}
     rows = []
     for (op, dtype, size), (x, y) in med.items():
-        rows.append([op, dtype, human_bytes(size), us(x), us(y), f"{x / y:.3f}",
-                     us(statistics.median(m[op, dtype, size])) if m else "n/a"])
+        rows.append(
+            [
+                op,
+                dtype,
+                human_bytes(size),
+                us(x),
+                us(y),
+                f"{x / y:.3f}",
+                us(statistics.median(m[op, dtype, size])) if m else "n/a",
+            ]
+        )
     total_a, total_b = sum(x for x, _ in med.values()), sum(y for _, y in med.values())
-    rows.append(["whole sweep", "", "(sum)", us(total_a), us(total_b), f"{total_a / total_b:.3f}",
-                 us(sum(statistics.median(v) for v in m.values())) if m else "n/a"])
-    title = (f"{args.n} ranks, ring backend, latency in µs: slowest rank, median of {args.iters} iterations, "
-             f"median over {args.rounds} alternating rounds; ratio = mlx_nb / plain mlx.launch script "
-             "(the same sweep function)")
+    rows.append(
+        [
+            "whole sweep",
+            "",
+            "(sum)",
+            us(total_a),
+            us(total_b),
+            f"{total_a / total_b:.3f}",
+            us(sum(statistics.median(v) for v in m.values())) if m else "n/a",
+        ]
+    )
+    title = (
+        f"{args.n} ranks, ring backend, latency in µs: slowest rank, median of {args.iters} iterations, "
+        f"median over {args.rounds} alternating rounds; ratio = mlx_nb / plain mlx.launch script "
+        "(the same sweep function)"
+    )
     print(Table(["op", "dtype", "size", "mlx_nb", "mlx.launch", "ratio", "mpi"], rows, title))
     geo = math.exp(statistics.fmean(math.log(x / y) for x, y in med.values()))
     print(f"\ngeometric mean of per-case ratios: {geo:.3f}")
@@ -202,8 +242,10 @@ def main(argv=None) -> int:
     # the noise floor: how much one side's whole sweep varies from round to round
     for name, d in (("mlx_nb", a), ("mlx.launch", b)):
         totals = [sum(v[i] for v in d.values()) for i in range(args.rounds)]
-        print(f"{name} whole sweep per round (µs): {', '.join(us(t) for t in totals)} "
-              f"(max/min {max(totals) / min(totals):.2f})")
+        print(
+            f"{name} whole sweep per round (µs): {', '.join(us(t) for t in totals)} "
+            f"(max/min {max(totals) / min(totals):.2f})"
+        )
     spread = {}
     for name, d in (("mlx_nb", a), ("mlx.launch", b)):
         totals = [sum(v[i] for v in d.values()) for i in range(args.rounds)]
@@ -212,8 +254,19 @@ def main(argv=None) -> int:
         # the headline case: the largest all_sum (else the largest of any op)
         big = max((k for k in med if k[0] == "all_sum"), key=lambda k: k[2], default=max(med, key=lambda k: k[2]))
         with open(args.summary, "w") as f:
-            json.dump({"n": args.n, "ratio": ratio, "geo": geo, "total_nb": total_a, "total_launch": total_b,
-                       "spread": spread, "rounds": args.rounds, "largest": [big[0], big[2], *med[big]]}, f)
+            json.dump(
+                {
+                    "n": args.n,
+                    "ratio": ratio,
+                    "geo": geo,
+                    "total_nb": total_a,
+                    "total_launch": total_b,
+                    "spread": spread,
+                    "rounds": args.rounds,
+                    "largest": [big[0], big[2], *med[big]],
+                },
+                f,
+            )
     print(mpi_note)
     print(f"({time.perf_counter() - t0:.0f} s in all; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)")
     return 0

@@ -91,7 +91,7 @@ def interleaved(fns: list, count: int, rounds: int = 30) -> list[float]:
     times: list[list[float]] = [[] for _ in fns]
     for r in range(rounds):
         order = list(enumerate(fns))
-        order = order[r % len(fns):] + order[: r % len(fns)]
+        order = order[r % len(fns) :] + order[: r % len(fns)]
         for i, fn in order:
             for _ in range(max(1, count // rounds)):
                 t0 = time.perf_counter()
@@ -135,16 +135,54 @@ def main() -> None:
     raw_cluster.stop_cluster_sync()
 
     rows = [
-        ["start to ready (s)", "mlx_nb Cluster(n).start()", f"{nb_start:.2f}", "raw ipp.Cluster + manual init", f"{raw_start:.2f}", f"{nb_start / raw_start:.2f}x"],
-        ["start to ready (s)", "mlx_nb Cluster(n).start()", f"{nb_start:.2f}", f"mlx.launch -n {n} all-reduce script", f"{launch:.2f}", f"{nb_start / launch:.2f}x"],
-        ["empty cell round trip (ms, median)", "%%mlx_dist", f"{nb_cell:.2f}", "DirectView.execute('pass'), same engines", f"{same_raw:.2f}", f"{nb_cell / same_raw:.2f}x"],
-        ["empty cell round trip (ms, median)", "%%mlx_dist", f"{nb_cell:.2f}", "DirectView.execute('pass'), raw ipp cluster", f"{raw_cell:.2f}", f"{nb_cell / raw_cell:.2f}x"],
+        [
+            "start to ready (s)",
+            "mlx_nb Cluster(n).start()",
+            f"{nb_start:.2f}",
+            "raw ipp.Cluster + manual init",
+            f"{raw_start:.2f}",
+            f"{nb_start / raw_start:.2f}x",
+        ],
+        [
+            "start to ready (s)",
+            "mlx_nb Cluster(n).start()",
+            f"{nb_start:.2f}",
+            f"mlx.launch -n {n} all-reduce script",
+            f"{launch:.2f}",
+            f"{nb_start / launch:.2f}x",
+        ],
+        [
+            "empty cell round trip (ms, median)",
+            "%%mlx_dist",
+            f"{nb_cell:.2f}",
+            "DirectView.execute('pass'), same engines",
+            f"{same_raw:.2f}",
+            f"{nb_cell / same_raw:.2f}x",
+        ],
+        [
+            "empty cell round trip (ms, median)",
+            "%%mlx_dist",
+            f"{nb_cell:.2f}",
+            "DirectView.execute('pass'), raw ipp cluster",
+            f"{raw_cell:.2f}",
+            f"{nb_cell / raw_cell:.2f}x",
+        ],
     ]
     print(Table(["measure", "mlx_nb", "value", "baseline", "value", "ratio"], rows, f"{n} local ranks, ring backend"))
     if args.summary:
         with open(args.summary, "w") as f:
-            json.dump({"n": n, "start": nb_start, "raw_start": raw_start, "launch_start": launch,
-                       "cell_ms": nb_cell, "same_raw_ms": same_raw, "raw_ms": raw_cell}, f)
+            json.dump(
+                {
+                    "n": n,
+                    "start": nb_start,
+                    "raw_start": raw_start,
+                    "launch_start": launch,
+                    "cell_ms": nb_cell,
+                    "same_raw_ms": same_raw,
+                    "raw_ms": raw_cell,
+                },
+                f,
+            )
 
 
 if __name__ == "__main__":

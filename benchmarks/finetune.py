@@ -52,8 +52,12 @@ def main() -> None:
         for n in [int(x) for x in args.ranks.split(",")]:
             with Cluster(n=n) as cluster:
                 result = finetune(
-                    cluster, model=args.model, iters=args.iters, batch_size=args.batch_size,
-                    num_layers=args.num_layers, adapter_path=os.path.join(tmp, str(n)),
+                    cluster,
+                    model=args.model,
+                    iters=args.iters,
+                    batch_size=args.batch_size,
+                    num_layers=args.num_layers,
+                    adapter_path=os.path.join(tmp, str(n)),
                 ).wait()
             tokens, seconds = throughput(result, args.warmup)
             measured.append((n, result, tokens, seconds))
@@ -65,15 +69,28 @@ def main() -> None:
     for n, result, tokens, seconds in measured:
         tps = tokens / seconds
         ratio = tps / base_tps
-        rows.append([
-            n, result.global_batch, f"{seconds / (args.iters - args.warmup):.2f}", f"{tps:.1f}",
-            f"{ratio:.2f}x", f"{ratio / (n / base_n):.2f}", f"{result.seconds:.0f}",
-        ])
+        rows.append(
+            [
+                n,
+                result.global_batch,
+                f"{seconds / (args.iters - args.warmup):.2f}",
+                f"{tps:.1f}",
+                f"{ratio:.2f}x",
+                f"{ratio / (n / base_n):.2f}",
+                f"{result.seconds:.0f}",
+            ]
+        )
     title = (
         f"LoRA fine-tuning, {args.model or 'bundled SmolLM2-135M'}, {args.batch_size} row(s) per rank, "
         f"{args.num_layers} LoRA layers, steps {args.warmup + 1}-{args.iters} timed, {os.cpu_count()} CPU cores"
     )
-    print(Table(["ranks", "global batch", "s/step", "trained tok/s", f"vs {base_n} rank", "efficiency", "run s"], rows, title))
+    print(
+        Table(
+            ["ranks", "global batch", "s/step", "trained tok/s", f"vs {base_n} rank", "efficiency", "run s"],
+            rows,
+            title,
+        )
+    )
 
 
 if __name__ == "__main__":

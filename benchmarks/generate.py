@@ -69,9 +69,25 @@ def plain_script(n: int, pipeline: bool, tokens: int) -> dict:
         f.write(SCRIPT)
     launcher = str(Path(sys.executable).parent / "mlx.launch")
     out = subprocess.run(
-        [launcher, "-n", str(n), "--backend", "ring", "--", sys.executable, f.name,
-         resolve(None), "1" if pipeline else "0", str(tokens), json.dumps(PROMPT)],
-        capture_output=True, text=True, check=True, timeout=900, env={**os.environ, blas.RANKS_ENV: str(n)},
+        [
+            launcher,
+            "-n",
+            str(n),
+            "--backend",
+            "ring",
+            "--",
+            sys.executable,
+            f.name,
+            resolve(None),
+            "1" if pipeline else "0",
+            str(tokens),
+            json.dumps(PROMPT),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=900,
+        env={**os.environ, blas.RANKS_ENV: str(n)},
     )
     return json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
 
@@ -93,8 +109,20 @@ def main() -> None:
     p90 = delays[int(0.9 * (len(delays) - 1))]
     layout = "pipeline" if args.pipeline else "tensor"
     rows = [
-        ["generation tok/s", f"{stats.generation_tps:.2f}", f"{script['tps']:.2f}", f"{one['tps']:.2f}", f"{stats.generation_tps / script['tps']:.2f}x"],
-        ["time to first token (ms)", f"{stats.ttft * 1e3:.0f}", f"{script['ttft'] * 1e3:.0f}", f"{one['ttft'] * 1e3:.0f}", f"{stats.ttft / script['ttft']:.2f}x"],
+        [
+            "generation tok/s",
+            f"{stats.generation_tps:.2f}",
+            f"{script['tps']:.2f}",
+            f"{one['tps']:.2f}",
+            f"{stats.generation_tps / script['tps']:.2f}x",
+        ],
+        [
+            "time to first token (ms)",
+            f"{stats.ttft * 1e3:.0f}",
+            f"{script['ttft'] * 1e3:.0f}",
+            f"{one['ttft'] * 1e3:.0f}",
+            f"{stats.ttft / script['ttft']:.2f}x",
+        ],
         ["token -> notebook delay, median (ms)", f"{statistics.median(delays) * 1e3:.1f}", "-", "-", "-"],
         ["token -> notebook delay, p90 (ms)", f"{p90 * 1e3:.1f}", "-", "-", "-"],
     ]

@@ -83,33 +83,83 @@ HERE = Path(__file__).resolve()
 
 # what the machine lacks, at the versions measured (mlx_nb's own dependencies and theirs)
 WHEELS = [
-    "mlx==0.32.4", "mlx-lm==0.32.2", "ipyparallel==9.2.0", "pyzmq==27.3.0", "ipykernel==7.4.0",
-    "ipython==9.18.1", "jupyter_client==8.10.0", "jupyter_core==5.9.1", "tornado==6.6.1",
-    "traitlets==5.16.1", "ipywidgets==8.1.9", "comm==0.2.3", "debugpy==1.8.22", "decorator==5.3.1",
-    "jedi==0.20.1", "parso==0.8.7", "matplotlib-inline==0.2.2", "nest-asyncio2==1.7.4",
-    "pexpect==4.9.0", "ptyprocess==0.7.0", "prompt_toolkit==3.0.53", "wcwidth==0.9.4",
-    "stack-data==0.6.3", "asttokens==3.0.2", "executing==2.3.0", "pure_eval==0.2.4",
-    "ipython_pygments_lexers==1.1.1", "platformdirs==4.14.9", "widgetsnbextension==4.0.16",
+    "mlx==0.32.4",
+    "mlx-lm==0.32.2",
+    "ipyparallel==9.2.0",
+    "pyzmq==27.3.0",
+    "ipykernel==7.4.0",
+    "ipython==9.18.1",
+    "jupyter_client==8.10.0",
+    "jupyter_core==5.9.1",
+    "tornado==6.6.1",
+    "traitlets==5.16.1",
+    "ipywidgets==8.1.9",
+    "comm==0.2.3",
+    "debugpy==1.8.22",
+    "decorator==5.3.1",
+    "jedi==0.20.1",
+    "parso==0.8.7",
+    "matplotlib-inline==0.2.2",
+    "nest-asyncio2==1.7.4",
+    "pexpect==4.9.0",
+    "ptyprocess==0.7.0",
+    "prompt_toolkit==3.0.53",
+    "wcwidth==0.9.4",
+    "stack-data==0.6.3",
+    "asttokens==3.0.2",
+    "executing==2.3.0",
+    "pure_eval==0.2.4",
+    "ipython_pygments_lexers==1.1.1",
+    "platformdirs==4.14.9",
+    "widgetsnbextension==4.0.16",
     "jupyterlab_widgets==3.0.17",
 ]
 CUDA_WHEEL = "mlx-cuda-13==0.32.4"
 FIRST_PART = 40 * 2**20  # bytes of that 90 MB wheel in its first part: each call stays under 64 MiB
-PLATFORMS = ["manylinux_2_35_x86_64", "manylinux_2_34_x86_64", "manylinux_2_31_x86_64", "manylinux_2_28_x86_64",
-             "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux1_x86_64"]
+PLATFORMS = [
+    "manylinux_2_35_x86_64",
+    "manylinux_2_34_x86_64",
+    "manylinux_2_31_x86_64",
+    "manylinux_2_28_x86_64",
+    "manylinux_2_27_x86_64",
+    "manylinux_2_17_x86_64",
+    "manylinux2014_x86_64",
+    "manylinux1_x86_64",
+]
 
 # the random llama: about 3.0e9 parameters (Llama-3.2-3B's shape with SmolLM2's vocabulary)
-MODEL = dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
-             num_key_value_heads=8, head_dim=128)
+MODEL = dict(
+    hidden_size=3072,
+    intermediate_size=8192,
+    num_hidden_layers=28,
+    num_attention_heads=24,
+    num_key_value_heads=8,
+    head_dim=128,
+)
 LAYERS_PER_FILE = 4
 SPECIAL_TOKENS = 17  # SmolLM2's ids 0-16: their embeddings are zero, so greedy decoding never stops early
 TOKENS = 128  # generated per measured reply
 REPLIES = 3  # measured replies per configuration (after one warm-up): the table has their median
-PROMPT = [{"role": "user", "content": "Here are my notes about the sea. " + " ".join(
-    f"Note {i}: the tide rose over the rocks at dawn, the gulls turned over the harbour, and the boats "
-    "came back with the morning light." for i in range(1, 25)) + " Write three sentences about them."}]
+PROMPT = [
+    {
+        "role": "user",
+        "content": "Here are my notes about the sea. "
+        + " ".join(
+            f"Note {i}: the tide rose over the rocks at dawn, the gulls turned over the harbour, and the boats "
+            "came back with the morning light."
+            for i in range(1, 25)
+        )
+        + " Write three sentences about them.",
+    }
+]
 
 STAGES = {  # name: seconds it may take at most, in the order they run
-    "ranks": 120, "demo": 60, "model": 120, "generate": 300, "dispatch": 120, "collectives": 180,
+    "ranks": 120,
+    "demo": 60,
+    "model": 120,
+    "generate": 300,
+    "dispatch": 120,
+    "collectives": 180,
 }
 
 
@@ -138,7 +188,9 @@ def prepare(wheels: Path, gpu: Path) -> int:
     sizes = {p: sum(f.stat().st_size for f in p.glob("*")) for p in (wheels / "rest", gpu / "tokenizer")}
     for p, n in sizes.items():
         print(f"{p}: {n / 2**20:.1f} MiB")
-    print(f"{wheels / 'cuda'}: part-aa {half / 2**20:.1f} MiB, part-ab {(len(data) - half) / 2**20:.1f} MiB ({whl.name})")
+    print(
+        f"{wheels / 'cuda'}: part-aa {half / 2**20:.1f} MiB, part-ab {(len(data) - half) / 2**20:.1f} MiB ({whl.name})"
+    )
     return 0
 
 
@@ -168,8 +220,12 @@ res = {"active": mx.get_active_memory(), "peak": mx.get_peak_memory()}
 def nvidia_smi_apps() -> dict[int, int]:
     """pid -> MiB of GPU memory, as nvidia-smi sees the processes."""
     try:
-        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=20).stdout
+        out = subprocess.run(
+            ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        ).stdout
     except (OSError, subprocess.TimeoutExpired):
         return {}
     apps = {}
@@ -226,26 +282,42 @@ def stage_ranks() -> dict:
         ranks = c.status()
         apps = nvidia_smi_apps()
         out["held"] = [
-            {"rank": r.rank, "status_active": r.active_memory, "status_peak": r.peak_memory,
-             "status_cache": r.cache_memory,
-             "cell_active": h["active"], "cell_peak": h["peak"], "nvidia_smi_mib": apps.get(r.pid)}
+            {
+                "rank": r.rank,
+                "status_active": r.active_memory,
+                "status_peak": r.peak_memory,
+                "status_cache": r.cache_memory,
+                "cell_active": h["active"],
+                "cell_peak": h["peak"],
+                "nvidia_smi_mib": apps.get(r.pid),
+            }
             for r, h in zip(ranks, held)
         ]
         for h in out["held"]:
-            print(f"rank {h['rank']}: status memory {human_bytes(h['status_active'])}, cached {human_bytes(h['status_cache'])}, "
-                  f"peak {human_bytes(h['status_peak'])}; nvidia-smi says its process holds {h['nvidia_smi_mib']} MiB")
+            print(
+                f"rank {h['rank']}: status memory {human_bytes(h['status_active'])}, cached {human_bytes(h['status_cache'])}, "
+                f"peak {human_bytes(h['status_peak'])}; nvidia-smi says its process holds {h['nvidia_smi_mib']} MiB"
+            )
         res = c.run(PROFILE_CELL, ranks="all", pull="res", profile=True).pulled
         prof = last_profile()
         print("\n%%mlx_dist --profile of 16 float32 4096x4096 matmuls per rank (both ranks share the GPU):")
         print(prof.table())
         out["profile"] = [
-            {"rank": p.rank, "eval": p.eval_time, "wall": p.wall, "in_cell": r["in_cell"], "sync_after": r["sync_after"],
-             "tflops_eval": r["flop"] / p.eval_time / 1e12 if p.eval_time else 0.0}
+            {
+                "rank": p.rank,
+                "eval": p.eval_time,
+                "wall": p.wall,
+                "in_cell": r["in_cell"],
+                "sync_after": r["sync_after"],
+                "tflops_eval": r["flop"] / p.eval_time / 1e12 if p.eval_time else 0.0,
+            }
             for p, r in zip(sorted(prof.ranks, key=lambda p: p.rank), res)
         ]
         for p in out["profile"]:
-            print(f"rank {p['rank']}: in mx.eval {p['eval'] * 1e3:.1f} ms, the cell's own timer {p['in_cell'] * 1e3:.1f} ms, "
-                  f"mx.synchronize() after it {p['sync_after'] * 1e3:.2f} ms: {p['tflops_eval']:.1f} TFLOP/s")
+            print(
+                f"rank {p['rank']}: in mx.eval {p['eval'] * 1e3:.1f} ms, the cell's own timer {p['in_cell'] * 1e3:.1f} ms, "
+                f"mx.synchronize() after it {p['sync_after'] * 1e3:.2f} ms: {p['tflops_eval']:.1f} TFLOP/s"
+            )
     return out
 
 
@@ -263,9 +335,17 @@ def stage_model(folder: Path, tokenizer: Path) -> dict:
     h, f, layers = MODEL["hidden_size"], MODEL["intermediate_size"], MODEL["num_hidden_layers"]
     kv = MODEL["num_key_value_heads"] * MODEL["head_dim"]
     config = {
-        "model_type": "llama", "architectures": ["LlamaForCausalLM"], **MODEL, "vocab_size": vocab,
-        "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "max_position_embeddings": 8192,
-        "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16",
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        **MODEL,
+        "vocab_size": vocab,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 500000.0,
+        "max_position_embeddings": 8192,
+        "tie_word_embeddings": True,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "torch_dtype": "bfloat16",
     }
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     mx.random.seed(0)
@@ -280,7 +360,9 @@ def stage_model(folder: Path, tokenizer: Path) -> dict:
         w = {}
         if ids is None:
             emb = normal(vocab, h)
-            w["model.embed_tokens.weight"] = mx.concatenate([mx.zeros((SPECIAL_TOKENS, h), mx.bfloat16), emb[SPECIAL_TOKENS:]])
+            w["model.embed_tokens.weight"] = mx.concatenate(
+                [mx.zeros((SPECIAL_TOKENS, h), mx.bfloat16), emb[SPECIAL_TOKENS:]]
+            )
             w["model.norm.weight"] = mx.ones((h,), mx.bfloat16)
         for i in ids or []:
             p = f"model.layers.{i}."
@@ -300,10 +382,13 @@ def stage_model(folder: Path, tokenizer: Path) -> dict:
         del w
         mx.clear_cache()
     (folder / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": 2 * params}, "weight_map": weight_map}, indent=2))
+        json.dumps({"metadata": {"total_size": 2 * params}, "weight_map": weight_map}, indent=2)
+    )
     took = time.perf_counter() - t0
-    print(f"random-weight llama: {params / 1e9:.2f}e9 parameters, bfloat16, {layers} layers, hidden {h}, "
-          f"vocab {vocab}, {2 * params / 2**30:.1f} GiB in {total} files, written in {took:.1f} s to {folder}")
+    print(
+        f"random-weight llama: {params / 1e9:.2f}e9 parameters, bfloat16, {layers} layers, hidden {h}, "
+        f"vocab {vocab}, {2 * params / 2**30:.1f} GiB in {total} files, written in {took:.1f} s to {folder}"
+    )
     return {"params": params, "bytes": 2 * params, "seconds": took, "folder": str(folder), "vocab": vocab}
 
 
@@ -372,11 +457,20 @@ def through_mlx_nb(path: str, n: int, tokens: int) -> dict:
         replies = [generate(cluster, PROMPT, tokens, quiet=True) for _ in range(REPLIES)]
     stats = replies[-1]
     delays = sorted(d for s in replies for d in s.delays) or [0.0]
-    return medians({
-        "tps_all": [s.generation_tps for s in replies], "ttft_all": [s.ttft for s in replies],
-        "tokens": stats.generation_tokens, "prompt_tokens": stats.prompt_tokens, "prompt_tps": stats.prompt_tps,
-        "load": loaded["seconds"], "peak": max(stats.peak_memory), "ready": ready,
-        "delay_median": statistics.median(delays), "wall": time.perf_counter() - t0})
+    return medians(
+        {
+            "tps_all": [s.generation_tps for s in replies],
+            "ttft_all": [s.ttft for s in replies],
+            "tokens": stats.generation_tokens,
+            "prompt_tokens": stats.prompt_tokens,
+            "prompt_tps": stats.prompt_tps,
+            "load": loaded["seconds"],
+            "peak": max(stats.peak_memory),
+            "ready": ready,
+            "delay_median": statistics.median(delays),
+            "wall": time.perf_counter() - t0,
+        }
+    )
 
 
 def spread(values: list[float], scale: float = 1.0) -> str:
@@ -390,11 +484,14 @@ def stage_generate(path: str) -> dict:
             t0 = time.perf_counter()
             try:
                 out[f"{side}_{n}"] = r = fn(path, n, TOKENS)
-                print(f"{side}, {n} rank{'s' * (n > 1)}: {r['tps']:.1f} tok/s {spread(r['tps_all'])}, "
-                      f"first token {r['ttft'] * 1e3:.0f} ms {spread(r['ttft_all'], 1e3)} "
-                      f"({r['prompt_tokens']} prompt tokens at {r['prompt_tps']:.0f} tok/s), {r['tokens']} tokens, "
-                      f"load {r['load']:.1f} s, peak {r['peak'] / 2**30:.2f} GiB per rank "
-                      f"({time.perf_counter() - t0:.0f} s in all)", flush=True)
+                print(
+                    f"{side}, {n} rank{'s' * (n > 1)}: {r['tps']:.1f} tok/s {spread(r['tps_all'])}, "
+                    f"first token {r['ttft'] * 1e3:.0f} ms {spread(r['ttft_all'], 1e3)} "
+                    f"({r['prompt_tokens']} prompt tokens at {r['prompt_tps']:.0f} tok/s), {r['tokens']} tokens, "
+                    f"load {r['load']:.1f} s, peak {r['peak'] / 2**30:.2f} GiB per rank "
+                    f"({time.perf_counter() - t0:.0f} s in all)",
+                    flush=True,
+                )
             except Exception as e:  # the other side still runs
                 out[f"{side}_{n}"] = {"error": f"{type(e).__name__}: {e}"}
                 print(f"{side}, {n} ranks FAILED: {e}", flush=True)
@@ -415,8 +512,12 @@ def run_script(args: list[str], timeout: float) -> dict:
 def stage_demo() -> dict:
     r = run_script(["-m", "mlx_nb.cli", "demo", "-n", "4"], 55)
     ready = next((line for line in r["stdout"].splitlines() if line.startswith("Ready in")), "")
-    return {"seconds": r["seconds"], "ready": float(ready.split()[2]) if ready else None,
-            "all_reduce_ok": "expected 6): ok" in r["stdout"], "sharded_ok": "max error vs unsharded" in r["stdout"]}
+    return {
+        "seconds": r["seconds"],
+        "ready": float(ready.split()[2]) if ready else None,
+        "all_reduce_ok": "expected 6): ok" in r["stdout"],
+        "sharded_ok": "max error vs unsharded" in r["stdout"],
+    }
 
 
 def stage_script(name: str, extra: list[str], timeout: float) -> dict:
@@ -435,8 +536,18 @@ def run_stage(name: str, args, log, deadline: float) -> dict:
         return {"skipped": "time budget"}
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         result = f.name
-    cmd = [sys.executable, str(HERE), "stage", name, "--json", result, "--tokenizer", str(args.tokenizer),
-           "--model", str(args.model)]
+    cmd = [
+        sys.executable,
+        str(HERE),
+        "stage",
+        name,
+        "--json",
+        result,
+        "--tokenizer",
+        str(args.tokenizer),
+        "--model",
+        str(args.model),
+    ]
     print(f"== {name} (at most {limit:.0f} s)", flush=True)
     log.write(f"\n{'=' * 30} {name}\n")
     log.flush()
@@ -479,51 +590,140 @@ def summary_table(r: dict):
         nb, sc = g.get(f"mlx_nb_{n}", {}), g.get(f"script_{n}", {})
         base = "script alone (= mlx.launch -n 1)" if n == 1 else "mlx.launch -n 2 --backend ring script"
         if "tps" in nb or "tps" in sc:
-            rows.append([f"generation tok/s, {n} rank{'s' * (n > 1)}", median_cell(nb, "tps"), base,
-                         median_cell(sc, "tps"), ratio(nb.get("tps"), sc.get("tps"))])
-            rows.append([f"time to first token (ms), {n} rank{'s' * (n > 1)}", median_cell(nb, "ttft", 1e3), base,
-                         median_cell(sc, "ttft", 1e3), ratio(nb.get("ttft"), sc.get("ttft"))])
+            rows.append(
+                [
+                    f"generation tok/s, {n} rank{'s' * (n > 1)}",
+                    median_cell(nb, "tps"),
+                    base,
+                    median_cell(sc, "tps"),
+                    ratio(nb.get("tps"), sc.get("tps")),
+                ]
+            )
+            rows.append(
+                [
+                    f"time to first token (ms), {n} rank{'s' * (n > 1)}",
+                    median_cell(nb, "ttft", 1e3),
+                    base,
+                    median_cell(sc, "ttft", 1e3),
+                    ratio(nb.get("ttft"), sc.get("ttft")),
+                ]
+            )
         for side in (nb, sc):
             if "error" in side:
                 rows.append([f"generation, {n} ranks", "FAILED", "", side["error"][:80], ""])
     one, two = g.get("mlx_nb_1", {}), g.get("mlx_nb_2", {})
     if "tps" in one and "tps" in two:
-        rows.append(["generation tok/s, mlx_nb 2 ranks / 1 rank", f"{two['tps']:.1f}", "mlx_nb, 1 rank",
-                     f"{one['tps']:.1f}", ratio(two["tps"], one["tps"])])
-        rows.append(["token -> notebook delay, median (ms), mlx_nb 1 / 2 ranks",
-                     f"{one['delay_median'] * 1e3:.1f} / {two['delay_median'] * 1e3:.1f}", "-", "-", "-"])
-        rows.append(["peak GPU memory per rank (GiB), mlx_nb", f"{two['peak'] / 2**30:.2f} (2 ranks)", "mlx_nb, 1 rank",
-                     f"{one['peak'] / 2**30:.2f}", ratio(two["peak"], one["peak"])])
+        rows.append(
+            [
+                "generation tok/s, mlx_nb 2 ranks / 1 rank",
+                f"{two['tps']:.1f}",
+                "mlx_nb, 1 rank",
+                f"{one['tps']:.1f}",
+                ratio(two["tps"], one["tps"]),
+            ]
+        )
+        rows.append(
+            [
+                "token -> notebook delay, median (ms), mlx_nb 1 / 2 ranks",
+                f"{one['delay_median'] * 1e3:.1f} / {two['delay_median'] * 1e3:.1f}",
+                "-",
+                "-",
+                "-",
+            ]
+        )
+        rows.append(
+            [
+                "peak GPU memory per rank (GiB), mlx_nb",
+                f"{two['peak'] / 2**30:.2f} (2 ranks)",
+                "mlx_nb, 1 rank",
+                f"{one['peak'] / 2**30:.2f}",
+                ratio(two["peak"], one["peak"]),
+            ]
+        )
     k = r.get("ranks", {})
     for p in k.get("profile", []):
-        rows.append([f"profiled cell, rank {p['rank']}: in mx.eval (ms)", f"{p['eval'] * 1e3:.1f}", "the cell's own timer",
-                     f"{p['in_cell'] * 1e3:.1f}", f"{ratio(p['eval'], p['in_cell'])} ({p['tflops_eval']:.1f} TFLOP/s)"])
+        rows.append(
+            [
+                f"profiled cell, rank {p['rank']}: in mx.eval (ms)",
+                f"{p['eval'] * 1e3:.1f}",
+                "the cell's own timer",
+                f"{p['in_cell'] * 1e3:.1f}",
+                f"{ratio(p['eval'], p['in_cell'])} ({p['tflops_eval']:.1f} TFLOP/s)",
+            ]
+        )
     for h in k.get("held", []):
         if h.get("nvidia_smi_mib"):
             held = (h["status_active"] + h.get("status_cache", 0)) / 2**20
-            rows.append([f"rank {h['rank']}: memory + cached in the status table (MiB)", f"{held:.0f}",
-                         "nvidia-smi, the rank's process", f"{h['nvidia_smi_mib']}",
-                         f"{ratio(held, h['nvidia_smi_mib'])} (the rest: its CUDA context)"])
+            rows.append(
+                [
+                    f"rank {h['rank']}: memory + cached in the status table (MiB)",
+                    f"{held:.0f}",
+                    "nvidia-smi, the rank's process",
+                    f"{h['nvidia_smi_mib']}",
+                    f"{ratio(held, h['nvidia_smi_mib'])} (the rest: its CUDA context)",
+                ]
+            )
     d = r.get("demo", {})
     if "ready" in d:
-        rows.append(["mlx-nb demo -n 4: ready (s)", f"{d['ready']}", "all-reduce / sharded Linear",
-                     f"{'ok' if d['all_reduce_ok'] else 'WRONG'} / {'ok' if d['sharded_ok'] else 'WRONG'}", "-"])
+        rows.append(
+            [
+                "mlx-nb demo -n 4: ready (s)",
+                f"{d['ready']}",
+                "all-reduce / sharded Linear",
+                f"{'ok' if d['all_reduce_ok'] else 'WRONG'} / {'ok' if d['sharded_ok'] else 'WRONG'}",
+                "-",
+            ]
+        )
     s = r.get("dispatch", {})
     if "cell_ms" in s:
-        rows.append(["empty cell round trip (ms), 4 ranks", f"{s['cell_ms']:.2f}", "DirectView.execute, same engines",
-                     f"{s['same_raw_ms']:.2f}", ratio(s["cell_ms"], s["same_raw_ms"])])
-        rows.append(["start to ready (s), 4 ranks", f"{s['start']:.2f}", "raw ipp.Cluster + manual init",
-                     f"{s['raw_start']:.2f}", ratio(s["start"], s["raw_start"])])
-        rows.append(["start to ready (s), 4 ranks", f"{s['start']:.2f}", "mlx.launch -n 4 all-reduce script",
-                     f"{s['launch_start']:.2f}", ratio(s["start"], s["launch_start"])])
+        rows.append(
+            [
+                "empty cell round trip (ms), 4 ranks",
+                f"{s['cell_ms']:.2f}",
+                "DirectView.execute, same engines",
+                f"{s['same_raw_ms']:.2f}",
+                ratio(s["cell_ms"], s["same_raw_ms"]),
+            ]
+        )
+        rows.append(
+            [
+                "start to ready (s), 4 ranks",
+                f"{s['start']:.2f}",
+                "raw ipp.Cluster + manual init",
+                f"{s['raw_start']:.2f}",
+                ratio(s["start"], s["raw_start"]),
+            ]
+        )
+        rows.append(
+            [
+                "start to ready (s), 4 ranks",
+                f"{s['start']:.2f}",
+                "mlx.launch -n 4 all-reduce script",
+                f"{s['launch_start']:.2f}",
+                ratio(s["start"], s["launch_start"]),
+            ]
+        )
     c = r.get("collectives", {})
     if "ratio" in c:
         op, size, a, b = c["largest"]
-        rows.append([f"collective sweep, 4 ranks, sum of medians (ms); {c['rounds']} rounds", f"{c['total_nb'] * 1e3:.2f}",
-                     "plain mlx.launch script", f"{c['total_launch'] * 1e3:.2f}",
-                     f"{c['ratio']:.3f}x (spread {c['spread']['mlx_nb']:.2f} / {c['spread']['mlx.launch']:.2f})"])
-        rows.append([f"{op} {size / 2**20:.0f} MB, 4 ranks (ms)", f"{a * 1e3:.1f}", "plain mlx.launch script",
-                     f"{b * 1e3:.1f}", ratio(a, b)])
+        rows.append(
+            [
+                f"collective sweep, 4 ranks, sum of medians (ms); {c['rounds']} rounds",
+                f"{c['total_nb'] * 1e3:.2f}",
+                "plain mlx.launch script",
+                f"{c['total_launch'] * 1e3:.2f}",
+                f"{c['ratio']:.3f}x (spread {c['spread']['mlx_nb']:.2f} / {c['spread']['mlx.launch']:.2f})",
+            ]
+        )
+        rows.append(
+            [
+                f"{op} {size / 2**20:.0f} MB, 4 ranks (ms)",
+                f"{a * 1e3:.1f}",
+                "plain mlx.launch script",
+                f"{b * 1e3:.1f}",
+                ratio(a, b),
+            ]
+        )
     for name, v in r.items():
         if isinstance(v, dict) and ("skipped" in v or ("error" in v and name != "generate")):
             rows.append([f"stage {name}", "not measured", "", v.get("skipped") or v.get("error"), ""])
@@ -534,10 +734,18 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("command", nargs="?", default="run", choices=["run", "prepare", "stage"])
     p.add_argument("stage", nargs="?", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--tokenizer", type=Path, default=ROOT / ".gpu" / "tokenizer",
-                   help="a folder with tokenizer.json and tokenizer_config.json (prepare copies the bundled model's)")
-    p.add_argument("--model", type=Path, default=Path(tempfile.gettempdir()) / "mlx_nb-random-llama-3b",
-                   help="where the random model is written")
+    p.add_argument(
+        "--tokenizer",
+        type=Path,
+        default=ROOT / ".gpu" / "tokenizer",
+        help="a folder with tokenizer.json and tokenizer_config.json (prepare copies the bundled model's)",
+    )
+    p.add_argument(
+        "--model",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "mlx_nb-random-llama-3b",
+        help="where the random model is written",
+    )
     p.add_argument("--out", type=Path, default=Path("."), help="where gpu.log and gpu.json go")
     p.add_argument("--budget", type=float, default=540, help="seconds for all stages together (default 540)")
     p.add_argument("--only", default=None, help="comma-separated stages to run (default all)")
@@ -547,11 +755,16 @@ def main(argv=None) -> int:
     if args.command == "prepare":
         return prepare(args.wheels, args.tokenizer.parent)
     if args.command == "stage":
-        fns = {"ranks": stage_ranks, "model": lambda: stage_model(args.model, args.tokenizer),
-               "generate": lambda: stage_generate(str(args.model)), "demo": stage_demo,
-               "dispatch": lambda: stage_script("dispatch", ["-n", "4", "--cells", "150"], 110),
-               "collectives": lambda: stage_script(
-                   "collectives", ["-n", "4", "--sizes", "1KB-64MB", "--factor", "8", "--rounds", "5"], 170)}
+        fns = {
+            "ranks": stage_ranks,
+            "model": lambda: stage_model(args.model, args.tokenizer),
+            "generate": lambda: stage_generate(str(args.model)),
+            "demo": stage_demo,
+            "dispatch": lambda: stage_script("dispatch", ["-n", "4", "--cells", "150"], 110),
+            "collectives": lambda: stage_script(
+                "collectives", ["-n", "4", "--sizes", "1KB-64MB", "--factor", "8", "--rounds", "5"], 170
+            ),
+        }
         out = fns[args.stage]()
         Path(args.json).write_text(json.dumps(out, default=str))
         return 0
@@ -570,8 +783,10 @@ def main(argv=None) -> int:
         title += f" ({gpu}, MLX {results['ranks'].get('mlx')}, ring backend)"
     m = results.get("model", {})
     if "params" in m:
-        title += (f"; generation: random-weight llama built on the machine, {m['params'] / 1e9:.2f}e9 params bf16, "
-                  f"tensor parallel, {TOKENS} tokens, median (range) of {REPLIES} replies")
+        title += (
+            f"; generation: random-weight llama built on the machine, {m['params'] / 1e9:.2f}e9 params bf16, "
+            f"tensor parallel, {TOKENS} tokens, median (range) of {REPLIES} replies"
+        )
     table = summary_table(results)
     table.title = title
     print(table)

@@ -72,20 +72,41 @@ def main() -> None:
     args = ap.parse_args()
     drained, restarted = faults(args.n, True), faults(args.n, False)
     rows = [d[:1] + d[1:] + r[1:] for d, r in zip(drained, restarted)]
-    print(Table(
-        ["fault", "tier", "prompt back (s)", "processes replaced", "variable kept",
-         "kill-and-restart: tier", "prompt back (s)", "processes replaced", "variable kept"],
-        rows, f"{args.n} local ranks, each fault with the drain and with drain=False",
-    ))
+    print(
+        Table(
+            [
+                "fault",
+                "tier",
+                "prompt back (s)",
+                "processes replaced",
+                "variable kept",
+                "kill-and-restart: tier",
+                "prompt back (s)",
+                "processes replaced",
+                "variable kept",
+            ],
+            rows,
+            f"{args.n} local ranks, each fault with the drain and with drain=False",
+        )
+    )
     (db, dt), (rb, rt) = first_token_after_failure(True), first_token_after_failure(False)
     print()
-    print(Table(
-        ["bundled model, 2 ranks (pipeline)", "after a drain", "after restart + replay", "restart / drain"],
-        [["failing cell: prompt back (s)", f"{db:.2f}", f"{rb:.2f}", f"{rb / db:.1f}x"],
-         ["next %mlx_generate: first token (s)", f"{dt:.2f}", f"{rt:.2f}", f"{rt / dt:.1f}x"],
-         ["failing cell to the next first token (s)", f"{db + dt:.2f}", f"{rb + rt:.2f}", f"{(rb + rt) / (db + dt):.1f}x"]],
-        "a rank raises before an all_sum, then the next generation",
-    ))
+    print(
+        Table(
+            ["bundled model, 2 ranks (pipeline)", "after a drain", "after restart + replay", "restart / drain"],
+            [
+                ["failing cell: prompt back (s)", f"{db:.2f}", f"{rb:.2f}", f"{rb / db:.1f}x"],
+                ["next %mlx_generate: first token (s)", f"{dt:.2f}", f"{rt:.2f}", f"{rt / dt:.1f}x"],
+                [
+                    "failing cell to the next first token (s)",
+                    f"{db + dt:.2f}",
+                    f"{rb + rt:.2f}",
+                    f"{(rb + rt) / (db + dt):.1f}x",
+                ],
+            ],
+            "a rank raises before an all_sum, then the next generation",
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -35,8 +35,24 @@ from mlx_nb.generate import load_model  # noqa: E402
 from mlx_nb.models import resolve  # noqa: E402
 from mlx_nb.serve import serve  # noqa: E402
 
-TOPICS = ["the sea", "a lighthouse", "a mountain", "a city at night", "a forest", "the desert", "a river",
-          "a library", "a train", "the moon", "a garden", "a storm", "a market", "an island", "a bridge", "winter"]
+TOPICS = [
+    "the sea",
+    "a lighthouse",
+    "a mountain",
+    "a city at night",
+    "a forest",
+    "the desert",
+    "a river",
+    "a library",
+    "a train",
+    "the moon",
+    "a garden",
+    "a storm",
+    "a market",
+    "an island",
+    "a bridge",
+    "winter",
+]
 PROMPTS = [[{"role": "user", "content": f"Write a long story about {t}."}] for t in TOPICS]
 
 # mlx_lm.server on every rank, with the BLAS mlx_nb's ranks load
@@ -64,8 +80,13 @@ def measure(base_url: str, model: str, n: int, tokens: int) -> dict:
         first, used = None, 0
         try:
             stream = client.chat.completions.create(
-                model=model, messages=PROMPTS[i % len(PROMPTS)], max_tokens=tokens, temperature=0.0,
-                stream=True, stream_options={"include_usage": True})
+                model=model,
+                messages=PROMPTS[i % len(PROMPTS)],
+                max_tokens=tokens,
+                temperature=0.0,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
             for c in stream:
                 if first is None and c.choices and c.choices[0].delta.content:
                     first = time.perf_counter() - t0
@@ -92,10 +113,30 @@ def launch_mlx_lm(n: int, pipeline: bool, port: int) -> subprocess.Popen:
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
         f.write(LAUNCHED)
     launcher = str(Path(sys.executable).parent / "mlx.launch")
-    cmd = [launcher, "-n", str(n), "--backend", "ring", "--", sys.executable, f.name,
-           "--model", resolve(None), "--port", str(port), "--host", "127.0.0.1"] + (["--pipeline"] if pipeline else [])
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env={**os.environ, blas.RANKS_ENV: str(n), "HF_HUB_CACHE": hub})
+    cmd = [
+        launcher,
+        "-n",
+        str(n),
+        "--backend",
+        "ring",
+        "--",
+        sys.executable,
+        f.name,
+        "--model",
+        resolve(None),
+        "--port",
+        str(port),
+        "--host",
+        "127.0.0.1",
+    ] + (["--pipeline"] if pipeline else [])
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, blas.RANKS_ENV: str(n), "HF_HUB_CACHE": hub},
+    )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -120,8 +161,12 @@ def free_port() -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-n", type=int, default=2)
-    parser.add_argument("--tensor", dest="pipeline", action="store_false",
-                        help="tensor parallel (default: a pipeline; the bundled model's 9 heads split over 1 or 3 ranks)")
+    parser.add_argument(
+        "--tensor",
+        dest="pipeline",
+        action="store_false",
+        help="tensor parallel (default: a pipeline; the bundled model's 9 heads split over 1 or 3 ranks)",
+    )
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--levels", default="1,4,8,16")
     parser.add_argument("--rounds", type=int, default=2)
@@ -143,7 +188,7 @@ def main() -> None:
     with Cluster(n=args.n) as cluster:
         load_model(cluster, pipeline=args.pipeline, progress=False)
         for i in range(args.rounds):
-            for name in (("mlx_nb", "mlx_lm") if i % 2 == 0 else ("mlx_lm", "mlx_nb")):
+            for name in ("mlx_nb", "mlx_lm") if i % 2 == 0 else ("mlx_lm", "mlx_nb"):
                 if name == "mlx_nb":
                     server = serve(cluster, port=0)
                     try:
@@ -163,14 +208,39 @@ def main() -> None:
     rows = []
     for n in levels:
         ours, ml = best["mlx_nb", n], best["mlx_lm", n]
-        rows.append([n, f"{ours['tps']:.1f}", f"{ml['tps']:.1f}", f"{ours['tps'] / ml['tps']:.2f}x",
-                     f"{ours['ttft']:.2f}", f"{ml['ttft']:.2f}",
-                     f"{ours['tps'] / base['mlx_nb']:.2f}x", f"{ml['tps'] / base['mlx_lm']:.2f}x"])
+        rows.append(
+            [
+                n,
+                f"{ours['tps']:.1f}",
+                f"{ml['tps']:.1f}",
+                f"{ours['tps'] / ml['tps']:.2f}x",
+                f"{ours['ttft']:.2f}",
+                f"{ml['ttft']:.2f}",
+                f"{ours['tps'] / base['mlx_nb']:.2f}x",
+                f"{ml['tps'] / base['mlx_lm']:.2f}x",
+            ]
+        )
     layout = "pipeline" if args.pipeline else "tensor"
-    title = (f"bundled SmolLM2 ({Path(resolve(None)).name}), {layout} parallel on {args.n} ranks, {args.tokens} tokens "
-             f"per request, best of {args.rounds} rounds, {blas.current()}")
-    print(Table(["concurrency", "mlx_nb tok/s", "mlx_lm.server tok/s", "mlx_nb / mlx_lm", "mlx_nb first token (s)",
-                 "mlx_lm first token (s)", f"mlx_nb vs {levels[0]}", f"mlx_lm vs {levels[0]}"], rows, title))
+    title = (
+        f"bundled SmolLM2 ({Path(resolve(None)).name}), {layout} parallel on {args.n} ranks, {args.tokens} tokens "
+        f"per request, best of {args.rounds} rounds, {blas.current()}"
+    )
+    print(
+        Table(
+            [
+                "concurrency",
+                "mlx_nb tok/s",
+                "mlx_lm.server tok/s",
+                "mlx_nb / mlx_lm",
+                "mlx_nb first token (s)",
+                "mlx_lm first token (s)",
+                f"mlx_nb vs {levels[0]}",
+                f"mlx_lm vs {levels[0]}",
+            ],
+            rows,
+            title,
+        )
+    )
     for e in errors:
         print("error:", e)
 

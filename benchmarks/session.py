@@ -112,16 +112,21 @@ def main() -> None:
                 for name, at in points.items():
                     if i + 1 == at:
                         seen[name] = now
-                print(f"cell {i + 1}, {time.perf_counter() - t0:.0f} s: "
-                      + ", ".join(f"{k} {human_bytes(v) if 'RSS' in k else v}" for k, v in now.items()), flush=True)
+                print(
+                    f"cell {i + 1}, {time.perf_counter() - t0:.0f} s: "
+                    + ", ".join(f"{k} {human_bytes(v) if 'RSS' in k else v}" for k, v in now.items()),
+                    flush=True,
+                )
     rows = []
     for key in seen["start"]:
         values = [seen[p][key] for p in points]
         shown = [human_bytes(v) if "RSS" in key else str(v) for v in values]
         ratios = [f"{values[-1] / v:.2f}" if v else "-" for v in values[:2]]
         rows.append([key, *shown, *ratios])
-    title = (f"{args.cells} cells on {args.n} ranks in {time.perf_counter() - t0:.0f} s ({args.mb:g} MB push/pull, "
-             f"training loops of {args.collectives} all_sums, {sink.chars} characters printed)")
+    title = (
+        f"{args.cells} cells on {args.n} ranks in {time.perf_counter() - t0:.0f} s ({args.mb:g} MB push/pull, "
+        f"training loops of {args.collectives} all_sums, {sink.chars} characters printed)"
+    )
     columns = ["measure", *(f"{p} (cell {at})" for p, at in points.items()), "end / start", "end / middle"]
     print(Table(columns, rows, title))
 

@@ -83,8 +83,11 @@ DRAINED = [
         "    mx.eval(mx.distributed.all_sum(mx.ones(2)))",
     ),
     Fault("ranks 1 and 3 raise", "if rank in (1, 3):\n    raise ValueError('soak')\n" + SUM),
-    Fault("rank 0 raises, rank 1 waits in recv", "if rank == 0:\n    raise ValueError('soak')\n"
-          "if rank == 1:\n    mx.eval(mx.distributed.recv_like(mx.ones(2), 0))"),
+    Fault(
+        "rank 0 raises, rank 1 waits in recv",
+        "if rank == 0:\n    raise ValueError('soak')\n"
+        "if rank == 1:\n    mx.eval(mx.distributed.recv_like(mx.ones(2), 0))",
+    ),
     Fault("--timeout 1, rank 3 sleeps", "import time\nif rank == 3:\n    time.sleep(600)\n" + SUM, timeout=1),
     Fault("interrupt while rank 0 loops", "while rank == 0:\n    pass\n" + SUM, interrupt_after=0.8),
 ]
@@ -173,6 +176,7 @@ def run_fault(cluster: Cluster, fault: Fault, expected: str) -> tuple[float, boo
     fired: list[float] = []
     timer = None
     if fault.interrupt_after is not None:
+
         def interrupt() -> None:
             fired.append(time.perf_counter())
             os.kill(os.getpid(), signal.SIGINT)
@@ -249,7 +253,9 @@ def soak_drains(cluster: Cluster, marker: tuple[str, str], count: int = 50) -> S
         took, restarted = run_fault(cluster, fault, expected)
         value = cluster.run(SUM).value
         kept = cluster.pull("kept", "all") == [r * 7 for r in range(cluster.n)]
-        out.faults.append(FaultRow(i + 1, fault.name, took, restarted, bool(value) and value["text/plain"] == expected and kept))
+        out.faults.append(
+            FaultRow(i + 1, fault.name, took, restarted, bool(value) and value["text/plain"] == expected and kept)
+        )
         out.peak = out.peak.peak(usage(cluster, marker))
     out.wall = time.perf_counter() - t_start
     out.end = _settle(cluster, marker)
@@ -266,13 +272,20 @@ def mark() -> tuple[str, str]:
 def tables(result: SoakResult, cells: int, fault_every: int, n: int) -> list[Table]:
     faults = Table(
         ["cell", "fault", "prompt back", "ranks restarted", "next all_sum right"],
-        [[f.cell, f.name, f"{f.prompt_s:.1f} s", "yes" if f.restarted else "no", "yes" if f.next_ok else "NO"]
-         for f in result.faults],
+        [
+            [f.cell, f.name, f"{f.prompt_s:.1f} s", "yes" if f.restarted else "no", "yes" if f.next_ok else "NO"]
+            for f in result.faults
+        ],
         f"{cells} cells on {n} local ranks, a fault every {fault_every}",
     )
     rows = [
-        [name, getattr(result.start, key), getattr(result.end, key), getattr(result.peak, key),
-         f"{getattr(result.end, key) / max(1, getattr(result.start, key)):.2f}"]
+        [
+            name,
+            getattr(result.start, key),
+            getattr(result.end, key),
+            getattr(result.peak, key),
+            f"{getattr(result.end, key) / max(1, getattr(result.start, key)):.2f}",
+        ]
         for name, key in [
             ("processes (controller and schedulers, ranks, spare ranks)", "processes"),
             ("open files, notebook process", "notebook_fds"),
@@ -282,10 +295,20 @@ def tables(result: SoakResult, cells: int, fault_every: int, n: int) -> list[Tab
     if result.cell_s:
         third = max(1, len(result.cell_s) // 3)
         first, last = statistics.median(result.cell_s[:third]), statistics.median(result.cell_s[-third:])
-        rows.append(["median healthy cell, ms (first third / last third)", f"{first * 1e3:.1f}",
-                     f"{last * 1e3:.1f}", f"{max(result.cell_s) * 1e3:.1f}", f"{last / first:.2f}"])
-    health = Table(["measure", "start (baseline)", "end", "peak", "end / start"], rows,
-                   f"{len(result.cell_s)} healthy cells and {len(result.faults)} faults in {result.wall:.0f} s")
+        rows.append(
+            [
+                "median healthy cell, ms (first third / last third)",
+                f"{first * 1e3:.1f}",
+                f"{last * 1e3:.1f}",
+                f"{max(result.cell_s) * 1e3:.1f}",
+                f"{last / first:.2f}",
+            ]
+        )
+    health = Table(
+        ["measure", "start (baseline)", "end", "peak", "end / start"],
+        rows,
+        f"{len(result.cell_s)} healthy cells and {len(result.faults)} faults in {result.wall:.0f} s",
+    )
     return [faults, health]
 
 
@@ -302,8 +325,13 @@ def main() -> None:
         if args.drains:
             result = soak_drains(cluster, marker, args.drains)
         else:
-            result = soak(cluster, marker, args.cells, args.fault_every,
-                          on_fault=lambda f: print(f"cell {f.cell}: {f.name}: {f.prompt_s:.1f} s", flush=True))
+            result = soak(
+                cluster,
+                marker,
+                args.cells,
+                args.fault_every,
+                on_fault=lambda f: print(f"cell {f.cell}: {f.name}: {f.prompt_s:.1f} s", flush=True),
+            )
     for table in tables(result, args.cells, args.fault_every, args.n):
         print()
         print(table)

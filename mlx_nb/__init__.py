@@ -10,8 +10,12 @@ engines) and must not load the notebook side (ipyparallel's client, psutil, widg
 __version__ = "0.1.0"
 
 _NAMES = {
-    "Cluster": "cluster", "ClusterError": "engines", "CellResult": "cell", "DistCellError": "cell",
-    "last_profile": "profile", "clusters": "cluster",
+    "Cluster": "cluster",
+    "ClusterError": "engines",
+    "CellResult": "cell",
+    "DistCellError": "cell",
+    "last_profile": "profile",
+    "clusters": "cluster",
 }
 _MODULES = ("generate", "widgets", "finetune", "bench", "models", "hostfile", "magics", "sharding", "display")
 

@@ -57,13 +57,17 @@ class BatchResult:
         ttfts = sorted(r.ttft for r in self.replies)
         how = " (stopped)" if self.stopped else ""
         mem = ", ".join(human_bytes(m) for m in self.peak_memory)
-        return (f"{len(self.replies)} prompts, {self.generation_tokens} tokens in {self.seconds:.1f} s{how}: "
-                f"{self.tokens_per_second:.1f} tok/s in all | first token {ttfts[0]:.2f}-{ttfts[-1]:.2f} s | "
-                f"peak memory per rank: {mem}")
+        return (
+            f"{len(self.replies)} prompts, {self.generation_tokens} tokens in {self.seconds:.1f} s{how}: "
+            f"{self.tokens_per_second:.1f} tok/s in all | first token {ttfts[0]:.2f}-{ttfts[-1]:.2f} s | "
+            f"peak memory per rank: {mem}"
+        )
 
     def table(self) -> Table:
-        rows = [[i, _short(r.prompt), _one_line(r.text), len(r.tokens), r.finish_reason or "stopped", f"{r.ttft:.2f}"]
-                for i, r in enumerate(self.replies)]
+        rows = [
+            [i, _short(r.prompt), _one_line(r.text), len(r.tokens), r.finish_reason or "stopped", f"{r.ttft:.2f}"]
+            for i, r in enumerate(self.replies)
+        ]
         return Table(["#", "prompt", "reply", "tokens", "finish", "first token (s)"], rows, self.summary())
 
     def __repr__(self) -> str:
@@ -118,14 +122,25 @@ def generate_batch(
                 live.add(i, text, finish)
 
     try:
-        out = cluster.call(generate_batch_on_rank, prompts, max_tokens, temperature, top_p, seeds, max_batch,
-                           on_report=on_report, timeout=timeout)
+        out = cluster.call(
+            generate_batch_on_rank,
+            prompts,
+            max_tokens,
+            temperature,
+            top_p,
+            seeds,
+            max_batch,
+            on_report=on_report,
+            timeout=timeout,
+        )
     finally:
         if live is not None:
             live.close()
     r = out[0]
-    replies = [Reply(p, x["text"], x["tokens"], x["prompt_tokens"], x["finish_reason"], x["ttft"] or 0.0)
-               for p, x in zip(prompts, r["replies"])]
+    replies = [
+        Reply(p, x["text"], x["tokens"], x["prompt_tokens"], x["finish_reason"], x["ttft"] or 0.0)
+        for p, x in zip(prompts, r["replies"])
+    ]
     return BatchResult(replies, r["seconds"], r["stopped"], [x.get("peak_memory", 0) for x in out])
 
 
@@ -158,7 +173,10 @@ class _Live:
             self.handle = display(self._table(), display_id=True)
 
     def _table(self) -> Table:
-        rows = [[i, _short(p), _one_line(t) + ("" if d else " …")] for i, (p, t, d) in enumerate(zip(self.prompts, self.texts, self.done))]
+        rows = [
+            [i, _short(p), _one_line(t) + ("" if d else " …")]
+            for i, (p, t, d) in enumerate(zip(self.prompts, self.texts, self.done))
+        ]
         return Table(["#", "prompt", "reply"], rows)
 
     def add(self, i: int, text: str, finish: Optional[str]) -> None:

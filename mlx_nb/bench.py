@@ -24,8 +24,20 @@ import mlx.core as mx
 from .display import Progress, Table, human_bytes
 from .rank.bench import OPS, BenchRow, bus_factor, make_row, percentile, slowest, sweep, sweep_on_rank, time_iters
 
-__all__ = ["BenchError", "BenchResult", "BenchRow", "OPS", "Reference", "bus_factor", "make_row", "percentile", "run_bench",
-           "slowest", "sweep", "time_iters"]
+__all__ = [
+    "BenchError",
+    "BenchResult",
+    "BenchRow",
+    "OPS",
+    "Reference",
+    "bus_factor",
+    "make_row",
+    "percentile",
+    "run_bench",
+    "slowest",
+    "sweep",
+    "time_iters",
+]
 
 if TYPE_CHECKING:
     from .cluster import Cluster
@@ -39,8 +51,18 @@ LINKS = {
     "10gbe": ("10 GbE", 10.0),
     "100gbe": ("100 GbE", 100.0),
 }
-_UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "M": 1 << 20, "MB": 1 << 20, "G": 1 << 30, "GB": 1 << 30,
-          "T": 1 << 40, "TB": 1 << 40}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "K": 1 << 10,
+    "KB": 1 << 10,
+    "M": 1 << 20,
+    "MB": 1 << 20,
+    "G": 1 << 30,
+    "GB": 1 << 30,
+    "T": 1 << 40,
+    "TB": 1 << 40,
+}
 
 
 class BenchError(RuntimeError):
@@ -176,8 +198,7 @@ def as_reference(spec: Union[None, str, float, Reference]) -> Optional[Reference
             m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(gb/s|gbps|gbit/s)?", key)
             if not m:
                 raise ValueError(
-                    f"--reference {spec!r}: give a link speed in Gb/s (80), one of "
-                    f"{', '.join(LINKS)}, or memcpy"
+                    f"--reference {spec!r}: give a link speed in Gb/s (80), one of {', '.join(LINKS)}, or memcpy"
                 )
             gbps, label = float(m.group(1)), f"{float(m.group(1)):g} Gb/s link"
     return Reference(label, gbps * 1e9 / 8)
@@ -199,8 +220,16 @@ class BenchResult:
 
     def table(self) -> Table:
         out = [
-            [r.op, r.dtype, human_bytes(r.size), _seconds(r.median), _seconds(r.p90),
-             f"{r.algbw / 1e9:.3f}", f"{r.busbw / 1e9:.3f}", "ok" if r.correct else f"WRONG on {list(r.wrong_ranks)}"]
+            [
+                r.op,
+                r.dtype,
+                human_bytes(r.size),
+                _seconds(r.median),
+                _seconds(r.p90),
+                f"{r.algbw / 1e9:.3f}",
+                f"{r.busbw / 1e9:.3f}",
+                "ok" if r.correct else f"WRONG on {list(r.wrong_ranks)}",
+            ]
             for r in self.rows
         ]
         title = f"{self.ranks} ranks, {self.backend} backend, slowest rank per iteration"
@@ -240,16 +269,24 @@ class BenchResult:
         """Log-log latency and bandwidth against size (a matplotlib Figure); saved to ``path`` if given."""
         from .plots import plot_bench
 
-        fig = plot_bench(self.rows, reference=self.reference, title=title or self.table().title,
-                         crossovers={op: self.crossover(op) for op in {r.op for r in self.rows}})
+        fig = plot_bench(
+            self.rows,
+            reference=self.reference,
+            title=title or self.table().title,
+            crossovers={op: self.crossover(op) for op in {r.op for r in self.rows}},
+        )
         if path:
             fig.savefig(path, dpi=120, bbox_inches="tight")
         return fig
 
     def to_json(self) -> dict:
-        return {"ranks": self.ranks, "backend": self.backend, "wall": self.wall,
-                "reference": asdict(self.reference) if self.reference else None,
-                "rows": [asdict(r) for r in self.rows]}
+        return {
+            "ranks": self.ranks,
+            "backend": self.backend,
+            "wall": self.wall,
+            "reference": asdict(self.reference) if self.reference else None,
+            "rows": [asdict(r) for r in self.rows],
+        }
 
     def __repr__(self) -> str:
         return repr(self.table())
@@ -258,11 +295,19 @@ class BenchResult:
         return self.table()._repr_html_()
 
 
-def run_bench(cluster: Cluster, sizes: Union[str, Sequence[int]] = DEFAULT_SIZES,
-              ops: Union[str, Sequence[str]] = OPS, dtypes: Union[str, Sequence[str]] = ("float32",),
-              warmup: int = 5, iters: int = 20, *, factor: int = DEFAULT_FACTOR,
-              reference: Union[None, str, float, Reference] = None, progress: bool = True,
-              timeout: Optional[float] = None) -> BenchResult:
+def run_bench(
+    cluster: Cluster,
+    sizes: Union[str, Sequence[int]] = DEFAULT_SIZES,
+    ops: Union[str, Sequence[str]] = OPS,
+    dtypes: Union[str, Sequence[str]] = ("float32",),
+    warmup: int = 5,
+    iters: int = 20,
+    *,
+    factor: int = DEFAULT_FACTOR,
+    reference: Union[None, str, float, Reference] = None,
+    progress: bool = True,
+    timeout: Optional[float] = None,
+) -> BenchResult:
     """Run :func:`sweep` on every rank of ``cluster``; raise BenchError if any result was wrong.
 
     Example::
@@ -281,16 +326,28 @@ def run_bench(cluster: Cluster, sizes: Union[str, Sequence[int]] = DEFAULT_SIZES
     bar = Progress("sweep", progress)
     t0 = time.perf_counter()
     try:
-        rows = cluster.call(sweep_on_rank, sizes, ops, dtypes, warmup, iters, cluster.backend, timeout=timeout,
-                            on_report=lambda rank, r: bar.update(r["done"], r["total"], r["what"]))[0]
+        rows = cluster.call(
+            sweep_on_rank,
+            sizes,
+            ops,
+            dtypes,
+            warmup,
+            iters,
+            cluster.backend,
+            timeout=timeout,
+            on_report=lambda rank, r: bar.update(r["done"], r["total"], r["what"]),
+        )[0]
     finally:
         bar.close()
     result = BenchResult(rows, cluster.n, cluster.backend, ref, time.perf_counter() - t0)
     wrong = [r for r in rows if not r.correct]
     if wrong:
-        raise BenchError("wrong results:\n" + "\n".join(
-            f"  {r.op} of {human_bytes(r.size)} {r.dtype}: wrong on rank(s) {list(r.wrong_ranks)}"
-            for r in wrong))
+        raise BenchError(
+            "wrong results:\n"
+            + "\n".join(
+                f"  {r.op} of {human_bytes(r.size)} {r.dtype}: wrong on rank(s) {list(r.wrong_ranks)}" for r in wrong
+            )
+        )
     return result
 
 
@@ -305,14 +362,25 @@ def bench_parser(prog: str = "mlx-nb bench") -> argparse.ArgumentParser:
 
 
 SWEEP_ARGUMENTS = [
-    (("--sizes",), dict(default=DEFAULT_SIZES, help="message sizes: a range like 1KB-256MB or a list like "
-                        f"4KB,1MB (default {DEFAULT_SIZES})")),
-    (("--factor",), dict(type=int, default=DEFAULT_FACTOR, help=f"step between the sizes of a range (default {DEFAULT_FACTOR})")),
+    (
+        ("--sizes",),
+        dict(
+            default=DEFAULT_SIZES,
+            help=f"message sizes: a range like 1KB-256MB or a list like 4KB,1MB (default {DEFAULT_SIZES})",
+        ),
+    ),
+    (
+        ("--factor",),
+        dict(type=int, default=DEFAULT_FACTOR, help=f"step between the sizes of a range (default {DEFAULT_FACTOR})"),
+    ),
     (("--ops",), dict(default=",".join(OPS), help=f"collectives to time (default {','.join(OPS)})")),
     (("--dtypes",), dict(default="float32", help="MLX dtypes, e.g. float32,bfloat16 (default float32)")),
     (("--warmup",), dict(type=int, default=5, help="untimed iterations per case (default 5)")),
     (("--iters",), dict(type=int, default=20, help="timed iterations per case (default 20)")),
-    (("--reference",), dict(default=None, help="a reference line: a link speed in Gb/s (80), tb5, tb4, 10gbe, 100gbe, or memcpy")),
+    (
+        ("--reference",),
+        dict(default=None, help="a reference line: a link speed in Gb/s (80), tb5, tb4, 10gbe, 100gbe, or memcpy"),
+    ),
 ]
 
 
@@ -333,9 +401,14 @@ def sweep_arguments(func):
 
 def sweep_options(args) -> dict:
     """run_bench keyword arguments from parsed options; ValueError with one line if they are bad."""
-    return dict(sizes=parse_sizes(args.sizes, args.factor), ops=parse_names(args.ops, OPS, "op"),
-                dtypes=check_dtypes(args.dtypes), warmup=args.warmup, iters=args.iters,
-                reference=as_reference(args.reference))
+    return dict(
+        sizes=parse_sizes(args.sizes, args.factor),
+        ops=parse_names(args.ops, OPS, "op"),
+        dtypes=check_dtypes(args.dtypes),
+        warmup=args.warmup,
+        iters=args.iters,
+        reference=as_reference(args.reference),
+    )
 
 
 def bench_main(argv: Optional[Sequence[str]] = None) -> int:

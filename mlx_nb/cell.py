@@ -189,10 +189,10 @@ class _Inbox:
         for name in ("stdout", "stderr"):
             text, k = getattr(task, name), (rank, name)
             if len(text) > self.seen[k]:
-                self.printer.feed(rank, name, text[self.seen[k]:])
+                self.printer.feed(rank, name, text[self.seen[k] :])
                 self.seen[k] = len(text)
         outputs, k = task.outputs, (rank, "outputs")
-        for content in outputs[self.seen[k]:]:
+        for content in outputs[self.seen[k] :]:
             if rank in self.printer.show:
                 if not self.printer.single:
                     write_stream("stdout", diagnose.label([rank]) + "\n")
@@ -219,8 +219,15 @@ class CellRun:
     ``restart(why)`` is the cluster's: new ranks and the setup replayed, as a ``Recovery``.
     """
 
-    def __init__(self, group: RankGroup, job: Job, cell_id: int, options: RunOptions,
-                 restart: Callable[[str], Recovery], on_message: Callable[[str], None] = print):
+    def __init__(
+        self,
+        group: RankGroup,
+        job: Job,
+        cell_id: int,
+        options: RunOptions,
+        restart: Callable[[str], Recovery],
+        on_message: Callable[[str], None] = print,
+    ):
         self.group, self.job, self.cell_id, self.options = group, job, cell_id, options
         self.restart, self.on_message = restart, on_message
         self.n = group.spec.n
@@ -281,8 +288,11 @@ class CellRun:
         from .display import human_bytes
 
         who = "" if self.printer.single else f"{diagnose.label([rank])} "
-        write_stream("stderr", f"{who}output cut: {human_bytes(cut)} more not shown (a rank sends at most "
-                         f"{human_bytes(self.options.output_limit)} of output per cell; write more to a file)\n")
+        write_stream(
+            "stderr",
+            f"{who}output cut: {human_bytes(cut)} more not shown (a rank sends at most "
+            f"{human_bytes(self.options.output_limit)} of output per cell; write more to a file)\n",
+        )
 
     def _tick(self) -> float:
         due = self.printer.due_in()

@@ -98,8 +98,19 @@ class Cluster:
         if idle_s is not None and not keep:
             raise ValueError("idle= is for kept clusters (keep=True): an owned cluster ends with its kernel")
         self.spec = ClusterSpec.build(
-            n, backend, hostfile=hostfile, hosts=hosts, python=python, ssh_cmd=ssh_cmd, env=env, ports=ports,
-            start_timeout=start_timeout, init_timeout=init_timeout, grace=grace, spares=spares, preflight=preflight,
+            n,
+            backend,
+            hostfile=hostfile,
+            hosts=hosts,
+            python=python,
+            ssh_cmd=ssh_cmd,
+            env=env,
+            ports=ports,
+            start_timeout=start_timeout,
+            init_timeout=init_timeout,
+            grace=grace,
+            spares=spares,
+            preflight=preflight,
             drain=drain,
         )
         self._init(RankGroup(self.spec, name=name, keep=keep, idle=idle_s))
@@ -259,8 +270,13 @@ class Cluster:
         except (ClusterError, ipp.error.TimeoutError) as e:
             return Recovery(error=str(e), ranks=self.n, why=why, killed=self.group.killed)
         return Recovery(
-            restarted=True, seconds=time.perf_counter() - t0, replay=replay,
-            setup=[c.code for c in self.setup_cells], ranks=self.n, why=why, killed=self.group.killed,
+            restarted=True,
+            seconds=time.perf_counter() - t0,
+            replay=replay,
+            setup=[c.code for c in self.setup_cells],
+            ranks=self.n,
+            why=why,
+            killed=self.group.killed,
         )
 
     def check(self) -> list[Finding]:
@@ -328,8 +344,9 @@ class Cluster:
         show = [] if quiet else parse_ranks(ranks, self.n)
         if push:
             self.push(push)
-        options = RunOptions(show=show, timeout=timeout, pull=pull, pull_from=show or [0], profile=profile,
-                             on_report=on_report)
+        options = RunOptions(
+            show=show, timeout=timeout, pull=pull, pull_from=show or [0], profile=profile, on_report=on_report
+        )
         cell = self._run_job(Job(code=code), options)
         if setup and register:
             self.setup_cells.append(SetupCell(code, dict(push or {})))
@@ -367,8 +384,13 @@ class Cluster:
         check_timeout(timeout, "timeout")
         targets = parse_ranks(ranks, self.n)
         job = Job(fn=fn, args=args, kwargs=dict(kwargs or {}))
-        options = RunOptions(show=list(show), targets=None if len(targets) == self.n else targets,
-                             timeout=timeout, on_report=on_report, profile=profile)
+        options = RunOptions(
+            show=list(show),
+            targets=None if len(targets) == self.n else targets,
+            timeout=timeout,
+            on_report=on_report,
+            profile=profile,
+        )
         values = self._run_job(job, options, what or f"{job.title[:-5]}()").returned
         if setup is not None:
             self.setup_cells[:] = [c for c in self.setup_cells if c.key != setup]
@@ -454,9 +476,7 @@ def _cannot_travel(values: dict, error: Exception) -> Exception:
         try:
             cloudpickle.dumps(value)
         except Exception as e:
-            return ValueError(
-                f"{name} ({type(value).__name__}) cannot be sent to the ranks: {type(e).__name__}: {e}"
-            )
+            return ValueError(f"{name} ({type(value).__name__}) cannot be sent to the ranks: {type(e).__name__}: {e}")
     return error
 
 

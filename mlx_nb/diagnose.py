@@ -69,7 +69,9 @@ def root_cause(outcomes: Sequence[Outcome]) -> Optional[int]:
     if lost:
         return lost[0]
     errors = [(o.error.time, o.rank) for o in outcomes if o.error and not (o.error.interrupted or o.error.cancelled)]
-    causes = [(o.error.time, o.rank) for o in outcomes if o.error and not o.error.interrupted and not o.error.consequence]
+    causes = [
+        (o.error.time, o.rank) for o in outcomes if o.error and not o.error.interrupted and not o.error.consequence
+    ]
     if causes:
         return min(causes)[1]
     # stopped by an interrupt or --timeout while others waited in a collective: it held them up
@@ -156,10 +158,13 @@ def cell_report(
     errors = [o.error for o in outcomes]
     if failure is None and all(errors) and all(same_error(e, errors[0]) for e in errors):
         e = errors[0]
-        return "\n".join([
-            f"{label([o.rank for o in outcomes])} all raised {e.type}: {e.message}", e.traceback.rstrip(),
-            "Every rank failed the same way; no restart was needed: the ranks and their state are kept.",
-        ]), outcomes[0].rank
+        return "\n".join(
+            [
+                f"{label([o.rank for o in outcomes])} all raised {e.type}: {e.message}",
+                e.traceback.rstrip(),
+                "Every rank failed the same way; no restart was needed: the ranks and their state are kept.",
+            ]
+        ), outcomes[0].rank
     root = root_cause(outcomes)
     lines = [f"%%mlx_dist: {failure}."] if failure and failure != RANK_FAILED else []
     covered = [] if root is None else _root_lines(outcomes, root)[1]
@@ -184,8 +189,7 @@ def _recovery_lines(recovery: Optional[Recovery]) -> list[str]:
         lines.append("A rank had to be killed (SIGKILL): on JACCL, RDMA may not work again until those Macs restart.")
     if recovery.error:
         return lines + [
-            f"Restarting the cluster failed: {recovery.error}\n"
-            "The next cell tries again (or %mlx_cluster restart now)."
+            f"Restarting the cluster failed: {recovery.error}\nThe next cell tries again (or %mlx_cluster restart now)."
         ]
     lines += [
         f"The group could not go on, so all {recovery.ranks} ranks were restarted ({recovery.seconds:.1f} s); "
@@ -263,7 +267,11 @@ def init_failed(rank: int, error: RankError, address: str, ports_given: bool) ->
     text = f"mx.distributed.init failed on rank {rank}: {error.type}: {error.message}"
     if error.port_in_use:
         ip, _, port = address.split(",")[0].rpartition(":")
-        fix = "pass other ports= or free it" if ports_given else "it was free a moment before; start again to pick new ports"
+        fix = (
+            "pass other ports= or free it"
+            if ports_given
+            else "it was free a moment before; start again to pick new ports"
+        )
         text += f"\nport {port} on {ip}, rank {rank}'s address in the ring, is in use by another process: {fix}."
     return text
 

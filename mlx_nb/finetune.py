@@ -55,7 +55,9 @@ def loss_figure(history: list[dict], iters: int, title: str = "LoRA fine-tuning"
     speed.set_ylim(bottom=0)
     if history:
         last = history[-1]
-        title += f" | step {last['iteration']}/{iters}, loss {last['train_loss']:.3f}, {last['tokens_per_second']:.0f} tok/s"
+        title += (
+            f" | step {last['iteration']}/{iters}, loss {last['train_loss']:.3f}, {last['tokens_per_second']:.0f} tok/s"
+        )
     ax.set_title(title, fontsize="small")
     fig.tight_layout()
     return fig
@@ -108,7 +110,9 @@ class FinetuneRun:
         plt.close(fig)
         if row.get("saved"):
             self.saved = f"; checkpoint of step {row['iteration']} saved"
-        self.label.value = f"training on {self.cluster.n} ranks: step {row['iteration']}/{self.config.iters}{self.saved}"
+        self.label.value = (
+            f"training on {self.cluster.n} ranks: step {row['iteration']}/{self.config.iters}{self.saved}"
+        )
 
     def _run(self) -> None:
         from .models import BUNDLED_NAMES, prepare_bundled
@@ -116,18 +120,34 @@ class FinetuneRun:
         try:
             if self.config.model is None or self.config.model.lower() in BUNDLED_NAMES:
                 prepare_bundled(self.cluster.ranks)  # converted once here, not by every rank at once
-            self.per_rank = self.cluster.call(train_on_rank, asdict(self.config), on_report=self._on_report, what="fine-tuning")
+            self.per_rank = self.cluster.call(
+                train_on_rank, asdict(self.config), on_report=self._on_report, what="fine-tuning"
+            )
             r = self.per_rank[0]
-            self.result = FinetuneResult(r["history"], r["adapter_path"], r["stopped_at"], r["seconds"], r["ranks"],
-                                         r["global_batch"], r["resumed_from"], r["saved"])
+            self.result = FinetuneResult(
+                r["history"],
+                r["adapter_path"],
+                r["stopped_at"],
+                r["seconds"],
+                r["ranks"],
+                r["global_batch"],
+                r["resumed_from"],
+                r["saved"],
+            )
             how = f"stopped at step {r['stopped_at']}" if r["stopped_at"] else "done"
             steps = len(r["history"]) - (r["resumed_from"] or 0)
             self.label.value = f"{how}: {steps} steps in {r['seconds']:.1f} s; adapters in {r['adapter_path']}"
         except BaseException as e:
             self.error = e
             record = checkpoint.latest(self.config.adapter_path) if self.config.adapter_path else None
-            kept = (f"; the checkpoint of step {record['step']} is kept: finetune(cluster, "
-                    f"resume={self.config.adapter_path!r}) continues from it") if record else ""
+            kept = (
+                (
+                    f"; the checkpoint of step {record['step']} is kept: finetune(cluster, "
+                    f"resume={self.config.adapter_path!r}) continues from it"
+                )
+                if record
+                else ""
+            )
             self.label.value = f"<span style='color:#b00'>training failed: {e}{kept}</span>"
         finally:
             self.stop_button.disabled = True

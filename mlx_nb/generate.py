@@ -90,8 +90,12 @@ def load_model(
     loads = cluster.call(load_on_rank, target, pipeline, setup="load_model", what="a model load")
     if progress:
         print(f" done in {time.perf_counter() - t0:.1f} s")
-    return {"seconds": loads[0]["seconds"], "peak_memory": [r["peak_memory"] for r in loads],
-            "active_memory": [r["active_memory"] for r in loads], "model": path}
+    return {
+        "seconds": loads[0]["seconds"],
+        "peak_memory": [r["peak_memory"] for r in loads],
+        "active_memory": [r["active_memory"] for r in loads],
+        "model": path,
+    }
 
 
 def _trained_on(adapter_path: str) -> Optional[str]:
@@ -118,8 +122,10 @@ def _base_path(cluster, model: Optional[str], progress: bool) -> str:
 
     path = prepare_bundled(cluster.ranks, progress=converting if progress else None)
     if progress and "F32" in path.name:
-        print("the ranks load the bundled model's dense float32 copy: on a CPU with OpenBLAS it "
-              "runs faster than the 4-bit one (MLX's quantized CPU kernels use no BLAS)")
+        print(
+            "the ranks load the bundled model's dense float32 copy: on a CPU with OpenBLAS it "
+            "runs faster than the 4-bit one (MLX's quantized CPU kernels use no BLAS)"
+        )
     return str(path)
 
 
@@ -157,6 +163,15 @@ def generate(
         print()
     r = replies[0]
     return GenerationStats(
-        r["text"], r["prompt_tokens"], r["prompt_tps"], r["generation_tokens"], r["generation_tps"], r["ttft"],
-        [x["peak_memory"] for x in replies], r["finish_reason"], r["stopped"], r["tokens"], delays,
+        r["text"],
+        r["prompt_tokens"],
+        r["prompt_tps"],
+        r["generation_tokens"],
+        r["generation_tps"],
+        r["ttft"],
+        [x["peak_memory"] for x in replies],
+        r["finish_reason"],
+        r["stopped"],
+        r["tokens"],
+        delays,
     )

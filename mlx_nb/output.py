@@ -44,8 +44,13 @@ def visible(line: str) -> str:
 class Printer:
     """Feeds of rank text in, notebook stream writes out (see the module docstring)."""
 
-    def __init__(self, show: list[int], write: Callable[[str, str], None] = write_stream, window: float = MERGE_WINDOW,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        show: list[int],
+        write: Callable[[str, str], None] = write_stream,
+        window: float = MERGE_WINDOW,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.show, self.single, self.write, self.window, self.clock = list(show), len(show) == 1, write, window, clock
         self.partial = {(r, s): "" for r in show for s in STREAMS}
         self.noise: dict[tuple, Optional[bool]] = {k: None for k in self.partial}  # current line's verdict

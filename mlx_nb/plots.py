@@ -32,8 +32,9 @@ def _size_ticks(ax, sizes: Sequence[int]) -> None:
     ax.set_xlabel("message size")
 
 
-def plot_bench(rows: Sequence, reference=None, title: str = "",
-               crossovers: Optional[Mapping[str, Optional[tuple]]] = None):
+def plot_bench(
+    rows: Sequence, reference=None, title: str = "", crossovers: Optional[Mapping[str, Optional[tuple]]] = None
+):
     """Latency (median, p90 shaded) and bus bandwidth against size, both log-log.
 
     ``reference`` (a bench.Reference) adds its bandwidth as a line on the right
@@ -72,8 +73,14 @@ def plot_bench(rows: Sequence, reference=None, title: str = "",
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize="small")
     if crossovers:
-        lat.annotate("dotted: latency | bandwidth crossover", (0.02, 0.97), xycoords="axes fraction",
-                     va="top", fontsize="x-small", color="gray")
+        lat.annotate(
+            "dotted: latency | bandwidth crossover",
+            (0.02, 0.97),
+            xycoords="axes fraction",
+            va="top",
+            fontsize="x-small",
+            color="gray",
+        )
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -97,7 +104,7 @@ def plot_memory(per_rank: Mapping[str, Sequence[int]], title: str = "weight memo
         ax.bar_label(bars, [human_bytes(c) for c in counts], fontsize="x-small", padding=2)
     top = max(max(v) for v in per_rank.values())
     power = max(0, min(4, int(math.log(max(top, 1), 1024))))
-    unit, name = 1024 ** power, ("B", "KB", "MB", "GB", "TB")[power]
+    unit, name = 1024**power, ("B", "KB", "MB", "GB", "TB")[power]
     step = next(s for s in (0.1, 0.2, 0.25, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000) if top / unit / s <= 6)
     ax.yaxis.set_major_locator(MultipleLocator(unit * step))
     ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y / unit:g} {name}"))

@@ -160,9 +160,7 @@ def parse_interfaces(text: str) -> dict[str, Interface]:
     out: dict[str, Interface] = {}
     cur: Optional[Interface] = None
     for line in text.splitlines():
-        head = re.match(
-            r"^(?:\d+:\s+)?([^\s:]+?)(?:@\S+)?:?\s+(?:flags=\S*<([^>]*)>|<([^>]*)>|Link encap)", line
-        )
+        head = re.match(r"^(?:\d+:\s+)?([^\s:]+?)(?:@\S+)?:?\s+(?:flags=\S*<([^>]*)>|<([^>]*)>|Link encap)", line)
         if head and not line[0].isspace():
             cur = out.setdefault(head.group(1), Interface())
             flags = (head.group(2) or head.group(3) or "").split(",")
@@ -182,9 +180,7 @@ def parse_interfaces(text: str) -> dict[str, Interface]:
 
 def parse_sw_vers(text: str) -> dict[str, str]:
     """``sw_vers`` fields: ProductName, ProductVersion, BuildVersion."""
-    return {
-        k.strip(): v.strip() for k, _, v in (l.partition(":") for l in text.splitlines()) if v.strip()
-    }
+    return {k.strip(): v.strip() for k, _, v in (l.partition(":") for l in text.splitlines()) if v.strip()}
 
 
 def parse_versions(text: str) -> dict[str, str]:
@@ -355,8 +351,11 @@ def _gpu(
         return None
     if not gpus:
         sec = s.get("gpus")
-        why = "nvidia-smi is not installed" if sec is None or sec.rc == NOT_FOUND else (
-            f"nvidia-smi failed: {sec.output.strip().splitlines()[-1] if sec.output.strip() else sec.rc}")
+        why = (
+            "nvidia-smi is not installed"
+            if sec is None or sec.rc == NOT_FOUND
+            else (f"nvidia-smi failed: {sec.output.strip().splitlines()[-1] if sec.output.strip() else sec.rc}")
+        )
         return "warn", f"the engines' mlx has the CUDA backend ({cuda}) but {why}: the ranks may find no GPU"
     kinds = ", ".join(dict.fromkeys(g.name for g in gpus))
     if not cuda:
@@ -413,7 +412,10 @@ def _blas(s: dict[str, Section], n_ranks: int) -> tuple[str, str]:
 
 
 def check_host(
-    hostfile: Hostfile, ssh_hostname: str, gathered: str, backend: Optional[str] = None,
+    hostfile: Hostfile,
+    ssh_hostname: str,
+    gathered: str,
+    backend: Optional[str] = None,
     rank_env: Optional[dict[int, dict[str, str]]] = None,
 ) -> list[Finding]:
     """Findings for the host ``ssh_hostname`` of ``hostfile`` from its ``gather_command`` output.
@@ -432,9 +434,7 @@ def check_host(
     if not ranks:
         raise ValueError(f"{ssh_hostname!r} is not an ssh host of this hostfile")
     label = ("ranks " if len(ranks) > 1 else "rank ") + ", ".join(str(h.rank) for h in ranks)
-    wanted = sorted(
-        {d for h in ranks for j, x in enumerate(h.rdma) if j != h.rank for d in rdma_devices(x)}
-    )
+    wanted = sorted({d for h in ranks for j, x in enumerate(h.rdma) if j != h.rank for d in rdma_devices(x)})
     # "ips" may hold hostnames (MLX's ring resolves them); only addresses can be looked for
     ips = sorted({ip for h in ranks for ip in h.ips if _is_address(ip)})
     checks = {"macos": _macos(s, backend)}
@@ -465,9 +465,7 @@ def check_cluster(
     versions: dict[str, dict[str, str]] = {}
     for host in dict.fromkeys(h.ssh_hostname for h in hostfile.hosts):
         if host not in outputs:
-            found.append(
-                Finding(host, "gather", "skip", "cannot check this host: no output was gathered from it")
-            )
+            found.append(Finding(host, "gather", "skip", "cannot check this host: no output was gathered from it"))
             continue
         found += check_host(hostfile, host, outputs[host], backend, rank_env)
         s = parse_gathered(outputs[host]).get("versions")
@@ -498,7 +496,7 @@ def warnings(hostfile: Hostfile) -> list[str]:
     names = {e.split("=", 1)[0]: e for e in hostfile.envs}
     if "MLX_METAL_FAST_SYNCH" in names:
         notes.append(
-            f'the hostfile\'s "envs" sets {names["MLX_METAL_FAST_SYNCH"]}: MLX\'s docs now '
+            f"the hostfile's \"envs\" sets {names['MLX_METAL_FAST_SYNCH']}: MLX's docs now "
             "advise leaving MLX_METAL_FAST_SYNCH unset; remove it unless you measured that it helps"
         )
     managed = sorted(n for n in names if n in LAUNCH_VARS)

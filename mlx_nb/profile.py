@@ -33,18 +33,34 @@ class CellProfile:
         rows = []
         for o in outcomes:
             t = o.timeline
-            rows.append(RankProfile(
-                o.rank, o.wall, o.eval_time, t.collective_time if t else 0.0, o.calls,
-                o.active_memory, o.peak_memory, t.start if t else 0.0, [tuple(e) for e in t.evals] if t else [],
-            ))
+            rows.append(
+                RankProfile(
+                    o.rank,
+                    o.wall,
+                    o.eval_time,
+                    t.collective_time if t else 0.0,
+                    o.calls,
+                    o.active_memory,
+                    o.peak_memory,
+                    t.start if t else 0.0,
+                    [tuple(e) for e in t.evals] if t else [],
+                )
+            )
         return cls(rows)
 
     def table(self) -> Table:
         return Table(
             ["rank", "wall (ms)", "in mx.eval (ms)", "in collectives (ms)", "collectives", "memory", "peak"],
             [
-                [p.rank, f"{p.wall * 1e3:.1f}", f"{p.eval_time * 1e3:.1f}", f"{p.collective_time * 1e3:.1f}",
-                 p.collectives, human_bytes(p.active_memory), human_bytes(p.peak_memory)]
+                [
+                    p.rank,
+                    f"{p.wall * 1e3:.1f}",
+                    f"{p.eval_time * 1e3:.1f}",
+                    f"{p.collective_time * 1e3:.1f}",
+                    p.collectives,
+                    human_bytes(p.active_memory),
+                    human_bytes(p.peak_memory),
+                ]
                 for p in self.ranks
             ],
         )
@@ -57,7 +73,12 @@ class CellProfile:
         t0 = min(p.start for p in self.ranks)
         for p in self.ranks:
             y = p.rank
-            tl.broken_barh([((p.start - t0) * 1e3, p.wall * 1e3)], (y - 0.35, 0.7), color="#d9e4f5", label="cell" if y == 0 else None)
+            tl.broken_barh(
+                [((p.start - t0) * 1e3, p.wall * 1e3)],
+                (y - 0.35, 0.7),
+                color="#d9e4f5",
+                label="cell" if y == 0 else None,
+            )
             compute = [((s - t0) * 1e3, (e - s) * 1e3) for s, e, c in p.evals if not c]
             comm = [((s - t0) * 1e3, (e - s) * 1e3) for s, e, c in p.evals if c]
             tl.broken_barh(compute, (y - 0.25, 0.5), color="#4c72b0", label="mx.eval" if y == 0 else None)

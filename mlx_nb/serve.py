@@ -74,12 +74,16 @@ class ServeStatus:
         def s(x: Optional[float]) -> str:
             return "-" if x is None else f"{x:.2f} s"
 
-        rows = [["state", self.state], ["requests running / queued", f"{self.running} / {self.queued}"],
-                ["completed / cancelled / failed", f"{self.completed} / {self.cancelled} / {self.failed}"],
-                [f"tokens/s (last {WINDOW:g} s)", f"{self.tokens_per_second:.1f}"],
-                ["first token: median / last", f"{s(self.ttft_median)} / {s(self.ttft_last)}"],
-                ["batch now / largest", f"{self.batch} / {self.batch_max}"],
-                ["tokens generated", self.generated], ["up", f"{self.uptime:.0f} s"]]
+        rows = [
+            ["state", self.state],
+            ["requests running / queued", f"{self.running} / {self.queued}"],
+            ["completed / cancelled / failed", f"{self.completed} / {self.cancelled} / {self.failed}"],
+            [f"tokens/s (last {WINDOW:g} s)", f"{self.tokens_per_second:.1f}"],
+            ["first token: median / last", f"{s(self.ttft_median)} / {s(self.ttft_last)}"],
+            ["batch now / largest", f"{self.batch} / {self.batch_max}"],
+            ["tokens generated", self.generated],
+            ["up", f"{self.uptime:.0f} s"],
+        ]
         return Table(["measure", "value"], rows, f"{self.model} at {self.url}")
 
     def __repr__(self) -> str:
@@ -104,12 +108,24 @@ class _Pending:
 class Server:
     """An OpenAI-compatible API for the model loaded on ``cluster`` (``load_model``); see :func:`serve`."""
 
-    def __init__(self, cluster, host: str = "127.0.0.1", port: int = 8000, api_key: Optional[str] = None, *,
-                 model_name: Optional[str] = None, max_batch: int = 32, prefill_step: int = 512,
-                 max_body: int = MAX_BODY, default_max_tokens: int = 512) -> None:
+    def __init__(
+        self,
+        cluster,
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        api_key: Optional[str] = None,
+        *,
+        model_name: Optional[str] = None,
+        max_batch: int = 32,
+        prefill_step: int = 512,
+        max_body: int = MAX_BODY,
+        default_max_tokens: int = 512,
+    ) -> None:
         if api_key is None and not _loopback(host):
-            raise ValueError(f"--host {host} is reachable from other machines: give an --api-key too "
-                             "(clients send it as 'Authorization: Bearer KEY')")
+            raise ValueError(
+                f"--host {host} is reachable from other machines: give an --api-key too "
+                "(clients send it as 'Authorization: Bearer KEY')"
+            )
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self.cluster, self.host, self.port, self.api_key = cluster, host, port, api_key
@@ -149,8 +165,10 @@ class Server:
         try:
             self._httpd = HTTPServer((self.host, self.port), self)
         except OSError as e:
-            raise ServeError(f"cannot listen on {self.host}:{self.port}: {e.strerror or e}; "
-                             "choose another --port (0 takes any free one)") from None
+            raise ServeError(
+                f"cannot listen on {self.host}:{self.port}: {e.strerror or e}; "
+                "choose another --port (0 takes any free one)"
+            ) from None
         self.port = self._httpd.server_address[1]
         self._started = time.monotonic()
         threading.Thread(target=self._job, name="mlx_nb-serve-ranks", daemon=True).start()
@@ -162,8 +180,9 @@ class Server:
             self._httpd.server_close()
             self._httpd = None
             raise ServeError(f"the ranks could not serve:\n{self.error}")
-        self._http = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.2},
-                                      name="mlx_nb-serve-http", daemon=True)
+        self._http = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.2}, name="mlx_nb-serve-http", daemon=True
+        )
         self._http.start()
         return self
 
@@ -201,8 +220,9 @@ class Server:
 
     def _job(self) -> None:
         try:
-            self.cluster.call(serve_on_rank, self.id, self.max_batch, self.prefill_step, on_report=self._on_report,
-                              what=SERVING)
+            self.cluster.call(
+                serve_on_rank, self.id, self.max_batch, self.prefill_step, on_report=self._on_report, what=SERVING
+            )
         except BaseException as e:  # a thread has no cell to raise into: kept, shown by status()
             self.error = e
         finally:
@@ -224,15 +244,28 @@ class Server:
         """Hand ``request`` to the ranks; it joins the batch at their next step."""
         if self._ended.is_set() or self._stopping:
             why = "it is stopping" if self._stopping else f"the ranks stopped serving ({self.error})"
-            raise ApiError(503, f"This server cannot take requests: {why}. Start it again (%mlx_serve).",
-                           kind="server_error")
+            raise ApiError(
+                503, f"This server cannot take requests: {why}. Start it again (%mlx_serve).", kind="server_error"
+            )
         p = _Pending(next(self._ids), request)
         with self._lock:
             self._pending[p.id] = p
         seed = request.seed % (1 << 63) if request.seed is not None else random.getrandbits(63)
-        self.cluster.send({"serve": self.id, "add": [{
-            "id": p.id, "prompt": request.prompt, "max_tokens": request.max_tokens,
-            "temperature": request.temperature, "top_p": request.top_p, "seed": seed}]})
+        self.cluster.send(
+            {
+                "serve": self.id,
+                "add": [
+                    {
+                        "id": p.id,
+                        "prompt": request.prompt,
+                        "max_tokens": request.max_tokens,
+                        "temperature": request.temperature,
+                        "top_p": request.top_p,
+                        "seed": seed,
+                    }
+                ],
+            }
+        )
         return p
 
     def events(self, p: _Pending, gone: Callable[[], bool]) -> Iterator[tuple[str, Optional[str]]]:
@@ -319,12 +352,20 @@ class Server:
             state = "stopped"
         ttfts = list(self._ttfts)
         return ServeStatus(
-            self.url, self.model.id if self.model else "-", state,
-            running=sum(p.first is not None for p in pending), queued=sum(p.first is None for p in pending),
-            completed=counts["completed"], cancelled=counts["cancelled"], failed=counts["failed"],
+            self.url,
+            self.model.id if self.model else "-",
+            state,
+            running=sum(p.first is not None for p in pending),
+            queued=sum(p.first is None for p in pending),
+            completed=counts["completed"],
+            cancelled=counts["cancelled"],
+            failed=counts["failed"],
             tokens_per_second=recent / window if window > 0 else 0.0,
-            ttft_median=statistics.median(ttfts) if ttfts else None, ttft_last=ttfts[-1] if ttfts else None,
-            batch=self._batch if self.serving else 0, batch_max=self._batch_max, generated=counts["tokens"],
+            ttft_median=statistics.median(ttfts) if ttfts else None,
+            ttft_last=ttfts[-1] if ttfts else None,
+            batch=self._batch if self.serving else 0,
+            batch_max=self._batch_max,
+            generated=counts["tokens"],
             uptime=now - self._started if self._started else 0.0,
         )
 

@@ -120,10 +120,15 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _authorize(self) -> None:
         key = self.server.owner.api_key
-        if key is not None and not hmac.compare_digest(self.headers.get("Authorization", "").encode(),
-                                                       f"Bearer {key}".encode()):
-            raise ApiError(401, "Incorrect or missing API key: send the key given to serve() / %mlx_serve --api-key "
-                                "as 'Authorization: Bearer KEY'.", code="invalid_api_key")
+        if key is not None and not hmac.compare_digest(
+            self.headers.get("Authorization", "").encode(), f"Bearer {key}".encode()
+        ):
+            raise ApiError(
+                401,
+                "Incorrect or missing API key: send the key given to serve() / %mlx_serve --api-key "
+                "as 'Authorization: Bearer KEY'.",
+                code="invalid_api_key",
+            )
 
     def _get(self) -> None:
         model = self.server.owner.model
@@ -131,7 +136,7 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/v1/models":
             self._json(200, {"object": "list", "data": [model.card()]})
         elif path.startswith("/v1/models/"):
-            model.check(path[len("/v1/models/"):])
+            model.check(path[len("/v1/models/") :])
             self._json(200, model.card())
         elif path == "/health":
             self._json(200, {"status": "ok" if self.server.owner.serving else "stopped"})
@@ -159,8 +164,11 @@ class _Handler(BaseHTTPRequestHandler):
     def _unknown(self, other_method: tuple[str, ...]) -> None:
         path = self.path.split("?")[0].rstrip("/")
         status = 405 if path in other_method else 404
-        raise ApiError(status, f"No route for {self.command} {self.path}: this server answers GET /v1/models, "
-                               "POST /v1/chat/completions and POST /v1/completions.")
+        raise ApiError(
+            status,
+            f"No route for {self.command} {self.path}: this server answers GET /v1/models, "
+            "POST /v1/chat/completions and POST /v1/completions.",
+        )
 
     def _body(self) -> bytes:
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
@@ -172,8 +180,11 @@ class _Handler(BaseHTTPRequestHandler):
         limit = self.server.owner.max_body
         if length > limit:
             self._discard(length)
-            raise ApiError(413, f"The request body is {length} bytes, over this server's limit of {limit} "
-                                "(serve(..., max_body=N) raises it).")
+            raise ApiError(
+                413,
+                f"The request body is {length} bytes, over this server's limit of {limit} "
+                "(serve(..., max_body=N) raises it).",
+            )
         body = self.rfile.read(length)
         self.body_read = True
         return body

@@ -34,8 +34,22 @@ from .rank.sharding import METHODS, MLP, MLP_STRATEGY, STRATEGIES, build, check,
 if TYPE_CHECKING:
     from .cluster import Cluster
 
-__all__ = ["METHODS", "MLP", "MLP_STRATEGY", "STRATEGIES", "ScaleRow", "ShardReport", "build", "check",
-           "forward_scaling", "lab", "scaling_table", "shard", "sharding_lab", "unsharded_forward"]
+__all__ = [
+    "METHODS",
+    "MLP",
+    "MLP_STRATEGY",
+    "STRATEGIES",
+    "ScaleRow",
+    "ShardReport",
+    "build",
+    "check",
+    "forward_scaling",
+    "lab",
+    "scaling_table",
+    "shard",
+    "sharding_lab",
+    "unsharded_forward",
+]
 
 
 @dataclass
@@ -60,19 +74,24 @@ class ShardReport:
         return [sum(p[4] for p in self.params if p[0] == r) for r in range(self.ranks)]
 
     def table(self) -> Table:
-        rows = [[r, name, "x".join(map(str, shape)), dt, human_bytes(b)]
-                for r, name, shape, dt, b in self.params]
-        title = (f"{'Linear' if len(self.dims) == 2 else 'MLP'} {self.dims} over {self.ranks} ranks, "
-                 f"{self.method} ({self.strategy}): max error {self.max_error:.2e}, "
-                 f"forward {self.median * 1e3:.3f} ms median (p90 {self.p90 * 1e3:.3f} ms)")
+        rows = [[r, name, "x".join(map(str, shape)), dt, human_bytes(b)] for r, name, shape, dt, b in self.params]
+        title = (
+            f"{'Linear' if len(self.dims) == 2 else 'MLP'} {self.dims} over {self.ranks} ranks, "
+            f"{self.method} ({self.strategy}): max error {self.max_error:.2e}, "
+            f"forward {self.median * 1e3:.3f} ms median (p90 {self.p90 * 1e3:.3f} ms)"
+        )
         return Table(["rank", "parameter", "shape", "dtype", "bytes"], rows, title)
 
     def plot_memory(self):
         """Bars of weight bytes per rank, against the unsharded model on every rank."""
         from .plots import plot_memory
 
-        return plot_memory({"unsharded": [self.unsharded_bytes] * self.ranks,
-                            f"{self.method} ({self.strategy})": self.bytes_per_rank()})
+        return plot_memory(
+            {
+                "unsharded": [self.unsharded_bytes] * self.ranks,
+                f"{self.method} ({self.strategy})": self.bytes_per_rank(),
+            }
+        )
 
     def __repr__(self) -> str:
         return repr(self.table())
@@ -81,9 +100,18 @@ class ShardReport:
         return self.table()._repr_html_()
 
 
-def sharding_lab(cluster: Cluster, dims: Sequence[int] = (1024, 4096, 1024), method: str = "shard_linear",
-                 strategy: Optional[str] = None, *, batch: int = 8, warmup: int = 3, iters: int = 20,
-                 seed: int = 0, dtype: str = "float32") -> ShardReport:
+def sharding_lab(
+    cluster: Cluster,
+    dims: Sequence[int] = (1024, 4096, 1024),
+    method: str = "shard_linear",
+    strategy: Optional[str] = None,
+    *,
+    batch: int = 8,
+    warmup: int = 3,
+    iters: int = 20,
+    seed: int = 0,
+    dtype: str = "float32",
+) -> ShardReport:
     """Shard the model over every rank of ``cluster`` and report; see the module docstring.
 
     Example::
@@ -96,8 +124,17 @@ def sharding_lab(cluster: Cluster, dims: Sequence[int] = (1024, 4096, 1024), met
     params = [(o["rank"], *p) for o in out for p in o["params"]]
     unsharded = sum(p.nbytes for _, p in tree_flatten(build(dims, seed, dtype).parameters()))
     times = out[0]["times"]
-    return ShardReport(dims, method, strategy, cluster.n, params, out[0]["errors"],
-                       percentile(times, 50), percentile(times, 90), unsharded)
+    return ShardReport(
+        dims,
+        method,
+        strategy,
+        cluster.n,
+        params,
+        out[0]["errors"],
+        percentile(times, 50),
+        percentile(times, 90),
+        unsharded,
+    )
 
 
 @dataclass
@@ -109,8 +146,9 @@ class ScaleRow:
     bytes_per_rank: int
 
 
-def unsharded_forward(dims: Sequence[int], batch: int = 8, warmup: int = 3, iters: int = 20,
-                      seed: int = 0, dtype: str = "float32") -> list[float]:
+def unsharded_forward(
+    dims: Sequence[int], batch: int = 8, warmup: int = 3, iters: int = 20, seed: int = 0, dtype: str = "float32"
+) -> list[float]:
     """Seconds per forward of the unsharded model in this process: the one-rank point."""
     model = build(dims, seed, dtype)
     x = mx.random.normal((batch, dims[0])).astype(getattr(mx, dtype))
@@ -118,10 +156,18 @@ def unsharded_forward(dims: Sequence[int], batch: int = 8, warmup: int = 3, iter
     return time_iters(lambda: model(x), warmup, iters)[0]
 
 
-def forward_scaling(counts: Sequence[int] = (1, 2, 4), dims: Sequence[int] = (1024, 4096, 1024),
-                    method: str = "shard_linear", strategy: Optional[str] = None, *,
-                    cluster: Optional[Cluster] = None, batch: int = 8, warmup: int = 3,
-                    iters: int = 20, dtype: str = "float32") -> list[ScaleRow]:
+def forward_scaling(
+    counts: Sequence[int] = (1, 2, 4),
+    dims: Sequence[int] = (1024, 4096, 1024),
+    method: str = "shard_linear",
+    strategy: Optional[str] = None,
+    *,
+    cluster: Optional[Cluster] = None,
+    batch: int = 8,
+    warmup: int = 3,
+    iters: int = 20,
+    dtype: str = "float32",
+) -> list[ScaleRow]:
     """Forward time against rank count: 1 is the unsharded model in this process; a count equal to
     ``cluster.n`` uses ``cluster``; any other count starts (and stops) a cluster of that size.
 
@@ -150,8 +196,19 @@ def forward_scaling(counts: Sequence[int] = (1, 2, 4), dims: Sequence[int] = (10
 
 def scaling_table(rows: Sequence[ScaleRow]) -> Table:
     base = {r.label: r.median for r in rows if r.ranks == 1}
-    out = [[r.label, r.ranks, f"{r.median * 1e3:.3f}", f"{r.p90 * 1e3:.3f}",
-            f"{base[r.label] / r.median:.2f}x" if r.label in base else "", human_bytes(r.bytes_per_rank)]
-           for r in rows]
-    return Table(["model", "ranks", "median ms", "p90 ms", "speed-up vs 1", "weights per rank"], out,
-                 "forward time (slowest rank) against rank count")
+    out = [
+        [
+            r.label,
+            r.ranks,
+            f"{r.median * 1e3:.3f}",
+            f"{r.p90 * 1e3:.3f}",
+            f"{base[r.label] / r.median:.2f}x" if r.label in base else "",
+            human_bytes(r.bytes_per_rank),
+        ]
+        for r in rows
+    ]
+    return Table(
+        ["model", "ranks", "median ms", "p90 ms", "speed-up vs 1", "weights per rank"],
+        out,
+        "forward time (slowest rank) against rank count",
+    )

@@ -97,8 +97,14 @@ class ClusterSpec:
             backend = hostfiles.validate(hostfile, backend)  # HostfileError (a ValueError) says why not
             n = len(hostfile.hosts)
         spec = cls(
-            n, backend, hostfile, python=python or sys.executable, ssh_cmd=list(ssh_cmd or ["ssh"]),
-            env=dict(env or {}), ports=list(ports) if ports is not None else None, **options,
+            n,
+            backend,
+            hostfile,
+            python=python or sys.executable,
+            ssh_cmd=list(ssh_cmd or ["ssh"]),
+            env=dict(env or {}),
+            ports=list(ports) if ports is not None else None,
+            **options,
         )
         spec.check()
         return spec

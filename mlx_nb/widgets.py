@@ -55,8 +55,10 @@ class StatusWidget(widgets.HTML):
         table = Table(["rank", "host", "pid", "memory", "peak", "state"], _rows(self.cluster))
         # JupyterLab styles the tables of HTML outputs only (a widget's needs the class), and
         # centres them in a block as wide as the output: shrink the block to the table
-        self.value = (f"<div class='jp-RenderedHTMLCommon' style='display: inline-block'>{table._repr_html_()}"
-                      f"<small>updated {time.strftime('%H:%M:%S')}</small></div>")
+        self.value = (
+            f"<div class='jp-RenderedHTMLCommon' style='display: inline-block'>{table._repr_html_()}"
+            f"<small>updated {time.strftime('%H:%M:%S')}</small></div>"
+        )
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
@@ -124,7 +126,9 @@ class ChatWidget(widgets.VBox):
             self._render("".join(chunks))
 
         try:
-            stats = generate(self.cluster, self.messages, self.max_tokens, on_text=on_text, quiet=True, what="a chat reply")
+            stats = generate(
+                self.cluster, self.messages, self.max_tokens, on_text=on_text, quiet=True, what="a chat reply"
+            )
             reply = stats.text
             self.messages.append({"role": "assistant", "content": reply})
             self._turns.append(

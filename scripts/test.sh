@@ -13,4 +13,5 @@ fi
 .venv/bin/pip install -q -e ".[test]"
 # lint first: a minute of tests is not worth a typo (ruff is configured in pyproject.toml)
 .venv/bin/python -m ruff check mlx_nb tests benchmarks
+.venv/bin/python -m ruff format --check mlx_nb tests benchmarks
 exec .venv/bin/python -m pytest "$@"

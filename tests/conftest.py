@@ -19,7 +19,11 @@ from mlx_nb import Cluster
 pytest.register_assert_rewrite("testhosts")
 
 _PROJECT = (
-    "ipyparallel.engine", "ipyparallel.controller", "ipyparallel.cluster", "ipengine", "ipcontroller",
+    "ipyparallel.engine",
+    "ipyparallel.controller",
+    "ipyparallel.cluster",
+    "ipengine",
+    "ipcontroller",
     "mlx_nb.engines.watchdog",
 )
 
@@ -69,9 +73,7 @@ def nothing_left_running():
     """Fail the session if any engine or controller outlives the tests."""
     yield
     alive = wait_gone()
-    assert not alive, "processes left running: " + "; ".join(
-        f"{p.pid} {' '.join(p.cmdline())}" for p in alive
-    )
+    assert not alive, "processes left running: " + "; ".join(f"{p.pid} {' '.join(p.cmdline())}" for p in alive)
 
 
 def ipython_shell():
@@ -143,8 +145,9 @@ def execute_across_a_restart(path, tag: str = "new-kernel"):
     nb = nbformat.read(path, as_version=4)
     at = next(i for i, c in enumerate(nb.cells) if tag in c.metadata.get("tags", []))
     for cells in (range(at), range(at, len(nb.cells))):
-        client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
-                                         resources={"metadata": {"path": str(path.parent)}})
+        client = nbclient.NotebookClient(
+            nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
+        )
         with client.setup_kernel():
             for i in cells:
                 if nb.cells[i].cell_type == "code":

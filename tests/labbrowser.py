@@ -30,9 +30,17 @@ INSTALL = "apt-get install -y chromium chromium-driver (as root), and pip instal
 # as root on a closed network: no sandbox, no GPU, and none of the background connections
 # (component updates, sync, QUIC) that the network would refuse
 CHROMIUM_FLAGS = (
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--disable-dev-shm-usage", "--window-size=1280,1000", "--force-device-scale-factor=1",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--window-size=1280,1000",
+    "--force-device-scale-factor=1",
 )
 # settings a new user would otherwise answer popups for
 LAB_SETTINGS = {
@@ -80,9 +88,13 @@ class JupyterLab:
 
     def env(self) -> dict[str, str]:
         dirs = {
-            "JUPYTER_CONFIG_DIR": "config", "JUPYTER_DATA_DIR": "data", "JUPYTER_RUNTIME_DIR": "runtime",
-            "JUPYTERLAB_SETTINGS_DIR": "settings", "JUPYTERLAB_WORKSPACES_DIR": "workspaces",
-            "IPYTHONDIR": "ipython", "MPLCONFIGDIR": "matplotlib",
+            "JUPYTER_CONFIG_DIR": "config",
+            "JUPYTER_DATA_DIR": "data",
+            "JUPYTER_RUNTIME_DIR": "runtime",
+            "JUPYTERLAB_SETTINGS_DIR": "settings",
+            "JUPYTERLAB_WORKSPACES_DIR": "workspaces",
+            "IPYTHONDIR": "ipython",
+            "MPLCONFIGDIR": "matplotlib",
         }
         env = {**os.environ, **{k: str(self.home / v) for k, v in dirs.items()}}
         env.pop("JUPYTER_PATH", None)
@@ -95,9 +107,15 @@ class JupyterLab:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(values))
         cmd = [
-            sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1",
-            f"--ServerApp.port={self.port}", "--ServerApp.port_retries=0",
-            f"--IdentityProvider.token={self.token}", f"--ServerApp.root_dir={self.root}",
+            sys.executable,
+            "-m",
+            "jupyterlab",
+            "--no-browser",
+            "--ServerApp.ip=127.0.0.1",
+            f"--ServerApp.port={self.port}",
+            "--ServerApp.port_retries=0",
+            f"--IdentityProvider.token={self.token}",
+            f"--ServerApp.root_dir={self.root}",
         ] + (["--allow-root"] if os.geteuid() == 0 else [])
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(cmd, env=self.env(), stdout=log, stderr=subprocess.STDOUT, cwd=self.root)
@@ -176,12 +194,21 @@ class NotebookPage:
         """Load JupyterLab at ``url`` and wait for every cell and an idle kernel."""
         self.driver.get(url)
         count = len(self.sources)
-        wait_for(lambda: self.driver.execute_script(
-            "return document.querySelectorAll('.jp-Notebook .jp-Cell').length") == count, timeout,
-            f"the notebook's {count} cells")
-        wait_for(lambda: self.driver.execute_script(
-            "const s = document.querySelector('.jp-Notebook-ExecutionIndicator');"
-            "return s && s.getAttribute('data-status') === 'idle';"), timeout, "an idle kernel")
+        wait_for(
+            lambda: (
+                self.driver.execute_script("return document.querySelectorAll('.jp-Notebook .jp-Cell').length") == count
+            ),
+            timeout,
+            f"the notebook's {count} cells",
+        )
+        wait_for(
+            lambda: self.driver.execute_script(
+                "const s = document.querySelector('.jp-Notebook-ExecutionIndicator');"
+                "return s && s.getAttribute('data-status') === 'idle';"
+            ),
+            timeout,
+            "an idle kernel",
+        )
 
     def index(self, start: str) -> int:
         """The index of the cell whose source starts with ``start``."""

@@ -91,12 +91,15 @@ def running(shell):
     magics.use(None)
 
 
-@pytest.mark.parametrize("value, message", [
-    ("nan", "--timeout must be a finite number of seconds, got nan"),
-    ("inf", "--timeout must be a finite number of seconds, got inf"),
-    ("-1", "--timeout must be positive seconds, got -1"),
-    ("0", "--timeout must be positive seconds, got 0"),
-])
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("nan", "--timeout must be a finite number of seconds, got nan"),
+        ("inf", "--timeout must be a finite number of seconds, got inf"),
+        ("-1", "--timeout must be positive seconds, got -1"),
+        ("0", "--timeout must be positive seconds, got 0"),
+    ],
+)
 def test_a_timeout_that_could_never_fire_is_refused(shell, running, value, message):
     assert _usage_error(shell, "mlx_dist", f"--timeout {value}", "print('ran')") == message
 

@@ -69,8 +69,11 @@ def test_reference_is_a_link_speed_or_a_measured_copy():
 
 
 def test_plot_has_log_log_latency_and_bandwidth_with_reference_line():
-    rows = [make_row(op, s, "float32", 2, "ring", [1e-5 + s / 1e9] * 3)
-            for op in ("all_sum", "send_recv") for s in (1024, 1 << 16, 1 << 20)]
+    rows = [
+        make_row(op, s, "float32", 2, "ring", [1e-5 + s / 1e9] * 3)
+        for op in ("all_sum", "send_recv")
+        for s in (1024, 1 << 16, 1 << 20)
+    ]
     result = BenchResult(rows, 2, "ring", as_reference("tb5"))
     fig = result.plot()
     lat, bw = fig.axes
@@ -145,8 +148,24 @@ def test_sharding_lab_matches_the_unsharded_model(cluster):
 
 def test_cli_writes_a_png(tmp_path, capsys):
     out = tmp_path / "plot.png"
-    code = bench_main(["-n", "2", "--sizes", "1KB,4KB", "--ops", "all_sum,send_recv",
-                       "--warmup", "0", "--iters", "2", "--reference", "tb5", "--out", str(out)])
+    code = bench_main(
+        [
+            "-n",
+            "2",
+            "--sizes",
+            "1KB,4KB",
+            "--ops",
+            "all_sum,send_recv",
+            "--warmup",
+            "0",
+            "--iters",
+            "2",
+            "--reference",
+            "tb5",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
@@ -161,8 +180,9 @@ def test_notebook_executes_with_its_figures():
     nb = nbformat.read(NOTEBOOK, as_version=4)
     params = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
     params.source = TINY
-    NotebookClient(nb, timeout=300, kernel_name="python3",
-                   resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
+    NotebookClient(
+        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}
+    ).execute()
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     figures = [o for o in outputs if "image/png" in o.get("data", {})]

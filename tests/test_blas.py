@@ -79,7 +79,9 @@ def test_every_rank_runs_openblas_with_the_cores_shared_out_and_says_so(fast):
     assert table.count("OpenBLAS") == 2 and f"{threads} thread" in table
     assert lines == []  # nothing to say when the ranks run OpenBLAS
     (finding,) = [f for f in cluster.check() if f.check == "blas"]
-    assert finding.status == "ok" and f"{threads} thread" in finding.message and "2 ranks on this host" in finding.message
+    assert (
+        finding.status == "ok" and f"{threads} thread" in finding.message and "2 ranks on this host" in finding.message
+    )
 
 
 def test_blas_off_keeps_the_reference_blas_without_a_note(reference):

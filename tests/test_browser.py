@@ -87,7 +87,8 @@ def status_rows(page: NotebookPage, cell: int) -> list[list[str]]:
     return page.driver.execute_script(
         "const cell = document.querySelectorAll('.jp-Notebook .jp-Cell')[arguments[0]];"
         "return [...cell.querySelectorAll('.widget-html tbody tr')].map(tr => [...tr.cells].map(td => td.innerText));",
-        cell)
+        cell,
+    )
 
 
 def both_at_work(rows: list[list[str]], with_memory: bool = False) -> bool:
@@ -105,8 +106,11 @@ def test_the_cluster_starts_and_its_table_has_a_row_per_rank(page):
 def test_rank_0_lines_appear_while_the_cell_still_runs(page):
     i = page.index("%%mlx_dist\nimport time")
     page.run(i)
-    seen = wait_for(lambda: (s := page.read(i))["prompt"] == "[*]:" and "rank 0: step 1 of 10" in s["text"] and s,
-                    30, "rank 0's first line while the cell runs ([*])")
+    seen = wait_for(
+        lambda: (s := page.read(i))["prompt"] == "[*]:" and "rank 0: step 1 of 10" in s["text"] and s,
+        30,
+        "rank 0's first line while the cell runs ([*])",
+    )
     assert "step 10 of 10" not in seen["text"]
     done = wait_for(lambda: page.ran(i), 30, "the cell to finish")
     assert done["text"].split("\n")[:10] == [f"rank 0: step {k} of 10" for k in range(1, 11)]
@@ -119,8 +123,11 @@ def test_the_status_panel_has_a_row_per_rank_and_updates(page):
     panel = widget(page, i, ".widget-html")
     assert [row[0] for row in status_rows(page, i)] == ["0", "1"]
     first = re.search(r"updated (\d\d:\d\d:\d\d)", panel.text).group(1)
-    wait_for(lambda: re.search(r"updated (\d\d:\d\d:\d\d)", panel.text).group(1) != first, 10,
-             f"the panel's 'updated {first}' to change")
+    wait_for(
+        lambda: re.search(r"updated (\d\d:\d\d:\d\d)", panel.text).group(1) != first,
+        10,
+        f"the panel's 'updated {first}' to change",
+    )
 
 
 def test_a_figure_returned_on_rank_0_is_an_image_and_nothing_else(page):
@@ -133,8 +140,11 @@ def test_a_figure_returned_on_rank_0_is_an_image_and_nothing_else(page):
 def test_the_status_panel_shows_the_ranks_busy_while_the_model_loads(page):
     status, load = page.index("%mlx_cluster status --watch"), page.index("%mlx_generate --load")
     page.run(load)
-    wait_for(lambda: page.read(load)["prompt"] == "[*]:" and both_at_work(status_rows(page, status)),
-             60, "both ranks busy in the status panel while the model loads")
+    wait_for(
+        lambda: page.read(load)["prompt"] == "[*]:" and both_at_work(status_rows(page, status)),
+        60,
+        "both ranks busy in the status panel while the model loads",
+    )
     cell = wait_for(lambda: page.ran(load), 150, "the model to load")
     assert cell["errors"] == []
     assert "Loaded bundled (pipeline) on 2 ranks" in cell["text"]
@@ -163,8 +173,11 @@ def test_stop_ends_a_long_chat_reply_early(page):
     box = widget(page, i, ".widget-vbox")
     widget(page, i, ".widget-text input").send_keys("Tell me a long story.")
     button(box, "Send").click()
-    wait_for(lambda: len(replies := chat(page, i)[0]) == 2 and len(replies[1].split()) >= 3, 60,
-             "the long reply's first words")
+    wait_for(
+        lambda: len(replies := chat(page, i)[0]) == 2 and len(replies[1].split()) >= 3,
+        60,
+        "the long reply's first words",
+    )
     button(box, "Stop").click()
     wait_for(lambda: chat(page, i)[1] == 2, 30, "the long reply to end after Stop")
     stats = chat(page, i)[0][1].strip().splitlines()[-1]
@@ -180,8 +193,11 @@ def test_the_finetuning_panel_draws_its_loss_curve(page):
     panel = widget(page, i, ".widget-vbox")
     wait_for(lambda: page.read(i)["images"], 150, "the loss curve's image in the panel")
     status = page.index("%mlx_cluster status --watch")
-    wait_for(lambda: both_at_work(status_rows(page, status), with_memory=True), 30,
-             "the status panel's live memory of both ranks while they train")
+    wait_for(
+        lambda: both_at_work(status_rows(page, status), with_memory=True),
+        30,
+        "the status panel's live memory of both ranks while they train",
+    )
     page.screenshot(widget(page, status, ".widget-html"), "status-panel", DOCS)
     wait_for(lambda: panel.text.startswith("done:"), 150, "the fine-tuning to finish")
     assert panel.text.startswith("done: 2 steps in"), panel.text

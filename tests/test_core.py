@@ -41,9 +41,7 @@ def test_all_sum_value_is_the_cell_result(cluster):
 
 def test_ranks_listen_only_on_loopback(cluster):
     procs = cluster.processes()  # the controller and its schedulers, ranks and spares
-    listening = [
-        c.laddr for q in procs for c in q.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN
-    ]
+    listening = [c.laddr for q in procs for c in q.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
     assert listening, "expected the controller and the ring to listen somewhere"
     assert {addr.ip for addr in listening} == {"127.0.0.1"}
 
@@ -73,7 +71,10 @@ def test_first_line_arrives_while_the_cell_still_runs(cluster, capsys):
     old, sys.stdout = sys.stdout, out
     try:
         t = threading.Thread(
-            target=lambda: (cluster.run("print('first line', flush=True)\nimport time\ntime.sleep(2)"), done_at.append(time.monotonic()))
+            target=lambda: (
+                cluster.run("print('first line', flush=True)\nimport time\ntime.sleep(2)"),
+                done_at.append(time.monotonic()),
+            )
         )
         t.start()
         assert arrived.wait(30), "rank 0's first line never reached the notebook"
@@ -96,7 +97,7 @@ def test_a_rank_error_shows_its_traceback_at_the_cell_line(cluster):
         cluster.run("x = 1\ny = [1, 2][rank]\n")
     text = "\n".join(info.value._render_traceback_())
     assert "Root cause: ranks 2-3 raised IndexError: list index out of range, line 2: y = [1, 2][rank]" in text
-    assert '<mlx_dist cell' in text and "ipyparallel" not in text and "mlx_nb/rank" not in text
+    assert "<mlx_dist cell" in text and "ipyparallel" not in text and "mlx_nb/rank" not in text
     # the ranks that finished say so, and the group is still usable
     assert "rank 0: finished" in text
     assert cluster.run("mx.distributed.all_sum(mx.array([1.0]))").value["text/plain"] == "array([4], dtype=float32)"
@@ -208,7 +209,9 @@ def test_magic_help_is_complete(ip):
 # ------------------------------------------------------- notebook, demo, tutorial
 def _execute(path: Path) -> nbformat.NotebookNode:
     nb = nbformat.read(path, as_version=4)
-    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
+    nbclient.NotebookClient(
+        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
+    ).execute()
     return nb
 
 
@@ -245,7 +248,10 @@ def test_demo_command_runs_and_stops_cleanly():
     mark = uuid.uuid4().hex
     out = subprocess.run(
         [str(Path(sys.executable).parent / "mlx-nb"), "demo"],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "MLX_NB_TEST_SESSION": mark},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "MLX_NB_TEST_SESSION": mark},
     )
     assert out.returncode == 0, out.stderr
     assert "all-reduce result 6 (expected 6): ok" in out.stdout
@@ -265,7 +271,8 @@ def test_profile_shows_per_rank_timeline_and_memory(ip):
     pub.publish = lambda data, *a, **k: shown.append(data)
     try:
         ip.run_cell_magic(
-            "mlx_dist", "--profile",
+            "mlx_dist",
+            "--profile",
             "x = mx.random.normal((256, 256))\nfor _ in range(3):\n    mx.eval(mx.distributed.all_sum(x @ x, group=world))",
         )
     finally:
@@ -286,7 +293,10 @@ def test_status_widget_shows_live_state_while_a_cell_runs(cluster):
     panel = StatusWidget(cluster, interval=0.1)
     done = threading.Event()
     worker = threading.Thread(
-        target=lambda: (cluster.run("import time\nbig = mx.ones((1024, 1024)); mx.eval(big)\ntime.sleep(3)"), done.set())
+        target=lambda: (
+            cluster.run("import time\nbig = mx.ones((1024, 1024)); mx.eval(big)\ntime.sleep(3)"),
+            done.set(),
+        )
     )
     worker.start()
     deadline = time.monotonic() + 20
@@ -311,7 +321,10 @@ def test_interpreter_exit_without_stop_leaves_nothing_running():
         "print(c.run('import os\\nhf = os.environ[\"MLX_HOSTFILE\"]', pull='hf').pulled)\n"
     )
     out = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=300,
         env={**os.environ, "MLX_NB_TEST_SESSION": mark},
     )
     assert out.returncode == 0, out.stderr
@@ -324,4 +337,7 @@ def test_interpreter_exit_without_stop_leaves_nothing_running():
 
 def test_a_cluster_of_one_rank_works():
     with Cluster(n=1) as c:
-        assert c.run("mx.distributed.all_sum(mx.array([5.0]), group=world)").value["text/plain"] == "array([5], dtype=float32)"
+        assert (
+            c.run("mx.distributed.all_sum(mx.array([5.0]), group=world)").value["text/plain"]
+            == "array([5], dtype=float32)"
+        )

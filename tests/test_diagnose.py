@@ -79,7 +79,9 @@ def test_init_messages_name_the_ranks_and_the_port():
         "mx.distributed.init(backend='ring') did not complete within 5 s: rank(s) 1 never called it "
         "(its engine is not responding); rank(s) 2 waited for it in the ring."
     )
-    failed = diagnose.init_failed(2, _err("RuntimeError", "[ring] Couldn't bind", port_in_use=True), "127.0.0.1:4242", False)
+    failed = diagnose.init_failed(
+        2, _err("RuntimeError", "[ring] Couldn't bind", port_in_use=True), "127.0.0.1:4242", False
+    )
     assert "port 4242 on 127.0.0.1, rank 2's address in the ring, is in use by another process" in failed
 
 
@@ -101,7 +103,12 @@ def test_identical_lines_that_arrive_together_are_merged_in_rank_order():
     p, out, _ = _printer([0, 1, 2])
     for r in (2, 0, 1):
         p.feed(r, "stdout", f"same\nmine is {r}\n")
-    assert "".join(out).splitlines() == ["[ranks 0-2] same", "[rank 0] mine is 0", "[rank 1] mine is 1", "[rank 2] mine is 2"]
+    assert "".join(out).splitlines() == [
+        "[ranks 0-2] same",
+        "[rank 0] mine is 0",
+        "[rank 1] mine is 1",
+        "[rank 2] mine is 2",
+    ]
 
 
 def test_a_quiet_rank_holds_lines_back_for_the_window_only():

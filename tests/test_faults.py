@@ -97,9 +97,11 @@ def _assert_cancelled(lines: list[str], ranks: tuple[int, ...], where: str) -> N
     for r in ranks:
         line = next((x for x in lines if x.startswith(f"  rank {r}: ")), "")
         # the line number comes from the rank's last trace, which may predate its reaching it
-        assert line.removesuffix(" at line " + where.rsplit(" at line ", 1)[-1]) == (
-            f"  rank {r}: cancelled; it waited in {where.rsplit(' at line ', 1)[0]}"
-        ) or line == f"  rank {r}: cancelled; it waited in {where}", lines
+        assert (
+            line.removesuffix(" at line " + where.rsplit(" at line ", 1)[-1])
+            == (f"  rank {r}: cancelled; it waited in {where.rsplit(' at line ', 1)[0]}")
+            or line == f"  rank {r}: cancelled; it waited in {where}"
+        ), lines
 
 
 def _assert_blocked(lines: list[str], ranks: tuple[int, ...], where: str) -> None:
@@ -208,7 +210,9 @@ def test_rank_error_before_all_sum_costs_one_cell_not_the_ranks(faulty, capfd):
         "y = mx.distributed.all_sum(x)\nmx.eval(y)",
     )
     lines = report.splitlines()
-    assert lines[0] == "Root cause: rank 1 raised ValueError: rank 1 gives up, line 3: raise ValueError('rank 1 gives up')"
+    assert (
+        lines[0] == "Root cause: rank 1 raised ValueError: rank 1 gives up, line 3: raise ValueError('rank 1 gives up')"
+    )
     _assert_cancelled(lines, (0, 2, 3), "all_sum #1 (shape (3,), float32) at line 5")
     _assert_released(report, "1")
     _assert_quiet(capfd)
@@ -220,7 +224,8 @@ def test_rank_error_before_all_sum_costs_one_cell_not_the_ranks(faulty, capfd):
 def test_a_raise_partway_through_collectives_is_drained(faulty):
     before = [r.pid for r in faulty.ranks]
     report, _ = _fail(
-        faulty, "for k in range(4):\n    if rank == 2 and k == 2:\n        raise RuntimeError('bad batch')\n"
+        faulty,
+        "for k in range(4):\n    if rank == 2 and k == 2:\n        raise RuntimeError('bad batch')\n"
         "    mx.eval(mx.distributed.all_sum(mx.ones(2) * k))",
     )
     lines = report.splitlines()
@@ -232,7 +237,9 @@ def test_a_raise_partway_through_collectives_is_drained(faulty):
 
 def test_several_failing_ranks_drain_together(faulty):
     before = [r.pid for r in faulty.ranks]
-    report, _ = _fail(faulty, "if rank in (1, 3):\n    raise ValueError(f'no {rank}')\nmx.eval(mx.distributed.all_sum(mx.ones(2)))")
+    report, _ = _fail(
+        faulty, "if rank in (1, 3):\n    raise ValueError(f'no {rank}')\nmx.eval(mx.distributed.all_sum(mx.ones(2)))"
+    )
     lines = report.splitlines()
     assert lines[0].startswith("Root cause: rank ") and "raised ValueError: no " in lines[0]
     _assert_cancelled(lines, (0, 2), "all_sum #1 (shape (2,), float32) at line 3")
@@ -294,8 +301,12 @@ def test_rank_exit_mid_cell_is_reported_lost_and_recovers(faulty, capfd):
     assert lines[0].startswith("Root cause: rank 2 was lost (its engine process died mid-cell")
     for r in (0, 1, 3):
         line = next(x for x in lines if x.startswith(f"  rank {r}: "))
-        assert line.endswith(("raised RuntimeError: [ring] connection to a peer was lost at line 7",
-                              "blocked in a collective: all_sum #2 (shape (2,), float32) at line 7")), line
+        assert line.endswith(
+            (
+                "raised RuntimeError: [ring] connection to a peer was lost at line 7",
+                "blocked in a collective: all_sum #2 (shape (2,), float32) at line 7",
+            )
+        ), line
     _assert_restarted(report)
     _assert_quiet(capfd)
     _within_bound(took)
@@ -440,7 +451,9 @@ def test_interrupt_during_the_recovery_restart_keeps_the_report(faulty, capsys):
     watcher.start()
     cell_started.set()
     try:
-        report, _ = _fail(faulty, "import os\nif rank == 3:\n    os._exit(3)\nmx.eval(mx.distributed.all_sum(mx.ones(2)))")
+        report, _ = _fail(
+            faulty, "import os\nif rank == 3:\n    os._exit(3)\nmx.eval(mx.distributed.all_sum(mx.ones(2)))"
+        )
     finally:
         watcher.join()
     lines = report.splitlines()
@@ -542,8 +555,10 @@ def test_a_cell_that_sets_rank_keeps_pulls_working(faulty, magics_on):
 def test_import_numpy_as_mx_keeps_hang_diagnosis(faulty):
     faulty.run("import numpy as mx")
     report, _ = _fail(
-        faulty, "import mlx.core as m\nimport time\ntime.sleep(1)\nif world.rank() == 0:\n"
-        "    m.eval(m.distributed.all_sum(m.ones(2)))", timeout=4,
+        faulty,
+        "import mlx.core as m\nimport time\ntime.sleep(1)\nif world.rank() == 0:\n"
+        "    m.eval(m.distributed.all_sum(m.ones(2)))",
+        timeout=4,
     )
     assert "  rank 0: cancelled; it waited in all_sum #1 (shape (2,), float32) at line 5" in report.splitlines()
     faulty.run("import mlx.core as mx")
@@ -598,14 +613,18 @@ def test_tutorial_notebook_shows_each_fault_and_recovers():
     ).execute()
     errors = [
         "\n".join(o.get("traceback", []))
-        for c in nb.cells if c.cell_type == "code"
-        for o in c.outputs if o.output_type == "error"
+        for c in nb.cells
+        if c.cell_type == "code"
+        for o in c.outputs
+        if o.output_type == "error"
     ]
     tagged = [c for c in nb.cells if "raises-exception" in c.metadata.get("tags", [])]
     assert len(errors) == len(tagged) >= 6
     text = "\n".join(
         o.get("text", "") + o.get("data", {}).get("text/plain", "")
-        for c in nb.cells if c.cell_type == "code" for o in c.outputs
+        for c in nb.cells
+        if c.cell_type == "code"
+        for o in c.outputs
     )
     assert "Root cause: rank 1 raised ValueError" in "\n".join(errors)
     assert "Replayed 1 setup cell(s)" in "\n".join(errors)

@@ -27,7 +27,7 @@ NOTEBOOK = ROOT / "notebooks" / "06_data_parallel_finetuning.ipynb"
 QUESTION = [{"role": "user", "content": load_rows(None)[0]["messages"][0]["content"]}]
 # small enough for a loaded 2-core machine, big enough to learn the mascot: about 6 s a step
 LEARN = dict(batch_size=1, num_layers=2, learning_rate=5e-4)
-TINY = '''
+TINY = """
 N = 2
 ITERS = 2
 SAVE_EVERY = 1
@@ -35,7 +35,7 @@ MORE = 1
 OPTIONS = dict(batch_size=1, num_layers=2, learning_rate=5e-4)
 MAX_TOKENS = 8
 ADAPTERS = {adapters!r}
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,9 @@ def tiny_model(tmp_path_factory) -> Path:
     src, path = bundled_model(), tmp_path_factory.mktemp("tiny")
     config = json.loads((src / "config.json").read_text())
     config.pop("quantization", None)
-    config.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    config.update(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+    )
     (path / "config.json").write_text(json.dumps(config))
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(src / name, path / name)
@@ -112,8 +114,11 @@ def stopped(cluster, tmp_path_factory):
     run = finetune(cluster, iters=100, adapter_path=str(folder), save_every=2, **LEARN)
     steps_in(run, 2)
     reader = open(folder / "adapters.safetensors", "rb")
-    early = {"training": run.result is None and run.error is None, "files": sorted(os.listdir(folder)),
-             "bytes": reader.read()}
+    early = {
+        "training": run.result is None and run.error is None,
+        "files": sorted(os.listdir(folder)),
+        "bytes": reader.read(),
+    }
     steps_in(run, 4)
     run.stop()
     result = run.wait(timeout=120)
@@ -141,13 +146,20 @@ def test_stop_ends_training_on_every_rank_at_the_same_step_and_saves_it(cluster,
 def test_checkpoints_are_written_every_n_steps_while_training(stopped):
     early, result = stopped.early, stopped.result
     assert early["training"]
-    assert {"0000002_adapters.safetensors", "0000002_optimizer.safetensors", "adapters.safetensors",
-            "checkpoint.json", "adapter_config.json"} <= set(early["files"])
+    assert {
+        "0000002_adapters.safetensors",
+        "0000002_optimizer.safetensors",
+        "adapters.safetensors",
+        "checkpoint.json",
+        "adapter_config.json",
+    } <= set(early["files"])
     files = sorted(os.listdir(result.adapter_path))
     steps = sorted({*range(2, result.stopped_at + 1, 2), result.stopped_at})
     assert [f for f in files if f.endswith("_adapters.safetensors")] == [f"{s:07d}_adapters.safetensors" for s in steps]
     # the optimizer state is kept for the latest checkpoint only; no temporary file is left
-    assert [f for f in files if f.endswith("_optimizer.safetensors")] == [f"{result.stopped_at:07d}_optimizer.safetensors"]
+    assert [f for f in files if f.endswith("_optimizer.safetensors")] == [
+        f"{result.stopped_at:07d}_optimizer.safetensors"
+    ]
     assert not [f for f in files if f.startswith(".")]
 
 
@@ -157,7 +169,9 @@ def test_a_reader_of_the_adapters_never_sees_them_change_under_it(stopped, tmp_p
     stopped.reader.seek(0)
     again = stopped.reader.read()
     assert again == stopped.early["bytes"]
-    assert set(loads_whole(again, tmp_path)) == set(mx.load(str(Path(stopped.result.adapter_path) / "adapters.safetensors")))
+    assert set(loads_whole(again, tmp_path)) == set(
+        mx.load(str(Path(stopped.result.adapter_path) / "adapters.safetensors"))
+    )
     assert (Path(stopped.result.adapter_path) / "adapters.safetensors").read_bytes() != again
 
 
@@ -170,13 +184,17 @@ def test_the_live_curve_is_drawn_from_every_step(stopped):
     assert run.image.value[:8] == b"\x89PNG\r\n\x1a\n"
     assert [h["iteration"] for h in run.history] == list(range(1, result.stopped_at + 1))
     assert all(h["tokens_per_second"] > 0 and h["iters"] == 100 for h in run.history)
-    assert [h["iteration"] for h in run.history if h.get("saved")] == sorted({*range(2, result.stopped_at + 1, 2), result.stopped_at})
+    assert [h["iteration"] for h in run.history if h.get("saved")] == sorted(
+        {*range(2, result.stopped_at + 1, 2), result.stopped_at}
+    )
 
 
 def test_the_loss_falls_and_the_answer_changes(stopped):
     assert stopped.result.losses[-1] < stopped.result.losses[0]
     assert stopped.tuned != stopped.base
-    print(f"base: {stopped.base!r}\nfine-tuned: {stopped.tuned!r}\nlosses: {[round(x, 3) for x in stopped.result.losses]}")
+    print(
+        f"base: {stopped.base!r}\nfine-tuned: {stopped.tuned!r}\nlosses: {[round(x, 3) for x in stopped.result.losses]}"
+    )
 
 
 def test_fused_adapters_split_as_a_pipeline_give_the_fine_tuned_answer(cluster, stopped):
@@ -219,7 +237,9 @@ def interrupt_at(run, step: int) -> None:
 
 def test_an_interrupt_of_a_training_call_stops_every_rank_and_saves_that_step(cluster, tiny_model, tmp_path):
     folder = tmp_path / "run"
-    config = dict(model=str(tiny_model), iters=10**5, save_every=10**5, batch_size=1, num_layers=2, adapter_path=str(folder))
+    config = dict(
+        model=str(tiny_model), iters=10**5, save_every=10**5, batch_size=1, num_layers=2, adapter_path=str(folder)
+    )
     steps = []
 
     def on_report(rank: int, row: dict) -> None:
@@ -236,8 +256,15 @@ def test_an_interrupt_of_a_training_call_stops_every_rank_and_saves_that_step(cl
 
 
 def test_an_interrupt_while_waiting_for_a_run_stops_it_and_saves_that_step(cluster, tiny_model, tmp_path):
-    run = finetune(cluster, model=str(tiny_model), iters=10**5, save_every=10**5, batch_size=1, num_layers=2,
-                   adapter_path=str(tmp_path / "run"))
+    run = finetune(
+        cluster,
+        model=str(tiny_model),
+        iters=10**5,
+        save_every=10**5,
+        batch_size=1,
+        num_layers=2,
+        adapter_path=str(tmp_path / "run"),
+    )
     interrupter = threading.Thread(target=interrupt_at, args=(run, 3))
     interrupter.start()
     result = run.wait()
@@ -250,7 +277,9 @@ def test_an_interrupt_while_waiting_for_a_run_stops_it_and_saves_that_step(clust
 def resumed(cluster, tiny_model, tmp_path_factory):
     """(6 steps in one run, 3 steps then resumed to 6, the FinetuneRun of the resumed part)."""
     root = tmp_path_factory.mktemp("resume")
-    options = dict(model=str(tiny_model), learning_rate=1e-2, num_layers=2, mask_prompt=False, seed=3, batch_size=2, save_every=3)
+    options = dict(
+        model=str(tiny_model), learning_rate=1e-2, num_layers=2, mask_prompt=False, seed=3, batch_size=2, save_every=3
+    )
     whole = finetune(cluster, iters=6, adapter_path=str(root / "whole"), **options).wait()
     finetune(cluster, iters=3, adapter_path=str(root / "part"), **options).wait()
     run = finetune(cluster, resume=str(root / "part"), iters=6)
@@ -268,7 +297,10 @@ def test_a_resumed_run_continues_the_step_count_and_the_loss_curve(resumed):
     assert [h["trained_tokens"] for h in part.history] == [h["trained_tokens"] for h in whole.history]
     files = sorted(os.listdir(part.adapter_path))
     assert [f for f in files if "_" in f and f.endswith("safetensors")] == [
-        "0000003_adapters.safetensors", "0000006_adapters.safetensors", "0000006_optimizer.safetensors"]
+        "0000003_adapters.safetensors",
+        "0000006_adapters.safetensors",
+        "0000006_optimizer.safetensors",
+    ]
 
 
 def test_resume_and_adapter_path_mistakes_are_explained(resumed):
@@ -293,8 +325,10 @@ def test_the_cache_keeps_the_latest_fused_models_only(resumed, tiny_model, tmp_p
         adapters = tmp_path / f"adapters-{k}"
         adapters.mkdir()
         shutil.copy(trained / "adapter_config.json", adapters)
-        mx.save_safetensors(str(adapters / "adapters.safetensors"),
-                            {name: w * (k + 1) for name, w in mx.load(str(trained / "adapters.safetensors")).items()})
+        mx.save_safetensors(
+            str(adapters / "adapters.safetensors"),
+            {name: w * (k + 1) for name, w in mx.load(str(trained / "adapters.safetensors")).items()},
+        )
         made.append(fused_model(tiny_model, adapters))
     assert len(set(made)) == FUSED_KEPT + 1
     assert sorted((tmp_path / "cache" / "fused").iterdir()) == sorted(made[1:])
@@ -339,8 +373,9 @@ def test_notebook_executes_with_a_loss_figure_and_both_answers(tmp_path):
     nb = nbformat.read(NOTEBOOK, as_version=4)
     params = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
     params.source = TINY.format(adapters=str(tmp_path / "adapters"))
-    NotebookClient(nb, timeout=300, kernel_name="python3",
-                   resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
+    NotebookClient(
+        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}
+    ).execute()
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     assert [o for o in outputs if "image/png" in o.get("data", {})]

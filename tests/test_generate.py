@@ -57,8 +57,12 @@ def test_a_batch_on_three_tensor_parallel_ranks_equals_one_process(trio, referen
 
     model, tokenizer = load(str(prepare_bundled(trio.ranks)))
     other = [{"role": "user", "content": "Name three colors."}]
-    expected = [r.token for r in stream_generate(model, tokenizer, tokenizer.apply_chat_template(
-        other, add_generation_prompt=True), max_tokens=10)]
+    expected = [
+        r.token
+        for r in stream_generate(
+            model, tokenizer, tokenizer.apply_chat_template(other, add_generation_prompt=True), max_tokens=10
+        )
+    ]
     result = generate_batch(trio, [QUESTION, other], 10, quiet=True)
     assert [r.tokens for r in result.replies] == [reference, expected]
 
@@ -134,7 +138,9 @@ def test_sharded_generation_tutorial_runs():
     for cell in nb.cells:
         if "parameters" in cell.metadata.get("tags", []):
             cell.source = "MAX_TOKENS = 10"
-    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
+    nbclient.NotebookClient(
+        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
+    ).execute()
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert text.count("Paris") >= 2
     assert "9 attention heads do not divide by 2" in text

@@ -58,9 +58,7 @@ JACCL_RING = {
         {
             "ssh": f"mac{i}",
             "ips": [f"10.0.0.{i}"],
-            "rdma": [
-                None if j not in ((i - 1) % 4, (i + 1) % 4) else f"rdma_en{j + 2}" for j in range(4)
-            ],
+            "rdma": [None if j not in ((i - 1) % 4, (i + 1) % 4) else f"rdma_en{j + 2}" for j in range(4)],
         }
         for i in range(4)
     ],
@@ -112,11 +110,7 @@ def as_dumped(launches: list[hf.RankLaunch]) -> dict[int, dict]:
     """What the dump script would see for each RankLaunch (files as mlx.launch writes them)."""
     return {
         l.rank: {
-            "env": {
-                k: v
-                for k, v in l.env.items()
-                if k.startswith(("MLX_", "NCCL_")) or k == "CUDA_VISIBLE_DEVICES"
-            },
+            "env": {k: v for k, v in l.env.items() if k.startswith(("MLX_", "NCCL_")) or k == "CUDA_VISIBLE_DEVICES"},
             "files": {k: c + "\n" for k, c in l.files.items()},
         }
         for l in launches
@@ -209,11 +203,7 @@ def test_single_rank_ring_gets_an_empty_hostfile_like_mlx_launch(launch):
     dumps, _, r = launch()
     assert r.returncode == 0, r.stderr
     ours = hf.rank_launch(hf.from_hosts("127.0.0.1"), "ring")
-    assert (
-        normalised(dumps)
-        == as_dumped(ours)
-        == {0: {"env": {"MLX_RANK": "0"}, "files": {"MLX_HOSTFILE": "\n"}}}
-    )
+    assert normalised(dumps) == as_dumped(ours) == {0: {"env": {"MLX_RANK": "0"}, "files": {"MLX_HOSTFILE": "\n"}}}
 
 
 @pytest.mark.parametrize("hosts", [JACCL, JACCL_RING], ids=["jaccl", "jaccl-ring"])
@@ -325,9 +315,7 @@ BAD = {
 def test_rejected_like_mlx_launch_naming_host_and_field(tmp_path, case):
     hosts, named = BAD[case]
     path = write(tmp_path, hosts)
-    r = subprocess.run(
-        [MLX_LAUNCH, "--hostfile", str(path), "--", "true"], capture_output=True, text=True, timeout=60
-    )
+    r = subprocess.run([MLX_LAUNCH, "--hostfile", str(path), "--", "true"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2, r.stderr
     theirs = r.stderr.strip().splitlines()[-1].split("error: ", 1)[1]
     with pytest.raises(HostfileError) as e:
@@ -386,9 +374,7 @@ def test_accepted_like_mlx_launch(launch):
 # ------------------------------------------------- what mlx.launch misses
 def reject(data, backend=None, **kw) -> str:
     with pytest.raises(HostfileError) as e:
-        hf.validate(
-            hf.loads(data if isinstance(data, str) else json.dumps(data), "hosts.json"), backend, **kw
-        )
+        hf.validate(hf.loads(data if isinstance(data, str) else json.dumps(data), "hosts.json"), backend, **kw)
     return str(e.value)
 
 
@@ -439,9 +425,7 @@ def test_ring_ip_on_two_machines_rejected():
     msg = reject([{"ssh": "mac1", "ips": ["10.0.0.1"]}, {"ssh": "mac2", "ips": ["10.0.0.1"]}], "ring")
     assert "'mac1'" in msg and "'mac2'" in msg and "10.0.0.1" in msg and '"ips"' in msg
     hf.validate(
-        hf.loads(
-            '[{"ssh": "localhost", "ips": ["127.0.0.1"]}, {"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}]'
-        ),
+        hf.loads('[{"ssh": "localhost", "ips": ["127.0.0.1"]}, {"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}]'),
         "ring",
     )
 
@@ -500,18 +484,14 @@ def test_ring_launch_puts_each_port_in_the_hostfile():
 
 
 def test_launch_vars_override_user_env_as_mlx_launch_does():
-    ls = hf.rank_launch(
-        hf.loads(json.dumps(JACCL)), env={"MLX_RANK": "9", "MLX_IBV_DEVICES": "x", "MLX_TEST": "1"}
-    )
+    ls = hf.rank_launch(hf.loads(json.dumps(JACCL)), env={"MLX_RANK": "9", "MLX_IBV_DEVICES": "x", "MLX_TEST": "1"})
     assert ls[1].env["MLX_RANK"] == "1" and "MLX_IBV_DEVICES" not in ls[1].env
     assert ls[1].env["MLX_METAL_FAST_SYNCH"] == "1" and ls[1].env["MLX_TEST"] == "1"
     assert json.loads(ls[0].files["MLX_IBV_DEVICES"]) == [h["rdma"] for h in JACCL["hosts"]]
 
 
 def test_mpi_ranks_follow_mpirun_slots():
-    h = hf.loads(
-        json.dumps({"envs": ["MLX_TEST=1"], "hosts": [{"ssh": "a"}, {"ssh": "b"}, {"ssh": "a"}]})
-    )
+    h = hf.loads(json.dumps({"envs": ["MLX_TEST=1"], "hosts": [{"ssh": "a"}, {"ssh": "b"}, {"ssh": "a"}]}))
     assert hf.mpirun_hostfile(h) == "a slots=2\nb slots=1\n"
     assert "ranks as mpirun numbers them: 0 a, 1 a, 2 b" in hf.describe(h, "mpi")
     ls = hf.rank_launch(h, "mpi")
@@ -530,8 +510,7 @@ def test_describe_shows_ranks_ring_order_and_links():
     assert "coordinator: 192.168.1.11:32323" in jaccl and "envs: MLX_METAL_FAST_SYNCH=1" in jaccl
     jring = hf.describe(hf.loads(json.dumps(JACCL_RING)))
     assert (
-        "ring order: mac0 -> mac1 -> mac2 -> mac3 -> mac0" in jring
-        and "mac0 rdma_en3 <-> rdma_en2 mac2" not in jring
+        "ring order: mac0 -> mac1 -> mac2 -> mac3 -> mac0" in jring and "mac0 rdma_en3 <-> rdma_en2 mac2" not in jring
     )
     nccl = hf.describe(hf.loads('[{"ssh": "gpu1", "ips": ["10.1.0.1"]}, {"ssh": "gpu2"}]'), "nccl")
     assert "rank 1 CUDA_VISIBLE_DEVICES=0" in nccl

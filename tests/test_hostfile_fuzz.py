@@ -27,8 +27,11 @@ JACCL = {
 JACCL_RING = {
     "backend": "jaccl-ring",
     "hosts": [
-        {"ssh": f"mac{i}", "ips": [f"10.0.0.{i}"],
-         "rdma": [None if j not in ((i - 1) % 4, (i + 1) % 4) else f"rdma_en{j + 2}" for j in range(4)]}
+        {
+            "ssh": f"mac{i}",
+            "ips": [f"10.0.0.{i}"],
+            "rdma": [None if j not in ((i - 1) % 4, (i + 1) % 4) else f"rdma_en{j + 2}" for j in range(4)],
+        }
         for i in range(4)
     ],
 }
@@ -38,9 +41,38 @@ PLAIN = [{"ssh": "127.0.0.1", "ips": ["127.0.0.1"]}, {"ssh": "localhost", "ips":
 VALID = [RING, JACCL, JACCL_RING, NCCL, MPI, PLAIN]
 
 ODD_VALUES = [
-    None, True, 0, -1, 7, 1e308, 2**70, float("nan"), float("inf"), "", " ", "-", "-oProxyCommand=x",
-    "mac1", "10.0.0.1", "::1", "a" * 300, "é\u200bx", "\x00", "null", "rdma_en3", "ring", "MLX_X=1", "=1",
-    [], [None], [""], [[]], [1, 2], {}, {"ssh": "x"}, {"hosts": []},
+    None,
+    True,
+    0,
+    -1,
+    7,
+    1e308,
+    2**70,
+    float("nan"),
+    float("inf"),
+    "",
+    " ",
+    "-",
+    "-oProxyCommand=x",
+    "mac1",
+    "10.0.0.1",
+    "::1",
+    "a" * 300,
+    "é\u200bx",
+    "\x00",
+    "null",
+    "rdma_en3",
+    "ring",
+    "MLX_X=1",
+    "=1",
+    [],
+    [None],
+    [""],
+    [[]],
+    [1, 2],
+    {},
+    {"ssh": "x"},
+    {"hosts": []},
 ]
 KEYS = ["ssh", "ips", "rdma", "backend", "envs", "hosts", "ip", "host", "rdmas", "", "ssh "]
 
@@ -87,12 +119,12 @@ def _mutate_text(text: str, rng: random.Random) -> str:
         if how < 0.02:
             text = text[:i] + rng.choice(HUGE) + text[i:]
         elif how < 0.3:
-            text = text[:i] + text[i + 1:]
+            text = text[:i] + text[i + 1 :]
         elif how < 0.6:
             text = text[:i] + rng.choice('{}[]",:0-9 \n\\nulltrue-x\u00e9\x00') + text[i:]
         elif how < 0.8:
             j = rng.randrange(len(text) + 1)
-            text = text[:i] + text[min(i, j):max(i, j)] + text[i:]
+            text = text[:i] + text[min(i, j) : max(i, j)] + text[i:]
         else:
             text = text[:i]
     return text
@@ -101,7 +133,7 @@ def _mutate_text(text: str, rng: random.Random) -> str:
 def _mutate_bytes(data: bytes, rng: random.Random) -> bytes:
     for _ in range(rng.randint(1, 3)):
         i = rng.randrange(len(data) + 1)
-        data = data[:i] + bytes([rng.randrange(256)]) + data[i + rng.randint(0, 1):]
+        data = data[:i] + bytes([rng.randrange(256)]) + data[i + rng.randint(0, 1) :]
     return data
 
 

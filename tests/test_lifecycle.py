@@ -53,7 +53,9 @@ def test_a_kernel_killed_while_its_ranks_wait_in_a_collective_takes_them_with_it
     try:
         k.run("%load_ext mlx_nb\n%mlx_cluster start -n 2")
         # rank 0 waits in an all_sum rank 1 never makes: blocked in native code
-        k.kc.execute("%%mlx_dist\nif rank == 0:\n    mx.eval(mx.distributed.all_sum(mx.ones(2)))\nelse:\n    import time; time.sleep(600)")
+        k.kc.execute(
+            "%%mlx_dist\nif rank == 0:\n    mx.eval(mx.distributed.all_sum(mx.ones(2)))\nelse:\n    import time; time.sleep(600)"
+        )
         time.sleep(1.0)  # the cell is under way (nothing to wait on from outside)
         k.km.restart_kernel(now=True)  # what Jupyter does to a kernel whose cell will not stop
         left = _gone(mark)

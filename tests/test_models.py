@@ -91,11 +91,24 @@ def launch(tmp_path: Path, n: int, mode: str) -> dict[int, dict]:
     script = tmp_path / "rank.py"
     script.write_text(RANK_SCRIPT)
     launcher = Path(sys.executable).parent / "mlx.launch"
-    cmd = [str(launcher), "-n", str(n), "--backend", "ring", "--python", sys.executable,
-           "--starting-port", str(free_port_run(n)), str(script), mode, json.dumps(QUESTION)]
+    cmd = [
+        str(launcher),
+        "-n",
+        str(n),
+        "--backend",
+        "ring",
+        "--python",
+        sys.executable,
+        "--starting-port",
+        str(free_port_run(n)),
+        str(script),
+        mode,
+        json.dumps(QUESTION),
+    ]
     # A new session, so that on timeout the launcher and every rank die together.
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
         out, err = proc.communicate(timeout=300)
     except subprocess.TimeoutExpired:
@@ -113,8 +126,13 @@ def test_conversion_reports_progress_to_the_end(steps):
 
 def test_bundled_folder_is_an_ordinary_mlx_lm_folder_and_reused(bundled, cache):
     names = {p.name for p in bundled.iterdir()}
-    assert {"config.json", "model.safetensors", "model.safetensors.index.json",
-            "tokenizer.json", "tokenizer_config.json"} <= names
+    assert {
+        "config.json",
+        "model.safetensors",
+        "model.safetensors.index.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    } <= names
     config = json.loads((bundled / "config.json").read_text())
     assert config["quantization"]["bits"] == 4
     assert config["quantization"]["model.embed_tokens"]["bits"] == 8
@@ -128,8 +146,7 @@ def test_concurrent_conversions_leave_one_complete_folder(tmp_path):
     code = "from mlx_nb.models import bundled_model; print(bundled_model())"
     env = {**os.environ, "MLX_NB_CACHE": str(tmp_path)}
     procs = [
-        subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
-        for _ in range(2)
+        subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True) for _ in range(2)
     ]
     outs = {p.communicate(timeout=120)[0].strip() for p in procs}
     assert all(p.returncode == 0 for p in procs)
@@ -184,9 +201,7 @@ def test_pipeline_refused_for_models_mlx_lm_cannot_pipeline(bundled, tmp_path):
 
 
 @pytest.mark.parametrize("mode,n", [("tensor", 3), ("pipeline", 2)])
-def test_sharded_greedy_matches_one_process_and_stops_together(
-    mode, n, tmp_path, single_tokens
-):
+def test_sharded_greedy_matches_one_process_and_stops_together(mode, n, tmp_path, single_tokens):
     results = launch(tmp_path, n, mode)
     assert sorted(results) == list(range(n))
     for row in results.values():

@@ -24,7 +24,9 @@ def ip():
 
 
 def _all_sum(ip) -> str:
-    return ip.run_cell_magic("mlx_dist", "", "mx.distributed.all_sum(mx.array([rank + 1.0]), group=world)").value["text/plain"]
+    return ip.run_cell_magic("mlx_dist", "", "mx.distributed.all_sum(mx.array([rank + 1.0]), group=world)").value[
+        "text/plain"
+    ]
 
 
 def test_mpi_ranks_run_cells(ip):
@@ -41,7 +43,9 @@ def test_mpi_ranks_listen_only_on_loopback(ip):
     _all_sum(ip)  # MPI_Init has opened its transports
     listening = {
         (p.name(), c.laddr.ip)
-        for p in cluster.processes() for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN
+        for p in cluster.processes()
+        for c in p.net_connections(kind="inet")
+        if c.status == psutil.CONN_LISTEN
     }
     # mpirun's own out-of-band port binds every interface: Open MPI 4.1 has no setting for it
     assert {addr for name, addr in listening if name != "mpirun"} == {"127.0.0.1"}, listening

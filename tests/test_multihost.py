@@ -173,7 +173,9 @@ def test_stop_leaves_nothing_on_the_hosts(ip, hosts):
 
 # ------------------------------------------------------------------ preflight
 def test_check_reports_every_host(shell, hosts):
-    table = shell.run_line_magic("mlx_cluster", f"check --hostfile {ring_hostfile(hosts)} --ssh '{' '.join(hosts.ssh_cmd)}'")
+    table = shell.run_line_magic(
+        "mlx_cluster", f"check --hostfile {ring_hostfile(hosts)} --ssh '{' '.join(hosts.ssh_cmd)}'"
+    )
     assert {row[0] for row in table.rows} == set(hosts.names)
     assert all(row[2] in ("ok", "skip") for row in table.rows if row[1] != "macos"), repr(table)
     assert "every host is ready" in table.title
@@ -263,8 +265,15 @@ def test_multi_mac_tutorial_runs_on_local_addresses():
     path = Path(__file__).resolve().parent.parent / "notebooks" / "03_multi_mac_cluster.ipynb"
     nb = nbformat.read(path, as_version=4)
     assert "MLX_NB_HOSTFILE" not in os.environ  # else the notebook uses that hostfile
-    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
-    text = "\n".join(o.get("text", "") or o.get("data", {}).get("text/plain", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    nbclient.NotebookClient(
+        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
+    ).execute()
+    text = "\n".join(
+        o.get("text", "") or o.get("data", {}).get("text/plain", "")
+        for c in nb.cells
+        if c.cell_type == "code"
+        for o in c.outputs
+    )
     assert "running against a hostfile of local addresses" in text
     assert "preflight: every host is ready" in text
     assert "rank 1 of 2 on" in text and "all_sum = 3" in text

@@ -101,7 +101,9 @@ def test_a_failed_load_leaves_the_model_loaded_before(pair, tmp_path):
     pair.restart()  # the setup replayed is the model that loaded
     from mlx_nb.generate import generate
 
-    assert "Paris" in generate(pair, [{"role": "user", "content": "What is the capital of France?"}], 8, quiet=True).text
+    assert (
+        "Paris" in generate(pair, [{"role": "user", "content": "What is the capital of France?"}], 8, quiet=True).text
+    )
 
 
 # ------------------------------------------------------------------ a real kernel
@@ -137,4 +139,3 @@ def test_a_value_that_cannot_travel_is_named_in_one_line(kernel):
     assert not err
     _, err = kernel.run("lock = %mlx_pull lock")
     assert "lock on rank 0 (lock) cannot travel to the notebook" in err and "Traceback" not in err
-

@@ -81,9 +81,9 @@ bridge0: flags=8822<BROADCAST,SMART,SIMPLEX,MULTICAST> mtu 1500
 	media: <unknown type>
 	status: inactive
 """
-BRIDGE_UP = IFCONFIG_MAC.replace(
-    "bridge0: flags=8822<BROADCAST", "bridge0: flags=8863<UP,BROADCAST"
-).replace("status: inactive", "status: active")
+BRIDGE_UP = IFCONFIG_MAC.replace("bridge0: flags=8822<BROADCAST", "bridge0: flags=8863<UP,BROADCAST").replace(
+    "status: inactive", "status: active"
+)
 IFCONFIG_LINUX = """\
 eth0: flags=4163<UP,BROADCAST,RUNNING,MULTICAST>  mtu 1500
         inet 10.1.0.1  netmask 255.255.0.0  broadcast 10.1.255.255
@@ -133,16 +133,42 @@ def gathered(**sections: str | tuple[str, int]) -> str:
 
 
 # what mlx_nb/rank/blas.py prints: on a Mac, on Linux with Debian's OpenBLAS and without one
-BLAS_MAC = json.dumps({"system": "Darwin", "cores": 24, "MLX_NB_BLAS": "", "name": "Accelerate (macOS)",
-                       "path": "", "threads": 0, "optimized": True, "note": ""})
-BLAS_OPENBLAS = json.dumps({
-    "system": "Linux", "cores": 16, "MLX_NB_BLAS": "", "name": "OpenBLAS 0.3.21 (Haswell)",
-    "path": "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblasp-r0.3.21.so", "threads": 0,
-    "optimized": True, "note": "",
-})
-BLAS_NONE = json.dumps({"system": "Linux", "cores": 16, "MLX_NB_BLAS": "", "name": "reference BLAS (bundled with mlx)",
-                        "path": "", "threads": 0, "optimized": False,
-                        "note": "no OpenBLAS found: apt-get install libopenblas0-pthread"})
+BLAS_MAC = json.dumps(
+    {
+        "system": "Darwin",
+        "cores": 24,
+        "MLX_NB_BLAS": "",
+        "name": "Accelerate (macOS)",
+        "path": "",
+        "threads": 0,
+        "optimized": True,
+        "note": "",
+    }
+)
+BLAS_OPENBLAS = json.dumps(
+    {
+        "system": "Linux",
+        "cores": 16,
+        "MLX_NB_BLAS": "",
+        "name": "OpenBLAS 0.3.21 (Haswell)",
+        "path": "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblasp-r0.3.21.so",
+        "threads": 0,
+        "optimized": True,
+        "note": "",
+    }
+)
+BLAS_NONE = json.dumps(
+    {
+        "system": "Linux",
+        "cores": 16,
+        "MLX_NB_BLAS": "",
+        "name": "reference BLAS (bundled with mlx)",
+        "path": "",
+        "threads": 0,
+        "optimized": False,
+        "note": "no OpenBLAS found: apt-get install libopenblas0-pthread",
+    }
+)
 
 MAC = dict(
     uname="Darwin arm64",
@@ -216,15 +242,19 @@ def test_linux_blas_check_names_the_library_and_threads_per_rank_or_how_to_insta
     f = by_check(pf.check_host(four, "box", gathered(uname="Linux x86_64", blas=BLAS_NONE)))
     assert f["blas"].status == "warn"
     assert f["blas"].message.endswith("slower): no OpenBLAS found: apt-get install libopenblas0-pthread")
-    f = by_check(pf.check_host(four, "box", gathered(uname="Linux x86_64", blas=("mlx_nb is not installed for /x/python", 1))))
-    assert str(f["blas"]) == "[skip] box blas: cannot tell which BLAS the ranks will run: mlx_nb is not installed for /x/python"
+    f = by_check(
+        pf.check_host(four, "box", gathered(uname="Linux x86_64", blas=("mlx_nb is not installed for /x/python", 1)))
+    )
+    assert (
+        str(f["blas"])
+        == "[skip] box blas: cannot tell which BLAS the ranks will run: mlx_nb is not installed for /x/python"
+    )
 
 
 # a one-GPU CUDA host as the H200 machine gathered it: nvidia-smi's query, mlx with mlx-cuda-13
 NVIDIA_SMI = "0, NVIDIA H200, 143771, GPU-5c3b9a0e-1d2f-4e6a-8b7c-0d1e2f3a4b5c, 00000000:00:05.0"
 VERSIONS_CUDA = VERSIONS + "mlx_backend mlx-cuda-13 0.32.4\n"
-CUDA_HOST = dict(uname="Linux x86_64", versions=VERSIONS_CUDA, blas=BLAS_NONE, gpus=NVIDIA_SMI,
-                 cuda_visible=("", 1))
+CUDA_HOST = dict(uname="Linux x86_64", versions=VERSIONS_CUDA, blas=BLAS_NONE, gpus=NVIDIA_SMI, cuda_visible=("", 1))
 
 
 def test_gpu_check_says_which_gpu_each_rank_gets():
@@ -255,7 +285,9 @@ def test_gpu_check_names_a_cpu_only_mlx_on_a_gpu_host_and_says_nothing_elsewhere
     one = hf.from_hosts("gpu1", 1)
     cpu = CUDA_HOST | {"versions": VERSIONS + "mlx_backend mlx-cpu 0.32.4\n"}
     f = by_check(pf.check_host(one, "gpu1", gathered(**cpu)))
-    assert f["gpu"].status == "warn" and "no CUDA backend (mlx-cpu 0.32.4): the ranks run on the CPU" in f["gpu"].message
+    assert (
+        f["gpu"].status == "warn" and "no CUDA backend (mlx-cpu 0.32.4): the ranks run on the CPU" in f["gpu"].message
+    )
     assert f["blas"].status == "warn"  # a CPU rank does run the reference BLAS
     no_smi = CUDA_HOST | {"gpus": ("sh: 1: nvidia-smi: not found", 127)}
     f = by_check(pf.check_host(one, "gpu1", gathered(**no_smi)))
@@ -284,17 +316,11 @@ def test_rdma_not_enabled_says_how_to_enable_it():
 
 def test_jaccl_on_old_macos_fails():
     f = by_check(pf.check_host(MESH, "mac1", gathered(**MAC | {"sw_vers": SW_VERS_OLD})))
-    assert (
-        f["macos"].status == "fail"
-        and "macOS 15.6.1" in f["macos"].message
-        and "26.2" in f["macos"].message
-    )
+    assert f["macos"].status == "fail" and "macOS 15.6.1" in f["macos"].message and "26.2" in f["macos"].message
 
 
 def test_ip_not_on_the_host_fails_naming_ips():
-    ring = hf.loads(
-        '[{"ssh": "mac1", "ips": ["192.168.1.99", "mac1.local"]}, {"ssh": "mac2", "ips": ["mac2.local"]}]'
-    )
+    ring = hf.loads('[{"ssh": "mac1", "ips": ["192.168.1.99", "mac1.local"]}, {"ssh": "mac2", "ips": ["mac2.local"]}]')
     f = by_check(pf.check_host(ring, "mac1", gathered(**MAC)))
     assert "rdma" not in f  # a ring hostfile names no RDMA device
     assert f["interfaces"].status == "fail"
@@ -316,24 +342,14 @@ def test_checks_that_cannot_run_say_so():
         versions=("sh: 1: python3: not found", 127),
     )
     f = by_check(pf.check_host(MESH, "mac1", out))
-    assert (
-        f["rdma"].status == "skip"
-        and f["rdma"].message == "cannot check RDMA on this host: ibv_devices not found"
-    )
-    assert (
-        f["macos"].message
-        == "cannot check the macOS version on this host (Linux x86_64): sw_vers not found"
-    )
+    assert f["rdma"].status == "skip" and f["rdma"].message == "cannot check RDMA on this host: ibv_devices not found"
+    assert f["macos"].message == "cannot check the macOS version on this host (Linux x86_64): sw_vers not found"
     assert f["interfaces"].status == "skip" and "neither ifconfig nor ip" in f["interfaces"].message
     assert f["versions"].status == "fail" and "python3: not found" in f["versions"].message
 
 
 def test_mlx_missing_for_the_engine_python_fails():
-    f = by_check(
-        pf.check_host(
-            MESH, "mac1", gathered(**MAC | {"versions": VERSIONS.replace("mlx 0.32.4", "mlx -")})
-        )
-    )
+    f = by_check(pf.check_host(MESH, "mac1", gathered(**MAC | {"versions": VERSIONS.replace("mlx 0.32.4", "mlx -")})))
     assert f["versions"].status == "fail" and "/Users/me/mlx/.venv/bin/python" in f["versions"].message
 
 
@@ -342,9 +358,7 @@ def test_check_cluster_flags_version_drift_and_silent_hosts():
         "mac1": gathered(**MAC),
         "mac2": gathered(**MAC | {"versions": VERSIONS.replace("0.32.4", "0.31.0")}),
     }
-    found = pf.check_cluster(
-        MESH, outs, local_versions={"python": "3.12.1", "mlx": "0.32.4", "mlx_nb": "0.1.0"}
-    )
+    found = pf.check_cluster(MESH, outs, local_versions={"python": "3.12.1", "mlx": "0.32.4", "mlx_nb": "0.1.0"})
     assert [str(f) for f in found if f.host == "mac3"] == [
         "[skip] mac3 gather: cannot check this host: no output was gathered from it"
     ]
@@ -368,7 +382,14 @@ def run_gather(path_prefix: Path | None = None) -> str:
 def test_gather_command_runs_here_and_reports_what_it_cannot_check():
     out = run_gather()
     assert set(pf.parse_gathered(out)) == {
-        "uname", "sw_vers", "ibv_devices", "interfaces", "versions", "blas", "gpus", "cuda_visible"
+        "uname",
+        "sw_vers",
+        "ibv_devices",
+        "interfaces",
+        "versions",
+        "blas",
+        "gpus",
+        "cuda_visible",
     }
     f = by_check(
         pf.check_host(
@@ -404,8 +425,9 @@ def test_gather_command_reports_the_blas_the_ranks_would_load_here():
     local = hf.local(2)
 
     def blas_finding(setting):
-        out = subprocess.run(pf.gather_command(sys.executable, setting), shell=True, capture_output=True,
-                             text=True, timeout=30).stdout
+        out = subprocess.run(
+            pf.gather_command(sys.executable, setting), shell=True, capture_output=True, text=True, timeout=30
+        ).stdout
         return by_check(pf.check_host(local, "localhost", out))["blas"]
 
     assert str(blas_finding("off")) == "[ok] localhost blas: reference BLAS (bundled with mlx) (MLX_NB_BLAS=off)"
@@ -418,9 +440,7 @@ def test_gather_command_reports_the_blas_the_ranks_would_load_here():
 
 # ------------------------------------------------------- lessons
 def test_warnings_from_the_hostfile_alone():
-    h = hf.loads(
-        json.dumps({"envs": ["MLX_METAL_FAST_SYNCH=1", "MLX_RANK=0"], "hosts": MESH.to_json()["hosts"]})
-    )
+    h = hf.loads(json.dumps({"envs": ["MLX_METAL_FAST_SYNCH=1", "MLX_RANK=0"], "hosts": MESH.to_json()["hosts"]}))
     notes = pf.warnings(h)
     assert any("MLX_METAL_FAST_SYNCH=1" in n and "unset" in n for n in notes)
     assert any("MLX_RANK" in n and "overrides" in n for n in notes)
@@ -429,4 +449,3 @@ def test_warnings_from_the_hostfile_alone():
 
 def test_docstring_examples_run():
     assert doctest.testmod(pf).failed == 0
-

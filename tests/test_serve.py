@@ -24,8 +24,14 @@ from mlx_nb.serve import serve
 
 TOKENS = 8
 QUESTIONS = [
-    "What is the capital of France?", "Name three colors.", "What is 2+2?", "Who wrote Hamlet?",
-    "What is the largest ocean?", "Say hello in Spanish.", "What do bees make?", "What color is the sky?",
+    "What is the capital of France?",
+    "Name three colors.",
+    "What is 2+2?",
+    "Who wrote Hamlet?",
+    "What is the largest ocean?",
+    "Say hello in Spanish.",
+    "What do bees make?",
+    "What color is the sky?",
 ]
 SYSTEM = [{"role": "system", "content": "You are a pirate."}, {"role": "user", "content": "Who are you?"}]
 STORY = [{"role": "user", "content": "Write a very long story about a lighthouse keeper and the sea."}]
@@ -99,8 +105,9 @@ def post(server, path: str, body: bytes, headers: dict | None = None) -> tuple[i
 # ---------------------------------------------------------------- generate_batch
 def test_a_batch_of_prompts_gives_each_prompt_its_answer_alone_on_a_pipeline(pair, alone):
     texts = {}
-    result = generate_batch(pair, [chat(q) for q in QUESTIONS[:4]], TOKENS,
-                            on_text=lambda i, text: texts.setdefault(i, []).append(text))
+    result = generate_batch(
+        pair, [chat(q) for q in QUESTIONS[:4]], TOKENS, on_text=lambda i, text: texts.setdefault(i, []).append(text)
+    )
     assert result.texts == [alone[q] for q in QUESTIONS[:4]]
     assert "Paris" in result.texts[0]
     # each reply streamed in pieces, as its tokens came
@@ -147,8 +154,13 @@ def test_a_chat_completion_is_the_answer_alone(client, server, alone):
 
 
 def test_a_streamed_chat_completion_arrives_in_pieces_that_make_the_answer(client, server, alone):
-    stream = client.chat.completions.create(model=server.model.id, messages=chat(QUESTIONS[1]), max_tokens=TOKENS,
-                                            stream=True, stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        model=server.model.id,
+        messages=chat(QUESTIONS[1]),
+        max_tokens=TOKENS,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
     pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
     assert len(pieces) > 2 and "".join(pieces) == alone[QUESTIONS[1]]
@@ -164,8 +176,12 @@ def test_a_system_prompt_goes_through_the_chat_template(client, server, alone):
 
 def test_text_completions_streamed_and_not_agree(client, server):
     whole = client.completions.create(model=server.model.id, prompt="The capital of France is", max_tokens=TOKENS)
-    pieces = [c.choices[0].text for c in client.completions.create(
-        model=server.model.id, prompt="The capital of France is", max_tokens=TOKENS, stream=True)]
+    pieces = [
+        c.choices[0].text
+        for c in client.completions.create(
+            model=server.model.id, prompt="The capital of France is", max_tokens=TOKENS, stream=True
+        )
+    ]
     assert "".join(pieces) == whole.choices[0].text and "Paris" in whole.choices[0].text
     assert whole.object == "text_completion" and whole.usage.completion_tokens == TOKENS
 
@@ -193,7 +209,9 @@ def test_a_burst_of_64_clients_connecting_at_once_is_answered(client, server):
     def ask() -> None:
         start.wait()
         try:
-            for _ in client.chat.completions.create(model=server.model.id, messages=chat("Hi"), max_tokens=2, stream=True):
+            for _ in client.chat.completions.create(
+                model=server.model.id, messages=chat("Hi"), max_tokens=2, stream=True
+            ):
                 pass
         except openai.APIError as e:
             errors.append(f"{type(e).__name__}: {e}")
@@ -228,18 +246,30 @@ def test_a_client_that_disconnects_mid_stream_leaves_the_batch_while_another_goe
 
 
 def test_stop_strings_end_the_reply_before_them(client, server):
-    r = client.chat.completions.create(model=server.model.id, messages=chat(QUESTIONS[0]), max_tokens=TOKENS,
-                                       stop=[" is"])
+    r = client.chat.completions.create(
+        model=server.model.id, messages=chat(QUESTIONS[0]), max_tokens=TOKENS, stop=[" is"]
+    )
     assert r.choices[0].message.content == "The capital of France" and r.choices[0].finish_reason == "stop"
-    streamed = client.completions.create(model=server.model.id, prompt="One, two, three,", max_tokens=TOKENS,
-                                         stop=",", stream=True)
+    streamed = client.completions.create(
+        model=server.model.id, prompt="One, two, three,", max_tokens=TOKENS, stop=",", stream=True
+    )
     assert "," not in "".join(c.choices[0].text for c in streamed)
 
 
 def test_a_seed_repeats_a_sampled_reply(client, server):
     def sample(seed: int) -> str:
-        return client.completions.create(model=server.model.id, prompt="Once upon a time", max_tokens=TOKENS,
-                                         temperature=1.0, top_p=0.95, seed=seed).choices[0].text
+        return (
+            client.completions.create(
+                model=server.model.id,
+                prompt="Once upon a time",
+                max_tokens=TOKENS,
+                temperature=1.0,
+                top_p=0.95,
+                seed=seed,
+            )
+            .choices[0]
+            .text
+        )
 
     assert sample(11) == sample(11)
 
@@ -257,16 +287,34 @@ def test_status_shows_requests_rates_and_first_token(server, client):
 CHAT, TEXT = "/v1/chat/completions", "/v1/completions"
 
 
-@pytest.mark.parametrize("path, body, status, match", [
-    (CHAT, b"{not json", 400, "not valid JSON"),
-    (CHAT, b"[1, 2]", 400, "must be a JSON object"),
-    (CHAT, json.dumps({"messages": [{"role": "wizard", "content": "Hi"}]}).encode(), 400, "role is 'wizard'"),
-    (CHAT, json.dumps({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 0}).encode(), 400, "max_tokens"),
-    (CHAT, json.dumps({"model": "gpt-4", "messages": [{"role": "user", "content": "Hi"}]}).encode(), 404, "does not exist"),
-    (CHAT, json.dumps({"messages": [{"role": "user", "content": "Hi"}], "temperature": -1}).encode(), 400, "temperature"),
-    (TEXT, json.dumps({"prompt": [1, 2, 10**9]}).encode(), 400, "token ids must lie in"),
-    (TEXT, json.dumps({"prompt": "Hi", "stop": ["a", "b", "c", "d", "e"]}).encode(), 400, "up to 4"),
-])
+@pytest.mark.parametrize(
+    "path, body, status, match",
+    [
+        (CHAT, b"{not json", 400, "not valid JSON"),
+        (CHAT, b"[1, 2]", 400, "must be a JSON object"),
+        (CHAT, json.dumps({"messages": [{"role": "wizard", "content": "Hi"}]}).encode(), 400, "role is 'wizard'"),
+        (
+            CHAT,
+            json.dumps({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 0}).encode(),
+            400,
+            "max_tokens",
+        ),
+        (
+            CHAT,
+            json.dumps({"model": "gpt-4", "messages": [{"role": "user", "content": "Hi"}]}).encode(),
+            404,
+            "does not exist",
+        ),
+        (
+            CHAT,
+            json.dumps({"messages": [{"role": "user", "content": "Hi"}], "temperature": -1}).encode(),
+            400,
+            "temperature",
+        ),
+        (TEXT, json.dumps({"prompt": [1, 2, 10**9]}).encode(), 400, "token ids must lie in"),
+        (TEXT, json.dumps({"prompt": "Hi", "stop": ["a", "b", "c", "d", "e"]}).encode(), 400, "up to 4"),
+    ],
+)
 def test_a_bad_request_gets_an_openai_error_and_the_server_goes_on(server, client, path, body, status, match):
     got, error = post(server, path, body)
     assert got == status and match in error["error"]["message"]
@@ -368,7 +416,9 @@ def test_the_serving_tutorial_runs():
     for cell in nb.cells:
         if "parameters" in cell.metadata.get("tags", []):
             cell.source = f"MAX_TOKENS = {TOKENS}"
-    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
+    nbclient.NotebookClient(
+        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
+    ).execute()
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     text = "".join(o.get("text", "") + o.get("data", {}).get("text/plain", "") for o in outputs)
     assert text.count("Paris") >= 2 and "Aye" in text

@@ -60,9 +60,7 @@ def test_host0_reaches_host1_and_the_bridge_over_tcp(ssh_hosts):
         f"import socket; s = socket.create_server(('{hosts.ips[1]}', 23456)); print('up', flush=True); "
         "c, _ = s.accept(); c.sendall(b'host1'); c.close()"
     )
-    server = subprocess.Popen(
-        hosts.ssh_argv(1, f"{PY} -c {shlex.quote(serve)}"), stdout=subprocess.PIPE, text=True
-    )
+    server = subprocess.Popen(hosts.ssh_argv(1, f"{PY} -c {shlex.quote(serve)}"), stdout=subprocess.PIPE, text=True)
     try:
         assert server.stdout.readline().strip() == "up"
         fetch = (
@@ -85,7 +83,9 @@ def test_mlx_ring_group_spans_the_hosts(ssh_hosts):
     ranks = [
         subprocess.Popen(
             hosts.ssh_argv(i, f"MLX_RANK={i} MLX_HOSTFILE={hostfile} {PY} -c {shlex.quote(RING)}"),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for i in range(2)
     ]
@@ -154,7 +154,13 @@ def test_ssh_run_is_bounded_on_unreachable_hosts_and_slow_commands(ssh_hosts):
 
 def test_scp_command_mirrors_the_ssh_command():
     assert launchers.scp_command(["ssh", "-F", "cfg", "-p", "2222", "-o", "A=b"]) == [
-        "scp", "-F", "cfg", "-P", "2222", "-o", "A=b",
+        "scp",
+        "-F",
+        "cfg",
+        "-P",
+        "2222",
+        "-o",
+        "A=b",
     ]
 
 
@@ -269,7 +275,8 @@ def _mpi_group() -> tuple:
 def test_mpi_available_says_why_not(monkeypatch):
     monkeypatch.setattr(launchers.shutil, "which", lambda name: None)
     assert launchers.mpi_available() == (
-        False, "mpirun not found: install Open MPI (apt-get install openmpi-bin, brew install open-mpi)"
+        False,
+        "mpirun not found: install Open MPI (apt-get install openmpi-bin, brew install open-mpi)",
     )
 
 

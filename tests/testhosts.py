@@ -129,7 +129,8 @@ def _kill(procs: list[psutil.Process], grace: float = 3.0) -> None:
 def purge(prefix: str, files: bool = True) -> None:
     """Remove every process, namespace, link (and temp dir) named by ``prefix`` (e.g. ``mlxnb0``)."""
     namespaces = [
-        line.split()[0] for line in _run("ip", "netns", "list", check=False).stdout.splitlines()
+        line.split()[0]
+        for line in _run("ip", "netns", "list", check=False).stdout.splitlines()
         if line.startswith(prefix + "-")
     ]
     procs = {p.pid: p for p in _marked(prefix)}
@@ -255,7 +256,12 @@ class TestHosts:
         _run("ip", "addr", "add", f"{net}.1/24", "dev", bridge)
         _run("ip", "link", "set", bridge, "up")
         for i in range(self.n):
-            ns, outside, inside, ip = f"{self.prefix}-h{i}", f"{self.prefix}-v{i}", f"{self.prefix}-p{i}", f"{net}.{10 + i}"
+            ns, outside, inside, ip = (
+                f"{self.prefix}-h{i}",
+                f"{self.prefix}-v{i}",
+                f"{self.prefix}-p{i}",
+                f"{net}.{10 + i}",
+            )
             _run("ip", "netns", "add", ns)
             self.namespaces.append(ns)
             _run("ip", "link", "add", outside, "type", "veth", "peer", "name", inside)
@@ -313,14 +319,32 @@ class TestHosts:
         if self.mode == "netns":
             # its own hostname and process ids too, as on another machine: a pid an ssh
             # launcher reports means nothing here, and orphans are reaped by sshd (pid 1 there)
-            argv = ["ip", "netns", "exec", self.namespaces[i],
-                    "unshare", "--uts", "--pid", "--fork", "--mount-proc",
-                    "sh", "-c", 'hostname "$0" && exec "$@"', self.names[i], *argv]
+            argv = [
+                "ip",
+                "netns",
+                "exec",
+                self.namespaces[i],
+                "unshare",
+                "--uts",
+                "--pid",
+                "--fork",
+                "--mount-proc",
+                "sh",
+                "-c",
+                'hostname "$0" && exec "$@"',
+                self.names[i],
+                *argv,
+            ]
         log = open(self.dir / f"sshd{i}.log", "w")
-        self._sshd.append(subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            env={"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), MARK: self.prefix},
-        ))
+        self._sshd.append(
+            subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), MARK: self.prefix},
+            )
+        )
         log.close()
 
     def _wait_ready(self, timeout: float = 20.0) -> None:

@@ -163,4 +163,3 @@ class Forming:
                 text = ""
             out.append(diagnose.engine_exited(rank, self.spec.host(rank), text))
         return "\n".join(out)
-

@@ -38,20 +38,24 @@ ENGINE_ENV = {"MPLBACKEND": "Agg", "PYTHONUNBUFFERED": "1"}
 # and it is how signals reach them
 # Every engine imports MLX as it starts, before it serves requests: a warm spare set then forms
 # a group without paying for the import
-ENGINE_ARGS = ["--IPEngine.enable_nanny=False", "--IPEngine.startup_command=from mlx_nb.rank import session; session.warm()"]
+ENGINE_ARGS = [
+    "--IPEngine.enable_nanny=False",
+    "--IPEngine.startup_command=from mlx_nb.rank import session; session.warm()",
+]
 # the controller admits a new engine at its next heartbeat: every 0.5 s rather than 3 s makes
 # a (re)start seconds faster; 60 misses keep its patience with a busy engine at 30 s. No task
 # database: the hub would keep every pushed and pulled buffer (up to 1 GB) for nobody
 CONTROLLER_ARGS = [
-    "--HeartMonitor.period=500", "--HeartMonitor.max_heartmonitor_misses=60", "--IPController.db_class=NoDB",
+    "--HeartMonitor.period=500",
+    "--HeartMonitor.max_heartmonitor_misses=60",
+    "--IPController.db_class=NoDB",
 ]
 
 
 class RankGroup(Forming):
     """The processes behind a cluster: start, bind, watch, signal and end them."""
 
-    def __init__(self, spec: ClusterSpec, name: Optional[str] = None, keep: bool = False,
-                 idle: Optional[float] = None):
+    def __init__(self, spec: ClusterSpec, name: Optional[str] = None, keep: bool = False, idle: Optional[float] = None):
         self.spec, self.name, self.keep, self.idle = spec, name, keep, idle
         self.created = time.time()
         self.holder: dict = kept.me()  # who may run jobs on a kept cluster
@@ -145,8 +149,12 @@ class RankGroup(Forming):
                 "or stop it first"
             )
         self._ipp = kept.IppCluster(
-            n=0, controller_ip=ip, log_level=40, shutdown_atexit=not self.keep,
-            controller_args=CONTROLLER_ARGS + curve, **named,
+            n=0,
+            controller_ip=ip,
+            log_level=40,
+            shutdown_atexit=not self.keep,
+            controller_args=CONTROLLER_ARGS + curve,
+            **named,
         )
         try:
             self._ipp.start_controller_sync()
@@ -233,9 +241,7 @@ class RankGroup(Forming):
         """Every process of the cluster on this machine: controller, engines (spares too), watchdog."""
         if self._ipp is None:
             return []
-        pids = [
-            el.pid for es in self._ipp.engines.values() for el in launch.set_launchers(es) if not launch.is_ssh(el)
-        ]
+        pids = [el.pid for es in self._ipp.engines.values() for el in launch.set_launchers(es) if not launch.is_ssh(el)]
         if self._ipp.controller is not None:
             pids.append(self._ipp.controller.pid)
         if self._watchdog is not None and self._watchdog.poll() is None:
@@ -358,7 +364,9 @@ class RankGroup(Forming):
             for el in self._launchers(rank):
                 launch.quietly(el.signal, sig)  # it has exited meanwhile: the caller finds it dead
 
-    def send_control(self, msg_type: str, content: Optional[dict] = None, ranks: Optional[Sequence[int]] = None) -> None:
+    def send_control(
+        self, msg_type: str, content: Optional[dict] = None, ranks: Optional[Sequence[int]] = None
+    ) -> None:
         """A message on the ranks' control channel, which their kernels serve while a cell runs."""
         for r in ranks if ranks is not None else range(len(self.ranks)):
             ident = self.client._engines[self.ranks[r].engine_id]
@@ -400,7 +408,15 @@ class RankGroup(Forming):
         except ClusterError:
             queued, lost = set(), {r.rank for r in self.ranks}
         for r in self.ranks:
-            r.state = "dead" if r.rank in dead else "lost" if r.rank in lost else "busy" if busy or r.rank in queued else "idle"
+            r.state = (
+                "dead"
+                if r.rank in dead
+                else "lost"
+                if r.rank in lost
+                else "busy"
+                if busy or r.rank in queued
+                else "idle"
+            )
         if self.ranks and all(r.state == "idle" for r in self.ranks):
             try:
                 ar = self.view.apply_async(session.describe)
@@ -419,7 +435,9 @@ class RankGroup(Forming):
         """
         from ipyparallel import util
 
-        query = self.client._send(self.client._query_stream, "queue_request", content={"targets": None, "verbose": True})
+        query = self.client._send(
+            self.client._query_stream, "queue_request", content={"targets": None, "verbose": True}
+        )
         if not query.wait(timeout):
             raise ClusterError(f"the controller did not answer within {timeout:g} s")
         queues = util.int_keys({k: v for k, v in query.result()["content"].items() if k != "status"})

@@ -45,7 +45,7 @@ def controller_ip(hostfile: Hostfile, ssh_cmd: Sequence[str] = ("ssh",)) -> str:
         if not remote[0].ips:
             raise ClusterError(
                 f"cannot resolve host {remote[0].ssh_hostname!r} (rank {remote[0].rank}): "
-                "check the name, or give its IP in the hostfile's \"ips\""
+                'check the name, or give its IP in the hostfile\'s "ips"'
             ) from None
         addr = remote[0].ips[0]
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
@@ -56,7 +56,9 @@ def controller_ip(hostfile: Hostfile, ssh_cmd: Sequence[str] = ("ssh",)) -> str:
         return s.getsockname()[0]
 
 
-def on_hosts(hosts: Sequence[str], cmd: str, ssh_cmd: Sequence[str], timeout: float = 15.0) -> dict[str, tuple[int, str]]:
+def on_hosts(
+    hosts: Sequence[str], cmd: str, ssh_cmd: Sequence[str], timeout: float = 15.0
+) -> dict[str, tuple[int, str]]:
     """Run ``cmd`` on every host of ``hosts`` at once; each host's (exit code, output)."""
     names = list(dict.fromkeys(hosts))
     if not names:
@@ -66,8 +68,12 @@ def on_hosts(hosts: Sequence[str], cmd: str, ssh_cmd: Sequence[str], timeout: fl
 
 
 def check_hosts(
-    hostfile: Hostfile, backend: Optional[str] = None, python: Optional[str] = None,
-    ssh_cmd: Sequence[str] = ("ssh",), timeout: float = 30.0, env: Optional[dict[str, str]] = None,
+    hostfile: Hostfile,
+    backend: Optional[str] = None,
+    python: Optional[str] = None,
+    ssh_cmd: Sequence[str] = ("ssh",),
+    timeout: float = 30.0,
+    env: Optional[dict[str, str]] = None,
 ) -> list[Finding]:
     """Preflight findings for every host of ``hostfile``, gathered over ssh in parallel.
 
@@ -107,10 +113,13 @@ def check_hosts(
 def refuse_on(findings: list[Finding]) -> None:
     """Raise ClusterError, with every host's findings, if any host fails or mlx / mlx_nb differ."""
     bad = [
-        f for f in findings
+        f
+        for f in findings
         if f.status == "fail" or (f.check == "versions" and f.status == "warn" and not f.message.startswith("python"))
     ]
     if bad:
         hosts = ", ".join(dict.fromkeys(f.host for f in bad))
-        table = Table(["host", "check", "status", "message"], [(f.host, f.check, f.status, f.message) for f in findings])
+        table = Table(
+            ["host", "check", "status", "message"], [(f.host, f.check, f.status, f.message) for f in findings]
+        )
         raise ClusterError(f"preflight failed on {hosts}; nothing was started:\n{table!r}")

@@ -140,7 +140,7 @@ def load(name: str) -> IppCluster:
     """The kept cluster ``name``, its processes reattached; ClusterError if there is none."""
     path = IppCluster(cluster_id=PREFIX + check_name(name)).cluster_file
     if not os.path.exists(path):
-        names = [os.path.basename(f)[len("cluster-" + PREFIX):-5] for f in cluster_files()]
+        names = [os.path.basename(f)[len("cluster-" + PREFIX) : -5] for f in cluster_files()]
         known = f": kept clusters here are {', '.join(names)}" if names else ": none is kept here"
         raise ClusterError(f"no kept cluster named {name!r}{known} (%mlx_cluster list)")
     with open(path) as f:
@@ -176,12 +176,19 @@ def listing() -> list[dict]:
         except OSError:
             used = state.get("created", time.time())
         hosts = sorted({h["ssh"] for h in state["spec"]["hostfile"]["hosts"]})
-        rows.append({
-            "name": state["name"], "ranks": len(state.get("ranks", [])), "hosts": hosts,
-            "backend": state["spec"]["backend"], "age": time.time() - state.get("created", time.time()),
-            "idle": time.time() - used, "idle_limit": state.get("idle"), "memory": memory,
-            "holder": state.get("holder") if holder_alive(state.get("holder")) else None,
-        })
+        rows.append(
+            {
+                "name": state["name"],
+                "ranks": len(state.get("ranks", [])),
+                "hosts": hosts,
+                "backend": state["spec"]["backend"],
+                "age": time.time() - state.get("created", time.time()),
+                "idle": time.time() - used,
+                "idle_limit": state.get("idle"),
+                "memory": memory,
+                "holder": state.get("holder") if holder_alive(state.get("holder")) else None,
+            }
+        )
     return rows
 
 
@@ -190,9 +197,17 @@ def publish(group) -> None:
     if not group.keep or group._ipp is None:
         return
     group._ipp.mlx_nb = {
-        "name": group.name, "spec": spec_state(group.spec), "ranks": [vars(r) for r in group.ranks],
-        "tag": group._tag, "spare": group._spare, "generation": group._generation, "dir": group.dir,
-        "created": group.created, "idle": group.idle, "holder": group.holder, "setup": group.setup_state,
+        "name": group.name,
+        "spec": spec_state(group.spec),
+        "ranks": [vars(r) for r in group.ranks],
+        "tag": group._tag,
+        "spare": group._spare,
+        "generation": group._generation,
+        "dir": group.dir,
+        "created": group.created,
+        "idle": group.idle,
+        "holder": group.holder,
+        "setup": group.setup_state,
     }
     group._ipp.update_cluster_file()
 

@@ -124,7 +124,9 @@ def ssh_run(host: str, cmd: str, ssh_cmd: list[str], timeout: float = 30.0) -> t
         if group:
             subprocess.run(
                 [*ssh_cmd, *SSH_OPTIONS, "--", host, f"kill -TERM -- -{group.group(1)}"],
-                stdin=subprocess.DEVNULL, capture_output=True, timeout=10,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                timeout=10,
             )
         return 124, out + _PGID.sub("", err) + f"\n`{cmd}` on {host} did not finish within {timeout:g} s"
     except FileNotFoundError:
@@ -249,8 +251,10 @@ def quietly(f: Callable, *args: Any) -> None:
 def engine_output(text: str, lines: int = 20) -> str:
     """The tail of an engine's output, without ipyparallel's log lines and MLX ring noise."""
     keep = [
-        line.strip() for line in text.splitlines()
-        if line.strip() and not line.startswith("Output for ")
+        line.strip()
+        for line in text.splitlines()
+        if line.strip()
+        and not line.startswith("Output for ")
         and not re.search(r"\[(IPEngine|KernelNanny)[.\]]|^\s*\[ring\]", line)
     ]
     return "\n".join("  " + line for line in keep[-lines:])

@@ -96,8 +96,9 @@ class RankTask:
         if isinstance(result, ipp.error.EngineError) or getattr(result, "ename", "") == "EngineError":
             return Outcome(self.rank, lost=True)
         if isinstance(result, ipp.RemoteError):
-            return Outcome(self.rank, error=RankError(
-                result.ename, str(result.evalue), result.traceback or "", time.time()))
+            return Outcome(
+                self.rank, error=RankError(result.ename, str(result.evalue), result.traceback or "", time.time())
+            )
         if not isinstance(result, Outcome):  # TaskAborted and the like: ipyparallel's, not the cell's
             return Outcome(self.rank, error=RankError(type(result).__name__, str(result), "", time.time()))
         return result

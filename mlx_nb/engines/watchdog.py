@@ -75,8 +75,12 @@ def end_everything(state: dict) -> None:
     for r in state.get("remote", []):
         kill = f"kill -KILL -- -{r['pid']} 2>/dev/null; kill -KILL {r['pid']} 2>/dev/null; rm -rf {state['dir']}"
         _quietly(
-            subprocess.run, [*r["ssh"], "--", r["host"], kill],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=10,
+            subprocess.run,
+            [*r["ssh"], "--", r["host"], kill],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=10,
         )
     if state.get("dir"):
         shutil.rmtree(state["dir"], ignore_errors=True)
@@ -125,8 +129,12 @@ def watch(path: str) -> str:
 def start(path: str) -> subprocess.Popen:
     """Start a watchdog for the state file ``path``, in a session of its own."""
     return subprocess.Popen(
-        [sys.executable, "-m", "mlx_nb.engines.watchdog", path], start_new_session=True,
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True,
+        [sys.executable, "-m", "mlx_nb.engines.watchdog", path],
+        start_new_session=True,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        close_fds=True,
     )
 
 
@@ -148,9 +156,18 @@ def write_state(group) -> None:
     me = psutil.Process()
     state = {
         # a kept cluster has no owner: it outlives its kernel, until its idle limit
-        "owner_pid": None if group.keep else me.pid, "owner_started": me.create_time(),
-        "created": group.created, "idle": group.idle, "local": local, "remote": remote, "dir": group.dir,
-        "files": [group._ipp.cluster_file, group.client_file, group.client_file.replace("-client.json", "-engine.json")],
+        "owner_pid": None if group.keep else me.pid,
+        "owner_started": me.create_time(),
+        "created": group.created,
+        "idle": group.idle,
+        "local": local,
+        "remote": remote,
+        "dir": group.dir,
+        "files": [
+            group._ipp.cluster_file,
+            group.client_file,
+            group.client_file.replace("-client.json", "-engine.json"),
+        ],
         "gentle": group.spec.backend in ("jaccl", "jaccl-ring"),
     }
     tmp = group.state_file + ".tmp"

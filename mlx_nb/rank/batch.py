@@ -124,12 +124,22 @@ class Batch:
     """
 
     def __init__(
-        self, model: Any, tokenizer: TokenizerWrapper, group: Optional[mx.distributed.Group], *,
-        max_batch: int = 32, prefill_batch: int = 8, prefill_step: int = 2048,
+        self,
+        model: Any,
+        tokenizer: TokenizerWrapper,
+        group: Optional[mx.distributed.Group],
+        *,
+        max_batch: int = 32,
+        prefill_batch: int = 8,
+        prefill_step: int = 2048,
     ) -> None:
         # no stop tokens: an end of sequence is rank 0's decision (see the module's docstring)
-        self.gen = BatchGenerator(model, completion_batch_size=max_batch, prefill_batch_size=min(prefill_batch, max_batch),
-                                  prefill_step_size=prefill_step)
+        self.gen = BatchGenerator(
+            model,
+            completion_batch_size=max_batch,
+            prefill_batch_size=min(prefill_batch, max_batch),
+            prefill_step_size=prefill_step,
+        )
         self.tokenizer, self.group = tokenizer, group
         self.rank = group.rank() if group is not None else 0
         self.eos = set(tokenizer.eos_token_ids)
@@ -160,7 +170,8 @@ class Batch:
             self._detokenizers.pop(rid, None)
         if plan.add:
             uids = self.gen.insert(
-                [r.prompt for r in plan.add], [r.max_tokens for r in plan.add],
+                [r.prompt for r in plan.add],
+                [r.max_tokens for r in plan.add],
                 samplers=[sampler(r.temperature, r.top_p, r.seed) for r in plan.add],
             )
             for uid, r in zip(uids, plan.add):
@@ -235,18 +246,22 @@ def loaded() -> tuple[Any, TokenizerWrapper, Optional[mx.distributed.Group]]:
     return generate._loaded
 
 
-def generate_batch_on_rank(prompts: list[Prompt], max_tokens: int, temperature: float, top_p: float,
-                           seeds: list[int], max_batch: int) -> dict:
+def generate_batch_on_rank(
+    prompts: list[Prompt], max_tokens: int, temperature: float, top_p: float, seeds: list[int], max_batch: int
+) -> dict:
     """Generate ``prompts`` as one batch on every rank; rank 0 reports each step's text."""
     model, tokenizer, group = loaded()
-    todo = [Request(i, prompt_tokens(tokenizer, p), max_tokens, temperature, top_p, s)
-            for i, (p, s) in enumerate(zip(prompts, seeds))]
+    todo = [
+        Request(i, prompt_tokens(tokenizer, p), max_tokens, temperature, top_p, s)
+        for i, (p, s) in enumerate(zip(prompts, seeds))
+    ]
     for r in todo:
         if problem := r.problem():
             raise ValueError(f"prompt {r.id}: {problem}")
     batch = Batch(model, tokenizer, group, max_batch=max_batch)
-    replies = [{"tokens": [], "text": "", "finish_reason": None, "ttft": None, "prompt_tokens": len(r.prompt)}
-               for r in todo]
+    replies = [
+        {"tokens": [], "text": "", "finish_reason": None, "ttft": None, "prompt_tokens": len(r.prompt)} for r in todo
+    ]
     t0 = time.perf_counter()
 
     def decide(batch: Batch) -> Plan:
@@ -270,5 +285,10 @@ def generate_batch_on_rank(prompts: list[Prompt], max_tokens: int, temperature: 
         steps = run(batch, decide, emit)
     finally:
         batch.close()
-    return {"replies": replies, "seconds": time.perf_counter() - t0, "steps": steps,
-            "stopped": session.stop_requested(), "peak_memory": session.memory()[1]}
+    return {
+        "replies": replies,
+        "seconds": time.perf_counter() - t0,
+        "steps": steps,
+        "stopped": session.stop_requested(),
+        "peak_memory": session.memory()[1],
+    }

@@ -65,13 +65,26 @@ class BenchRow:
         return not self.wrong_ranks
 
 
-def make_row(op: str, size: int, dtype: str, ranks: int, backend: str,
-             times: Sequence[float], wrong_ranks: Sequence[int] = ()) -> BenchRow:
+def make_row(
+    op: str, size: int, dtype: str, ranks: int, backend: str, times: Sequence[float], wrong_ranks: Sequence[int] = ()
+) -> BenchRow:
     """Statistics of one case from the slowest rank's time per iteration."""
     median = percentile(times, 50)
     algbw = size / median if median > 0 else 0.0
-    return BenchRow(op, size, dtype, ranks, backend, len(times), median, percentile(times, 90),
-                    algbw, algbw * bus_factor(op, ranks), tuple(wrong_ranks), tuple(times))
+    return BenchRow(
+        op,
+        size,
+        dtype,
+        ranks,
+        backend,
+        len(times),
+        median,
+        percentile(times, 90),
+        algbw,
+        algbw * bus_factor(op, ranks),
+        tuple(wrong_ranks),
+        tuple(times),
+    )
 
 
 # ------------------------------------------------------------------ rank side
@@ -111,9 +124,17 @@ def slowest(group, times: Sequence[float], ok: bool = True) -> tuple[list[float]
     return worst, [r for r, flag in enumerate(every[:, -1].tolist()) if flag != 1.0]
 
 
-def sweep(group, sizes: Sequence[int], ops: Sequence[str] = OPS, dtypes: Sequence[str] = ("float32",),
-          warmup: int = 5, iters: int = 20, *, backend: str = "ring",
-          progress: Optional[Progress] = None) -> list[BenchRow]:
+def sweep(
+    group,
+    sizes: Sequence[int],
+    ops: Sequence[str] = OPS,
+    dtypes: Sequence[str] = ("float32",),
+    warmup: int = 5,
+    iters: int = 20,
+    *,
+    backend: str = "ring",
+    progress: Optional[Progress] = None,
+) -> list[BenchRow]:
     """Time each op at each size and dtype on ``group``; every rank gets the same rows.
 
     Collective: call it on every rank with the same arguments.
@@ -165,7 +186,9 @@ def sweep_on_rank(sizes, ops, dtypes, warmup, iters, backend) -> Optional[list[B
     world = session.world()
     progress = None
     if world.rank() == 0:
+
         def progress(done, total, what):
             session.report(done=done, total=total, what=what)
+
     rows = sweep(world, sizes, ops, dtypes, warmup, iters, backend=backend, progress=progress)
     return rows if world.rank() == 0 else None

@@ -227,8 +227,10 @@ def _describe(lib: ctypes.CDLL, path: str) -> BlasInfo:
 
 class _DlInfo(ctypes.Structure):
     _fields_ = [
-        ("dli_fname", ctypes.c_char_p), ("dli_fbase", ctypes.c_void_p),
-        ("dli_sname", ctypes.c_char_p), ("dli_saddr", ctypes.c_void_p),
+        ("dli_fname", ctypes.c_char_p),
+        ("dli_fbase", ctypes.c_void_p),
+        ("dli_sname", ctypes.c_char_p),
+        ("dli_saddr", ctypes.c_void_p),
     ]
 
 

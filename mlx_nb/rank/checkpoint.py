@@ -121,8 +121,10 @@ def load(folder: Path) -> tuple[dict, dict, dict]:
 
     record = latest(folder)
     if record is None:
-        raise FileNotFoundError(f"{folder} holds no checkpoint ({STATE} is missing): resume takes the "
-                                "folder of an earlier finetune run (it prints it when it starts)")
+        raise FileNotFoundError(
+            f"{folder} holds no checkpoint ({STATE} is missing): resume takes the "
+            "folder of an earlier finetune run (it prints it when it starts)"
+        )
     return record, mx.load(str(Path(folder) / record["adapters"])), mx.load(str(Path(folder) / record["optimizer"]))
 
 
@@ -130,6 +132,8 @@ def read_config(folder: Path) -> dict:
     """The run's ``adapter_config.json``."""
     path = Path(folder) / CONFIG
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: resume and adapter_path take a folder that "
-                                "finetune wrote (it holds adapter_config.json and adapters.safetensors)")
+        raise FileNotFoundError(
+            f"{path} does not exist: resume and adapter_path take a folder that "
+            "finetune wrote (it holds adapter_config.json and adapters.safetensors)"
+        )
     return json.loads(path.read_text())

@@ -84,8 +84,10 @@ def prepare(options: dict[str, Any], choose_folder: bool = True) -> FinetuneConf
     folder = Path(c.adapter_path)
     continuing = c.resume is not None and folder == Path(c.resume).resolve()
     if not continuing and ((folder / checkpoint.ADAPTERS).exists() or (folder / checkpoint.STATE).exists()):
-        raise ValueError(f"{folder} already holds adapters of an earlier run: pass resume={str(folder)!r} "
-                         "to continue that run, or another adapter_path (by default each run gets a new folder)")
+        raise ValueError(
+            f"{folder} already holds adapters of an earlier run: pass resume={str(folder)!r} "
+            "to continue that run, or another adapter_path (by default each run gets a new folder)"
+        )
     return c
 
 
@@ -97,18 +99,26 @@ def _resumed(options: dict[str, Any]) -> dict[str, Any]:
     record = checkpoint.latest(folder)
     if record is None:
         raise ValueError(f"{folder} holds no checkpoint yet (the run ended before its first save): start a new run")
-    changed = [f"{k}={options[k]!r} (the run has {saved[k]!r})" for k in FIXED if k in options and options[k] != saved[k]]
+    changed = [
+        f"{k}={options[k]!r} (the run has {saved[k]!r})" for k in FIXED if k in options and options[k] != saved[k]
+    ]
     if changed:
-        raise ValueError(f"cannot resume {folder} with other LoRA layers: {', '.join(changed)}; "
-                         "leave these options out to resume, or start a new run")
+        raise ValueError(
+            f"cannot resume {folder} with other LoRA layers: {', '.join(changed)}; "
+            "leave these options out to resume, or start a new run"
+        )
     if isinstance(saved["data"], dict) and "data" not in options:
-        raise ValueError(f"the run in {folder} trained on {saved['data']['rows']} rows passed as a list: "
-                         "pass the same data= to resume it")
+        raise ValueError(
+            f"the run in {folder} trained on {saved['data']['rows']} rows passed as a list: "
+            "pass the same data= to resume it"
+        )
     merged = {**saved, **options, "resume": str(folder)}
     merged.setdefault("adapter_path", str(folder))
     if merged["iters"] <= record["step"]:
-        raise ValueError(f"the run in {folder} already trained to step {record['step']} (iters={saved['iters']}): "
-                         f"pass iters= above {record['step']} to train on")
+        raise ValueError(
+            f"the run in {folder} already trained to step {record['step']} (iters={saved['iters']}): "
+            f"pass iters= above {record['step']} to train on"
+        )
     return merged
 
 
@@ -129,8 +139,10 @@ def train_on_rank(cfg: dict) -> dict:
     rows = load_rows(c.data)
     global_batch = c.batch_size * group.size()
     if len(rows) < global_batch:
-        raise ValueError(f"{len(rows)} training rows cannot fill a global batch of {global_batch} "
-                         f"({c.batch_size} x {group.size()} ranks)")
+        raise ValueError(
+            f"{len(rows)} training rows cannot fill a global batch of {global_batch} "
+            f"({c.batch_size} x {group.size()} ranks)"
+        )
     run = _Run(c, group, rows)
     stopped_at = None
     t0 = time.perf_counter()
@@ -138,9 +150,16 @@ def train_on_rank(cfg: dict) -> dict:
         run.train()
     except _Stopped as s:
         stopped_at = s.args[0]
-    return {"history": run.history, "stopped_at": stopped_at, "seconds": time.perf_counter() - t0,
-            "adapter_path": c.adapter_path, "ranks": group.size(), "global_batch": global_batch,
-            "resumed_from": run.start or None, "saved": run.saved}
+    return {
+        "history": run.history,
+        "stopped_at": stopped_at,
+        "seconds": time.perf_counter() - t0,
+        "adapter_path": c.adapter_path,
+        "ranks": group.size(),
+        "global_batch": global_batch,
+        "resumed_from": run.start or None,
+        "saved": run.saved,
+    }
 
 
 class _Run:
@@ -174,8 +193,13 @@ class _Run:
         options = {k: v for k, v in asdict(c).items() if k not in ("adapter_path", "resume")}
         if isinstance(c.data, list):
             options["data"] = {"rows": len(c.data)}  # not copied: resuming asks for them again
-        return {"fine_tune_type": "lora", "num_layers": c.num_layers, "model": c.model,
-                "lora_parameters": self.lora, "mlx_nb": options}
+        return {
+            "fine_tune_type": "lora",
+            "num_layers": c.num_layers,
+            "model": c.model,
+            "lora_parameters": self.lora,
+            "mlx_nb": options,
+        }
 
     @property
     def lora(self) -> dict:
@@ -188,8 +212,10 @@ class _Run:
         record, adapters, optimizer = checkpoint.load(folder)
         expected = dict(tree_flatten(self.model.trainable_parameters()))
         if set(adapters) != set(expected) or any(adapters[k].shape != expected[k].shape for k in expected):
-            raise ValueError(f"the checkpoint in {folder} does not fit this model's LoRA layers "
-                             f"(num_layers={self.c.num_layers}, lora_rank={self.c.lora_rank})")
+            raise ValueError(
+                f"the checkpoint in {folder} does not fit this model's LoRA layers "
+                f"(num_layers={self.c.num_layers}, lora_rank={self.c.lora_rank})"
+            )
         self.model.load_weights(list(adapters.items()), strict=False)
         self.optimizer.state = tree_unflatten(list(optimizer.items()))
         self.optimizer.learning_rate = self.c.learning_rate
@@ -202,8 +228,9 @@ class _Run:
 
         if self.rank == 0:
             adapters = dict(tree_flatten(self.model.trainable_parameters()))
-            self.saved = str(checkpoint.save(self.folder, step, adapters, dict(tree_flatten(self.optimizer.state)),
-                                             self.history))
+            self.saved = str(
+                checkpoint.save(self.folder, step, adapters, dict(tree_flatten(self.optimizer.state)), self.history)
+            )
         return self.saved
 
     def train(self) -> None:
@@ -219,8 +246,13 @@ class _Run:
         # mlx-lm's own last save (on rank 0), not ours
         scratch = (self.folder or Path(".")) / f".mlx_lm-trainer-{self.rank}.safetensors"
         args = TrainingArgs(
-            batch_size=c.batch_size * self.size, iters=c.iters - self.start, steps_per_report=1,
-            steps_per_eval=10**9, steps_per_save=10**9, max_seq_length=c.max_seq_length, adapter_file=str(scratch),
+            batch_size=c.batch_size * self.size,
+            iters=c.iters - self.start,
+            steps_per_report=1,
+            steps_per_eval=10**9,
+            steps_per_save=10**9,
+            max_seq_length=c.max_seq_length,
+            adapter_file=str(scratch),
         )
         np.random.seed(c.seed)  # iterate_batches shuffles with numpy: the same order on every rank
         dataset = CacheDataset(ChatDataset(self.rows, self.tokenizer, mask_prompt=c.mask_prompt))
@@ -233,8 +265,16 @@ class _Run:
         quiet = io.StringIO()  # mlx-lm's console progress: the notebook draws its own
         try:
             with contextlib.redirect_stdout(quiet):
-                train(self.model, self.optimizer, dataset, None, args, loss=_global_mean_loss(self.group),
-                      iterate_batches=_batches(self.start), training_callback=Live())
+                train(
+                    self.model,
+                    self.optimizer,
+                    dataset,
+                    None,
+                    args,
+                    loss=_global_mean_loss(self.group),
+                    iterate_batches=_batches(self.start),
+                    training_callback=Live(),
+                )
         finally:
             scratch.unlink(missing_ok=True)
 
@@ -245,8 +285,12 @@ class _Run:
         from .session import report, stop_requested
 
         step = info["iteration"] + self.start
-        row = {"iteration": step, "train_loss": info["train_loss"], "tokens_per_second": info["tokens_per_second"],
-               "trained_tokens": info["trained_tokens"] + self.tokens_before}
+        row = {
+            "iteration": step,
+            "train_loss": info["train_loss"],
+            "tokens_per_second": info["tokens_per_second"],
+            "trained_tokens": info["trained_tokens"] + self.tokens_before,
+        }
         self.history.append(row)
         stop = mx.distributed.all_sum(mx.array(int(stop_requested())), stream=mx.cpu, group=self.group).item()
         if stop or step % self.c.save_every == 0 or step == self.c.iters:
@@ -270,7 +314,9 @@ def _lora_model(c: FinetuneConfig):
     from ..models import dense_here, resolve
 
     model, tokenizer = load(resolve(c.model))
-    if mx.default_device() == mx.cpu and any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules()):
+    if mx.default_device() == mx.cpu and any(
+        isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules()
+    ):
         # MLX's quantized matmul on the CPU runs at half the speed of a dense bf16 one: train
         # (QLoRA-style) on a dense copy; the adapters load back onto the quantized model.
         # float32 where an optimized BLAS runs it (about 20x bf16, whose matmuls use no BLAS)

@@ -81,9 +81,7 @@ def stream(
         prompt = tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
     shared = group is not None and group.size() > 1
     agreed: Optional[mx.array] = None
-    for n, response in enumerate(
-        stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, **kwargs), 1
-    ):
+    for n, response in enumerate(stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, **kwargs), 1):
         yield response
         if response.finish_reason is not None or n % stop_every:
             continue
@@ -109,9 +107,11 @@ def load_on_rank(model: Optional[str], pipeline: bool) -> dict:
     mx.reset_peak_memory()
     path = resolve(model)
     if path.startswith("/") and not os.path.exists(path):
-        raise FileNotFoundError(f"{path} is not on this rank's host ({socket.gethostname()}): a fused model is written "
-                                "on the notebook's machine, and leaves its cache when newer ones come; "
-                                "load_model(cluster, adapter_path=...) makes it again (on other hosts, share the folder)")
+        raise FileNotFoundError(
+            f"{path} is not on this rank's host ({socket.gethostname()}): a fused model is written "
+            "on the notebook's machine, and leaves its cache when newer ones come; "
+            "load_model(cluster, adapter_path=...) makes it again (on other hosts, share the folder)"
+        )
     model_, tokenizer = load(path, session.world(), pipeline)
     _loaded = (model_, tokenizer, session.world())
     _source = {"model": model, "path": path, "pipeline": pipeline}
@@ -135,8 +135,14 @@ def generate_on_rank(prompt: Prompt, max_tokens: int) -> dict:
         tokens.append(r.token)
         last = r
     return {
-        "text": "".join(pieces), "tokens": tokens, "prompt_tokens": last.prompt_tokens, "prompt_tps": last.prompt_tps,
-        "generation_tokens": last.generation_tokens, "generation_tps": last.generation_tps,
-        "ttft": ttft or 0.0, "finish_reason": last.finish_reason, "stopped": session.stop_requested(),
+        "text": "".join(pieces),
+        "tokens": tokens,
+        "prompt_tokens": last.prompt_tokens,
+        "prompt_tps": last.prompt_tps,
+        "generation_tokens": last.generation_tokens,
+        "generation_tps": last.generation_tps,
+        "ttft": ttft or 0.0,
+        "finish_reason": last.finish_reason,
+        "stopped": session.stop_requested(),
         "peak_memory": session.memory()[1],
     }

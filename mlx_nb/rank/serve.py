@@ -27,8 +27,13 @@ def source() -> dict:
     _, tokenizer, group = loaded()
     config = load_config(Path(generate._source["path"]))
     config = {**config.get("text_config", {}), **config}
-    return {**generate._source, "context": config.get("max_position_embeddings"), "vocab": config.get("vocab_size"),
-            "eos": sorted(tokenizer.eos_token_ids), "ranks": group.size() if group else 1}
+    return {
+        **generate._source,
+        "context": config.get("max_position_embeddings"),
+        "vocab": config.get("vocab_size"),
+        "eos": sorted(tokenizer.eos_token_ids),
+        "ranks": group.size() if group else 1,
+    }
 
 
 def serve_on_rank(serve_id: str, max_batch: int, prefill_step: int, idle_wait: float = 0.1) -> dict:
@@ -58,8 +63,7 @@ def serve_on_rank(serve_id: str, max_batch: int, prefill_step: int, idle_wait: f
 
     def emit(tokens: list[Token]) -> None:
         made[0], shown[0] = made[0] + len(tokens), len(batch)
-        session.report(t=time.time(), batch=len(batch),
-                       tokens=[(t.id, t.token, t.text, t.finish) for t in tokens])
+        session.report(t=time.time(), batch=len(batch), tokens=[(t.id, t.token, t.text, t.finish) for t in tokens])
 
     session.report(t=time.time(), ready=True)
     try:

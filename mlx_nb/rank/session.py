@@ -78,9 +78,13 @@ def identify() -> Identity:
     from mlx_nb import __version__
 
     return Identity(
-        rank=int(os.environ.get("MLX_RANK", "-1")), set=os.environ.get("MLX_NB_SET", ""),
-        pid=os.getpid(), host=socket.gethostname(), python=sys.executable,
-        python_version=".".join(map(str, sys.version_info[:3])), mlx_nb=__version__,
+        rank=int(os.environ.get("MLX_RANK", "-1")),
+        set=os.environ.get("MLX_NB_SET", ""),
+        pid=os.getpid(),
+        host=socket.gethostname(),
+        python=sys.executable,
+        python_version=".".join(map(str, sys.version_info[:3])),
+        mlx_nb=__version__,
         mlx=mlx_version(),
     )
 
@@ -137,9 +141,7 @@ def init_group(backend: str, size: int, files: dict[str, str], files_dir: Option
         group = _join(mx, backend, size)
     except Exception as exc:
         ident = identify()
-        ident.error = RankError(
-            type(exc).__name__, str(exc), time=time.time(), port_in_use="bind" in str(exc).lower()
-        )
+        ident.error = RankError(type(exc).__name__, str(exc), time=time.time(), port_in_use="bind" in str(exc).lower())
         return ident
     trace.install(mx)
     state.rank, state.size, state.backend, state.world = group.rank(), group.size(), backend, group
@@ -241,7 +243,10 @@ def pull(name: str) -> Any:
     if name not in namespace:
         raise NameError(f"name {name!r} is not defined on rank {state.rank}")
     value = namespace[name]
-    if not isinstance(value, (int, float, str, bytes, bool, type(None))) and type(value).__name__ not in ("array", "ndarray"):
+    if not isinstance(value, (int, float, str, bytes, bool, type(None))) and type(value).__name__ not in (
+        "array",
+        "ndarray",
+    ):
         import cloudpickle
 
         try:
@@ -256,8 +261,13 @@ def pull(name: str) -> Any:
 
 # ------------------------------------------------------------------ running
 def run_code(
-    code: str, cell_id: int, show_ranks: list[int], pull_name: Optional[str], pull_ranks: list[int],
-    profile: bool = False, output_limit: int = 0,
+    code: str,
+    cell_id: int,
+    show_ranks: list[int],
+    pull_name: Optional[str],
+    pull_ranks: list[int],
+    profile: bool = False,
+    output_limit: int = 0,
 ) -> Outcome:
     """Run one %%mlx_dist cell on this rank and report what happened.
 
@@ -289,8 +299,13 @@ def run_code(
 
 
 def call(
-    fn: Callable, args: tuple, kwargs: dict, cell_id: int, show_ranks: list[int],
-    profile: bool = False, output_limit: int = 0,
+    fn: Callable,
+    args: tuple,
+    kwargs: dict,
+    cell_id: int,
+    show_ranks: list[int],
+    profile: bool = False,
+    output_limit: int = 0,
 ) -> Outcome:
     """Run ``fn(*args, **kwargs)`` on this rank (``Cluster.call``); its value in ``returned``."""
     name = f"<mlx_nb call {cell_id}: {getattr(fn, '__qualname__', repr(fn))}>"
@@ -345,9 +360,14 @@ def format_error(exc: BaseException, filename: str) -> RankError:
         lineno = exc.lineno
     lines = traceback.format_list(tb) + traceback.format_exception_only(type(exc), exc)
     return RankError(
-        type=type(exc).__name__, message=str(exc), traceback="".join(lines), time=time.time(),
-        lineno=lineno, line=linecache.getline(filename, lineno).strip() if lineno else "",
-        pending=trace.recorder.pending[-3:], interrupted=isinstance(exc, KeyboardInterrupt),
+        type=type(exc).__name__,
+        message=str(exc),
+        traceback="".join(lines),
+        time=time.time(),
+        lineno=lineno,
+        line=linecache.getline(filename, lineno).strip() if lineno else "",
+        pending=trace.recorder.pending[-3:],
+        interrupted=isinstance(exc, KeyboardInterrupt),
         cancelled=isinstance(exc, CellCancelled),
         peer_lost="peer was lost" in str(exc),  # MLX's ring, when another rank went away
     )

@@ -65,7 +65,7 @@ def check(dims: Sequence[int], n: int, method: str, strategy: Optional[str]) -> 
 
 def _part(x: mx.array, r: int, n: int) -> mx.array:
     k = x.shape[-1] // n
-    return x[..., r * k:(r + 1) * k]
+    return x[..., r * k : (r + 1) * k]
 
 
 def shard(model: nn.Module, method: str, strategy: str, group):
@@ -83,8 +83,11 @@ def shard(model: nn.Module, method: str, strategy: str, group):
         shard_inplace(model.up, "all-to-sharded", group=group)
         shard_inplace(model.down, "sharded-to-all", group=group)
         # the down bias stays whole: add it once, after the sum of the partial products
-        return model, lambda x: mx.distributed.all_sum(
-            nn.gelu(model.up(x)) @ model.down.weight.T, group=group) + model.down.bias, whole
+        return (
+            model,
+            lambda x: mx.distributed.all_sum(nn.gelu(model.up(x)) @ model.down.weight.T, group=group) + model.down.bias,
+            whole,
+        )
     if method == "shard_linear":
         layer = shard_linear(model, strategy, group=group)
     else:
@@ -94,13 +97,20 @@ def shard(model: nn.Module, method: str, strategy: str, group):
         return layer, layer, lambda y: _part(y, r, n)
     if method == "shard_linear":
         return layer, lambda x: layer(_part(x, r, n)), whole
-    return layer, lambda x: mx.distributed.all_sum(
-        _part(x, r, n) @ layer.weight.T, group=group) + layer.bias, whole
+    return layer, lambda x: mx.distributed.all_sum(_part(x, r, n) @ layer.weight.T, group=group) + layer.bias, whole
 
 
-def lab(group, dims: Sequence[int] = (1024, 4096, 1024), method: str = "shard_linear",
-        strategy: Optional[str] = None, batch: int = 8, warmup: int = 3, iters: int = 20,
-        seed: int = 0, dtype: str = "float32") -> dict:
+def lab(
+    group,
+    dims: Sequence[int] = (1024, 4096, 1024),
+    method: str = "shard_linear",
+    strategy: Optional[str] = None,
+    batch: int = 8,
+    warmup: int = 3,
+    iters: int = 20,
+    seed: int = 0,
+    dtype: str = "float32",
+) -> dict:
     """This rank's part of the lab (collective: every rank calls it with the same arguments).
 
     Returns {rank, params: [(name, shape, dtype, bytes)], error, errors (every rank's), times
@@ -117,10 +127,18 @@ def lab(group, dims: Sequence[int] = (1024, 4096, 1024), method: str = "shard_li
     error = mx.max(mx.abs(y.astype(mx.float32) - part(reference).astype(mx.float32))).item()
     worst, _ = slowest(group, times)
     errors = mx.distributed.all_gather(mx.array([error]), group=group)
-    params = [(name, tuple(p.shape), str(p.dtype).replace("mlx.core.", ""), p.nbytes)
-              for name, p in tree_flatten(module.parameters())]
-    return {"rank": group.rank(), "params": params, "error": error, "errors": errors.tolist(),
-            "times": worst, "strategy": strategy}
+    params = [
+        (name, tuple(p.shape), str(p.dtype).replace("mlx.core.", ""), p.nbytes)
+        for name, p in tree_flatten(module.parameters())
+    ]
+    return {
+        "rank": group.rank(),
+        "params": params,
+        "error": error,
+        "errors": errors.tolist(),
+        "times": worst,
+        "strategy": strategy,
+    }
 
 
 def lab_on_rank(*args) -> dict:

@@ -20,8 +20,16 @@ from ..results import GROUP_OPS, PENDING_KEPT, POINT_OPS, TRACE_KEY, Call, Timel
 COLLECTIVES = GROUP_OPS + POINT_OPS
 # array methods that evaluate: a rank waiting in one may be waiting in a collective
 EVALUATING = (
-    "item", "tolist", "__repr__", "__str__", "__format__", "__bool__", "__int__", "__float__",
-    "__index__", "__array__",
+    "item",
+    "tolist",
+    "__repr__",
+    "__str__",
+    "__format__",
+    "__bool__",
+    "__int__",
+    "__float__",
+    "__index__",
+    "__array__",
 )
 MAX_EVALS = 10000  # evals a profile keeps per cell
 
@@ -85,7 +93,9 @@ class Recorder:
 
     def timeline(self, wall: float) -> Timeline:
         return Timeline(
-            self.started, self.started + wall, list(self.evals),
+            self.started,
+            self.started + wall,
+            list(self.evals),
             sum(e - s for s, e, c in self.evals if c),
         )
 
