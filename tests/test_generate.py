@@ -60,11 +60,11 @@ def test_a_batch_on_three_tensor_parallel_ranks_equals_one_process(trio, referen
     expected = [
         r.token
         for r in stream_generate(
-            model, tokenizer, tokenizer.apply_chat_template(other, add_generation_prompt=True), max_tokens=10
+            model, tokenizer, tokenizer.apply_chat_template(other, add_generation_prompt=True), max_tokens=6
         )
     ]
-    result = generate_batch(trio, [QUESTION, other], 10, quiet=True)
-    assert [r.tokens for r in result.replies] == [reference, expected]
+    result = generate_batch(trio, [QUESTION, other], 6, quiet=True)  # 6 greedy tokens: no reply ends sooner
+    assert [r.tokens for r in result.replies] == [reference[:6], expected]
 
 
 def test_pipeline_on_two_ranks_equals_one_process(pair, reference, capsys):
