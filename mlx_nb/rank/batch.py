@@ -24,7 +24,7 @@ from mlx_lm.sample_utils import apply_top_p
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from . import session
-from .generate import Prompt
+from .generate import Prompt, loaded
 
 
 @dataclass
@@ -235,15 +235,6 @@ def prompt_tokens(tokenizer: TokenizerWrapper, prompt: Prompt) -> list[int]:
         special = tokenizer.bos_token is None or not prompt.startswith(tokenizer.bos_token)
         return list(tokenizer.encode(prompt, add_special_tokens=special))
     return list(prompt)
-
-
-def loaded() -> tuple[Any, TokenizerWrapper, Optional[mx.distributed.Group]]:
-    """The model ``load_model`` left on this rank: (model, tokenizer, group)."""
-    from . import generate
-
-    if generate._loaded is None:
-        raise RuntimeError("no model is loaded on the ranks: call mlx_nb.generate.load_model(cluster) first")
-    return generate._loaded
 
 
 def generate_batch_on_rank(

@@ -119,11 +119,22 @@ def load_on_rank(model: Optional[str], pipeline: bool) -> dict:
     return {"seconds": time.perf_counter() - t0, "active_memory": active, "peak_memory": peak}
 
 
-def generate_on_rank(prompt: Prompt, max_tokens: int) -> dict:
-    """Generate on every rank; rank 0 reports each piece of text to the notebook as it comes."""
+def loaded() -> tuple:
+    """The model ``load_model`` left on this rank: (model, tokenizer, group)."""
     if _loaded is None:
         raise RuntimeError("no model is loaded on the ranks: call mlx_nb.generate.load_model(cluster) first")
-    model, tokenizer, group = _loaded
+    return _loaded
+
+
+def loaded_from() -> dict:
+    """What ``loaded()`` was loaded from: ``load_model``'s model, the path, pipeline or not."""
+    loaded()
+    return dict(_source)
+
+
+def generate_on_rank(prompt: Prompt, max_tokens: int) -> dict:
+    """Generate on every rank; rank 0 reports each piece of text to the notebook as it comes."""
+    model, tokenizer, group = loaded()
     rank = session.state.rank
     t0, ttft, pieces, tokens, last = time.perf_counter(), None, [], [], None
     for r in stream(model, tokenizer, prompt, max_tokens, group, should_stop=session.stop_requested):

@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 
 from . import session
-from .batch import Batch, Plan, Request, Token, loaded, run
+from .batch import Batch, Plan, Request, Token, run
+from .generate import loaded, loaded_from
 
 
 def source() -> dict:
@@ -22,13 +23,12 @@ def source() -> dict:
     with its context length, vocabulary size and end-of-sequence tokens."""
     from mlx_lm.utils import load_config
 
-    from . import generate
-
     _, tokenizer, group = loaded()
-    config = load_config(Path(generate._source["path"]))
+    origin = loaded_from()
+    config = load_config(Path(origin["path"]))
     config = {**config.get("text_config", {}), **config}
     return {
-        **generate._source,
+        **origin,
         "context": config.get("max_position_embeddings"),
         "vocab": config.get("vocab_size"),
         "eos": sorted(tokenizer.eos_token_ids),
