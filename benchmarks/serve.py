@@ -1,21 +1,37 @@
-"""Serving: %mlx_serve against mlx_lm.server under mlx.launch, same ranks, layout, model and prompts.
+"""Serving: %mlx_serve against mlx_lm.server, same model, ranks, prompts and BLAS, one server at a time.
 
-    python benchmarks/serve.py [-n 2] [--tensor] [--tokens 32] [--levels 1,4,8,16] [--rounds 2]
+    python benchmarks/serve.py [-n 1] [--model PATH] [--tokens 32] [--levels 1,8,32]
+                               [--system-words 3000] [--turns 6] [--rounds 2] [--only distinct,shared,chat]
 
-The two servers take turns, one at a time on the machine (mlx_lm.server's idle ranks poll and
-would take CPU from the other's): each round runs every concurrency level on one, then on the
-other, in the other order the next round, so that drift in the machine's load falls on both. Per level: N streamed chat requests with N different prompts, sent at once
-by the official openai client; aggregate tokens/s (completion tokens from each stream's usage,
-over the wall time from the first request sent to the last token) and time to first content
-token, median over the requests; the table keeps each level's best round. Greedy decoding, the
-BLAS mlx_nb's ranks load (OpenBLAS on Linux where installed) in both: on such a CPU, the
-bundled model's dense float32 copy.
+Equal footing: by default both run on one rank (mlx_nb: a 1-rank cluster; mlx_lm.server: one
+process), so that neither pays for the other's processes; ``-n N`` runs mlx_nb on N ranks and
+mlx_lm.server under ``mlx.launch -n N`` (whose output threads busy-wait: use it only where each
+rank has cores or a GPU of its own). Only one server runs at a time; rounds alternate which goes
+first, so that drift in the machine's load falls on both; the table keeps each figure's best
+round (first token: its lowest).
+
+Scenarios, each with the official openai client, streamed chat requests, greedy:
+
+- ``distinct``: N concurrent requests with N different prompts, N in ``--levels``: aggregate
+  tokens/s (completion tokens of every stream over the wall time from the first request sent
+  to the last token) and the median time to the first content token.
+- ``shared``: 8 clients whose requests share a system prompt of ``--system-words`` words, each
+  with its own question, sent at once; then a second wave of 8 new questions after the same
+  system prompt. Median first token of each wave: the second is where a prompt cache shows.
+- ``chat``: one client's ``--turns``-turn conversation (a ~300-word system prompt), each turn
+  sending the whole conversation so far; first token at turn 1 and at the last turn.
+
+Before timing, each server runs every scenario once with other words of the same lengths
+(every shape compiled, on a GPU every kernel built), so that no timed request pays for a
+first use and none finds the warm-up's prompts in a cache. Both load the BLAS mlx_nb's ranks
+load (OpenBLAS on Linux where installed); on such a CPU, the bundled model's dense float32 copy.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -32,30 +48,20 @@ blas.use()  # as in the ranks, for the report of what ran
 from mlx_nb import Cluster  # noqa: E402
 from mlx_nb.display import Table  # noqa: E402
 from mlx_nb.generate import load_model  # noqa: E402
-from mlx_nb.models import resolve  # noqa: E402
 from mlx_nb.serve import serve  # noqa: E402
 
 TOPICS = [
-    "the sea",
-    "a lighthouse",
-    "a mountain",
-    "a city at night",
-    "a forest",
-    "the desert",
-    "a river",
-    "a library",
-    "a train",
-    "the moon",
-    "a garden",
-    "a storm",
-    "a market",
-    "an island",
-    "a bridge",
+    "the sea", "a lighthouse", "a mountain", "a city at night", "a forest", "the desert", "a river",
+    "a library", "a train", "the moon", "a garden", "a storm", "a market", "an island", "a bridge",
     "winter",
-]
-PROMPTS = [[{"role": "user", "content": f"Write a long story about {t}."}] for t in TOPICS]
+]  # fmt: skip
+WORDS = (
+    "lamp lens keeper storm ship harbour tide rock beacon signal light tower stair glass brass oil "
+    "wick night fog horn wave coast reef cliff gull rope anchor mast sail chart compass star dawn dusk "
+    "shift log watch bell engine spring winter summer island pier boat crew cargo wind rain salt"
+).split()
 
-# mlx_lm.server on every rank, with the BLAS mlx_nb's ranks load
+# mlx_lm.server with the BLAS mlx_nb's ranks load (alone, or on every rank under mlx.launch)
 LAUNCHED = """
 import sys
 from mlx_nb.rank import blas
@@ -66,38 +72,52 @@ main()
 """
 
 
-def measure(base_url: str, model: str, n: int, tokens: int) -> dict:
-    """``n`` concurrent streamed chat requests: aggregate tok/s and median first-token time."""
-    from openai import OpenAI
+def text(words: int, seed: int) -> str:
+    """``words`` words of a handbook: sentences of the same vocabulary, different for each seed."""
+    rng = random.Random(seed)
+    out, n = [], 0
+    while n < words:
+        k = rng.randint(6, 14)
+        out.append(" ".join(rng.choice(WORDS) for _ in range(k)).capitalize() + ".")
+        n += k
+    return " ".join(out)
 
-    client = OpenAI(base_url=base_url, api_key="-", max_retries=0, timeout=1800)
-    ttfts, counts, errors = [], [], []
-    start = threading.Barrier(n + 1)
 
-    def one(i: int) -> None:
+def ask(client, model: str, messages: list[dict], tokens: int) -> dict:
+    """One streamed chat request: its first-token time, completion tokens and reply."""
+    t0 = time.perf_counter()
+    first, used, parts = None, 0, []
+    stream = client.chat.completions.create(
+        model=model,
+        messages=messages,
+        max_tokens=tokens,
+        temperature=0.0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    for c in stream:
+        if c.choices and c.choices[0].delta.content:
+            first = first if first is not None else time.perf_counter() - t0
+            parts.append(c.choices[0].delta.content)
+        if c.usage is not None:
+            used = c.usage.completion_tokens
+    return {"ttft": first if first is not None else float("nan"), "tokens": used, "text": "".join(parts)}
+
+
+def at_once(client, model: str, prompts: list[list[dict]], tokens: int) -> dict:
+    """Every prompt sent at once: aggregate tok/s, median first token, errors."""
+    results: list[dict] = []
+    errors: list[str] = []
+    start = threading.Barrier(len(prompts) + 1)
+
+    def one(messages: list[dict]) -> None:
         start.wait()
-        t0 = time.perf_counter()
-        first, used = None, 0
         try:
-            stream = client.chat.completions.create(
-                model=model,
-                messages=PROMPTS[i % len(PROMPTS)],
-                max_tokens=tokens,
-                temperature=0.0,
-                stream=True,
-                stream_options={"include_usage": True},
-            )
-            for c in stream:
-                if first is None and c.choices and c.choices[0].delta.content:
-                    first = time.perf_counter() - t0
-                if c.usage is not None:
-                    used = c.usage.completion_tokens
+            results.append(ask(client, model, messages, tokens))
         except Exception as e:  # counted, and shown under the table
             errors.append(f"{type(e).__name__}: {e}")
-        ttfts.append(first if first is not None else float("nan"))
-        counts.append(used)
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    threads = [threading.Thread(target=one, args=(p,)) for p in prompts]
     for t in threads:
         t.start()
     start.wait()
@@ -105,49 +125,65 @@ def measure(base_url: str, model: str, n: int, tokens: int) -> dict:
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
-    return {"tps": sum(counts) / wall, "ttft": statistics.median(ttfts), "tokens": sum(counts), "errors": errors}
+    ttfts = [r["ttft"] for r in results] or [float("nan")]
+    return {"tps": sum(r["tokens"] for r in results) / wall, "ttft": statistics.median(ttfts), "errors": errors}
 
 
-def launch_mlx_lm(n: int, pipeline: bool, port: int) -> subprocess.Popen:
+def scenarios(client, model: str, args, seed: int) -> dict:
+    """Every scenario once; ``seed`` picks the words (the warm-up uses others of the same lengths)."""
+    out: dict = {}
+    if "distinct" in args.only:
+        for n in args.levels:
+            prompts = [
+                [{"role": "user", "content": f"Write a long story about {TOPICS[i % len(TOPICS)]} ({seed}-{i})."}]
+                for i in range(n)
+            ]
+            out["distinct", n] = at_once(client, model, prompts, args.tokens)
+    if "shared" in args.only:
+        system = {"role": "system", "content": text(args.system_words, seed)}
+        for wave in (1, 2):
+            prompts = [
+                [system, {"role": "user", "content": f"Question {wave}.{i}: what does the {WORDS[i + 8 * wave]} do?"}]
+                for i in range(8)
+            ]
+            out["shared", wave] = at_once(client, model, prompts, args.tokens)
+    if "chat" in args.only:
+        messages = [{"role": "system", "content": text(300, seed + 1)}]
+        for turn in range(1, args.turns + 1):
+            messages.append({"role": "user", "content": f"Tell me about the {WORDS[turn + seed % 7]} ({turn})."})
+            r = ask(client, model, messages, args.tokens)
+            messages.append({"role": "assistant", "content": r["text"]})
+            out["chat", turn] = {"tps": float("nan"), "ttft": r["ttft"], "errors": []}
+    return out
+
+
+def launch_mlx_lm(n: int, model: str, pipeline: bool, port: int) -> subprocess.Popen:
     hub = tempfile.mkdtemp(prefix="hf-hub-")  # its /v1/models lists a Hugging Face cache, which must exist
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
         f.write(LAUNCHED)
-    launcher = str(Path(sys.executable).parent / "mlx.launch")
-    cmd = [
-        launcher,
-        "-n",
-        str(n),
-        "--backend",
-        "ring",
-        "--",
-        sys.executable,
-        f.name,
-        "--model",
-        resolve(None),
-        "--port",
-        str(port),
-        "--host",
-        "127.0.0.1",
-    ] + (["--pipeline"] if pipeline else [])
+    server = [sys.executable, f.name, "--model", model, "--port", str(port), "--host", "127.0.0.1"]
+    if n > 1:
+        launcher = str(Path(sys.executable).parent / "mlx.launch")
+        server = [launcher, "-n", str(n), "--backend", "ring", "--", *server] + (["--pipeline"] if pipeline else [])
     proc = subprocess.Popen(
-        cmd,
+        server,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
         env={**os.environ, blas.RANKS_ENV: str(n), "HF_HUB_CACHE": hub},
     )
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"mlx_lm.server under mlx.launch exited: {proc.stderr.read()[-2000:]}")
+            raise RuntimeError(f"mlx_lm.server exited: {proc.stderr.read()[-2000:]}")
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2)
             return proc
         except OSError:
             time.sleep(0.5)
     proc.kill()
-    raise RuntimeError("mlx_lm.server did not answer within 300 s")
+    raise RuntimeError("mlx_lm.server did not answer within 600 s")
 
 
 def free_port() -> int:
@@ -160,87 +196,88 @@ def free_port() -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("-n", type=int, default=2)
-    parser.add_argument(
-        "--tensor",
-        dest="pipeline",
-        action="store_false",
-        help="tensor parallel (default: a pipeline; the bundled model's 9 heads split over 1 or 3 ranks)",
-    )
-    parser.add_argument("--tokens", type=int, default=32)
-    parser.add_argument("--levels", default="1,4,8,16")
+    parser.add_argument("-n", type=int, default=1, help="ranks of each (default 1: one rank against one process)")
+    parser.add_argument("--model", default=None, help="an mlx-lm model folder (default: the bundled SmolLM2)")
+    parser.add_argument("--tensor", dest="pipeline", action="store_false", help="with -n: tensor parallel")
+    parser.add_argument("--tokens", type=int, default=32, help="tokens per reply")
+    parser.add_argument("--levels", default="1,8,32", help="concurrent distinct requests")
+    parser.add_argument("--system-words", type=int, default=3000, help="the shared system prompt's words")
+    parser.add_argument("--turns", type=int, default=6)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--only", default="distinct,shared,chat", help="scenarios to run")
     args = parser.parse_args()
-    levels = [int(x) for x in args.levels.split(",")]
+    args.levels = [int(x) for x in args.levels.split(",")]
+    args.only = set(args.only.split(","))
+    from openai import OpenAI
 
-    best: dict[tuple[str, int], dict] = {}
+    best: dict = {}
     errors: list[str] = []
 
-    def rounds_of(name: str, url: str, model: str) -> None:
-        measure(url, model, 2, 4)  # warm
-        for n in levels:
-            r = measure(url, model, n, args.tokens)
-            errors.extend(f"{name} at {n}: {e}" for e in r["errors"])
-            if (name, n) not in best or r["tps"] > best[name, n]["tps"]:
-                best[name, n] = r
-            print(f"{name:6s} concurrency {n:2d}: {r['tps']:6.1f} tok/s, first token {r['ttft']:.2f} s", flush=True)
+    def run(name: str, url: str, served: str) -> None:
+        client = OpenAI(base_url=url, api_key="-", max_retries=0, timeout=3600)
+        t0 = time.perf_counter()
+        scenarios(client, served, args, seed=1000 + len(best))  # warm-up: other words, same shapes
+        print(f"{name}: warmed up in {time.perf_counter() - t0:.0f} s", flush=True)
+        for key, r in scenarios(client, served, args, seed=len(best)).items():
+            errors.extend(f"{name} {key}: {e}" for e in r["errors"])
+            have = best.get((name, *key))
+            if have is None:
+                best[(name, *key)] = r
+            else:
+                have["tps"] = max(have["tps"], r["tps"])
+                have["ttft"] = min(have["ttft"], r["ttft"])
+            print(f"{name:6s} {key}: {r['tps']:7.1f} tok/s, first token {r['ttft']:.2f} s", flush=True)
 
     with Cluster(n=args.n) as cluster:
-        load_model(cluster, pipeline=args.pipeline, progress=False)
+        # the folder the ranks load (for the bundled model, its copy for this machine's BLAS) is mlx_lm's too
+        model = load_model(cluster, args.model, pipeline=args.pipeline and args.n > 1, progress=False)["model"]
         for i in range(args.rounds):
             for name in ("mlx_nb", "mlx_lm") if i % 2 == 0 else ("mlx_lm", "mlx_nb"):
                 if name == "mlx_nb":
+                    load_model(cluster, args.model, pipeline=args.pipeline and args.n > 1, progress=False)  # cold cache
                     server = serve(cluster, port=0)
                     try:
-                        rounds_of(name, server.url, server.model.id)
+                        run(name, server.url, server.model.id)
                     finally:
                         server.stop()
                     continue
                 port = free_port()
-                theirs = launch_mlx_lm(args.n, args.pipeline, port)  # its idle ranks poll: never beside ours
+                theirs = launch_mlx_lm(args.n, model, args.pipeline, port)  # never beside ours
                 try:
-                    rounds_of(name, f"http://127.0.0.1:{port}/v1", "default_model")
+                    run(name, f"http://127.0.0.1:{port}/v1", "default_model")
                 finally:
                     os.killpg(theirs.pid, 15)
                     theirs.wait(30)
 
-    base = {name: best[name, levels[0]]["tps"] for name in ("mlx_nb", "mlx_lm")}
     rows = []
-    for n in levels:
-        ours, ml = best["mlx_nb", n], best["mlx_lm", n]
+    for key in sorted({k[1:] for k in best}, key=lambda k: (["distinct", "shared", "chat"].index(k[0]), k[1])):
+        ours, theirs = best[("mlx_nb", *key)], best[("mlx_lm", *key)]
+        label = {
+            "distinct": "distinct prompts, concurrency",
+            "shared": "shared system prompt, wave",
+            "chat": "chat, turn",
+        }
+        if key[0] == "chat" and key[1] not in (1, args.turns):
+            continue
+        tps = key[0] == "distinct"
         rows.append(
             [
-                n,
-                f"{ours['tps']:.1f}",
-                f"{ml['tps']:.1f}",
-                f"{ours['tps'] / ml['tps']:.2f}x",
+                f"{label[key[0]]} {key[1]}",
+                f"{ours['tps']:.1f}" if tps else "-",
+                f"{theirs['tps']:.1f}" if tps else "-",
+                f"{ours['tps'] / theirs['tps']:.2f}x" if tps else "-",
                 f"{ours['ttft']:.2f}",
-                f"{ml['ttft']:.2f}",
-                f"{ours['tps'] / base['mlx_nb']:.2f}x",
-                f"{ml['tps'] / base['mlx_lm']:.2f}x",
+                f"{theirs['ttft']:.2f}",
+                f"{ours['ttft'] / theirs['ttft']:.2f}x",
             ]
         )
-    layout = "pipeline" if args.pipeline else "tensor"
+    layout = ("pipeline" if args.pipeline else "tensor") + f" parallel on {args.n} ranks" if args.n > 1 else "1 rank"
     title = (
-        f"bundled SmolLM2 ({Path(resolve(None)).name}), {layout} parallel on {args.n} ranks, {args.tokens} tokens "
-        f"per request, best of {args.rounds} rounds, {blas.current()}"
+        f"{Path(model).name}, {layout}; {args.tokens} tokens per reply, shared system prompt of "
+        f"{args.system_words} words; best of {args.rounds} rounds; {blas.current()}"
     )
-    print(
-        Table(
-            [
-                "concurrency",
-                "mlx_nb tok/s",
-                "mlx_lm.server tok/s",
-                "mlx_nb / mlx_lm",
-                "mlx_nb first token (s)",
-                "mlx_lm first token (s)",
-                f"mlx_nb vs {levels[0]}",
-                f"mlx_lm vs {levels[0]}",
-            ],
-            rows,
-            title,
-        )
-    )
+    header = ["scenario", "mlx_nb tok/s", "mlx_lm.server tok/s", "tok/s ratio", "mlx_nb first token (s)"]
+    print(Table(header + ["mlx_lm first token (s)", "first token ratio"], rows, title))
     for e in errors:
         print("error:", e)
 

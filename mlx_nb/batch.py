@@ -29,6 +29,7 @@ class Reply:
     prompt_tokens: int
     finish_reason: Optional[str]  # "stop" (end of sequence), "length" (max_tokens), None (stopped)
     ttft: float  # seconds from the start of the batch to its first token, on rank 0
+    cached_tokens: int = 0  # of prompt_tokens, those the ranks' prompt cache held (not prefilled)
 
 
 @dataclass
@@ -57,9 +58,12 @@ class BatchResult:
         ttfts = sorted(r.ttft for r in self.replies)
         how = " (stopped)" if self.stopped else ""
         mem = ", ".join(human_bytes(m) for m in self.peak_memory)
+        cached = sum(r.cached_tokens for r in self.replies)
+        prompt = sum(r.prompt_tokens for r in self.replies)
         return (
             f"{len(self.replies)} prompts, {self.generation_tokens} tokens in {self.seconds:.1f} s{how}: "
-            f"{self.tokens_per_second:.1f} tok/s in all | first token {ttfts[0]:.2f}-{ttfts[-1]:.2f} s | "
+            f"{self.tokens_per_second:.1f} tok/s in all | prompt {prompt} tok ({cached} cached) | "
+            f"first token {ttfts[0]:.2f}-{ttfts[-1]:.2f} s | "
             f"peak memory per rank: {mem}"
         )
 
@@ -138,7 +142,7 @@ def generate_batch(
             live.close()
     r = out[0]
     replies = [
-        Reply(p, x["text"], x["tokens"], x["prompt_tokens"], x["finish_reason"], x["ttft"] or 0.0)
+        Reply(p, x["text"], x["tokens"], x["prompt_tokens"], x["finish_reason"], x["ttft"] or 0.0, x["cached_tokens"])
         for p, x in zip(prompts, r["replies"])
     ]
     return BatchResult(replies, r["seconds"], r["stopped"], [x.get("peak_memory", 0) for x in out])

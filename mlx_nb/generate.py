@@ -12,13 +12,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
-from .display import Progress
+from .display import Progress, Table
 from .models import check_split, fused_model, resolve
-from .rank.generate import Prompt, generate_on_rank, load, load_on_rank, stream
+from .rank.generate import Prompt, cache_on_rank, generate_on_rank, load, load_on_rank, stream
+from .rank.prompt_cache import CacheStatus
 
-__all__ = ["GenerationStats", "Prompt", "generate", "load", "load_model", "stream"]
+__all__ = ["CacheReport", "GenerationStats", "Prompt", "generate", "load", "load_model", "prompt_cache", "stream"]
 
 
 @dataclass
@@ -26,8 +27,8 @@ class GenerationStats:
     """One reply: its text and how fast it came (rank 0's view), and memory per rank."""
 
     text: str
-    prompt_tokens: int
-    prompt_tps: float
+    prompt_tokens: int  # the whole prompt, cached_tokens included
+    prompt_tps: float  # of the tokens prefilled (prompt_tokens - cached_tokens)
     generation_tokens: int
     generation_tps: float
     ttft: float  # seconds to the first token, on rank 0
@@ -36,14 +37,22 @@ class GenerationStats:
     stopped: bool
     tokens: list[int] = field(default_factory=list)
     delays: list[float] = field(default_factory=list)  # token produced on rank 0 -> notebook, s
+    cached_tokens: int = 0  # prompt tokens that came from the ranks' prompt cache, not prefilled
+
+    @property
+    def prefilled_tokens(self) -> int:
+        return self.prompt_tokens - self.cached_tokens
 
     def summary(self) -> str:
         from .display import human_bytes
 
         mem = ", ".join(human_bytes(m) for m in self.peak_memory)
         how = " (stopped)" if self.stopped else ""
+        prompt = f"prompt {self.prompt_tokens} tok"
+        if self.cached_tokens:
+            prompt += f" ({self.cached_tokens} cached, {self.prefilled_tokens} prefilled)"
         return (
-            f"prompt {self.prompt_tokens} tok at {self.prompt_tps:.1f} tok/s | generated {self.generation_tokens} tok "
+            f"{prompt} at {self.prompt_tps:.1f} tok/s | generated {self.generation_tokens} tok "
             f"at {self.generation_tps:.1f} tok/s{how} | first token {self.ttft * 1e3:.0f} ms | peak memory per rank: {mem}"
         )
 
@@ -55,6 +64,7 @@ def load_model(
     pipeline: bool = False,
     adapter_path: Optional[str] = None,
     progress: bool = True,
+    cache_limit: Optional[Union[int, str]] = None,
 ) -> dict:
     """Load ``model`` on every rank, split tensor-parallel (or ``pipeline=True``), and keep it.
 
@@ -65,6 +75,11 @@ def load_model(
     is loaded, saying which rank counts work. The load is a setup step: it is replayed if the
     ranks are ever restarted, and a load that fails leaves the previous one in place.
     Returns load seconds, per-rank memory, and the folder the ranks loaded.
+
+    Every rank keeps a prompt cache for the model (KV caches of earlier prompts, reused by the
+    prompts that extend them: the next chat turn, a shared system prompt), emptied by the next
+    load. ``cache_limit``: the bytes each rank's slice may take (``"2GB"``; 0 turns it off;
+    default a quarter of the rank's free memory after the load); see :func:`prompt_cache`.
 
     Example::
 
@@ -87,7 +102,8 @@ def load_model(
     if progress:
         print(f"loading on {cluster.n} ranks...", end="", flush=True)
     t0 = time.perf_counter()
-    loads = cluster.call(load_on_rank, target, pipeline, setup="load_model", what="a model load")
+    limit = None if cache_limit is None else _size(cache_limit, "cache_limit")
+    loads = cluster.call(load_on_rank, target, pipeline, limit, setup="load_model", what="a model load")
     if progress:
         print(f" done in {time.perf_counter() - t0:.1f} s")
     return {
@@ -95,7 +111,70 @@ def load_model(
         "peak_memory": [r["peak_memory"] for r in loads],
         "active_memory": [r["active_memory"] for r in loads],
         "model": path,
+        "cache": [r["cache"] for r in loads],
     }
+
+
+def prompt_cache(cluster, *, clear: bool = False, limit: Optional[Union[int, str]] = None) -> CacheReport:
+    """The ranks' prompt cache: entries, tokens and bytes per rank, hits; ``clear=True`` empties
+    it, ``limit`` sets each rank's bytes (``"1GB"``; ``"auto"``: the default share), evicting the
+    least recently used entries that no longer fit.
+
+    Example::
+
+        prompt_cache(cluster)                 # a table: one row per rank
+        prompt_cache(cluster, clear=True)
+        prompt_cache(cluster, limit="512MB")
+    """
+    new = None if limit is None or limit == "auto" else _size(limit, "limit")
+    # ValueError here, before any rank is asked
+    rows = cluster.call(cache_on_rank, clear, limit is not None, new, what="the prompt cache")
+    return CacheReport(rows)
+
+
+@dataclass
+class CacheReport:
+    """``prompt_cache(cluster)``: every rank's :class:`~mlx_nb.rank.prompt_cache.CacheStatus`."""
+
+    ranks: list[CacheStatus]
+
+    def table(self) -> Table:
+        from .display import human_bytes
+
+        r0 = self.ranks[0]
+        if not r0.enabled:
+            return Table(["prompt cache"], [[f"off: {r0.why_off}"]])
+        rows = [[s.rank, s.entries, s.tokens, human_bytes(s.bytes), human_bytes(s.limit)] for s in self.ranks]
+        share = f"{r0.cached_tokens / r0.prompt_tokens:.0%}" if r0.prompt_tokens else "-"
+        title = (
+            f"prompt cache: {r0.hits} hits in {r0.lookups} prompts; {r0.cached_tokens} of "
+            f"{r0.prompt_tokens} prompt tokens came from it ({share})"
+        )
+        return Table(["rank", "entries", "tokens", "bytes", "limit"], rows, title)
+
+    def __repr__(self) -> str:
+        return repr(self.table())
+
+    def _repr_html_(self) -> str:
+        return self.table()._repr_html_()
+
+
+def _size(value: Union[int, str], name: str) -> int:
+    """Bytes from 1000000 or '700MB' (binary units, as the rest of mlx_nb prints them)."""
+    from .bench import parse_size
+
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"{name} must be bytes or a size like '2GB', got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"{name} must be at least 0 bytes, got {value}")
+        return value
+    if value.strip() == "0":
+        return 0
+    try:
+        return parse_size(value)
+    except ValueError:
+        raise ValueError(f"{name}: not a size: {value!r} (use bytes or KB / MB / GB, e.g. 2GB)") from None
 
 
 def _trained_on(adapter_path: str) -> Optional[str]:
@@ -174,4 +253,5 @@ def generate(
         r["stopped"],
         r["tokens"],
         delays,
+        r.get("cached_tokens", 0),
     )

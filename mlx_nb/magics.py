@@ -244,11 +244,11 @@ class MLXMagics(Magics):
     @magic_arguments()
     @argument(
         "action",
-        choices=["start", "stop", "restart", "status", "forget-setup", "check", "attach", "list"],
+        choices=["start", "stop", "restart", "status", "forget-setup", "check", "attach", "list", "cache"],
         help="start a cluster, stop it, restart its ranks (replaying setup cells), "
         "show each rank's state, forget the registered --setup cells, check the hosts "
         "of --hostfile / --hosts over ssh without starting anything, attach a kept cluster "
-        "by name, or list the kept clusters",
+        "by name, list the kept clusters, or show (--clear, --limit) the ranks' prompt cache",
     )
     @argument("cluster_name", nargs="?", default=None, metavar="NAME", help="with attach: the kept cluster's name")
     @argument("--name", default=None, help="with start: a name for the cluster (to attach it by)")
@@ -277,6 +277,8 @@ class MLXMagics(Magics):
     @argument(
         "--watch", action="store_true", help="with status: a panel that refreshes itself (live memory while cells run)"
     )
+    @argument("--clear", action="store_true", help="with cache: empty the ranks' prompt cache")
+    @argument("--limit", default=None, help="with cache: bytes each rank's prompt cache may hold (2GB, 0: off, auto)")
     @line_magic
     def mlx_cluster(self, line: str):
         """Manage the MLX cluster behind %%mlx_dist.
@@ -291,6 +293,7 @@ class MLXMagics(Magics):
         %mlx_cluster start -n 2 --name llm --keep --idle 2h    outlives this kernel
         %mlx_cluster attach llm      the kept cluster, from this (or a new) kernel
         %mlx_cluster list            the kept clusters here
+        %mlx_cluster cache           the prompt cache per rank; --clear empties it, --limit 1GB
         """
         global _current
         args = parse_argstring(self.mlx_cluster, line)
@@ -337,6 +340,20 @@ class MLXMagics(Magics):
             return status_table(cluster)
         elif args.action == "forget-setup":
             print(f"Forgot {cluster.forget_setup()} setup cell(s).")
+        elif args.action == "cache":
+            from .generate import prompt_cache
+
+            try:
+                report = prompt_cache(cluster, clear=args.clear, limit=args.limit)
+            except ValueError as e:
+                raise UsageError(str(e)) from None
+            except DistCellError as e:
+                if e.root is None or e.root.error is None:
+                    raise
+                raise UsageError(e.root.error.message) from None
+            if args.clear:
+                print("Emptied the prompt cache on every rank.")
+            return report
 
     @magic_arguments()
     @argument("--ranks", default="0", help="whose output to show: 0 (default), all, or a list like 0,2")

@@ -69,10 +69,14 @@ class ServeStatus:
     batch_max: int
     generated: int  # tokens since the start
     uptime: float
+    prompt_tokens: int = 0  # of the requests the ranks took, since the start
+    cached_tokens: int = 0  # of those, the tokens the prompt cache held (not prefilled)
 
     def table(self) -> Table:
         def s(x: Optional[float]) -> str:
             return "-" if x is None else f"{x:.2f} s"
+
+        share = f" ({self.cached_tokens / self.prompt_tokens:.0%})" if self.prompt_tokens else ""
 
         rows = [
             ["state", self.state],
@@ -82,6 +86,7 @@ class ServeStatus:
             ["first token: median / last", f"{s(self.ttft_median)} / {s(self.ttft_last)}"],
             ["batch now / largest", f"{self.batch} / {self.batch_max}"],
             ["tokens generated", self.generated],
+            ["prompt tokens: from the cache / all", f"{self.cached_tokens} / {self.prompt_tokens}{share}"],
             ["up", f"{self.uptime:.0f} s"],
         ]
         return Table(["measure", "value"], rows, f"{self.model} at {self.url}")
@@ -101,6 +106,7 @@ class _Pending:
         self.events: queue.SimpleQueue = queue.SimpleQueue()  # ("token", text, finish) / ("error", status, message)
         self.arrived = time.monotonic()
         self.first: Optional[float] = None
+        self.cached = 0  # prompt tokens the ranks' prompt cache held for it
         self.on_ranks = True  # until its last token came, or it was cancelled
         self.gone = False  # its client left
 
@@ -312,6 +318,12 @@ class Server:
         if tokens is None:
             return
         now = time.monotonic()
+        for rid, cached in data.get("cached", ()):
+            if (p := self._pending.get(rid)) is not None:
+                p.cached = cached
+                with self._lock:
+                    self._counts["prompt_tokens"] += len(p.request.prompt)
+                    self._counts["cached_tokens"] += cached
         with self._lock:
             self._recent.append((now, len(tokens)))
             self._counts["tokens"] += len(tokens)
@@ -367,6 +379,8 @@ class Server:
             batch_max=self._batch_max,
             generated=counts["tokens"],
             uptime=now - self._started if self._started else 0.0,
+            prompt_tokens=counts["prompt_tokens"],
+            cached_tokens=counts["cached_tokens"],
         )
 
     def __repr__(self) -> str:

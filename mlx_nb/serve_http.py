@@ -219,7 +219,7 @@ class _Handler(BaseHTTPRequestHandler):
         if p.gone:
             return "cancelled"
         parts.append(stop.flush())
-        body = reply(request.chat, rid, owner.model.id, "".join(parts), finish, usage(len(request.prompt), n))
+        body = reply(request.chat, rid, owner.model.id, "".join(parts), finish, usage(len(request.prompt), n, p.cached))
         self._json(200, body)
         return "completed"
 
@@ -248,7 +248,7 @@ class _Handler(BaseHTTPRequestHandler):
         if p.gone:
             return "cancelled"
         if request.include_usage:
-            self._event(chunk(chat, rid, model, usage=usage(len(request.prompt), n)))
+            self._event(chunk(chat, rid, model, usage=usage(len(request.prompt), n, p.cached)))
         self.wfile.write(b"data: [DONE]\n\n")
         return "completed"
 

@@ -73,8 +73,9 @@ class ChatWidget(widgets.VBox):
     """Chat with the model loaded on the cluster: history, live tokens, stop.
 
     Each reply streams in as rank 0 produces it; the line under it has prompt and
-    generation tokens/s, time to first token and peak memory per rank. Stop
-    asks every rank to end at the same token (no collective is left hanging).
+    generation tokens/s, how many prompt tokens came from the ranks' prompt cache, time to
+    first token and peak memory per rank. Stop asks every rank to end at the same token (no
+    collective is left hanging). New chat forgets the conversation and empties the prompt cache.
     """
 
     def __init__(self, cluster: Cluster, max_tokens: int = 256, system: str | None = None):
@@ -84,13 +85,29 @@ class ChatWidget(widgets.VBox):
         self.box = widgets.Text(placeholder="Ask something, then Enter", layout=widgets.Layout(width="70%"))
         self.send = widgets.Button(description="Send", button_style="primary")
         self.stop = widgets.Button(description="Stop", disabled=True)
+        self.new = widgets.Button(description="New chat", tooltip="forget the conversation and empty the prompt cache")
+        self.new.on_click(lambda _: self.reset())
         self.send.on_click(lambda _: self.ask(self.box.value))
         self.box.continuous_update = False  # a value change is an Enter (or leaving the box)
         self.box.observe(lambda change: self.ask(change["new"]), "value")
         self.stop.on_click(lambda _: self.cluster.request_stop())
         self._turns: list[str] = []
         self._thread: threading.Thread | None = None
-        super().__init__([self.transcript, widgets.HBox([self.box, self.send, self.stop])])
+        self._system = self.messages[:]
+        super().__init__([self.transcript, widgets.HBox([self.box, self.send, self.stop, self.new])])
+
+    def reset(self) -> None:
+        """Start over: the conversation (its system prompt kept) and the ranks' prompt cache."""
+        from .generate import prompt_cache
+
+        if self._thread and self._thread.is_alive():
+            return
+        self.messages, self._turns = self._system[:], []
+        try:
+            prompt_cache(self.cluster, clear=True)
+        except Exception as e:  # shown in the panel, as a reply's error is
+            self._turns.append(f"<div style='color:#b00'>the prompt cache was not emptied: {e}</div>")
+        self._render()
 
     def _render(self, live: str = "") -> None:
         import html
@@ -108,7 +125,7 @@ class ChatWidget(widgets.VBox):
         self.messages.append({"role": "user", "content": text})
         self._turns.append(f"<div><b>you</b>: {html.escape(text)}</div>")
         self._render()
-        self.send.disabled, self.stop.disabled = True, False
+        self.send.disabled, self.stop.disabled, self.new.disabled = True, False, True
         self._thread = threading.Thread(target=self._reply, daemon=True)
         self._thread.start()
         if wait:
@@ -137,5 +154,5 @@ class ChatWidget(widgets.VBox):
         except Exception as e:  # shown in the panel: a background thread has no cell to raise into
             self._turns.append(f"<div style='color:#b00'>{html.escape(str(e))}</div>")
         finally:
-            self.send.disabled, self.stop.disabled = False, True
+            self.send.disabled, self.stop.disabled, self.new.disabled = False, True, False
             self._render()

@@ -14,6 +14,7 @@ from IPython.core.error import UsageError
 from jupyter_client.manager import start_new_kernel
 
 from mlx_nb import Cluster
+from mlx_nb.generate import generate, prompt_cache
 
 # modules import the test hosts' helpers (tests/testhosts.py) before it is loaded as a plugin
 pytest.register_assert_rewrite("testhosts")
@@ -154,3 +155,43 @@ def execute_across_a_restart(path, tag: str = "new-kernel"):
                     client.execute_cell(nb.cells[i], i)
             os.kill(client.km.provisioner.process.pid, signal.SIGKILL)  # the restart: nothing runs at exit
     return nb
+
+
+# ------------------------------------------------------- the prompt cache's tests
+CHAT_TOKENS = 12
+CHAT_SYSTEM = (
+    "You are the guide of a lighthouse museum. Visitors ask about lamps, lenses, keepers, storms "
+    "and ships. Answer in one or two short sentences, plainly, without lists. " * 6
+)
+CHAT_TURNS = ["What is a Fresnel lens?", "Who invented it?", "Why do lighthouses blink?"]
+# the bundled model's KV bytes per token in one process: 30 layers x keys and values x 3 heads
+# x 64 dimensions, in 2-byte or 4-byte floats (the ranks load the dense float32 copy with OpenBLAS)
+KV_BYTES_PER_TOKEN = {30 * 2 * 3 * 64 * b for b in (2, 4)}
+
+
+def uncached(cluster, prompts: list, n: int = CHAT_TOKENS) -> list:
+    """Each prompt's greedy reply (stats) on ``cluster`` with its prompt cache off: every prompt
+    prefilled whole, as before the cache (that sharded generation equals one mlx-lm process is
+    test_generate's)."""
+    prompt_cache(cluster, limit=0)
+    try:
+        out = [generate(cluster, p, n, quiet=True) for p in prompts]
+    finally:
+        prompt_cache(cluster, limit="auto")
+    assert all(s.cached_tokens == 0 for s in out)
+    return out
+
+
+def conversation(cluster, questions: list[str] = CHAT_TURNS, n: int = CHAT_TOKENS) -> tuple[list, object]:
+    """Chat turns through ``generate``: each turn's stats and the tokens its whole conversation
+    gives with the cache off; and the cache's report after the turns."""
+    messages = [{"role": "system", "content": CHAT_SYSTEM}]
+    turns, prompts = [], []
+    for question in questions:
+        messages.append({"role": "user", "content": question})
+        turns.append(generate(cluster, messages, n, quiet=True))
+        prompts.append(messages[:])
+        messages.append({"role": "assistant", "content": turns[-1].text})
+    report = prompt_cache(cluster)
+    refs = uncached(cluster, prompts, n)
+    return [(stats, ref.tokens, ref.prompt_tokens) for stats, ref in zip(turns, refs)], report

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ipython_shell
+from conftest import CHAT_TURNS, KV_BYTES_PER_TOKEN, conversation, ipython_shell
 from IPython.core.error import UsageError
 
 from mlx_nb import Cluster
@@ -50,6 +50,14 @@ def test_tensor_parallel_on_three_ranks_equals_one_process(trio, reference):
     stats = generate(trio, QUESTION, 10, quiet=True)
     assert stats.tokens == reference
     assert "Paris" in stats.text
+
+
+def test_chat_turns_on_three_tensor_parallel_ranks_reuse_the_prompt_cache_and_equal_the_uncached_replies(trio):
+    turns, report = conversation(trio, CHAT_TURNS[:2], n=6)
+    assert [t[0].tokens for t in turns] == [t[1] for t in turns]
+    assert all(after.cached_tokens >= before.prompt_tokens for (before, _, _), (after, _, _) in zip(turns, turns[1:]))
+    # each rank holds its slice of every entry: a third of the heads, a third of the bytes
+    assert all(r.bytes * 3 in {r.tokens * b for b in KV_BYTES_PER_TOKEN} for r in report.ranks)
 
 
 def test_a_batch_on_three_tensor_parallel_ranks_equals_one_process(trio, reference):

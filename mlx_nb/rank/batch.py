@@ -11,20 +11,19 @@ so every rank draws the same numbers for it and no rank needs another's tokens.
 
 from __future__ import annotations
 
-import pickle
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import mlx.core as mx
-import numpy as np
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.sample_utils import apply_top_p
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from . import session
-from .generate import Prompt, loaded
+from . import prompt_cache, session
+from .generate import Prompt, loaded, prompt_tokens
+from .prompt_cache import Changes, Hit, PromptCache
 
 
 @dataclass
@@ -37,6 +36,7 @@ class Request:
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
     seed: int = 0
+    hit: Optional[Hit] = None  # where the prompt cache lets it start: rank 0 fills it in
 
     def problem(self) -> Optional[str]:
         """Why the batch cannot take it (None: it can)."""
@@ -54,9 +54,10 @@ class Plan:
     remove: list[int] = field(default_factory=list)  # request ids
     add: list[Request] = field(default_factory=list)
     stop: bool = False
+    cache: Optional[Changes] = None  # the prompt cache's: applied first
 
     def __bool__(self) -> bool:
-        return bool(self.add or self.remove or self.stop)
+        return bool(self.add or self.remove or self.stop or self.cache)
 
 
 @dataclass
@@ -99,16 +100,7 @@ def share(plan: Optional[Plan], group: Optional[mx.distributed.Group], stream: A
     ``stream`` is the one the model's own collectives run on, so that all of them queue in one
     order on every rank.
     """
-    if group is None or group.size() == 1:
-        return plan or Plan()
-    data = pickle.dumps(plan) if group.rank() == 0 and plan else b""
-    with mx.stream(stream):
-        size = mx.distributed.all_sum(mx.array([len(data)], dtype=mx.int32), group=group).item()
-        if not size:
-            return Plan()
-        mine = mx.array(np.frombuffer(data, dtype=np.uint8)) if data else mx.zeros((size,), dtype=mx.uint8)
-        data = np.array(mx.distributed.all_sum(mine, group=group)).tobytes()
-    return pickle.loads(data)
+    return prompt_cache.broadcast(plan or None, group, stream) or Plan()
 
 
 class Batch:
@@ -147,6 +139,12 @@ class Batch:
         self._uids: dict[int, int] = {}  # request id -> uid
         self._ended: set[int] = set()  # requests rank 0 ended, in the batch until the next plan
         self._detokenizers: dict[int, Any] = {}
+        self.model = model
+        self.cache: Optional[PromptCache] = prompt_cache.current()
+        if self.cache is not None:
+            self.cache.apply(None)  # what an earlier batch that failed left pending
+        self._complete: set[int] = set()  # rank 0: pending requests whose cache holds their whole reply
+        self._admitted: list[tuple[int, int]] = []  # rank 0: (request id, cached prompt tokens) since asked
 
     @property
     def stream(self) -> Any:
@@ -160,24 +158,54 @@ class Batch:
         """Requests rank 0 ended at an end-of-sequence token, for the next plan to remove."""
         return sorted(self._ended)
 
+    def prepare(self, plan: Plan) -> Plan:
+        """Rank 0, before sharing ``plan``: the prompt cache's decisions go in it (which finished
+        sequences become entries, what is evicted, where each new request starts)."""
+        if self.cache is None or not self.cache.enabled:
+            return plan
+        keep = self._complete & set(self.cache.pending)
+        plan.cache = self.cache.decide(keep) or plan.cache
+        self._complete.clear()
+        for r in plan.add:
+            if r.hit is None and r.prompt:
+                r.hit = self.cache.lookup(r.prompt)
+        return plan
+
+    def admitted(self) -> list[tuple[int, int]]:
+        """Rank 0: (request id, prompt tokens from the cache) of the requests added since the last call."""
+        out, self._admitted = self._admitted, []
+        return out
+
     def apply(self, plan: Plan) -> None:
+        if self.cache is not None:
+            self.cache.apply(plan.cache)  # the pending sequences are decided on, then dropped
         gone = [self._uids.pop(r) for r in dict.fromkeys(plan.remove) if r in self._uids]
+        keeping = self.cache is not None and self.cache.enabled
         if gone:
-            self.gen.remove(gone)
+            caches = self.gen.remove(gone, return_prompt_caches=keeping)
+            for uid, (cache, tokens) in caches.items():
+                self.cache.finished(self._ids[uid], cache, tokens)
         for uid in gone:
             rid = self._ids.pop(uid)
+            if rid in self._ended:  # an end of sequence: its cache holds the whole reply
+                self._complete.add(rid)
             self._ended.discard(rid)
             self._detokenizers.pop(rid, None)
         if plan.add:
+            hits = [r.hit if keeping else None for r in plan.add]
+            start = [h.tokens if h is not None else 0 for h in hits]
             uids = self.gen.insert(
-                [r.prompt for r in plan.add],
+                [r.prompt[n:] for r, n in zip(plan.add, start)],
                 [r.max_tokens for r in plan.add],
+                caches=[self.cache.take(h, self.model) for h in hits] if keeping else None,
+                all_tokens=[r.prompt[:n] for r, n in zip(plan.add, start)],
                 samplers=[sampler(r.temperature, r.top_p, r.seed) for r in plan.add],
             )
-            for uid, r in zip(uids, plan.add):
+            for uid, r, n in zip(uids, plan.add, start):
                 self._ids[uid], self._uids[r.id] = r.id, uid
                 if self.rank == 0:
                     self._detokenizers[r.id] = self.tokenizer.detokenizer
+                    self._admitted.append((r.id, n))
 
     def step(self) -> list[Token]:
         """Every sequence one step on (a collective on a sharded model); rank 0 gets the new tokens."""
@@ -188,6 +216,10 @@ class Batch:
             dropped = r.finish_reason is not None  # max_tokens: every rank's generator dropped it already
             if dropped:
                 del self._ids[r.uid], self._uids[rid]
+                if self.cache is not None:
+                    self.cache.finished(rid, r.prompt_cache, r.all_tokens)
+                    if self.rank == 0:
+                        self._complete.add(rid)
             if self.rank == 0 and rid not in self._ended:
                 out.append(self._token(rid, r.token, r.finish_reason))
             if dropped:
@@ -215,7 +247,7 @@ def run(batch: Batch, decide: Callable[[Batch], Plan], emit: Callable[[list[Toke
     makes each plan and ``emit(tokens)`` gets each step's tokens; other ranks follow."""
     steps = 0
     while True:
-        plan = share(decide(batch) if batch.rank == 0 else None, batch.group, batch.stream)
+        plan = share(batch.prepare(decide(batch)) if batch.rank == 0 else None, batch.group, batch.stream)
         batch.apply(plan)
         if plan.stop:
             return steps
@@ -224,17 +256,6 @@ def run(batch: Batch, decide: Callable[[Batch], Plan], emit: Callable[[list[Toke
             steps += 1
             if batch.rank == 0:
                 emit(tokens)
-
-
-def prompt_tokens(tokenizer: TokenizerWrapper, prompt: Prompt) -> list[int]:
-    """Token ids for text, chat messages (through the chat template) or ids, as ``stream`` makes them."""
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
-        return list(tokenizer.apply_chat_template(prompt, add_generation_prompt=True))
-    if isinstance(prompt, str):
-        # as mlx_lm.stream_generate encodes text: no second BOS where the text has one
-        special = tokenizer.bos_token is None or not prompt.startswith(tokenizer.bos_token)
-        return list(tokenizer.encode(prompt, add_special_tokens=special))
-    return list(prompt)
 
 
 def generate_batch_on_rank(
@@ -251,7 +272,15 @@ def generate_batch_on_rank(
             raise ValueError(f"prompt {r.id}: {problem}")
     batch = Batch(model, tokenizer, group, max_batch=max_batch)
     replies = [
-        {"tokens": [], "text": "", "finish_reason": None, "ttft": None, "prompt_tokens": len(r.prompt)} for r in todo
+        {
+            "tokens": [],
+            "text": "",
+            "finish_reason": None,
+            "ttft": None,
+            "prompt_tokens": len(r.prompt),
+            "cached_tokens": 0,
+        }
+        for r in todo
     ]
     t0 = time.perf_counter()
 
@@ -259,11 +288,14 @@ def generate_batch_on_rank(
         plan = Plan(remove=batch.ended(), add=todo[:])
         todo.clear()
         live = len(batch) - len(plan.remove) + len(plan.add)
-        plan.stop = session.stop_requested() or live == 0
+        # the last removal's caches are decided on by the plan after it: stop one plan later
+        plan.stop = session.stop_requested() or (live == 0 and not plan.remove)
         return plan
 
     def emit(tokens: list[Token]) -> None:
         now = time.perf_counter() - t0
+        for rid, cached in batch.admitted():
+            replies[rid]["cached_tokens"] = cached
         for t in tokens:
             reply = replies[t.id]
             reply["tokens"].append(t.token)

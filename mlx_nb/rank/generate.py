@@ -21,7 +21,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import sharded_load
 
 from ..models import check_split, resolve
-from . import session
+from . import prompt_cache, session
 
 Prompt = Union[str, list[dict[str, Any]], list[int]]
 _loaded: Optional[tuple] = None  # (model, tokenizer, group) of the last load_on_rank
@@ -99,9 +99,10 @@ def stream(
             return
 
 
-def load_on_rank(model: Optional[str], pipeline: bool) -> dict:
-    """Load the model split over the group on this rank (every rank at once), keep it, and
-    say how long it took and what it holds."""
+def load_on_rank(model: Optional[str], pipeline: bool, cache_limit: Optional[int] = None) -> dict:
+    """Load the model split over the group on this rank (every rank at once), keep it with a new,
+    empty prompt cache (``cache_limit`` bytes per rank; None: the default share), and say how
+    long it took and what it holds."""
     global _loaded, _source
     t0 = time.perf_counter()
     mx.reset_peak_memory()
@@ -112,11 +113,18 @@ def load_on_rank(model: Optional[str], pipeline: bool) -> dict:
             "on the notebook's machine, and leaves its cache when newer ones come; "
             "load_model(cluster, adapter_path=...) makes it again (on other hosts, share the folder)"
         )
+    prompt_cache.drop()  # the entries are the old model's
     model_, tokenizer = load(path, session.world(), pipeline)
     _loaded = (model_, tokenizer, session.world())
     _source = {"model": model, "path": path, "pipeline": pipeline}
+    cache = prompt_cache.setup(model_, session.world(), cache_limit)
     active, peak = session.memory()
-    return {"seconds": time.perf_counter() - t0, "active_memory": active, "peak_memory": peak}
+    return {
+        "seconds": time.perf_counter() - t0,
+        "active_memory": active,
+        "peak_memory": peak,
+        "cache": cache.status(),
+    }
 
 
 def loaded() -> tuple:
@@ -132,12 +140,50 @@ def loaded_from() -> dict:
     return dict(_source)
 
 
+def cache_on_rank(clear: bool, set_limit: bool, limit: Optional[int]) -> prompt_cache.CacheStatus:
+    """The prompt cache's state on this rank; first emptied (``clear``) or given a new ``limit``
+    (``set_limit``; None: the default share), alike on every rank (every rank at once)."""
+    _, _, group = loaded()
+    pc = prompt_cache.current()
+    if clear:
+        pc.clear()
+    if set_limit:
+        prompt_cache.set_limit(limit, group)
+    return pc.status()
+
+
+def prompt_tokens(tokenizer: TokenizerWrapper, prompt: Prompt) -> list[int]:
+    """Token ids for text, chat messages (through the chat template) or ids, as ``stream`` makes them."""
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
+        return list(tokenizer.apply_chat_template(prompt, add_generation_prompt=True))
+    if isinstance(prompt, str):
+        # as mlx_lm.stream_generate encodes text: no second BOS where the text has one
+        special = tokenizer.bos_token is None or not prompt.startswith(tokenizer.bos_token)
+        return list(tokenizer.encode(prompt, add_special_tokens=special))
+    return list(prompt)
+
+
 def generate_on_rank(prompt: Prompt, max_tokens: int) -> dict:
-    """Generate on every rank; rank 0 reports each piece of text to the notebook as it comes."""
+    """Generate on every rank; rank 0 reports each piece of text to the notebook as it comes.
+
+    The prompt starts from the prompt cache's longest match (rank 0 decides, every rank takes
+    the same entry), and what it leaves in its KV cache becomes an entry for the next turn."""
     model, tokenizer, group = loaded()
     rank = session.state.rank
+    ids = prompt_tokens(tokenizer, prompt)
+    if not ids:
+        raise ValueError("the prompt has no tokens")
+    pc = prompt_cache.current()
+    hit = None
+    if pc is not None:
+        pc.apply(None)  # what an earlier call that failed left pending
+        hit = prompt_cache.broadcast(pc.lookup(ids) if rank == 0 else None, group)
+    cached = hit.tokens if hit is not None else 0
+    cache = pc.take(hit, model) if pc is not None else None
     t0, ttft, pieces, tokens, last = time.perf_counter(), None, [], [], None
-    for r in stream(model, tokenizer, prompt, max_tokens, group, should_stop=session.stop_requested):
+    for r in stream(
+        model, tokenizer, ids[cached:], max_tokens, group, should_stop=session.stop_requested, prompt_cache=cache
+    ):
         if ttft is None:
             ttft = time.perf_counter() - t0
         if rank == 0 and r.text:
@@ -145,10 +191,14 @@ def generate_on_rank(prompt: Prompt, max_tokens: int) -> dict:
         pieces.append(r.text)
         tokens.append(r.token)
         last = r
+    if pc is not None:
+        pc.finished("stream", cache, ids + tokens)
+        pc.apply(prompt_cache.broadcast(pc.decide() if rank == 0 else None, group))
     return {
         "text": "".join(pieces),
         "tokens": tokens,
-        "prompt_tokens": last.prompt_tokens,
+        "prompt_tokens": len(ids),
+        "cached_tokens": cached,
         "prompt_tps": last.prompt_tps,
         "generation_tokens": last.generation_tokens,
         "generation_tps": last.generation_tps,

@@ -4,7 +4,8 @@ Requests reach rank 0's inbox (``Cluster.send``) as ``{"serve": id, "add": [Requ
 cancellations as ``{"serve": id, "cancel": [request ids]}`` and the end as ``{"serve": id,
 "stop": true}``. Each step rank 0 turns what arrived into a plan that every rank applies
 (:mod:`mlx_nb.rank.batch`): a request that arrives while others run joins at the next step.
-Rank 0 reports every step's tokens in one ``report``. With nothing to do, rank 0 waits on its
+Rank 0 reports every step's tokens in one ``report``, with the prompt tokens each newly
+admitted request found in the prompt cache (:mod:`mlx_nb.rank.prompt_cache`). With nothing to do, rank 0 waits on its
 inbox for a moment between agreements, so an idle server costs a few small collectives a second.
 """
 
@@ -63,7 +64,10 @@ def serve_on_rank(serve_id: str, max_batch: int, prefill_step: int, idle_wait: f
 
     def emit(tokens: list[Token]) -> None:
         made[0], shown[0] = made[0] + len(tokens), len(batch)
-        session.report(t=time.time(), batch=len(batch), tokens=[(t.id, t.token, t.text, t.finish) for t in tokens])
+        report = {"cached": cached} if (cached := batch.admitted()) else {}
+        session.report(
+            t=time.time(), batch=len(batch), tokens=[(t.id, t.token, t.text, t.finish) for t in tokens], **report
+        )
 
     session.report(t=time.time(), ready=True)
     try:

@@ -1,0 +1,386 @@
+"""The prompt cache, the rank half: KV caches of earlier prompts, reused by the prompts that extend them.
+
+Every rank holds its own slice of every entry (a pipeline rank its layers, a tensor-parallel
+rank its heads), stored under an id. Which entry a prompt reuses, which finished sequence
+becomes an entry and which entries are evicted is decided on rank 0 alone (its :class:`Index`
+of the entries' token ids) and reaches every rank in the same step, inside a batch's plan or
+by :func:`broadcast`: a rank never decides from what it alone sees, so no rank diverges and no
+collective goes unpaired.
+
+As mlx-lm's ``LRUPromptCache``: a prompt reuses the entry with the longest common prefix (an
+entry is trimmed to it, and at least one token is always prefilled, for the logits); a new entry
+replaces the entries that are its prefixes; the least recently used go first when a rank's
+limit in bytes is passed. Unlike it, the bytes are counted per rank (tokens times each rank's KV
+bytes per token, measured at load), so that rank 0 keeps every rank within its own limit.
+Only models whose every layer keeps a plain ``KVCache`` are cached (a sliding window or a
+recurrent state cannot be trimmed to a prefix); for the others the cache says why it is off.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import zlib
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.generate import generation_stream
+from mlx_lm.models.cache import KVCache, make_prompt_cache
+
+MAX_ENTRIES = 256  # entries rank 0 compares a prompt with, whatever their bytes
+ZERO_LIMIT = "its limit is 0 bytes"
+DEFAULT_SHARE = 4  # the default limit: this fraction (1/4) of a rank's free memory after the load
+
+
+def broadcast(obj: Any, group: Optional[mx.distributed.Group], stream: Any = generation_stream) -> Any:
+    """Rank 0's ``obj`` on every rank of ``group`` (a collective: every rank calls it; only rank 0's
+    ``obj`` counts; None stays None). Nothing to send costs one 4-byte ``all_sum``; something, a
+    second one of its pickled bytes. ``stream``: the one the model's collectives run on, so that
+    all of them queue in one order on every rank."""
+    if group is None or group.size() == 1:
+        return obj
+    data = pickle.dumps(obj) if group.rank() == 0 and obj is not None else b""
+    with mx.stream(stream):
+        size = mx.distributed.all_sum(mx.array([len(data)], dtype=mx.int32), group=group).item()
+        if not size:
+            return None
+        mine = mx.array(np.frombuffer(data, dtype=np.uint8)) if data else mx.zeros((size,), dtype=mx.uint8)
+        data = np.array(mx.distributed.all_sum(mine, group=group)).tobytes()
+    return pickle.loads(data)
+
+
+@dataclass(frozen=True)
+class Hit:
+    """Rank 0's word for one prompt: start from ``tokens`` tokens of entry ``entry``."""
+
+    entry: int
+    tokens: int
+
+
+@dataclass
+class Changes:
+    """What rank 0 decided about the entries; every rank applies it in the same step."""
+
+    keep: dict = field(default_factory=dict)  # a finished sequence's key -> the id of its new entry
+    evict: list[int] = field(default_factory=list)
+    clear: bool = False  # every entry goes (before ``keep``)
+
+    def __bool__(self) -> bool:
+        return bool(self.keep or self.evict or self.clear)
+
+
+@dataclass
+class CacheStatus:
+    """One rank's prompt cache: ``prompt_cache(cluster)``, ``%mlx_cluster cache``."""
+
+    rank: int
+    enabled: bool
+    why_off: Optional[str]
+    entries: int
+    tokens: int  # tokens held, every entry together
+    bytes: int  # this rank's slice of them
+    limit: int  # bytes this rank may hold
+    lookups: int = 0  # prompts rank 0 looked up (rank 0 only)
+    hits: int = 0
+    cached_tokens: int = 0  # prompt tokens that came from the cache instead of a prefill
+    prompt_tokens: int = 0  # every looked-up prompt's tokens
+
+
+class Index:
+    """Rank 0's view of the entries: their token ids, in least-recently-used order, and what each
+    costs every rank. Pure Python: it decides, the ranks' :class:`PromptCache` stores.
+
+    Example:
+        >>> index = Index(per_token=[10, 10], limits=[100, 100])
+        >>> index.add([1, 2, 3])
+        (0, [])
+        >>> index.lookup([1, 2, 3, 4])
+        Hit(entry=0, tokens=3)
+        >>> index.add([1, 2, 3, 4, 5, 6, 7, 8, 9])  # the first is its prefix: replaced
+        (1, [0])
+        >>> index.add(list(range(20)))  # 20 tokens x 10 bytes: over either rank's 100
+        (None, [])
+    """
+
+    def __init__(self, per_token: list[int], limits: list[int]) -> None:
+        self.per_token, self.limits = per_token, limits
+        self.entries: OrderedDict[int, np.ndarray] = OrderedDict()  # id -> tokens; oldest first
+        self._next = 0
+        self.lookups = self.hits = self.cached_tokens = self.prompt_tokens = 0
+
+    def tokens(self) -> int:
+        return sum(len(t) for t in self.entries.values())
+
+    def bytes(self) -> list[int]:
+        """What the entries cost each rank."""
+        n = self.tokens()
+        return [n * p for p in self.per_token]
+
+    def lookup(self, tokens: list[int]) -> Optional[Hit]:
+        """The entry with the longest common prefix with ``tokens`` (the newest of equals), and how
+        much of it to reuse: all of that prefix but ``tokens``' last token. None: no entry helps."""
+        self.lookups += 1
+        self.prompt_tokens += len(tokens)
+        want = np.asarray(tokens, dtype=np.int64)
+        best, best_n = None, 0
+        for eid, have in reversed(self.entries.items()):
+            n = _common_prefix(have, want)
+            if n > best_n:
+                best, best_n = eid, n
+        reuse = min(best_n, len(tokens) - 1)
+        if best is None or reuse < 1:
+            return None
+        self.entries.move_to_end(best)
+        self.hits += 1
+        self.cached_tokens += reuse
+        return Hit(best, reuse)
+
+    def add(self, tokens: list[int]) -> tuple[Optional[int], list[int]]:
+        """Enter ``tokens`` (a finished sequence): (its new id, or None if it is not kept, and the
+        ids evicted). An entry that ``tokens`` extends goes; ``tokens`` that an entry already holds
+        (a prefix of it) only make that entry the most recent."""
+        new = np.asarray(tokens, dtype=np.int64)
+        if not len(new):
+            return None, []
+        evict = []
+        for eid, have in list(self.entries.items()):
+            n = _common_prefix(have, new)
+            if n == len(new):  # already held
+                self.entries.move_to_end(eid)
+                return None, []
+            if n == len(have):
+                evict.append(eid)
+        for eid in evict:
+            del self.entries[eid]
+        if any(len(new) * p > limit for p, limit in zip(self.per_token, self.limits)):
+            return None, evict  # alone over a rank's limit
+        eid, self._next = self._next, self._next + 1
+        self.entries[eid] = new
+        while len(self.entries) > MAX_ENTRIES or any(b > lim for b, lim in zip(self.bytes(), self.limits)):
+            evict.append(self.entries.popitem(last=False)[0])
+        return eid, evict
+
+    def fit(self) -> list[int]:
+        """Evict the oldest entries until every rank is within its limit; the ids evicted."""
+        evict = []
+        while self.entries and any(b > lim for b, lim in zip(self.bytes(), self.limits)):
+            evict.append(self.entries.popitem(last=False)[0])
+        return evict
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+
+def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    n = min(len(a), len(b))
+    if not n:
+        return 0
+    differ = np.flatnonzero(a[:n] != b[:n])
+    return int(differ[0]) if len(differ) else n
+
+
+class PromptCache:
+    """One rank's entries (its slice of each), the sequences that finished since rank 0 last
+    decided (``pending``), and on rank 0 the :class:`Index` that decides."""
+
+    def __init__(
+        self,
+        rank: int,
+        per_token: list[int],
+        limits: list[int],
+        why_off: Optional[str] = None,
+    ) -> None:
+        self.rank, self.why_off = rank, why_off
+        self.limit = limits[rank]
+        self.index = Index(per_token, limits) if rank == 0 else None
+        self.entries: dict[int, list[Optional[tuple[mx.array, mx.array]]]] = {}
+        self.pending: dict[Any, tuple[list[Any], list[int]]] = {}  # key -> (cache, tokens it holds)
+
+    @property
+    def enabled(self) -> bool:
+        return self.why_off is None
+
+    # ------------------------------------------------------------- rank 0 decides
+    def lookup(self, tokens: list[int]) -> Optional[Hit]:
+        """Rank 0: which entry ``tokens`` starts from (None: none, or the cache is off)."""
+        return self.index.lookup(tokens) if self.enabled and self.index is not None else None
+
+    def decide(self, keep: Any = None) -> Changes:
+        """Rank 0: which pending sequences become entries (``keep``: their keys; None: all)."""
+        changes = Changes()
+        if not self.enabled or self.index is None:
+            return changes
+        for key, (cache, tokens) in self.pending.items():
+            if keep is not None and key not in keep:
+                continue
+            eid, evicted = self.index.add(tokens[: _offset(cache)])
+            changes.evict += evicted
+            if eid is not None:
+                changes.keep[key] = eid
+        return changes
+
+    # ---------------------------------------------------------- every rank applies
+    def apply(self, changes: Optional[Changes]) -> None:
+        """Rank 0's ``changes`` here; the sequences pending before them are dropped after."""
+        if changes:
+            if changes.clear:
+                self.entries.clear()
+                if self.index is not None:
+                    self.index.clear()
+            for eid in changes.evict:
+                self.entries.pop(eid, None)
+            for key, eid in changes.keep.items():
+                cache, tokens = self.pending[key]
+                self._put(eid, cache, len(tokens[: _offset(cache)]))
+        self.pending.clear()
+
+    def finished(self, key: Any, cache: list[Any], tokens: list[int]) -> None:
+        """A sequence ended, ``cache`` holding (a prefix of) ``tokens``: rank 0 decides next about it."""
+        if self.enabled:
+            self.pending[key] = (cache, list(tokens))
+
+    def take(self, hit: Optional[Hit], model: Any) -> list[Any]:
+        """A fresh prompt cache for a new sequence: ``hit``'s tokens of its entry (they stay in the
+        cache: the arrays are shared, never written), else an empty one."""
+        cache = make_prompt_cache(model)
+        if hit is None:
+            return cache
+        for c, kv in zip(cache, self.entries[hit.entry]):
+            if kv is not None:
+                c.state = (kv[0][..., : hit.tokens, :], kv[1][..., : hit.tokens, :], hit.tokens)
+        return cache
+
+    def _put(self, eid: int, cache: list[Any], n: int) -> None:
+        # a copy of exactly n tokens: not a view that keeps a batch's (or a step-rounded) buffer alive
+        kept = [
+            None if c.keys is None else (mx.contiguous(c.keys[..., :n, :]), mx.contiguous(c.values[..., :n, :]))
+            for c in cache
+        ]
+        mx.eval([kv for kv in kept if kv is not None])
+        self.entries[eid] = kept
+
+    def clear(self) -> None:
+        self.apply(Changes(clear=True))
+
+    def status(self) -> CacheStatus:
+        held = sum(kv[0].nbytes + kv[1].nbytes for e in self.entries.values() for kv in e if kv is not None)
+        tokens = sum(_entry_tokens(e) for e in self.entries.values())
+        s = CacheStatus(self.rank, self.enabled, self.why_off, len(self.entries), tokens, held, self.limit)
+        if self.index is not None:
+            i = self.index
+            s.lookups, s.hits, s.cached_tokens, s.prompt_tokens = i.lookups, i.hits, i.cached_tokens, i.prompt_tokens
+        return s
+
+
+def _offset(cache: list[Any]) -> int:
+    """Tokens a prompt cache holds (its layers agree; a pipeline rank's other layers hold none)."""
+    return max((c.offset for c in cache if getattr(c, "keys", None) is not None), default=0)
+
+
+def _entry_tokens(entry: list) -> int:
+    return max((kv[0].shape[2] for kv in entry if kv is not None), default=0)
+
+
+# ------------------------------------------------------------------ one per rank
+_cache: Optional[PromptCache] = None
+
+
+def current() -> Optional[PromptCache]:
+    """This rank's prompt cache (None before a model is loaded)."""
+    return _cache
+
+
+def drop() -> None:
+    """Forget every entry (another model is being loaded)."""
+    global _cache
+    _cache = None
+
+
+def setup(model: Any, group: Optional[mx.distributed.Group], limit: Optional[int] = None) -> PromptCache:
+    """A new, empty cache for ``model`` on every rank of ``group`` (a collective: every rank calls
+    it, right after the load). ``limit``: bytes per rank (None: 1/4 of the rank's free memory,
+    0: no cache). It runs the model on one token to measure the rank's KV bytes per token."""
+    global _cache
+    rank, size = (group.rank(), group.size()) if group is not None else (0, 1)
+    probe = make_prompt_cache(model)
+    why_off = None
+    if not all(type(c) is KVCache for c in probe):
+        kinds = sorted({type(c).__name__ for c in probe} - {"KVCache"})
+        why_off = f"this model keeps {', '.join(kinds)} (not a plain KV cache), which cannot be cut to a prefix"
+    per_token = 0
+    if why_off is None:
+        with mx.stream(generation_stream):
+            model(mx.array([[0]]), cache=probe)
+        real = [c for c in probe if c.keys is not None]
+        mx.eval([c.keys for c in real] + [c.values for c in real])
+        per_token = sum((c.keys.nbytes + c.values.nbytes) // c.keys.shape[2] for c in real)
+    del probe
+    host = _gather([zlib.crc32(socket.gethostname().encode()) & 0x3FFFFFFF], rank, size, group)
+    if limit is None:
+        local = sum(h == host[rank][0] for (h,) in host)
+        limit = free_memory(local) // DEFAULT_SHARE
+    elif limit == 0:
+        why_off = why_off or ZERO_LIMIT
+    # in MiB, so that a limit of terabytes fits an int32
+    rows = _gather([per_token, min(limit >> 20, 2**31 - 1), int(why_off is not None)], rank, size, group)
+    per_tokens = [r[0] for r in rows]
+    limits = [r[1] << 20 for r in rows]
+    if why_off is None and any(r[2] for r in rows):
+        why_off = "another rank cannot cache this model"
+    _cache = PromptCache(rank, per_tokens, limits, why_off)
+    _cache.limit = limit  # this rank's own, in bytes
+    return _cache
+
+
+def set_limit(limit: Optional[int], group: Optional[mx.distributed.Group]) -> None:
+    """A new limit in bytes for every rank (None: the default share); rank 0 evicts what no longer
+    fits, on every rank alike (a collective: every rank calls it)."""
+    pc = _cache
+    if pc is None:
+        return
+    rank, size = (group.rank(), group.size()) if group is not None else (0, 1)
+    if limit is None:
+        host = _gather([zlib.crc32(socket.gethostname().encode()) & 0x3FFFFFFF], rank, size, group)
+        limit = free_memory(sum(h == host[rank][0] for (h,) in host)) // DEFAULT_SHARE
+    rows = _gather([min(limit >> 20, 2**31 - 1)], rank, size, group)
+    pc.limit = limit
+    if pc.why_off in (None, ZERO_LIMIT):  # every rank sees the same rows: they agree on this
+        pc.why_off = ZERO_LIMIT if any(r[0] == 0 for r in rows) else None
+    changes = None
+    if pc.index is not None:
+        pc.index.limits = [r[0] << 20 for r in rows]
+        changes = Changes(evict=pc.index.fit())
+    pc.apply(broadcast(changes, group))
+
+
+def _gather(values: list[int], rank: int, size: int, group: Optional[mx.distributed.Group]) -> list[list[int]]:
+    """Every rank's ``values`` (int32s), in rank order (a collective)."""
+    if size == 1:
+        return [values]
+    rows = np.zeros((size, len(values)), dtype=np.int32)
+    rows[rank] = values
+    with mx.stream(generation_stream):
+        out = mx.distributed.all_sum(mx.array(rows), group=group)
+    return np.array(out).tolist()
+
+
+def free_memory(local_ranks: int = 1) -> int:
+    """Bytes this rank could still take: on a GPU what its device has beyond what this process
+    holds (a Mac's recommended working set shared by the ``local_ranks`` on it); on a CPU the
+    host's available memory shared by its ``local_ranks``."""
+    active = mx.get_active_memory()
+    if mx.default_device().type == mx.gpu:
+        info = mx.device_info()
+        total = info.get("max_recommended_working_set_size") or info.get("memory_size") or info.get("total_memory") or 0
+        share = total if mx.cuda.is_available() else total // max(1, local_ranks)
+        return max(0, int(share) - active)
+    try:
+        with open("/proc/meminfo") as f:
+            available = next(int(line.split()[1]) << 10 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    return available // max(1, local_ranks)

@@ -1,0 +1,241 @@
+"""The ranks' prompt cache with the bundled model: the next chat turn and a shared system prompt
+are prefilled only past what the cache holds, and the replies are the ones one mlx-lm process
+gives without any cache, token for token: chat turns on pipeline and tensor-parallel ranks, a
+batch, served requests through the official openai client. Eviction under a small limit,
+emptied by a load, and no entry from a client that left mid-stream."""
+
+from __future__ import annotations
+
+import threading
+
+import openai
+import pytest
+from conftest import CHAT_SYSTEM as SYSTEM
+from conftest import CHAT_TOKENS as TOKENS
+from conftest import CHAT_TURNS as TURNS
+from conftest import KV_BYTES_PER_TOKEN, conversation, ipython_shell, uncached
+
+from mlx_nb import Cluster, magics
+from mlx_nb.batch import generate_batch
+from mlx_nb.generate import generate, load_model, prompt_cache
+from mlx_nb.models import prepare_bundled
+from mlx_nb.widgets import ChatWidget
+
+
+class Tokens:
+    """The bundled model's tokenizer, to count what a prompt is."""
+
+    def __init__(self, ranks) -> None:
+        from mlx_lm.utils import load_tokenizer
+
+        self.tokenizer = load_tokenizer(prepare_bundled(ranks))
+
+    def ids(self, messages: list[dict]) -> list[int]:
+        return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+
+
+@pytest.fixture(scope="module")
+def pair():
+    with Cluster(n=2) as c:
+        load_model(c, pipeline=True, progress=False)
+        yield c
+
+
+@pytest.fixture(scope="module")
+def tok(pair) -> Tokens:
+    return Tokens(pair.ranks)
+
+
+def test_chat_turns_on_a_pipeline_reuse_the_cache_and_equal_the_uncached_replies(pair):
+    prompt_cache(pair, clear=True)
+    turns, report = conversation(pair)
+    for n, (stats, expected, prompt) in enumerate(turns):
+        assert stats.tokens == expected, f"turn {n + 1}"
+        assert stats.prompt_tokens == prompt
+    first = turns[0][0]
+    assert first.cached_tokens == 0 and first.prefilled_tokens == first.prompt_tokens
+    for (before, _, _), (stats, _, _) in zip(turns, turns[1:]):
+        # the previous turn's whole prompt came from the cache: only the reply and the new
+        # question were prefilled
+        assert stats.cached_tokens >= before.prompt_tokens
+        assert stats.prefilled_tokens <= stats.prompt_tokens - before.prompt_tokens
+        assert f"({stats.cached_tokens} cached, {stats.prefilled_tokens} prefilled)" in stats.summary()
+    assert [r.rank for r in report.ranks] == [0, 1]
+    assert all(r.entries >= 1 and 0 < r.bytes <= r.limit for r in report.ranks)
+    # each rank holds its own 15 layers of every entry: half of what one process would
+    assert all(r.bytes * 2 in {r.tokens * b for b in KV_BYTES_PER_TOKEN} for r in report.ranks)
+    assert report.ranks[0].hits >= 2 and "hits in" in repr(report)
+
+
+def test_a_batch_sharing_a_system_prompt_reuses_it_and_equals_the_uncached_replies(pair):
+    prompts = [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}] for q in TURNS]
+    expected = [s.tokens for s in uncached(pair, prompts)]
+    prompt_cache(pair, clear=True)
+    first = generate_batch(pair, prompts, TOKENS, quiet=True)
+    again = generate_batch(pair, prompts, TOKENS, quiet=True)
+    assert [r.tokens for r in first.replies] == expected
+    assert [r.tokens for r in again.replies] == expected
+    assert all(r.cached_tokens == 0 for r in first.replies)
+    # the second time each prompt finds itself (its whole prompt but its last token)
+    assert [r.cached_tokens for r in again.replies] == [r.prompt_tokens - 1 for r in again.replies]
+    assert "cached" in again.summary()
+
+
+def test_eviction_keeps_every_rank_within_a_small_limit(pair, tok):
+    prompt_cache(pair, clear=True)
+    a = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": TURNS[0]}]
+    b = [{"role": "system", "content": SYSTEM.replace("lighthouse", "windmill")}, {"role": "user", "content": TURNS[0]}]
+    first = generate(pair, a, TOKENS, quiet=True)
+    held = prompt_cache(pair).ranks
+    per_entry = max(r.bytes for r in held)
+    try:
+        # room for one such entry on each rank, not two
+        prompt_cache(pair, limit=int(per_entry * 1.5))
+        generate(pair, b, TOKENS, quiet=True)
+        ranks = prompt_cache(pair).ranks
+        assert all(r.entries == 1 and r.bytes <= r.limit for r in ranks)
+        assert generate(pair, b, TOKENS, quiet=True).cached_tokens == len(tok.ids(b)) - 1  # b is held
+        back = generate(pair, a, TOKENS, quiet=True)  # a was evicted: only the template's start is shared
+        assert back.cached_tokens < 10 and back.tokens == first.tokens
+    finally:
+        prompt_cache(pair, limit="auto")
+    assert all(r.limit > 10 * per_entry for r in prompt_cache(pair).ranks)  # the default share again
+
+
+def test_a_limit_that_is_not_a_size_is_refused_before_the_ranks_are_asked(pair):
+    with pytest.raises(ValueError, match=r"limit: not a size: 'lots' \(use bytes or KB / MB / GB, e.g. 2GB\)"):
+        prompt_cache(pair, limit="lots")
+    with pytest.raises(ValueError, match="cache_limit must be at least 0 bytes, got -1"):
+        load_model(pair, pipeline=True, cache_limit=-1, progress=False)
+
+
+def test_the_cluster_magic_shows_and_empties_the_cache(pair, capsys):
+    ip = ipython_shell()
+    if "mlx_nb" not in ip.extension_manager.loaded:
+        ip.run_line_magic("load_ext", "mlx_nb")
+    magics.use(pair)
+    try:
+        generate(pair, [{"role": "user", "content": TURNS[0]}], TOKENS, quiet=True)
+        shown = ip.run_line_magic("mlx_cluster", "cache")
+        assert shown.ranks[0].entries >= 1 and "entries" in repr(shown)
+        emptied = ip.run_line_magic("mlx_cluster", "cache --clear")
+        assert "Emptied the prompt cache on every rank." in capsys.readouterr().out
+        assert all(r.entries == 0 and r.bytes == 0 for r in emptied.ranks)
+    finally:
+        magics.use(None)
+
+
+def test_the_chat_widget_says_what_came_from_the_cache_and_new_chat_empties_it(pair):
+    chat = ChatWidget(pair, max_tokens=TOKENS, system=SYSTEM)
+    chat.ask(TURNS[0], wait=True)
+    chat.ask(TURNS[1], wait=True)
+    assert "cached," in chat._turns[-1] and "prefilled" in chat._turns[-1]
+    chat.reset()
+    assert chat.messages == [{"role": "system", "content": SYSTEM}] and chat._turns == []
+    assert all(r.entries == 0 for r in prompt_cache(pair).ranks)
+
+
+def test_loading_a_model_empties_the_cache(pair):
+    messages = [{"role": "user", "content": TURNS[2]}]
+    before = generate(pair, messages, TOKENS, quiet=True)
+    assert generate(pair, messages, TOKENS, quiet=True).cached_tokens > 0
+    info = load_model(pair, pipeline=True, progress=False)
+    assert all(s.entries == 0 for s in info["cache"])
+    again = generate(pair, messages, TOKENS, quiet=True)
+    assert again.cached_tokens == 0 and again.tokens == before.tokens
+
+
+def test_a_cache_limit_of_zero_turns_it_off(pair):
+    try:
+        load_model(pair, pipeline=True, cache_limit=0, progress=False)
+        messages = [{"role": "user", "content": TURNS[0]}]
+        generate(pair, messages, TOKENS, quiet=True)
+        assert generate(pair, messages, TOKENS, quiet=True).cached_tokens == 0
+        assert "off: its limit is 0 bytes" in repr(prompt_cache(pair))
+    finally:
+        load_model(pair, pipeline=True, progress=False)
+
+
+# ------------------------------------------------------------------ served
+QUESTIONS = TURNS + ["What is a foghorn for?"]
+SHARED = {q: [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}] for q in QUESTIONS}
+STORY = [{"role": "user", "content": "Tell me a very long story about a lighthouse keeper named Ada."}]
+
+
+@pytest.fixture(scope="module")
+def served_expected(pair) -> dict:
+    """The served prompts' replies with the cache off, before the server takes the ranks."""
+    prompts = [*SHARED.values(), STORY]
+    return dict(zip([*SHARED, "story"], (s.text for s in uncached(pair, prompts))))
+
+
+@pytest.fixture(scope="module")
+def server(pair, served_expected):
+    from mlx_nb.serve import serve
+
+    s = serve(pair, port=0)
+    yield s
+    s.stop()
+
+
+def test_served_requests_sharing_a_system_prompt_reuse_it_in_the_second_wave(server, served_expected, tok):
+    client = openai.OpenAI(base_url=server.url, api_key="-", max_retries=0, timeout=600)
+    questions, prompts = QUESTIONS, SHARED
+    expected = {q: served_expected[q] for q in questions}
+
+    def wave() -> dict:
+        got: dict = {}
+
+        def ask(q: str) -> None:
+            got[q] = client.chat.completions.create(model=server.model.id, messages=prompts[q], max_tokens=TOKENS)
+
+        threads = [threading.Thread(target=ask, args=(q,)) for q in questions]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(600)
+        return got
+
+    first, second = wave(), wave()
+    for got in (first, second):
+        assert {q: r.choices[0].message.content for q, r in got.items()} == expected
+    system_tokens = len(tok.ids([{"role": "system", "content": SYSTEM}]))
+    for q, r in second.items():
+        assert r.usage.prompt_tokens == len(tok.ids(prompts[q]))
+        assert r.usage.prompt_tokens_details.cached_tokens >= system_tokens - 5, q
+    status = server.status()
+    assert status.cached_tokens >= len(questions) * (system_tokens - 5)
+    assert "prompt tokens: from the cache / all" in repr(status)
+
+
+def test_a_client_that_leaves_mid_stream_leaves_no_entry_a_later_request_hits(server, served_expected, tok):
+    client = openai.OpenAI(base_url=server.url, api_key="-", max_retries=0, timeout=600)
+    story = STORY
+    stream = client.chat.completions.create(model=server.model.id, messages=story, max_tokens=2000, stream=True)
+    pieces = 0
+    for chunk in stream:
+        pieces += bool(chunk.choices and chunk.choices[0].delta.content)
+        if pieces == 5:
+            break
+    stream.close()  # the client leaves, its sequence half generated
+    r = client.chat.completions.create(model=server.model.id, messages=story, max_tokens=TOKENS)
+    # only the chat template's start, shared with earlier prompts, may come from the cache
+    shared = _common_prefix(tok.ids(story), tok.ids([{"role": "user", "content": TURNS[0]}]))
+    assert r.usage.prompt_tokens_details.cached_tokens <= shared
+    assert r.choices[0].message.content == served_expected["story"]
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def test_rank_zeros_decisions_are_documented_by_examples():
+    import doctest
+
+    from mlx_nb.rank import prompt_cache as module
+
+    failures, tried = doctest.testmod(module, verbose=False)
+    assert tried >= 5 and failures == 0
