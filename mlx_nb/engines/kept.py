@@ -27,6 +27,7 @@ from ipyparallel.cluster import launcher
 
 from .. import hostfile as hostfiles
 from . import ClusterError
+from .watchdog import same_process_runs
 
 PREFIX = "mlx_nb-"  # cluster ids of mlx_nb's clusters
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -102,10 +103,7 @@ def me() -> dict:
 def holder_alive(holder: Optional[dict]) -> bool:
     if not holder or holder.get("host") != os.uname().nodename:
         return bool(holder)  # on another machine: assume it holds on
-    try:
-        return abs(psutil.Process(holder["pid"]).create_time() - holder["started"]) < 1.0
-    except psutil.Error:
-        return False
+    return same_process_runs(holder["pid"], holder["started"])
 
 
 def encode(obj) -> str:

@@ -32,16 +32,20 @@ import psutil
 POLL = 0.5  # seconds between looks
 
 
-def owner_alive(state: dict) -> bool:
-    """Whether the process that owns the cluster still runs (the same process: pid and start time)."""
-    pid, started = state.get("owner_pid"), state.get("owner_started")
-    if not pid:
-        return True
+def same_process_runs(pid: int, started: float) -> bool:
+    """Whether process ``pid``, started at ``started``, still runs: not another process that took
+    its pid, and not a zombie (a killed kernel stays one until its parent reaps it)."""
     try:
         p = psutil.Process(pid)
         return abs(p.create_time() - started) < 1.0 and p.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
+
+
+def owner_alive(state: dict) -> bool:
+    """Whether the process that owns the cluster still runs (the same process: pid and start time)."""
+    pid, started = state.get("owner_pid"), state.get("owner_started")
+    return same_process_runs(pid, started) if pid else True
 
 
 def idle_for(state: dict, path: str) -> float:
