@@ -169,6 +169,15 @@ CHAT_TURNS = ["What is a Fresnel lens?", "Who invented it?", "Why do lighthouses
 KV_BYTES_PER_TOKEN = {30 * 2 * 3 * 64 * b for b in (2, 4)}
 
 
+def wait_for(condition, timeout: float = 120.0, what: str = "the condition"):
+    """Poll ``condition()`` until it is truthy (its value) or fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+    return value
+
+
 def uncached(cluster, prompts: list, n: int = CHAT_TOKENS) -> list:
     """Each prompt's greedy reply (stats) on ``cluster`` with its prompt cache off: every prompt
     prefilled whole, as before the cache (that sharded generation equals one mlx-lm process is

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import openai
 import pytest
-from conftest import ipython_shell
+from conftest import ipython_shell, wait_for
 from IPython.core.error import UsageError
 
 from mlx_nb import Cluster, ClusterError, magics, openai_api
@@ -39,15 +39,6 @@ STORY = [{"role": "user", "content": "Write a very long story about a lighthouse
 
 def chat(question: str) -> list[dict]:
     return [{"role": "user", "content": question}]
-
-
-def wait_for(condition, timeout: float = 120.0, what: str = "the condition"):
-    """Poll ``condition()`` until it is truthy (its value) or fail after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-    return value
 
 
 @pytest.fixture(scope="module")

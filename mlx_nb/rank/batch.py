@@ -103,6 +103,18 @@ def share(plan: Optional[Plan], group: Optional[mx.distributed.Group], stream: A
     return prompt_cache.broadcast(plan or None, group, stream) or Plan()
 
 
+SHARE_AT_LEAST = 64  # tokens of a prefix being prefilled that a request waits for rather than prefill
+
+
+def _common(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 class Batch:
     """The sequences one rank generates together, changed only by plans (every rank applies the same).
 
@@ -143,8 +155,10 @@ class Batch:
         self.cache: Optional[PromptCache] = prompt_cache.current()
         if self.cache is not None:
             self.cache.apply(None)  # what an earlier batch that failed left pending
-        self._complete: set[int] = set()  # rank 0: pending requests whose cache holds their whole reply
+        self._complete: set = set()  # rank 0: pending keys whose cache is whole (not a cancelled request's)
         self._admitted: list[tuple[int, int]] = []  # rank 0: (request id, cached prompt tokens) since asked
+        self._prefilling: dict[int, list[int]] = {}  # rank 0: prompts whose prefill has no entry yet
+        self.held: list[Request] = []  # rank 0: requests waiting for a prefill they share to be cached
 
     @property
     def stream(self) -> Any:
@@ -160,15 +174,35 @@ class Batch:
 
     def prepare(self, plan: Plan) -> Plan:
         """Rank 0, before sharing ``plan``: the prompt cache's decisions go in it (which finished
-        sequences become entries, what is evicted, where each new request starts)."""
+        sequences and prefilled prompts become entries, what is evicted, where each new request
+        starts). A request whose prompt shares a long prefix with one still being prefilled (the
+        same system prompt, arrived together) waits for that prefix's entry instead of
+        prefilling it again, as mlx_lm.server's prompt cache has its later arrivals do."""
         if self.cache is None or not self.cache.enabled:
             return plan
         keep = self._complete & set(self.cache.pending)
         plan.cache = self.cache.decide(keep) or plan.cache
         self._complete.clear()
-        for r in plan.add:
-            if r.hit is None and r.prompt:
-                r.hit = self.cache.lookup(r.prompt)
+        for key in self.cache.pending:
+            self._prefilling.pop(key[1] if isinstance(key, tuple) else key, None)
+        gone = set(plan.remove)
+        for rid in gone:
+            self._prefilling.pop(rid, None)
+        waiting, self.held, plan.add = [*self.held, *plan.add], [], []
+        for r in waiting:
+            if r.id in gone or not r.prompt:
+                if r.id not in gone:
+                    plan.add.append(r)
+                continue
+            hit = self.cache.lookup(r.prompt, count=False)
+            reused = hit.tokens if hit is not None else 0
+            shared = max((_common(r.prompt, p) for p in self._prefilling.values()), default=0)
+            if shared - reused >= SHARE_AT_LEAST:
+                self.held.append(r)
+                continue
+            r.hit = self.cache.lookup(r.prompt)  # counted now: this is where it starts
+            self._prefilling[r.id] = r.prompt
+            plan.add.append(r)
         return plan
 
     def admitted(self) -> list[tuple[int, int]]:
@@ -209,7 +243,15 @@ class Batch:
 
     def step(self) -> list[Token]:
         """Every sequence one step on (a collective on a sharded model); rank 0 gets the new tokens."""
-        _, responses = self.gen.next()
+        prefills, responses = self.gen.next()
+        if self.cache is not None and self.cache.enabled:
+            # a prompt prefilled but for its last token: an entry that later prompts can start from
+            done = [r.uid for r in prefills if r.end_of_segment and not r.end_of_prompt and r.uid in self._ids]
+            for uid, (cache, tokens) in self.gen.extract_cache(done).items() if done else ():
+                key = ("prompt", self._ids[uid])
+                self.cache.finished(key, cache, tokens)
+                if self.rank == 0:
+                    self._complete.add(key)
         out = []
         for r in responses:
             rid = self._ids[r.uid]
@@ -287,7 +329,7 @@ def generate_batch_on_rank(
     def decide(batch: Batch) -> Plan:
         plan = Plan(remove=batch.ended(), add=todo[:])
         todo.clear()
-        live = len(batch) - len(plan.remove) + len(plan.add)
+        live = len(batch) - len(plan.remove) + len(plan.add) + len(batch.held)
         # the last removal's caches are decided on by the plan after it: stop one plan later
         plan.stop = session.stop_requested() or (live == 0 and not plan.remove)
         return plan

@@ -120,11 +120,14 @@ class Index:
         n = self.tokens()
         return [n * p for p in self.per_token]
 
-    def lookup(self, tokens: list[int]) -> Optional[Hit]:
+    def lookup(self, tokens: list[int], count: bool = True) -> Optional[Hit]:
         """The entry with the longest common prefix with ``tokens`` (the newest of equals), and how
-        much of it to reuse: all of that prefix but ``tokens``' last token. None: no entry helps."""
-        self.lookups += 1
-        self.prompt_tokens += len(tokens)
+        much of it to reuse: all of that prefix but ``tokens``' last token. None: no entry helps.
+        ``count``: a prompt that starts there (its hit is counted, the entry made the newest);
+        else only a look."""
+        if count:
+            self.lookups += 1
+            self.prompt_tokens += len(tokens)
         want = np.asarray(tokens, dtype=np.int64)
         best, best_n = None, 0
         for eid, have in reversed(self.entries.items()):
@@ -134,9 +137,10 @@ class Index:
         reuse = min(best_n, len(tokens) - 1)
         if best is None or reuse < 1:
             return None
-        self.entries.move_to_end(best)
-        self.hits += 1
-        self.cached_tokens += reuse
+        if count:
+            self.entries.move_to_end(best)
+            self.hits += 1
+            self.cached_tokens += reuse
         return Hit(best, reuse)
 
     def add(self, tokens: list[int]) -> tuple[Optional[int], list[int]]:
@@ -205,9 +209,9 @@ class PromptCache:
         return self.why_off is None
 
     # ------------------------------------------------------------- rank 0 decides
-    def lookup(self, tokens: list[int]) -> Optional[Hit]:
+    def lookup(self, tokens: list[int], count: bool = True) -> Optional[Hit]:
         """Rank 0: which entry ``tokens`` starts from (None: none, or the cache is off)."""
-        return self.index.lookup(tokens) if self.enabled and self.index is not None else None
+        return self.index.lookup(tokens, count) if self.enabled and self.index is not None else None
 
     def decide(self, keep: Any = None) -> Changes:
         """Rank 0: which pending sequences become entries (``keep``: their keys; None: all)."""
