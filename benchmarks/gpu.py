@@ -47,12 +47,13 @@ registry in reach):
        mkdir -p /tmp/w && cp .whl/rest/*.whl .whl/cuda/part-aa .whl/cuda/NAME /tmp/w/
 
 3. Call 2, while the machine is still warm (it keeps files 30 s after a call), carries
-   ``.whl/cuda/part-ab`` and ``.gpu``, joins the wheel, installs everything in one go, links
+   ``.whl/cuda/part-ab``, ``.whl/serve`` (the openai client, for ``benchmarks/serve.py``) and
+   ``.gpu``, joins the wheel, installs everything in one go, links
    the image's CUDA libraries where ``libmlx.so`` looks for them (its RPATH is
    ``$ORIGIN/../../nvidia/*/lib``, i.e. ``/tmp/site/nvidia``) and runs::
 
        cat /tmp/w/part-aa .whl/cuda/part-ab > /tmp/w/$(cat /tmp/w/NAME) && rm /tmp/w/part-aa &&
-       python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site /tmp/w/*.whl &&
+       python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site /tmp/w/*.whl .whl/serve/*.whl &&
        ln -sfn /opt/torch/.venv/lib/python3.12/site-packages/nvidia /tmp/site/nvidia &&
        export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1 &&
        python3 benchmarks/gpu.py --tokenizer .gpu/tokenizer --out $OUT
@@ -114,6 +115,21 @@ WHEELS = [
     "widgetsnbextension==4.0.16",
     "jupyterlab_widgets==3.0.17",
 ]
+# the official openai client, for benchmarks/serve.py (the machine has httpx, h11, anyio, idna,
+# certifi): in .whl/serve/, carried by the second call (the first is full)
+SERVE_WHEELS = [
+    "openai==3.63.0",
+    "httpx2==2.17.0",
+    "httpcore2==2.17.0",
+    "truststore==0.10.5",
+    "jiter==0.19.0",
+    "pydantic==2.14.4",
+    "pydantic_core==2.50.5",
+    "annotated-types==0.8.0",
+    "typing-inspection==0.4.5",
+    "typing_extensions==4.16.0",
+    "sniffio==1.3.1",
+]
 CUDA_WHEEL = "mlx-cuda-13==0.32.4"
 FIRST_PART = 40 * 2**20  # bytes of that 90 MB wheel in its first part: each call stays under 64 MiB
 PLATFORMS = [
@@ -169,9 +185,10 @@ def prepare(wheels: Path, gpu: Path) -> int:
     common = ["--no-deps", "--only-binary=:all:", "--python-version", "3.12", "--implementation", "cp"]
     common += [x for p in PLATFORMS for x in ("--platform", p)]
     pip = [sys.executable, "-m", "pip", "download", "-q", *common]
-    (wheels / "rest").mkdir(parents=True, exist_ok=True)
-    (wheels / "cuda").mkdir(parents=True, exist_ok=True)
+    for sub in ("rest", "serve", "cuda"):
+        (wheels / sub).mkdir(parents=True, exist_ok=True)
     subprocess.run([*pip, "-d", str(wheels / "rest"), *WHEELS], check=True)
+    subprocess.run([*pip, "-d", str(wheels / "serve"), *SERVE_WHEELS], check=True)
     subprocess.run([*pip, "-d", str(wheels / "cuda"), CUDA_WHEEL], check=True)
     whl = next((wheels / "cuda").glob("mlx_cuda_13-*.whl"))
     data = whl.read_bytes()
@@ -185,7 +202,9 @@ def prepare(wheels: Path, gpu: Path) -> int:
     (gpu / "tokenizer").mkdir(parents=True, exist_ok=True)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (gpu / "tokenizer" / name).write_bytes((bundled_model() / name).read_bytes())
-    sizes = {p: sum(f.stat().st_size for f in p.glob("*")) for p in (wheels / "rest", gpu / "tokenizer")}
+    sizes = {
+        p: sum(f.stat().st_size for f in p.glob("*")) for p in (wheels / "rest", wheels / "serve", gpu / "tokenizer")
+    }
     for p, n in sizes.items():
         print(f"{p}: {n / 2**20:.1f} MiB")
     print(

@@ -18,6 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.generate import GenerationResponse, generation_stream, stream_generate
 from mlx_lm.tokenizer_utils import TokenizerWrapper
+from mlx_lm.utils import load as load_whole
 from mlx_lm.utils import sharded_load
 
 from ..models import check_split, resolve
@@ -44,6 +45,10 @@ def load(
     """
     path = resolve(model)
     check_split(path, group.size(), pipeline)
+    if group.size() == 1:
+        # whole, as mlx_lm.load loads it: sharded over one rank, every layer would still call
+        # its collectives (on a GPU with the ring backend, each a round trip through the host)
+        return load_whole(path)
     if pipeline:
         return sharded_load(path, pipeline_group=group)
     return sharded_load(path, tensor_group=group)

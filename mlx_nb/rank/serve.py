@@ -4,8 +4,9 @@ Requests reach rank 0's inbox (``Cluster.send``) as ``{"serve": id, "add": [Requ
 cancellations as ``{"serve": id, "cancel": [request ids]}`` and the end as ``{"serve": id,
 "stop": true}``. Each step rank 0 turns what arrived into a plan that every rank applies
 (:mod:`mlx_nb.rank.batch`): a request that arrives while others run joins at the next step.
-Rank 0 reports every step's tokens in one ``report``, with the prompt tokens each newly
-admitted request found in the prompt cache (:mod:`mlx_nb.rank.prompt_cache`). With nothing to do, rank 0 waits on its
+Rank 0 reports the steps' tokens (several steps' in one ``report`` when steps come faster
+than every ``REPORT_EVERY`` s; a reply's first and last token at once), with the prompt tokens
+each newly admitted request found in the prompt cache (:mod:`mlx_nb.rank.prompt_cache`). With nothing to do, rank 0 waits on its
 inbox for a moment between agreements, so an idle server costs a few small collectives a second.
 """
 
@@ -15,8 +16,10 @@ import time
 from pathlib import Path
 
 from . import session
-from .batch import Batch, Plan, Request, Token, run
+from .batch import Batch, Outbox, Plan, Request, Token, run
 from .generate import loaded, loaded_from
+
+REPORT_EVERY = 0.02  # seconds a served token may wait to share a report (first and last tokens never wait)
 
 
 def source() -> dict:
@@ -43,9 +46,18 @@ def serve_on_rank(serve_id: str, max_batch: int, prefill_step: int, idle_wait: f
     batch = Batch(model, tokenizer, group, max_batch=max_batch, prefill_step=prefill_step)
     made, shown = [0], [0]  # tokens made; the batch size the notebook last heard of
 
+    def send(tokens: list[Token]) -> None:
+        shown[0] = len(batch)
+        report = {"cached": cached} if (cached := batch.admitted()) else {}
+        session.report(
+            t=time.time(), batch=len(batch), tokens=[(t.id, t.token, t.text, t.finish) for t in tokens], **report
+        )
+
+    outbox = Outbox(send, REPORT_EVERY)
+
     def decide(batch: Batch) -> Plan:
-        if len(batch) != shown[0]:  # the last plan changed it, and no step told the notebook
-            emit([])
+        if len(batch) != shown[0]:  # the last plan changed it: the notebook hears of it now
+            outbox.flush()
         plan = Plan(remove=batch.ended())
         cancelled: set[int] = set()
         for message in session.inbox(wait=0.0 if len(batch) else idle_wait):
@@ -63,11 +75,8 @@ def serve_on_rank(serve_id: str, max_batch: int, prefill_step: int, idle_wait: f
         return plan
 
     def emit(tokens: list[Token]) -> None:
-        made[0], shown[0] = made[0] + len(tokens), len(batch)
-        report = {"cached": cached} if (cached := batch.admitted()) else {}
-        session.report(
-            t=time.time(), batch=len(batch), tokens=[(t.id, t.token, t.text, t.finish) for t in tokens], **report
-        )
+        made[0] += len(tokens)
+        outbox.add(tokens)
 
     session.report(t=time.time(), ready=True)
     try:
