@@ -3,8 +3,9 @@
 A sharded model's collectives pair up across ranks only while every rank runs the same batch:
 the same sequences, added and removed at the same step, in the same order. So the batch
 changes only by a :class:`Plan` that rank 0 makes and every rank receives by a collective
-(:func:`share`). What depends on a token (an end-of-sequence token, a stop string, a client
-that left) is decided on rank 0 alone and takes effect one step later; mlx-lm's own end at
+(:func:`share`; :func:`run` lets each plan's announcement travel during a step). What depends on
+a token (an end-of-sequence token, a stop string, a client that left) is decided on rank 0
+alone and takes effect one step later (two on several ranks); mlx-lm's own end at
 ``max_tokens`` counts steps, which every rank counts alike. Sampling is seeded per request,
 so every rank draws the same numbers for it and no rank needs another's tokens.
 """
@@ -157,7 +158,7 @@ class Batch:
         self.model = model
         self.cache: Optional[PromptCache] = prompt_cache.current()
         if self.cache is not None:
-            self.cache.apply(None)  # what an earlier batch that failed left pending
+            self.cache.forget_pending()  # what an earlier batch that failed left pending
         self._complete: set = set()  # rank 0: pending keys whose cache is whole (not a cancelled request's)
         self._admitted: list[tuple[int, int]] = []  # rank 0: (request id, cached prompt tokens) since asked
         self._prefilling: dict[int, list[int]] = {}  # rank 0: prompts whose prefill has no entry yet
@@ -215,7 +216,7 @@ class Batch:
 
     def apply(self, plan: Plan) -> None:
         if self.cache is not None:
-            self.cache.apply(plan.cache)  # the pending sequences are decided on, then dropped
+            self.cache.apply(plan.cache)  # the pending sequences rank 0 decided on: kept or dropped
         gone = [self._uids.pop(r) for r in dict.fromkeys(plan.remove) if r in self._uids]
         keeping = self.cache is not None and self.cache.enabled
         if gone:
@@ -325,13 +326,29 @@ class Outbox:
 
 def run(batch: Batch, decide: Callable[[Batch], Plan], emit: Callable[[list[Token]], None]) -> int:
     """Step ``batch`` until a plan says stop; return the steps taken. On rank 0, ``decide(batch)``
-    makes each plan and ``emit(tokens)`` gets each step's tokens; other ranks follow."""
+    makes each plan and ``emit(tokens)`` gets each step's tokens; other ranks follow.
+
+    On several ranks a plan takes effect one step after rank 0 made it: the ``all_sum`` that
+    announces it is queued before a step and read after that step, when it is long done. Read
+    at once, it would hold every rank's Python until the step in flight finished, and the next
+    step's graph could no longer be built while the last one runs (mlx-lm's overlap)."""
     steps = 0
+    lagged = batch.group is not None and batch.group.size() > 1
+    offered = None  # several ranks: rank 0's plan and the all_sum announcing it, in flight
     while True:
-        plan = share(batch.prepare(decide(batch)) if batch.rank == 0 else None, batch.group, batch.stream)
-        batch.apply(plan)
-        if plan.stop:
-            return steps
+        if offered is not None:
+            plan = Plan() if (got := prompt_cache.receive(*offered, batch.group, batch.stream)) is None else got
+            batch.apply(plan)
+            if plan.stop:
+                return steps
+        made = batch.prepare(decide(batch)) if batch.rank == 0 else None
+        if lagged:
+            offered = prompt_cache.offer(made or None, batch.group, batch.stream)
+        else:
+            plan = made or Plan()
+            batch.apply(plan)
+            if plan.stop:
+                return steps
         if len(batch):
             tokens = batch.step()
             steps += 1

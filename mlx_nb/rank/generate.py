@@ -181,7 +181,7 @@ def generate_on_rank(prompt: Prompt, max_tokens: int) -> dict:
     pc = prompt_cache.current()
     hit = None
     if pc is not None:
-        pc.apply(None)  # what an earlier call that failed left pending
+        pc.forget_pending()  # what an earlier call that failed left pending
         hit = prompt_cache.broadcast(pc.lookup(ids) if rank == 0 else None, group)
     cached = hit.tokens if hit is not None else 0
     cache = pc.take(hit, model) if pc is not None else None

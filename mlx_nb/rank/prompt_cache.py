@@ -43,12 +43,26 @@ def broadcast(obj: Any, group: Optional[mx.distributed.Group], stream: Any = gen
     all of them queue in one order on every rank."""
     if group is None or group.size() == 1:
         return obj
+    return receive(*offer(obj, group, stream), group, stream)
+
+
+def offer(obj: Any, group: mx.distributed.Group, stream: Any) -> tuple[bytes, mx.array]:
+    """The first half of :func:`broadcast`: rank 0's ``obj`` pickled, and the ``all_sum`` of its
+    size queued on ``stream`` and started, not waited for (:func:`receive` reads it)."""
     data = pickle.dumps(obj) if group.rank() == 0 and obj is not None else b""
     with mx.stream(stream):
-        size = mx.distributed.all_sum(mx.array([len(data)], dtype=mx.int32), group=group).item()
-        if not size:
-            return None
-        mine = mx.array(np.frombuffer(data, dtype=np.uint8)) if data else mx.zeros((size,), dtype=mx.uint8)
+        size = mx.distributed.all_sum(mx.array([len(data)], dtype=mx.int32), group=group)
+    mx.async_eval(size)
+    return data, size
+
+
+def receive(data: bytes, size: mx.array, group: mx.distributed.Group, stream: Any) -> Any:
+    """The second half of :func:`broadcast`: the object :func:`offer` announced (None: none)."""
+    n = size.item()
+    if not n:
+        return None
+    with mx.stream(stream):
+        mine = mx.array(np.frombuffer(data, dtype=np.uint8)) if data else mx.zeros((n,), dtype=mx.uint8)
         data = np.array(mx.distributed.all_sum(mine, group=group)).tobytes()
     return pickle.loads(data)
 
@@ -68,9 +82,10 @@ class Changes:
     keep: dict = field(default_factory=dict)  # a finished sequence's key -> the id of its new entry
     evict: list[int] = field(default_factory=list)
     clear: bool = False  # every entry goes (before ``keep``)
+    decided: list = field(default_factory=list)  # the pending sequences decided on (kept or not): they go
 
     def __bool__(self) -> bool:
-        return bool(self.keep or self.evict or self.clear)
+        return bool(self.keep or self.evict or self.clear or self.decided)
 
 
 @dataclass
@@ -219,6 +234,7 @@ class PromptCache:
         if not self.enabled or self.index is None:
             return changes
         for key, (cache, tokens) in self.pending.items():
+            changes.decided.append(key)
             if keep is not None and key not in keep:
                 continue
             eid, evicted = self.index.add(tokens[: _offset(cache)])
@@ -229,17 +245,24 @@ class PromptCache:
 
     # ---------------------------------------------------------- every rank applies
     def apply(self, changes: Optional[Changes]) -> None:
-        """Rank 0's ``changes`` here; the sequences pending before them are dropped after."""
-        if changes:
-            if changes.clear:
-                self.entries.clear()
-                if self.index is not None:
-                    self.index.clear()
-            for eid in changes.evict:
-                self.entries.pop(eid, None)
-            for key, eid in changes.keep.items():
-                cache, tokens = self.pending[key]
-                self._put(eid, cache, len(tokens[: _offset(cache)]))
+        """Rank 0's ``changes`` here; the pending sequences they decided on are dropped after (those
+        that finished since rank 0 decided wait for its next decision)."""
+        if not changes:
+            return
+        if changes.clear:
+            self.entries.clear()
+            if self.index is not None:
+                self.index.clear()
+        for eid in changes.evict:
+            self.entries.pop(eid, None)
+        for key, eid in changes.keep.items():
+            cache, tokens = self.pending[key]
+            self._put(eid, cache, len(tokens[: _offset(cache)]))
+        for key in changes.decided:
+            self.pending.pop(key, None)
+
+    def forget_pending(self) -> None:
+        """Drop what an earlier batch or call that failed left pending (every rank alike)."""
         self.pending.clear()
 
     def finished(self, key: Any, cache: list[Any], tokens: list[int]) -> None:
@@ -268,7 +291,7 @@ class PromptCache:
         self.entries[eid] = kept
 
     def clear(self) -> None:
-        self.apply(Changes(clear=True))
+        self.apply(Changes(clear=True, decided=list(self.pending)))
 
     def status(self) -> CacheStatus:
         held = sum(kv[0].nbytes + kv[1].nbytes for e in self.entries.values() for kv in e if kv is not None)
