@@ -161,8 +161,10 @@ def test_restart_brings_back_ranks_on_their_hosts(ip, hosts):
     assert cluster.status()[1].state == "idle"
 
 
-def test_stop_leaves_nothing_on_the_hosts(ip, hosts):
+def test_stop_leaves_nothing_on_the_hosts_not_even_what_the_ranks_started(ip, hosts):
     assert hosts.processes(), "expected engines on the hosts while the cluster runs"
+    ip.run_cell_magic("mlx_dist", "", "import subprocess\nsleeper = subprocess.Popen(['sleep', '1000'])")
+    assert len([p for p in hosts.processes() if p.name() == "sleep"]) == 2
     profile = magics.current().group.dir  # the engines' IPython profile on the hosts
     t = time.monotonic()
     ip.run_line_magic("mlx_cluster", "stop")
@@ -291,7 +293,8 @@ def test_a_killed_kernel_takes_its_ranks_on_the_other_hosts_with_it(hosts):
         path = ring_hostfile(hosts)
         out, err = k.run(f"%load_ext mlx_nb\n%mlx_cluster start --hostfile {path} --ssh '{' '.join(hosts.ssh_cmd)}'")
         assert "Cluster ready" in out, err
-        assert hosts.processes(), "expected engines on the hosts while the cluster runs"
+        k.run("%%mlx_dist\nimport subprocess\nsleeper = subprocess.Popen(['sleep', '1000'])")
+        assert len([p for p in hosts.processes() if p.name() == "sleep"]) == 2
         k.kill()
         assert left_on(hosts) == []  # within 10 s, over ssh
         deadline = time.monotonic() + 10

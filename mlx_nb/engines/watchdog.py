@@ -42,6 +42,26 @@ def same_process_runs(pid: int, started: float) -> bool:
         return False
 
 
+def tree_command(pids: list[int], sig: str = "KILL") -> str:
+    """A shell line (POSIX sh, on Linux and macOS) that sends ``sig`` to each process of ``pids``,
+    to everything it started (its descendants, found with ``pgrep -P``) and to its process group.
+
+    An engine on another host is the leader of a session of its own (ipyparallel's ssh launcher
+    starts it so): what its children left behind, reparented to init, is still in its group.
+    The descendants are found before anything is signalled, while their parents still run.
+
+    >>> print(tree_command([42]))  # doctest: +ELLIPSIS
+    all='42'; t='42'; while [ -n "$t" ]; ...; kill -s KILL -- -42 2>/dev/null; kill -s KILL $all 2>/dev/null; true
+    """
+    roots = " ".join(str(int(pid)) for pid in pids)
+    groups = "; ".join(f"kill -s {sig} -- -{int(pid)} 2>/dev/null" for pid in pids)
+    return (
+        f"all='{roots}'; t='{roots}'; "
+        'while [ -n "$t" ]; do t=$(for p in $t; do pgrep -P "$p"; done); all="$all $t"; done; '
+        f"{groups}; kill -s {sig} $all 2>/dev/null; true"
+    )
+
+
 def owner_alive(state: dict) -> bool:
     """Whether the process that owns the cluster still runs (the same process: pid and start time)."""
     pid, started = state.get("owner_pid"), state.get("owner_started")
@@ -58,7 +78,7 @@ def idle_for(state: dict, path: str) -> float:
 
 
 def end_everything(state: dict) -> None:
-    """Kill every listed process tree here and every listed engine on other hosts; remove the files."""
+    """Kill every listed process tree, here and on the other hosts; remove the files."""
     procs: dict[int, psutil.Process] = {}
     for pid in state.get("local", []):
         try:
@@ -77,7 +97,7 @@ def end_everything(state: dict) -> None:
         _quietly(p.kill)
     psutil.wait_procs(left, timeout=5)
     for r in state.get("remote", []):
-        kill = f"kill -KILL -- -{r['pid']} 2>/dev/null; kill -KILL {r['pid']} 2>/dev/null; rm -rf {state['dir']}"
+        kill = f"{tree_command([r['pid']])}; rm -rf {state['dir']}"
         _quietly(
             subprocess.run,
             [*r["ssh"], "--", r["host"], kill],
