@@ -30,6 +30,8 @@ from typing import Any, Optional
 import psutil
 from ipyparallel.cluster.launcher import SSHLauncher
 
+# defined beside the watchdog, which must start without importing ipyparallel
+from .watchdog import process_tree as process_tree
 from .watchdog import tree_command
 
 # a host that does not answer fails in seconds, not after the TCP timeout
@@ -339,11 +341,3 @@ def running(p: psutil.Process) -> bool:
         return True
     except psutil.Error:
         return False
-
-
-def process_tree(pid: int) -> list:
-    try:
-        p = psutil.Process(pid)
-        return [p, *p.children(recursive=True)]
-    except psutil.Error:
-        return []
