@@ -4,7 +4,7 @@ Requests reach rank 0's inbox (``Cluster.send``) as ``{"serve": id, "add": [Requ
 cancellations as ``{"serve": id, "cancel": [request ids]}`` and the end as ``{"serve": id,
 "stop": true}``. Each step rank 0 turns what arrived into a plan that every rank applies
 (:mod:`mlx_nb.rank.batch`): a request that arrives while others run joins at the next step.
-Rank 0 reports every step's tokens in one ``report``, with the prompt tokens each newly
+Rank 0 reports every step's tokens and time in one ``report``, with the prompt tokens each newly
 admitted request found in the prompt cache (:mod:`mlx_nb.rank.prompt_cache`). With nothing to do, rank 0 waits on its
 inbox for a moment between agreements, so an idle server costs a few small collectives a second.
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Optional
 
 from . import session
 from .batch import Batch, Plan, Request, Token, run
@@ -42,10 +43,11 @@ def serve_on_rank(serve_id: str, max_batch: int, prefill_step: int, idle_wait: f
     model, tokenizer, group = loaded()
     batch = Batch(model, tokenizer, group, max_batch=max_batch, prefill_step=prefill_step)
     made, shown = [0], [0]  # tokens made; the batch size the notebook last heard of
+    planned = [0.0]  # when the last plan was made: a step's time runs from there to its tokens
 
     def decide(batch: Batch) -> Plan:
         if len(batch) != shown[0]:  # the last plan changed it, and no step told the notebook
-            emit([])
+            emit([], seconds=0.0)
         plan = Plan(remove=batch.ended())
         cancelled: set[int] = set()
         for message in session.inbox(wait=0.0 if len(batch) else idle_wait):
@@ -60,14 +62,16 @@ def serve_on_rank(serve_id: str, max_batch: int, prefill_step: int, idle_wait: f
         plan.stop = plan.stop or session.stop_requested()
         if rejected:
             session.report(t=time.time(), rejected=rejected)
+        planned[0] = time.perf_counter()  # the wait for work, above, is not generating
         return plan
 
-    def emit(tokens: list[Token]) -> None:
+    def emit(tokens: list[Token], seconds: Optional[float] = None) -> None:
+        """One step's tokens, and the seconds it took (prefill and decode: the server's busy time)."""
         made[0], shown[0] = made[0] + len(tokens), len(batch)
         report = {"cached": cached} if (cached := batch.admitted()) else {}
-        session.report(
-            t=time.time(), batch=len(batch), tokens=[(t.id, t.token, t.text, t.finish) for t in tokens], **report
-        )
+        seconds = time.perf_counter() - planned[0] if seconds is None else seconds
+        tokens = [(t.id, t.token, t.text, t.finish) for t in tokens]
+        session.report(t=time.time(), batch=len(batch), tokens=tokens, seconds=seconds, **report)
 
     session.report(t=time.time(), ready=True)
     try:
