@@ -235,6 +235,10 @@ def _names(spec: Optional[str]) -> list[str]:
 
 @magics_class
 class MLXMagics(Magics):
+    def __init__(self, shell=None):
+        super().__init__(shell)
+        self.panel = None  # the last status --watch panel: the next one replaces it (its thread ends)
+
     def _ns_values(self, names: list[str]) -> dict:
         missing = [n for n in names if n not in self.shell.user_ns]
         if missing:
@@ -331,7 +335,10 @@ class MLXMagics(Magics):
         elif args.action == "status" and args.watch:
             from .widgets import StatusWidget
 
-            return StatusWidget(cluster)
+            if self.panel is not None:
+                self.panel.end("replaced by a newer panel (%mlx_cluster status --watch)")
+            self.panel = StatusWidget(cluster)
+            return self.panel
         elif args.action == "status":
             cluster.heal()
             note = status_note(cluster)
