@@ -340,7 +340,7 @@ class Cluster:
             cluster.run("x = mx.distributed.all_sum(mx.array([rank]))\\nx")
         """
         self._require_running()
-        check_timeout(timeout, "timeout")
+        check_timeout(timeout)
         show = [] if quiet else parse_ranks(ranks, self.n)
         if push:
             self.push(push)
@@ -381,7 +381,7 @@ class Cluster:
             cluster.call(norm, 2.0)   # [12.0, 12.0, 12.0, 12.0] on 4 ranks
         """
         self._require_running()
-        check_timeout(timeout, "timeout")
+        check_timeout(timeout)
         targets = parse_ranks(ranks, self.n)
         job = Job(fn=fn, args=args, kwargs=dict(kwargs or {}))
         options = RunOptions(

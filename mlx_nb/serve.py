@@ -133,6 +133,8 @@ class Server:
                 f"--host {host} is reachable from other machines: give an --api-key too "
                 "(clients send it as 'Authorization: Bearer KEY')"
             )
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port < 65536:
+            raise ValueError(f"--port must be 0-65535, got {port}")
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self.cluster, self.host, self.port, self.api_key = cluster, host, port, api_key

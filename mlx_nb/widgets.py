@@ -89,6 +89,9 @@ class ChatWidget(widgets.VBox):
     """
 
     def __init__(self, cluster: Cluster, max_tokens: int = 256, system: str | None = None):
+        from .generate import check_max_tokens
+
+        check_max_tokens(max_tokens)
         self.cluster, self.max_tokens = cluster, max_tokens
         self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
         self.transcript = widgets.HTML(layout=widgets.Layout(max_height="420px", overflow="auto"))
