@@ -225,6 +225,18 @@ def test_another_mlx_version_is_refused_with_each_hosts_versions(hosts):
     assert left_on(hosts) == []
 
 
+def test_a_host_with_a_known_bad_mlx_is_refused_and_checked_naming_the_version_to_install(shell, hosts):
+    python = _fake_mlx_python(hosts, "0.32.1")
+    text, took = _start_fails(hosts, ring_hostfile(hosts), python=python)
+    assert "mlx 0.32.1 is known bad" in text and "pip install -U 'mlx>=0.32.2'" in text and took < 20
+    table = shell.run_line_magic(
+        "mlx_cluster", f"check --hostfile {ring_hostfile(hosts)} --ssh '{' '.join(hosts.ssh_cmd)}' --python {python}"
+    )
+    bad = [row for row in table.rows if row[1] == "versions" and row[2] == "fail"]
+    assert {row[0] for row in bad} == set(hosts.names) and "install 0.32.2 or later" in bad[0][3]
+    assert left_on(hosts) == []
+
+
 def test_missing_mlx_is_named(hosts):
     text, _ = _start_fails(hosts, ring_hostfile(hosts), python="/usr/bin/python3")
     assert "mlx is not installed" in text or "cannot run" in text
