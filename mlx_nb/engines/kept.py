@@ -137,22 +137,11 @@ def forget(path: str, d: dict) -> None:
             pass
 
 
-def _read(path: str) -> Optional[dict]:
-    """A cluster file's content; None if there is none, {} if it cannot be read."""
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError):
-        return {}
-
-
 def claim(name: str) -> None:
     """The name ``name`` for a new kept cluster: refused (ClusterError) while a cluster of that name
     runs; a dead one's leftovers are removed first."""
     path = IppCluster(cluster_id=PREFIX + check_name(name)).cluster_file
-    d = _read(path)
+    d = watchdog.read(path)
     if d is not None and controller_runs(d):
         raise ClusterError(
             f"a kept cluster named {name!r} exists: attach it (%mlx_cluster attach {name}) or stop it first"
@@ -195,7 +184,7 @@ def load(name: str) -> IppCluster:
         names = [os.path.basename(f)[len("cluster-" + PREFIX) : -5] for f in cluster_files()]
         known = f": kept clusters here are {', '.join(names)}" if names else ": none is kept here"
         raise ClusterError(f"no kept cluster named {name!r}{known} (%mlx_cluster list)")
-    d = _read(path) or {}
+    d = watchdog.read(path) or {}
     if not controller_runs(d):
         forget(path, d)
         spec = (d.get("mlx_nb") or {}).get("spec") or {}
@@ -213,7 +202,7 @@ def listing() -> list[dict]:
     """Every kept cluster here: name, ranks, hosts, backend, age, idle time, memory, holder."""
     rows = []
     for path in cluster_files():
-        d = _read(path)
+        d = watchdog.read(path)
         state = (d or {}).get("mlx_nb") or {}
         if not state.get("spec"):
             continue  # gone meanwhile, or starting

@@ -143,13 +143,15 @@ def _quietly(f, *args, **kwargs) -> None:
 
 
 def read(path: str) -> Optional[dict]:
+    """A JSON file's content (a state file, a cluster file); None if there is none, {} if it
+    cannot be read (being rewritten: look again next time)."""
     try:
         with open(path) as f:
             return json.load(f)
     except FileNotFoundError:
         return None
     except (OSError, ValueError):
-        return {}  # being rewritten: look again next time
+        return {}
 
 
 def watch(path: str) -> str:
