@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -106,7 +107,8 @@ def end_everything(state: dict) -> None:
         on_host.setdefault((r["host"], *r["ssh"]), []).append(r["pid"])
     with ThreadPoolExecutor(max(len(on_host), 1)) as pool:
         for (host, *ssh), pids in on_host.items():
-            argv = [*ssh, "--", host, f"{tree_command(pids)}; rm -rf {state['dir']}"]
+            cmd = f"{tree_command(pids)}; rm -rf {state['dir']}"
+            argv = [*ssh, "--", host, f"exec sh -c {shlex.quote(cmd)}"]  # whatever the login shell is
             quiet = {"stdin": subprocess.DEVNULL, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
             pool.submit(_quietly, subprocess.run, argv, timeout=10, **quiet)
     if state.get("dir"):
