@@ -146,6 +146,23 @@ def test_models_lists_the_model_the_ranks_hold(client, server):
         client.models.retrieve("gpt-4")
 
 
+def test_status_shows_requests_rates_and_first_token_and_counts_no_idle_seconds(server, client):
+    from mlx_nb.serve import WINDOW
+
+    # a burst after a pause: tokens/s is what the ranks made while they generated, so at least
+    # what the client saw over its whole request (idle seconds in the window do not count)
+    wait_for(lambda: server.status().tokens_per_second == 0, WINDOW + 10, "a window with no tokens")
+    t0 = time.perf_counter()
+    reply = client.completions.create(model=server.model.id, prompt="Hello", max_tokens=TOKENS)
+    took = time.perf_counter() - t0
+    status = shell().run_line_magic("mlx_serve", "status")
+    assert status.state == "serving" and status.completed >= 1 and status.generated >= reply.usage.completion_tokens
+    assert status.ttft_median > 0 and status.running == status.queued == 0
+    assert status.tokens_per_second >= reply.usage.completion_tokens / took, (status, took)
+    text = repr(status)
+    assert "requests running / queued" in text and "tokens/s while generating" in text and server.url in text
+
+
 def test_a_chat_completion_is_the_answer_alone(client, server, alone):
     r = client.chat.completions.create(model=server.model.id, messages=chat(QUESTIONS[0]), max_tokens=TOKENS)
     assert r.choices[0].message.content == alone[QUESTIONS[0]]
@@ -272,23 +289,6 @@ def test_a_seed_repeats_a_sampled_reply(client, server):
         )
 
     assert sample(11) == sample(11)
-
-
-def test_status_shows_requests_rates_and_first_token_and_counts_no_idle_seconds(server, client):
-    from mlx_nb.serve import WINDOW
-
-    # a burst after a pause: tokens/s is what the ranks made while they generated, so at least
-    # what the client saw over its whole request (idle seconds in the window do not count)
-    wait_for(lambda: server.status().tokens_per_second == 0, WINDOW + 10, "a window with no tokens")
-    t0 = time.perf_counter()
-    reply = client.completions.create(model=server.model.id, prompt="Hello", max_tokens=TOKENS)
-    took = time.perf_counter() - t0
-    status = shell().run_line_magic("mlx_serve", "status")
-    assert status.state == "serving" and status.completed >= 1 and status.generated >= reply.usage.completion_tokens
-    assert status.ttft_median > 0 and status.running == status.queued == 0
-    assert status.tokens_per_second >= reply.usage.completion_tokens / took, (status, took)
-    text = repr(status)
-    assert "requests running / queued" in text and "tokens/s while generating" in text and server.url in text
 
 
 # ---------------------------------------------------------------- bad requests
