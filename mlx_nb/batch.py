@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from .display import Table, human_bytes
+from .generate import check_max_tokens
 from .rank.batch import generate_batch_on_rank
 from .rank.generate import Prompt
 
@@ -111,8 +112,8 @@ def generate_batch(
     prompts = list(prompts)
     if not prompts:
         raise ValueError("generate_batch needs at least one prompt")
-    if max_tokens < 1:
-        raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
+    check_max_tokens(max_tokens)
+    check_sampling(temperature, top_p, seed)
     if max_batch < 1:
         raise ValueError(f"max_batch must be at least 1, got {max_batch}")
     seeds = [random.getrandbits(31) if seed is None else seed + i for i in range(len(prompts))]
@@ -146,6 +147,23 @@ def generate_batch(
         for p, x in zip(prompts, r["replies"])
     ]
     return BatchResult(replies, r["seconds"], r["stopped"], [x.get("peak_memory", 0) for x in out])
+
+
+def check_sampling(temperature: Any, top_p: Any = 1.0, seed: Any = None) -> None:
+    """Sampling options as the server takes them: ``temperature`` in [0, 2] (0: greedy), ``top_p``
+    in (0, 1], ``seed`` a whole number or None. ValueError, one line, before any rank runs.
+
+    >>> check_sampling(9)
+    Traceback (most recent call last):
+    ...
+    ValueError: --temperature must be in [0, 2], got 9
+    """
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2:
+        raise ValueError(f"--temperature must be in [0, 2], got {temperature!r}")
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ValueError(f"--seed must be a whole number, got {seed!r}")
 
 
 def _short(prompt: Any, width: int = 40) -> str:

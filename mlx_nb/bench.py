@@ -399,6 +399,11 @@ def sweep_arguments(func):
     return func
 
 
+def sweep_values(args) -> dict:
+    """run_bench keyword arguments as the options gave them (run_bench checks them)."""
+    return {names[0][2:]: getattr(args, names[0][2:]) for names, _ in SWEEP_ARGUMENTS}
+
+
 def sweep_options(args) -> dict:
     """run_bench keyword arguments from parsed options; ValueError with one line if they are bad."""
     return dict(

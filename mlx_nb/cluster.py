@@ -26,7 +26,7 @@ from .engines.group import RankGroup, RankInfo
 from .engines.hosts import check_hosts, controller_ip, refuse_on
 from .hostfile import Hostfile
 from .jobs import JobSlot
-from .preflight import Finding
+from .preflight import Finding, mlx_problem
 from .rank import session
 from .results import INBOX_MESSAGE, STOP_MESSAGE
 from .spec import BACKENDS, ClusterSpec, check_timeout
@@ -192,6 +192,8 @@ class Cluster:
         """Start the controller and the ranks, form the group and check it."""
         if self.running:
             raise ClusterError("this cluster is already running: stop() it first")
+        if problem := mlx_problem(session.mlx_version()):  # the ranks must run the notebook's MLX
+            raise ClusterError(f"{problem}; nothing was started")
         if self.remote and self.spec.preflight:
             refuse_on(self.check())
         self.group.start()
@@ -340,7 +342,7 @@ class Cluster:
             cluster.run("x = mx.distributed.all_sum(mx.array([rank]))\\nx")
         """
         self._require_running()
-        check_timeout(timeout, "timeout")
+        check_timeout(timeout)
         show = [] if quiet else parse_ranks(ranks, self.n)
         if push:
             self.push(push)
@@ -381,7 +383,7 @@ class Cluster:
             cluster.call(norm, 2.0)   # [12.0, 12.0, 12.0, 12.0] on 4 ranks
         """
         self._require_running()
-        check_timeout(timeout, "timeout")
+        check_timeout(timeout)
         targets = parse_ranks(ranks, self.n)
         job = Job(fn=fn, args=args, kwargs=dict(kwargs or {}))
         options = RunOptions(

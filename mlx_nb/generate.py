@@ -12,14 +12,29 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 from .display import Progress, Table
-from .models import check_split, fused_model, resolve
+from .models import check_adapters, check_split, fused_model, resolve
 from .rank.generate import Prompt, cache_on_rank, generate_on_rank, load, load_on_rank, stream
 from .rank.prompt_cache import CacheStatus
 
 __all__ = ["CacheReport", "GenerationStats", "Prompt", "generate", "load", "load_model", "prompt_cache", "stream"]
+
+
+def check_max_tokens(max_tokens: Any) -> None:
+    """A reply's token budget: a whole number, 1 or more. The one check behind ``generate``,
+    ``generate_batch``, the chat box and their magics, made before any rank runs.
+
+    >>> check_max_tokens(0)
+    Traceback (most recent call last):
+    ...
+    ValueError: --max-tokens must be at least 1, got 0
+    """
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
+        raise ValueError(f"--max-tokens must be a whole number of tokens, got {max_tokens!r}")
+    if max_tokens < 1:
+        raise ValueError(f"--max-tokens must be at least 1, got {max_tokens}")
 
 
 @dataclass
@@ -87,8 +102,9 @@ def load_model(
         generate(cluster, "What is the capital of France?")
         load_model(cluster, adapter_path=run.wait().adapter_path, pipeline=True)
     """
-    if adapter_path is not None and model is None:
-        model = _trained_on(adapter_path)
+    if adapter_path is not None:
+        check_adapters(adapter_path)
+        model = _trained_on(adapter_path) if model is None else model
     path = _base_path(cluster, model, progress)
     check_split(path, cluster.n, pipeline)
     target = model  # each rank resolves it (a host of its own finds its own bundled copy)
@@ -228,6 +244,7 @@ def generate(
         stats = generate(cluster, [{"role": "user", "content": "Hi!"}], 64)
         print(stats.summary())
     """
+    check_max_tokens(max_tokens)
     delays: list[float] = []
 
     def on_report(rank: int, data: dict) -> None:

@@ -12,13 +12,12 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
-from .bench import check_sweep_memory, run_bench, sweep_arguments, sweep_options
-from .cell import DistCellError, parse_ranks
+from .bench import run_bench, sweep_arguments, sweep_values
+from .cell import DistCellError
 from .cluster import BACKENDS, Cluster, ClusterError
 from .display import Table, human_bytes
 from .hostfile import HostfileError
 from .rank.blas import BlasInfo
-from .spec import check_timeout
 
 _current: Optional[Cluster] = None
 _server = None  # the %mlx_serve server (mlx_nb.serve.Server)
@@ -123,10 +122,6 @@ def _ssh(spec: Optional[str]) -> Optional[list[str]]:
 
 def _cluster_from_args(args) -> Cluster:
     """The Cluster that %mlx_cluster start / check arguments describe (not started)."""
-    if args.hostfile and args.hosts:
-        raise UsageError("give either --hostfile or --hosts, not both")
-    if args.n is not None and args.n < 1:
-        raise UsageError(f"-n must be at least 1, got {args.n}")
     try:
         return Cluster(
             n=args.n,
@@ -235,6 +230,10 @@ def _names(spec: Optional[str]) -> list[str]:
 
 @magics_class
 class MLXMagics(Magics):
+    def __init__(self, shell=None):
+        super().__init__(shell)
+        self.panel = None  # the last status --watch panel: the next one replaces it (its thread ends)
+
     def _ns_values(self, names: list[str]) -> dict:
         missing = [n for n in names if n not in self.shell.user_ns]
         if missing:
@@ -331,7 +330,10 @@ class MLXMagics(Magics):
         elif args.action == "status" and args.watch:
             from .widgets import StatusWidget
 
-            return StatusWidget(cluster)
+            if self.panel is not None:
+                self.panel.end("replaced by a newer panel (%mlx_cluster status --watch)")
+            self.panel = StatusWidget(cluster)
+            return self.panel
         elif args.action == "status":
             cluster.heal()
             note = status_note(cluster)
@@ -386,16 +388,12 @@ class MLXMagics(Magics):
         """
         args = parse_argstring(self.mlx_dist, line)
         cluster = current()
-        try:
-            check_timeout(args.timeout)
-            parse_ranks(args.ranks, cluster.n)
-        except ValueError as e:
-            raise UsageError(str(e)) from None
         push = self._ns_values(_names(args.push)) if args.push else None
-        ranks = args.ranks if args.ranks == "all" else parse_ranks(args.ranks, cluster.n)
-        result = cluster.run(
-            cell, ranks=ranks, timeout=args.timeout, push=push, pull=args.pull, setup=args.setup, profile=args.profile
-        )
+        options = dict(timeout=args.timeout, push=push, pull=args.pull, setup=args.setup, profile=args.profile)
+        try:
+            result = cluster.run(cell, ranks=args.ranks, **options)
+        except ValueError as e:  # a bad --timeout or --ranks, or a value that cannot travel: before any rank runs
+            raise UsageError(str(e)) from None
         if args.profile:
             from IPython.display import display
 
@@ -425,14 +423,11 @@ class MLXMagics(Magics):
     def mlx_pull(self, line: str):
         """%mlx_pull x [--ranks all]: return a rank variable (rank 0's, or a list per rank)."""
         args = parse_argstring(self.mlx_pull, line)
-        cluster = current()
+        ranks = int(args.ranks) if args.ranks.strip().isdigit() else args.ranks  # one rank: its value alone
         try:
-            ranks = parse_ranks(args.ranks, cluster.n)
+            return current().pull(args.name, ranks)
         except ValueError as e:
             raise UsageError(str(e)) from None
-        spec = ranks[0] if args.ranks not in ("all",) and len(ranks) == 1 else ranks
-        try:
-            return cluster.pull(args.name, spec)
         except DistCellError as e:
             if e.root is None or e.root.error is None:
                 raise
@@ -458,11 +453,9 @@ class MLXMagics(Magics):
         args = parse_argstring(self.mlx_bench, line)
         cluster = current()
         try:
-            options = sweep_options(args)
-            check_sweep_memory(options["sizes"], cluster.n - len(cluster.remote))
-        except ValueError as e:
+            result = run_bench(cluster, **sweep_values(args))
+        except ValueError as e:  # checked before the sweep starts
             raise UsageError(str(e)) from None
-        result = run_bench(cluster, **options)
         if args.out or not args.no_plot:
             fig = result.plot(args.out)
             if not args.no_plot:
@@ -492,18 +485,19 @@ class MLXMagics(Magics):
         %mlx_generate What is the capital of France?      one chat turn, greedy
         Interrupt stops every rank at the same token.
         """
-        from .generate import generate, load_model
+        from .generate import check_max_tokens, generate, load_model
 
         args = parse_argstring(self.mlx_generate, line)
         cluster = current()
-        if args.max_tokens < 1:
-            raise UsageError(f"--max-tokens must be at least 1, got {args.max_tokens}")
-        if args.load is not None:
-            model = None if args.load == "bundled" else args.load
-            try:
+        try:
+            if args.prompt:  # a bad --max-tokens is refused before a model loads
+                check_max_tokens(args.max_tokens)
+            if args.load is not None:
+                model = None if args.load == "bundled" else args.load
                 info = load_model(cluster, model, pipeline=args.pipeline, adapter_path=args.adapter)
-            except ValueError as e:
-                raise UsageError(str(e)) from None
+        except (ValueError, FileNotFoundError) as e:
+            raise UsageError(str(e)) from None
+        if args.load is not None:
             how = "pipeline" if args.pipeline else "tensor parallel"
             mem = ", ".join(human_bytes(m) for m in info["active_memory"])
             print(f"Loaded {args.load} ({how}) on {cluster.n} ranks in {info['seconds']:.1f} s; memory per rank: {mem}")
@@ -521,7 +515,10 @@ class MLXMagics(Magics):
         from .widgets import ChatWidget
 
         args = parse_argstring(self.mlx_chat, line)
-        return ChatWidget(current(), max_tokens=args.max_tokens, system=args.system)
+        try:
+            return ChatWidget(current(), max_tokens=args.max_tokens, system=args.system)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
 
     @magic_arguments()
     @argument(
@@ -565,8 +562,6 @@ class MLXMagics(Magics):
             return _server.status()
         if _server is not None and _server.serving:
             raise UsageError(f"already serving at {_server.url}: %mlx_serve stop first")
-        if not 0 <= args.port < 65536:
-            raise UsageError(f"--port must be 0-65535, got {args.port}")
         try:
             server = Server(
                 current(),
@@ -600,17 +595,11 @@ class MLXMagics(Magics):
         prompts = [p.strip() for p in cell.splitlines() if p.strip()]
         if not prompts:
             raise UsageError("%%mlx_batch takes one prompt per line of the cell, and the cell is empty")
-        if args.max_tokens < 1:
-            raise UsageError(f"--max-tokens must be at least 1, got {args.max_tokens}")
-        if not 0 <= args.temperature <= 2:
-            raise UsageError(f"--temperature must be in [0, 2], got {args.temperature}")
-        return generate_batch(
-            current(),
-            [[{"role": "user", "content": p}] for p in prompts],
-            args.max_tokens,
-            temperature=args.temperature,
-            seed=args.seed,
-        )
+        chats = [[{"role": "user", "content": p}] for p in prompts]
+        try:
+            return generate_batch(current(), chats, args.max_tokens, temperature=args.temperature, seed=args.seed)
+        except ValueError as e:  # checked before any rank runs
+            raise UsageError(str(e)) from None
 
 
 def _stop_server() -> None:

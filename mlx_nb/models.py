@@ -100,6 +100,16 @@ def _atomic_folder(target: Path, build: Callable[[Path], None]) -> Path:
     return target
 
 
+def check_adapters(adapter_path: str | Path) -> None:
+    """``adapter_path`` is a folder of LoRA adapters (FileNotFoundError, one line, if not)."""
+    for needed in ("adapter_config.json", "adapters.safetensors"):
+        if not (Path(adapter_path) / needed).exists():
+            raise FileNotFoundError(
+                f"{Path(adapter_path) / needed} does not exist: adapter_path takes the folder that "
+                "finetune (or mlx_lm.lora) wrote, holding adapter_config.json and adapters.safetensors"
+            )
+
+
 def fused_model(base: str | Path, adapter_path: str | Path) -> Path:
     """``base`` with the LoRA adapters of ``adapter_path`` fused into its weights: an ordinary
     mlx-lm model folder, which loads (and shards) like any other.
@@ -117,13 +127,8 @@ def fused_model(base: str | Path, adapter_path: str | Path) -> Path:
     from mlx_lm.utils import _download
 
     name, adapters = Path(str(base)).name, Path(adapter_path)
+    check_adapters(adapters)
     base = Path(base) if Path(base).exists() else _download(str(base))  # a repo id: its whole snapshot
-    for needed in ("adapter_config.json", "adapters.safetensors"):
-        if not (adapters / needed).exists():
-            raise FileNotFoundError(
-                f"{adapters / needed} does not exist: adapter_path takes the folder that "
-                "finetune (or mlx_lm.lora) wrote, holding adapter_config.json and adapters.safetensors"
-            )
     target = cache_dir() / "fused" / f"{name}-{_fuse_key(base, adapters)}"
     if (target / "config.json").exists():
         os.utime(target)  # used: the last to be pruned

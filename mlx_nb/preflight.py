@@ -27,6 +27,8 @@ JACCL_MACOS = (26, 2)  # RDMA over Thunderbolt arrived in macOS 26.2
 LAUNCH_VARS = {"MLX_RANK", "MLX_HOSTFILE", "MLX_IBV_DEVICES", "MLX_JACCL_COORDINATOR", "MLX_JACCL_RING"}
 LAUNCH_VARS |= {"MLX_WORLD_SIZE", "NCCL_HOST_IP", "NCCL_PORT", "CUDA_VISIBLE_DEVICES"}
 RDMA_ENABLE = "start the Mac in recovery mode, run `rdma_ctl enable` in Terminal and reboot"
+# MLX releases that give wrong results: what goes wrong, and the release that fixed it
+KNOWN_BAD_MLX = {"0.32.1": ("its greedy generation degenerates", "0.32.2")}
 _VERSIONS_PY = """import platform, sys
 from importlib import metadata
 print('python', platform.python_version())
@@ -243,6 +245,20 @@ def _is_address(text: str) -> bool:
         return False
 
 
+def mlx_problem(version: Optional[str]) -> Optional[str]:
+    """Why the ranks must not run MLX ``version``, with the version to install; None if they may.
+
+    >>> mlx_problem("0.32.1")
+    "mlx 0.32.1 is known bad (its greedy generation degenerates): install 0.32.2 or later, pip install -U 'mlx>=0.32.2'"
+    >>> mlx_problem("0.32.4") is None
+    True
+    """
+    if version not in KNOWN_BAD_MLX:
+        return None
+    what, fixed = KNOWN_BAD_MLX[version]
+    return f"mlx {version} is known bad ({what}): install {fixed} or later, pip install -U 'mlx>={fixed}'"
+
+
 def _version(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in re.findall(r"\d+", text)[:3])
 
@@ -324,6 +340,8 @@ def _versions(s: dict[str, Section]) -> tuple[str, str]:
         return "fail", f"cannot run the engines' Python on this host: {why}"
     if v.get("mlx", "-") == "-":
         return "fail", f"mlx is not installed for {v.get('executable', 'python')}: pip install mlx"
+    if problem := mlx_problem(v["mlx"]):
+        return "fail", f"{problem} (for {v.get('executable', 'python')})"
     return (
         "ok",
         f"python {v['python']}, mlx {v['mlx']}, mlx_nb {v.get('mlx_nb', '-')} ({v.get('executable')})",
@@ -423,7 +441,7 @@ def check_host(
     Checks: macos (version; 26.2+ for jaccl), rdma (for jaccl or when the host lists RDMA
     devices: ibv_devices has them), interfaces (each "ips" address and each RDMA device's
     interface has an IPv4 address; no active bridge over them), versions (the engines'
-    Python runs and has mlx), blas (on Linux: an optimized BLAS the ranks will load, and its
+    Python runs and has an mlx not known bad), blas (on Linux: an optimized BLAS the ranks will load, and its
     threads per rank; on a CUDA host, matmuls run on the GPU), gpu (where the host has NVIDIA
     GPUs or the engines' MLX has CUDA: which GPU each rank gets, from ``CUDA_VISIBLE_DEVICES``
     in ``rank_env`` (rank -> the variables the launch sets) or the host's own).

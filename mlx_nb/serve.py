@@ -43,7 +43,8 @@ __all__ = ["ServeError", "ServeStatus", "Server", "serve"]
 BUNDLED_ID = "SmolLM2-135M-Instruct"
 MAX_BODY = 8 << 20  # bytes of a request body (413 above)
 LOOK_EVERY = 0.25  # seconds between looks at a waiting request's client
-WINDOW = 10.0  # seconds of tokens that tokens/s counts
+WINDOW = 10.0  # seconds of steps that tokens/s counts
+LOG_LINES = 1000  # the server's log keeps the last ones
 
 
 class ServeError(RuntimeError):
@@ -62,7 +63,7 @@ class ServeStatus:
     completed: int
     cancelled: int  # their client left
     failed: int
-    tokens_per_second: float  # every request's tokens together, over the last WINDOW seconds
+    tokens_per_second: float  # every request's tokens together, over the ranks' time generating them (last WINDOW s)
     ttft_median: Optional[float]  # seconds from a request's arrival to its first token (last 100)
     ttft_last: Optional[float]
     batch: int  # sequences in the ranks' batch at the last step
@@ -82,7 +83,7 @@ class ServeStatus:
             ["state", self.state],
             ["requests running / queued", f"{self.running} / {self.queued}"],
             ["completed / cancelled / failed", f"{self.completed} / {self.cancelled} / {self.failed}"],
-            [f"tokens/s (last {WINDOW:g} s)", f"{self.tokens_per_second:.1f}"],
+            [f"tokens/s while generating (last {WINDOW:g} s)", f"{self.tokens_per_second:.1f}"],
             ["first token: median / last", f"{s(self.ttft_median)} / {s(self.ttft_last)}"],
             ["batch now / largest", f"{self.batch} / {self.batch_max}"],
             ["tokens generated", self.generated],
@@ -132,6 +133,8 @@ class Server:
                 f"--host {host} is reachable from other machines: give an --api-key too "
                 "(clients send it as 'Authorization: Bearer KEY')"
             )
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port < 65536:
+            raise ValueError(f"--port must be 0-65535, got {port}")
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self.cluster, self.host, self.port, self.api_key = cluster, host, port, api_key
@@ -146,11 +149,12 @@ class Server:
         self._ready, self._ended = threading.Event(), threading.Event()
         self._stopping = False
         self._counts: Counter = Counter()
-        self._recent: deque = deque()  # (monotonic time, tokens) per step
+        self._recent: deque = deque()  # (monotonic time, tokens, seconds the ranks took) per step
         self._ttfts: deque = deque(maxlen=100)
         self._batch, self._batch_max, self._started = 0, 0, 0.0
         self._httpd: Optional[HTTPServer] = None
         self._http: Optional[threading.Thread] = None  # the thread serving HTTP, once started
+        self.log: deque[str] = deque(maxlen=LOG_LINES)  # what the notebook is not shown: connections ended badly
 
     @property
     def url(self) -> str:
@@ -307,6 +311,10 @@ class Server:
             p.on_ranks = False
             self.cluster.send({"serve": self.id, "cancel": [p.id]})
 
+    def note(self, line: str) -> None:
+        """A line in the server's log (``server.log``), with the time."""
+        self.log.append(f"{time.strftime('%H:%M:%S')} {line}")
+
     def _on_report(self, rank: int, data: dict) -> None:
         if data.get("ready"):
             self._ready.set()
@@ -325,7 +333,7 @@ class Server:
                     self._counts["prompt_tokens"] += len(p.request.prompt)
                     self._counts["cached_tokens"] += cached
         with self._lock:
-            self._recent.append((now, len(tokens)))
+            self._recent.append((now, len(tokens), data.get("seconds", 0.0)))
             self._counts["tokens"] += len(tokens)
             self._batch = data["batch"]
             self._batch_max = max(self._batch_max, self._batch)
@@ -352,10 +360,10 @@ class Server:
         with self._lock:
             while self._recent and now - self._recent[0][0] > WINDOW:
                 self._recent.popleft()
-            recent = sum(n for _, n in self._recent)
+            # over the time the ranks generated, not the idle seconds between: a burst after a pause
+            tokens, busy = sum(n for _, n, _ in self._recent), sum(s for _, _, s in self._recent)
             pending = list(self._pending.values())
             counts = Counter(self._counts)
-        window = min(WINDOW, now - self._started) if self._started else 0.0
         if self.serving:
             state = "serving"
         elif self.error is not None:
@@ -372,7 +380,7 @@ class Server:
             completed=counts["completed"],
             cancelled=counts["cancelled"],
             failed=counts["failed"],
-            tokens_per_second=recent / window if window > 0 else 0.0,
+            tokens_per_second=tokens / busy if busy > 0 else 0.0,
             ttft_median=statistics.median(ttfts) if ttfts else None,
             ttft_last=ttfts[-1] if ttfts else None,
             batch=self._batch if self.serving else 0,
@@ -397,7 +405,8 @@ def serve(cluster, port: int = 8000, host: str = "127.0.0.1", api_key: Optional[
     reachable from other machines needs ``api_key`` (checked on every request). ``port=0``
     takes a free port. Options: ``model_name`` (the id clients use; default the model's
     name), ``max_batch`` (sequences decoded together, 32), ``prefill_step``, ``max_body``,
-    ``default_max_tokens``. The notebook stays free; ``stop()`` ends it.
+    ``default_max_tokens``. The notebook stays free; ``stop()`` ends it. ``server.log`` keeps
+    what the notebook is not shown: connections that ended badly (a client's reset, say).
 
     Example::
 

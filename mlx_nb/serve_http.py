@@ -11,6 +11,7 @@ import hmac
 import json
 import select
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -43,6 +44,8 @@ class Owner(Protocol):
 
     def finish(self, p: Pending, outcome: str) -> None: ...
 
+    def note(self, line: str) -> None: ...
+
 
 class HTTPServer(ThreadingHTTPServer):
     """One thread per connection; ``close_connections`` ends the open ones (idle keep-alives too)."""
@@ -57,6 +60,12 @@ class HTTPServer(ThreadingHTTPServer):
         self.connections: set[socket.socket] = set()
         self.lock = threading.Lock()
         super().__init__(address, _Handler)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A connection that ended badly (a reset: a browser tab closed, a script killed) is a line
+        in the server's log: socketserver would print a traceback into the notebook's cell."""
+        e = sys.exc_info()[1]
+        self.owner.note(f"{_peer(client_address)}: connection ended ({type(e).__name__}: {e})")
 
     def close_connections(self, wait: float) -> None:
         deadline = time.monotonic() + wait
@@ -88,6 +97,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         pass  # one line per request on the notebook's stderr would bury its output
+
+    def log_error(self, format: str, *args: Any) -> None:
+        self.server.owner.note(f"{_peer(self.client_address)}: {format % args}")  # a timeout, a bad request line
 
     def do_GET(self) -> None:
         self._handle(self._get)
@@ -264,3 +276,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(body)
+
+
+def _peer(address: Any) -> str:
+    return f"{address[0]}:{address[1]}" if isinstance(address, tuple) and len(address) >= 2 else str(address)

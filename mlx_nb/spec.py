@@ -79,9 +79,9 @@ class ClusterSpec:
     ) -> ClusterSpec:
         """Check a Cluster's arguments and resolve them: local ``n``, a hostfile, or ``hosts``."""
         if hostfile is not None and hosts is not None:
-            raise ValueError("give either hostfile= or hosts=, not both")
-        if n is not None and (not isinstance(n, int) or n < 1):
-            raise ValueError(f"n must be a positive number of ranks, got {n!r}")
+            raise ValueError("give either --hostfile or --hosts, not both")
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ValueError(f"-n must be a positive number of ranks, got {n!r}")
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
         if hosts is not None:
@@ -175,7 +175,7 @@ def check_ranks_per_host(hostfile: Hostfile, spares: bool = True, cores: Optiona
     )
 
 
-def check_timeout(timeout: Optional[float], what: str = "--timeout") -> None:
+def check_timeout(timeout: Optional[float]) -> None:
     """``timeout`` is None or a finite, positive number of seconds.
 
     >>> check_timeout(30); check_timeout(None)
@@ -186,7 +186,9 @@ def check_timeout(timeout: Optional[float], what: str = "--timeout") -> None:
     """
     if timeout is None:
         return
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise ValueError(f"--timeout must be a number of seconds, got {timeout!r}")
     if not math.isfinite(timeout):
-        raise ValueError(f"{what} must be a finite number of seconds, got {timeout:g}")
+        raise ValueError(f"--timeout must be a finite number of seconds, got {timeout:g}")
     if timeout <= 0:
-        raise ValueError(f"{what} must be positive seconds, got {timeout:g}")
+        raise ValueError(f"--timeout must be positive seconds, got {timeout:g}")

@@ -44,28 +44,38 @@ class StatusWidget(widgets.HTML):
         super().__init__(**kwargs)
         self.cluster, self.interval = cluster, interval
         self._stop = threading.Event()
+        self._lock = threading.Lock()  # a last refresh never overwrites the note of end()
         self.refresh()
-        threading.Thread(target=self._loop, name="mlx_nb-status", daemon=True).start()
+        self.thread = threading.Thread(target=self._loop, name="mlx_nb-status", daemon=True)
+        self.thread.start()
 
     def refresh(self) -> None:
         if not self.cluster.running:
-            self.value = "<i>cluster stopped</i>"
-            self._stop.set()
+            self.end("cluster stopped")
             return
         table = Table(["rank", "host", "pid", "memory", "peak", "state"], _rows(self.cluster))
         # JupyterLab styles the tables of HTML outputs only (a widget's needs the class), and
         # centres them in a block as wide as the output: shrink the block to the table
-        self.value = (
-            f"<div class='jp-RenderedHTMLCommon' style='display: inline-block'>{table._repr_html_()}"
-            f"<small>updated {time.strftime('%H:%M:%S')}</small></div>"
-        )
+        with self._lock:
+            if not self._stop.is_set():
+                self.value = (
+                    f"<div class='jp-RenderedHTMLCommon' style='display: inline-block'>{table._repr_html_()}"
+                    f"<small>updated {time.strftime('%H:%M:%S')}</small></div>"
+                )
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
             self.refresh()
 
+    def end(self, note: str = "") -> None:
+        """Stop refreshing (the thread ends within an interval); ``note`` replaces the table."""
+        with self._lock:
+            self._stop.set()
+            if note:
+                self.value = f"<i>{note}</i>"
+
     def close(self) -> None:
-        self._stop.set()
+        self.end()
         super().close()
 
 
@@ -79,6 +89,9 @@ class ChatWidget(widgets.VBox):
     """
 
     def __init__(self, cluster: Cluster, max_tokens: int = 256, system: str | None = None):
+        from .generate import check_max_tokens
+
+        check_max_tokens(max_tokens)
         self.cluster, self.max_tokens = cluster, max_tokens
         self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
         self.transcript = widgets.HTML(layout=widgets.Layout(max_height="420px", overflow="auto"))

@@ -128,9 +128,18 @@ class Kernel:
         self.kc.execute_interactive(code, output_hook=hook, timeout=timeout)
         return "".join(out).strip(), "\n".join(err)
 
-    def kill(self) -> None:
+    def kill(self, reap: bool = True) -> None:
+        """SIGKILL the kernel. Unreaped (``reap=False``) it stays a zombie, as a killed kernel does
+        until the notebook server's kernel manager waits for it (``close`` does here)."""
+        p = psutil.Process(self.pid)
         os.kill(self.pid, signal.SIGKILL)
-        psutil.wait_procs([psutil.Process(self.pid)], timeout=10) if psutil.pid_exists(self.pid) else None
+        if reap:
+            psutil.wait_procs([p], timeout=10)
+            return
+        deadline = time.monotonic() + 10
+        while p.status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert p.status() == psutil.STATUS_ZOMBIE
 
     def close(self) -> None:
         self.kc.stop_channels()

@@ -9,10 +9,16 @@ import pytest
 from conftest import ipython_shell, project_processes
 from IPython.core.error import UsageError
 
-from mlx_nb import Cluster, bench, magics, spec
+from mlx_nb import Cluster, batch, bench, magics, spec
+from mlx_nb import generate as generation
+from mlx_nb.batch import generate_batch
 from mlx_nb.bench import bench_main, run_bench
 from mlx_nb.engines import launch as launchers
+from mlx_nb.engines import watchdog
+from mlx_nb.generate import generate, load_model
+from mlx_nb.serve import serve
 from mlx_nb.spec import process_limit
+from mlx_nb.widgets import ChatWidget
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +39,7 @@ def _usage_error(shell, magic: str, line: str, cell: str = "") -> str:
 
 
 def test_the_docstring_examples_of_the_checks_run():
-    for module in (spec, bench, launchers, magics):
+    for module in (spec, bench, launchers, magics, watchdog, generation, batch):
         assert doctest.testmod(module, optionflags=doctest.ELLIPSIS).failed == 0, module.__name__
 
 
@@ -82,6 +88,22 @@ def test_a_sweep_larger_than_memory_is_refused_by_the_cli_before_ranks_start(cap
     assert "Starting" not in err and project_processes() == []
 
 
+def test_a_bad_cluster_is_the_same_one_line_from_cluster_and_its_magic(shell):
+    for kwargs, line, message in [
+        ({"n": 0}, "-n 0", "-n must be a positive number of ranks, got 0"),
+        (
+            {"hostfile": "h.json", "hosts": "a,b"},
+            "--hostfile h.json --hosts a,b",
+            "give either --hostfile or --hosts, not both",
+        ),
+    ]:
+        with pytest.raises(ValueError) as info:
+            Cluster(**kwargs)
+        assert str(info.value) == message
+        assert _usage_error(shell, "mlx_cluster", f"start {line}") == message
+    assert project_processes() == [] and _no_cluster()
+
+
 # --------------------------------------------------------- a running cluster
 @pytest.fixture(scope="module")
 def running(shell):
@@ -118,3 +140,59 @@ def test_a_sweep_larger_than_memory_is_refused_naming_size_and_memory(shell, run
     with pytest.raises(ValueError, match="--sizes up to 1.0 TB need 4.0 TB"):
         run_bench(running, "1KB-1TB", progress=False)
     assert [r.state for r in running.status()] == ["idle", "idle"]
+
+
+# a value the magics refuse is refused, in the same words, by the function they call
+@pytest.mark.parametrize(
+    "api, magic, message",
+    [
+        (
+            lambda c: generate(c, "Hi", max_tokens=0),
+            ("mlx_generate", "--max-tokens 0 Hi", ""),
+            "--max-tokens must be at least 1, got 0",
+        ),
+        (
+            lambda c: generate_batch(c, ["Hi"], 8, temperature=9.0),
+            ("mlx_batch", "--temperature 9", "Hi"),
+            "--temperature must be in [0, 2], got 9.0",
+        ),
+        (
+            lambda c: generate_batch(c, ["Hi"], 0),
+            ("mlx_batch", "--max-tokens 0", "Hi"),
+            "--max-tokens must be at least 1, got 0",
+        ),
+        (
+            lambda c: ChatWidget(c, max_tokens=-3),
+            ("mlx_chat", "--max-tokens -3", ""),
+            "--max-tokens must be at least 1, got -3",
+        ),
+        (lambda c: serve(c, port=70000), ("mlx_serve", "--port 70000", ""), "--port must be 0-65535, got 70000"),
+        (
+            lambda c: load_model(c, adapter_path="/nowhere/run"),
+            ("mlx_generate", "--load bundled --adapter /nowhere/run", ""),
+            "/nowhere/run/adapter_config.json does not exist: adapter_path takes the folder that finetune "
+            "(or mlx_lm.lora) wrote, holding adapter_config.json and adapters.safetensors",
+        ),
+    ],
+)
+def test_a_bad_value_is_the_same_one_line_from_the_api_and_its_magic_before_any_rank_runs(
+    shell, running, api, magic, message
+):
+    with pytest.raises((ValueError, FileNotFoundError)) as info:  # no model is loaded: a rank would say so
+        api(running)
+    assert str(info.value) == message
+    assert _usage_error(shell, *magic) == message
+    assert [r.state for r in running.status()] == ["idle", "idle"]
+
+
+def test_a_bad_fine_tuning_option_is_one_line_before_any_rank_runs(running):
+    from mlx_nb.finetune import finetune
+
+    with pytest.raises(ValueError) as info:
+        finetune(running, iters=0)
+    assert str(info.value) == "iters=0: it takes a number of steps, 1 or more"
+    with pytest.raises(ValueError, match=r"^unknown finetune option iter: the options are model, data, iters, "):
+        finetune(running, iter=5)
+    with pytest.raises(ValueError, match=r"^learning_rate=-0.1: it takes a positive number$"):
+        finetune(running, learning_rate=-0.1)
+    assert running.running_job is None

@@ -314,6 +314,21 @@ def test_status_widget_shows_live_state_while_a_cell_runs(cluster):
     panel.close()
 
 
+def test_a_status_panel_run_again_replaces_the_last_whose_watcher_ends(ip):
+    def watchers() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name == "mlx_nb-status"]
+
+    before = watchers()
+    panels = [ip.run_line_magic("mlx_cluster", "status --watch") for _ in range(10)]
+    deadline = time.monotonic() + 10
+    while len(watchers()) > len(before) + 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(watchers()) == len(before) + 1  # ten runs of the cell, one watcher
+    assert all("replaced by a newer panel" in p.value for p in panels[:-1])
+    assert "idle" in panels[-1].value
+    panels[-1].close()
+
+
 def test_interpreter_exit_without_stop_leaves_nothing_running():
     mark = uuid.uuid4().hex
     script = (

@@ -16,6 +16,7 @@ import pytest
 from conftest import Kernel, project_processes
 
 from mlx_nb import Cluster, ClusterError, clusters
+from mlx_nb.engines import kept
 
 GONE_WITHIN = 10.0  # seconds from a kernel's death to none of its cluster's processes left
 
@@ -64,32 +65,56 @@ def test_a_kernel_killed_while_its_ranks_wait_in_a_collective_takes_them_with_it
         k.close()
 
 
-def test_a_kept_cluster_outlives_its_kernel_and_a_new_kernel_attaches_it(mark):
+def _kill_all_of(mark: str) -> None:
+    """SIGKILL every engine and controller of the clusters marked ``mark`` (not the watchdog), as
+    the OOM killer or a restart of the machine would: nothing of theirs gets to clean up."""
+    procs = [p for p in project_processes(mark) if "watchdog" not in " ".join(p.cmdline())]
+    procs += [c for p in procs for c in p.children(recursive=True)]
+    for p in procs:
+        p.kill()
+    psutil.wait_procs(procs, timeout=10)
+
+
+def test_a_kept_cluster_outlives_its_kernel_and_when_every_process_dies_its_name_is_free(mark):
     name = f"t-{mark[:8]}"
-    a = Kernel(mark)
+    a, b, c = Kernel(mark), Kernel(mark), Kernel(mark)
     try:
         out, err = a.run(f"%load_ext mlx_nb\n%mlx_cluster start -n 2 --name {name} --keep")
         assert not err and f"kept as {name!r}" in out
         a.run("%%mlx_dist --setup\nbase = 100 + rank")
         a.run("%%mlx_dist\nsecret = 41 + rank")
         pids = a.run("from mlx_nb.magics import current\nprint([r.pid for r in current().ranks])")[0]
-        a.kill()
-    finally:
-        a.close()
-    time.sleep(1.0)
-    assert [c["name"] for c in clusters() if c["name"] == name] == [name]
-    b = Kernel(mark)
-    try:
+        a.kill(reap=False)  # a zombie until its kernel manager waits for it: gone all the same
+        assert [k["name"] for k in clusters() if k["name"] == name] == [name]
         out, err = b.run(f"%load_ext mlx_nb\n%mlx_cluster attach {name}")
         assert not err and f"Attached {name!r}: 2 ranks" in out and "1 setup cell(s) kept" in out
+        assert psutil.Process(a.pid).status() == psutil.STATUS_ZOMBIE
         assert b.run("from mlx_nb.magics import current\nprint([r.pid for r in current().ranks])")[0] == pids
         assert b.run("v = %mlx_pull secret --ranks all\nprint(v)")[0] == "[41, 42]"
         assert b.run("%%mlx_dist\nprint(mx.distributed.all_sum(mx.array([rank + 1.0])).item())")[0] == "3.0"
-        out, err = b.run("%mlx_cluster stop")
+
+        # every process of it dies at once; its files stay, and are met three ways in a new kernel
+        b.kill()
+        _kill_all_of(mark)
+        files = {f: open(f).read() for f in kept.files(kept.IppCluster(cluster_id=kept.PREFIX + name).cluster_file)}
+        out, err = c.run("%load_ext mlx_nb\n%mlx_cluster list")
+        assert not err and name not in out
+        for f, text in files.items():  # as found after the death again
+            open(f, "w").write(text)
+        _, err = c.run(f"%mlx_cluster attach {name}")
+        assert f"UsageError: cluster {name!r} is gone: its controller no longer runs" in err
+        assert f"start it anew with %mlx_cluster start -n 2 --name {name} --keep" in err
+        for f, text in files.items():
+            open(f, "w").write(text)
+        out, err = c.run(f"%mlx_cluster start -n 2 --name {name} --keep")
+        assert not err and f"kept as {name!r}" in out
+        assert c.run("%%mlx_dist\nprint(mx.distributed.all_sum(mx.array([rank + 1.0])).item())")[0] == "3.0"
+        out, err = c.run("%mlx_cluster stop")
         assert "Cluster stopped." in out
-        assert _gone(mark) == [] and name not in [c["name"] for c in clusters()]
+        assert _gone(mark) == [] and name not in [k["name"] for k in clusters()]
     finally:
-        b.close()
+        for k in (a, b, c):
+            k.close()
 
 
 def test_a_second_kernel_is_refused_until_it_takes_the_cluster_over(mark):
@@ -232,3 +257,41 @@ def test_stopping_the_cluster_during_fine_tuning_stops_it_at_a_step_and_saves_fi
     saved = json.loads((tmp_path / "run" / "checkpoint.json").read_text())
     assert saved["step"] == result.stopped_at  # saved at the step it stopped, not only at the last save_every
     assert [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE] == []
+
+
+def test_ending_an_engines_tree_on_a_host_spares_a_pid_that_now_runs_something_else():
+    import subprocess
+
+    from mlx_nb.engines.watchdog import tree_command
+
+    # an engine (its command names ipyparallel) with a child, a child in a session of its own,
+    # and an orphan left in its process group; and a process that took a listed pid since
+    engine = subprocess.Popen(
+        ["sh", "-c", "sleep 300 & setsid sleep 300 & sh -c 'sleep 300 &'; wait", "ipyparallel.engine"],
+        start_new_session=True,
+    )
+    other = subprocess.Popen(["sleep", "300"], start_new_session=True)
+
+    def sleepers() -> list[psutil.Process]:
+        procs = psutil.process_iter(["cmdline", "ppid"])
+        return [p for p in procs if p.info["cmdline"] == ["sleep", "300"] and engine.pid in (p.info["ppid"], _pgid(p))]
+
+    deadline = time.monotonic() + 10
+    while len(sleepers()) < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    started = sleepers()
+    assert len(started) == 3
+    try:
+        subprocess.run(["sh", "-c", tree_command([engine.pid, other.pid])], check=True, timeout=10)
+        engine.wait(10)
+        assert psutil.wait_procs(started, timeout=10)[1] == [] and other.poll() is None
+    finally:
+        other.kill()
+        other.wait()
+
+
+def _pgid(p: psutil.Process) -> int:
+    try:
+        return os.getpgid(p.pid)
+    except OSError:
+        return -1

@@ -161,8 +161,10 @@ def test_restart_brings_back_ranks_on_their_hosts(ip, hosts):
     assert cluster.status()[1].state == "idle"
 
 
-def test_stop_leaves_nothing_on_the_hosts(ip, hosts):
+def test_stop_leaves_nothing_on_the_hosts_not_even_what_the_ranks_started(ip, hosts):
     assert hosts.processes(), "expected engines on the hosts while the cluster runs"
+    ip.run_cell_magic("mlx_dist", "", "import subprocess\nsleeper = subprocess.Popen(['sleep', '1000'])")
+    assert len([p for p in hosts.processes() if p.name() == "sleep"]) == 2
     profile = magics.current().group.dir  # the engines' IPython profile on the hosts
     t = time.monotonic()
     ip.run_line_magic("mlx_cluster", "stop")
@@ -220,6 +222,18 @@ def test_another_mlx_version_is_refused_with_each_hosts_versions(hosts):
     assert "mlx differs" in text and "0.1.0" in text and took < 20
     for name in hosts.names:
         assert name in text
+    assert left_on(hosts) == []
+
+
+def test_a_host_with_a_known_bad_mlx_is_refused_and_checked_naming_the_version_to_install(shell, hosts):
+    python = _fake_mlx_python(hosts, "0.32.1")
+    text, took = _start_fails(hosts, ring_hostfile(hosts), python=python)
+    assert "mlx 0.32.1 is known bad" in text and "pip install -U 'mlx>=0.32.2'" in text and took < 20
+    table = shell.run_line_magic(
+        "mlx_cluster", f"check --hostfile {ring_hostfile(hosts)} --ssh '{' '.join(hosts.ssh_cmd)}' --python {python}"
+    )
+    bad = [row for row in table.rows if row[1] == "versions" and row[2] == "fail"]
+    assert {row[0] for row in bad} == set(hosts.names) and "install 0.32.2 or later" in bad[0][3]
     assert left_on(hosts) == []
 
 
@@ -291,7 +305,8 @@ def test_a_killed_kernel_takes_its_ranks_on_the_other_hosts_with_it(hosts):
         path = ring_hostfile(hosts)
         out, err = k.run(f"%load_ext mlx_nb\n%mlx_cluster start --hostfile {path} --ssh '{' '.join(hosts.ssh_cmd)}'")
         assert "Cluster ready" in out, err
-        assert hosts.processes(), "expected engines on the hosts while the cluster runs"
+        k.run("%%mlx_dist\nimport subprocess\nsleeper = subprocess.Popen(['sleep', '1000'])")
+        assert len([p for p in hosts.processes() if p.name() == "sleep"]) == 2
         k.kill()
         assert left_on(hosts) == []  # within 10 s, over ssh
         deadline = time.monotonic() + 10

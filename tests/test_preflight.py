@@ -367,6 +367,50 @@ def test_check_cluster_flags_version_drift_and_silent_hosts():
     assert "mlx differs across hosts ((notebook) 0.32.4, mac1 0.32.4, mac2 0.31.0)" in drift[0].message
 
 
+def test_a_known_bad_mlx_fails_the_host_naming_the_version_to_install():
+    fix = "install 0.32.2 or later, pip install -U 'mlx>=0.32.2'"
+    assert pf.mlx_problem("0.32.1") == f"mlx 0.32.1 is known bad (its greedy generation degenerates): {fix}"
+    assert pf.mlx_problem("0.32.2") is None and pf.mlx_problem(mx.__version__) is None  # this machine's
+    f = by_check(pf.check_host(MESH, "mac1", gathered(**MAC | {"versions": VERSIONS.replace("0.32.4", "0.32.1")})))
+    assert f["versions"].status == "fail" and f["versions"].message.startswith("mlx 0.32.1 is known bad")
+    assert fix in f["versions"].message
+
+
+def test_the_package_requires_an_mlx_that_is_not_known_bad():
+    import tomllib
+    from packaging.requirements import Requirement
+
+    pyproject = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
+    mlx = [Requirement(r) for r in pyproject["project"]["dependencies"] if Requirement(r).name == "mlx"]
+    assert len(mlx) == 2  # Linux (with its CPU backend) and macOS
+    for r in mlx:
+        assert not r.specifier.contains("0.32.1") and r.specifier.contains("0.32.2"), str(r)
+
+
+def test_a_notebook_whose_mlx_is_known_bad_starts_no_rank(tmp_path):
+    import uuid
+
+    from conftest import Kernel, project_processes
+
+    # this Python, its mlx reported as 0.32.1: the package's metadata first on the path
+    dist = tmp_path / "mlx-0.32.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: mlx\nVersion: 0.32.1\n")
+    mark, path = uuid.uuid4().hex, os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp_path), path]))
+    try:
+        k = Kernel(mark)
+    finally:
+        os.environ.pop("PYTHONPATH") if path is None else os.environ.update(PYTHONPATH=path)
+    try:
+        _, err = k.run("%load_ext mlx_nb\n%mlx_cluster start -n 2")
+        assert "UsageError: the cluster did not start: mlx 0.32.1 is known bad" in err
+        assert "pip install -U 'mlx>=0.32.2'; nothing was started" in err
+        assert project_processes(mark) == []
+    finally:
+        k.close()
+
+
 # ------------------------------------------------ the gather command, for real
 def run_gather(path_prefix: Path | None = None) -> str:
     env = dict(os.environ)

@@ -137,6 +137,23 @@ def test_models_lists_the_model_the_ranks_hold(client, server):
         client.models.retrieve("gpt-4")
 
 
+def test_status_shows_requests_rates_and_first_token_and_counts_no_idle_seconds(server, client):
+    from mlx_nb.serve import WINDOW
+
+    # a burst after a pause: tokens/s is what the ranks made while they generated, so at least
+    # what the client saw over its whole request (idle seconds in the window do not count)
+    wait_for(lambda: server.status().tokens_per_second == 0, WINDOW + 10, "a window with no tokens")
+    t0 = time.perf_counter()
+    reply = client.completions.create(model=server.model.id, prompt="Hello", max_tokens=TOKENS)
+    took = time.perf_counter() - t0
+    status = shell().run_line_magic("mlx_serve", "status")
+    assert status.state == "serving" and status.completed >= 1 and status.generated >= reply.usage.completion_tokens
+    assert status.ttft_median > 0 and status.running == status.queued == 0
+    assert status.tokens_per_second >= reply.usage.completion_tokens / took, (status, took)
+    text = repr(status)
+    assert "requests running / queued" in text and "tokens/s while generating" in text and server.url in text
+
+
 def test_a_chat_completion_is_the_answer_alone(client, server, alone):
     r = client.chat.completions.create(model=server.model.id, messages=chat(QUESTIONS[0]), max_tokens=TOKENS)
     assert r.choices[0].message.content == alone[QUESTIONS[0]]
@@ -265,15 +282,6 @@ def test_a_seed_repeats_a_sampled_reply(client, server):
     assert sample(11) == sample(11)
 
 
-def test_status_shows_requests_rates_and_first_token(server, client):
-    client.completions.create(model=server.model.id, prompt="Hello", max_tokens=2)
-    status = shell().run_line_magic("mlx_serve", "status")
-    assert status.state == "serving" and status.completed >= 1 and status.generated >= 2
-    assert status.ttft_median > 0 and status.running == status.queued == 0
-    text = repr(status)
-    assert "requests running / queued" in text and "tokens/s" in text and server.url in text
-
-
 # ---------------------------------------------------------------- bad requests
 CHAT, TEXT = "/v1/chat/completions", "/v1/completions"
 
@@ -398,7 +406,21 @@ def test_stopping_the_cluster_ends_its_server_and_closes_the_port():
         socket.create_connection(("127.0.0.1", port), timeout=5)
 
 
-def test_the_serving_tutorial_runs():
+RESET_CLIENT = """
+import http.client, socket, struct, time
+conn = http.client.HTTPConnection("127.0.0.1", server.port)
+conn.request("GET", "/v1/models")
+conn.getresponse().read()  # answered; the connection stays open for the next request
+conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+conn.sock.close()
+deadline = time.monotonic() + 10
+while not server.log and time.monotonic() < deadline:
+    time.sleep(0.05)
+print(*server.log, sep="\\n")
+"""
+
+
+def test_the_serving_tutorial_runs_and_a_client_s_reset_is_a_line_in_the_server_log():
     import nbclient
     import nbformat
 
@@ -407,11 +429,17 @@ def test_the_serving_tutorial_runs():
     for cell in nb.cells:
         if "parameters" in cell.metadata.get("tags", []):
             cell.source = f"MAX_TOKENS = {TOKENS}"
+    # before the server stops: a keep-alive client closes its connection with a reset, as a
+    # killed script's or a closed browser tab's is; the cell waits for the server to see it
+    at = next(i for i, c in enumerate(nb.cells) if c.source.startswith("%mlx_serve stop"))
+    nb.cells.insert(at, nbformat.v4.new_code_cell(RESET_CLIENT))
     nbclient.NotebookClient(
         nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
     ).execute()
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     text = "".join(o.get("text", "") + o.get("data", {}).get("text/plain", "") for o in outputs)
+    assert "connection ended (ConnectionResetError" in "".join(o.get("text", "") for o in nb.cells[at].outputs)
+    assert "Exception occurred during processing" not in text and "Traceback" not in text
     assert text.count("Paris") >= 2 and "Aye" in text
     assert "404 The model 'gpt-4' does not exist" in text and "400 messages[0].role is 'wizard'" in text
     assert "requests running / queued" in text and "Stopped serving" in text and "rank 0 is free again" in text

@@ -116,6 +116,14 @@ class RankGroup(Forming):
         return self._ipp.controller_ip if self._ipp is not None else None
 
     @property
+    def controller_started(self) -> Optional[float]:
+        """When the controller's process started: with its pid, what tells it from a later process."""
+        try:
+            return psutil.Process(self._ipp.controller.pid).create_time()
+        except (AttributeError, psutil.Error):
+            return None
+
+    @property
     def client_file(self) -> Optional[str]:
         """The controller's connection file for clients (its keys when encrypted): user-readable only."""
         if self._ipp is None:
@@ -143,11 +151,8 @@ class RankGroup(Forming):
         # off loopback, whoever reaches the controller could read every rank's output: encrypt
         curve = [] if hostfiles.is_local(ip) else ["--IPController.enable_curve=True"]
         named = {"cluster_id": kept.PREFIX + self.name} if self.name else {}
-        if self.name and os.path.exists(kept.IppCluster(**named).cluster_file):
-            raise ClusterError(
-                f"a kept cluster named {self.name!r} exists: attach it (%mlx_cluster attach {self.name}) "
-                "or stop it first"
-            )
+        if self.name:
+            kept.claim(self.name)  # refused while it runs; a dead one's files are removed
         self._ipp = kept.IppCluster(
             n=0,
             controller_ip=ip,

@@ -26,7 +26,7 @@ import psutil
 from ipyparallel.cluster import launcher
 
 from .. import hostfile as hostfiles
-from . import ClusterError
+from . import ClusterError, watchdog
 from .watchdog import same_process_runs
 
 PREFIX = "mlx_nb-"  # cluster ids of mlx_nb's clusters
@@ -106,6 +106,49 @@ def holder_alive(holder: Optional[dict]) -> bool:
     return same_process_runs(holder["pid"], holder["started"])
 
 
+def controller_runs(d: dict) -> bool:
+    """Whether the controller of a cluster file's content ``d`` still runs (the same process, not
+    a zombie): without it nothing reaches the ranks, and the cluster is dead."""
+    pid = ((d.get("controller") or {}).get("state") or {}).get("pid")
+    return bool(pid) and same_process_runs(pid, (d.get("mlx_nb") or {}).get("controller_started"))
+
+
+def files(path: str) -> list[str]:
+    """A cluster file and the controller's connection files beside it (``ipcontroller-<id>-*.json``)."""
+    folder, base = os.path.split(path)
+    cluster_id = base[len("cluster-") : -len(".json")]
+    return [path, *(os.path.join(folder, f"ipcontroller-{cluster_id}-{who}.json") for who in ("client", "engine"))]
+
+
+def forget(path: str, d: dict) -> None:
+    """A kept cluster whose controller is gone: end what is left of it (engines here and on the other
+    hosts, its watchdog) and remove its files, so that its name starts a new cluster.
+
+    Its connection files must go too: a new controller of the same id would otherwise be read
+    at the dead one's ports (``TimeoutError: Hub connection request timed out``)."""
+    folder = (d.get("mlx_nb") or {}).get("dir")
+    state = watchdog.read(os.path.join(folder, "watch.json")) if folder else None
+    if state:
+        watchdog.end_everything(state)  # its watchdog exits once the state file is gone
+    for f in files(path):
+        try:
+            os.remove(f)
+        except FileNotFoundError:
+            pass
+
+
+def claim(name: str) -> None:
+    """The name ``name`` for a new kept cluster: refused (ClusterError) while a cluster of that name
+    runs; a dead one's leftovers are removed first."""
+    path = IppCluster(cluster_id=PREFIX + check_name(name)).cluster_file
+    d = watchdog.read(path)
+    if d is not None and controller_runs(d):
+        raise ClusterError(
+            f"a kept cluster named {name!r} exists: attach it (%mlx_cluster attach {name}) or stop it first"
+        )
+    forget(path, d or {})
+
+
 def encode(obj) -> str:
     return base64.b64encode(cloudpickle.dumps(obj)).decode()
 
@@ -141,8 +184,17 @@ def load(name: str) -> IppCluster:
         names = [os.path.basename(f)[len("cluster-" + PREFIX) : -5] for f in cluster_files()]
         known = f": kept clusters here are {', '.join(names)}" if names else ": none is kept here"
         raise ClusterError(f"no kept cluster named {name!r}{known} (%mlx_cluster list)")
-    with open(path) as f:
-        d = json.load(f)
+    d = watchdog.read(path) or {}
+    if not controller_runs(d):
+        forget(path, d)
+        spec = (d.get("mlx_nb") or {}).get("spec") or {}
+        local = all(hostfiles.is_local(h["ssh"]) for h in (spec.get("hostfile") or {}).get("hosts", []))
+        how = f"-n {spec['n']}" if local and spec.get("n") else "--hostfile HOSTFILE"
+        raise ClusterError(
+            f"cluster {name!r} is gone: its controller no longer runs (the machine restarted, or its "
+            f"processes were killed), and what its ranks held went with it; its files are removed: "
+            f"start it anew with %mlx_cluster start {how} --name {name} --keep"
+        )
     return IppCluster.from_dict(d, cluster_file=path, shutdown_atexit=False, log_level=40)
 
 
@@ -150,17 +202,12 @@ def listing() -> list[dict]:
     """Every kept cluster here: name, ranks, hosts, backend, age, idle time, memory, holder."""
     rows = []
     for path in cluster_files():
-        try:
-            with open(path) as f:
-                d = json.load(f)
-        except (OSError, ValueError):
-            continue
-        state = d.get("mlx_nb") or {}
-        controller = ((d.get("controller") or {}).get("state") or {}).get("pid")
+        d = watchdog.read(path)
+        state = (d or {}).get("mlx_nb") or {}
         if not state.get("spec"):
-            continue
-        if not controller or not psutil.pid_exists(controller):
-            os.remove(path)  # its processes are gone (the machine restarted, say): nothing to attach
+            continue  # gone meanwhile, or starting
+        if not controller_runs(d):
+            forget(path, d)  # its processes are gone (the machine restarted, say): nothing to attach
             continue
         pids = [r["pid"] for r in state.get("ranks", [])]
         memory = 0
@@ -206,6 +253,7 @@ def publish(group) -> None:
         "idle": group.idle,
         "holder": group.holder,
         "setup": group.setup_state,
+        "controller_started": group.controller_started,
     }
     group._ipp.update_cluster_file()
 

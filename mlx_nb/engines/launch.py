@@ -24,10 +24,15 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional
 
 import psutil
 from ipyparallel.cluster.launcher import SSHLauncher
+
+# defined beside the watchdog, which must start without importing ipyparallel
+from .watchdog import process_tree as process_tree
+from .watchdog import tree_command
 
 # a host that does not answer fails in seconds, not after the TCP timeout
 SSH_OPTIONS = ["-o", "ConnectTimeout=5", "-o", "BatchMode=yes"]
@@ -261,9 +266,11 @@ def engine_output(text: str, lines: int = 20) -> str:
 
 
 def end(procs: list, remote: list, gentle: bool = False) -> bool:
-    """End local processes and ssh launchers' remote engines; True if one had to be SIGKILLed
-    after gentler signals (``gentle``: SIGINT, 1 s, SIGTERM, 2 s; else SIGKILL at once)."""
+    """End local processes and ssh launchers' remote engines with all they started; True if one
+    had to be SIGKILLed after gentler signals (``gentle``: SIGINT, 1 s, SIGTERM, 2 s; else SIGKILL
+    at once). ``procs`` are whole local trees already; a remote engine's tree is found on its host."""
     steps = [(signal.SIGINT, 1.0), (signal.SIGTERM, 2.0)] if gentle else []
+    engines, killed = list(remote), gentle
     for sig, wait in steps:
         for p in procs:
             quietly(p.send_signal, sig)
@@ -275,13 +282,29 @@ def end(procs: list, remote: list, gentle: bool = False) -> bool:
             remote = [el for el in remote if launcher_alive(el)]
             time.sleep(0.05)
         if not procs and not remote:
-            return False
+            killed = False
+            break
     for p in procs:
         quietly(p.kill)
-    for el in remote:
-        quietly(el.signal, signal.SIGKILL)
+    # what the remote engines started outlives them unless it is ended too (their engines
+    # themselves, when a gentler signal ended them already)
+    end_remote(engines)
     wait_exited(procs, timeout=5)
-    return gentle
+    return killed
+
+
+def end_remote(launchers: list, sig: str = "KILL") -> None:
+    """Send ``sig`` to each ssh launcher's engine on its host and to everything it started:
+    one ssh per host, all hosts at once, each bounded by ``ssh_run``'s timeout."""
+    by_host: dict[tuple, list[int]] = {}
+    for el in launchers:
+        if el.pid:
+            by_host.setdefault((el.location, *el.ssh_cmd, *el.ssh_args), []).append(el.pid)
+    if not by_host:
+        return
+    with ThreadPoolExecutor(len(by_host)) as pool:
+        for (host, *ssh), pids in by_host.items():
+            pool.submit(ssh_run, host, tree_command(pids, sig), ssh, 10.0)
 
 
 def wait_exited(procs: list, timeout: float) -> list:
@@ -318,11 +341,3 @@ def running(p: psutil.Process) -> bool:
         return True
     except psutil.Error:
         return False
-
-
-def process_tree(pid: int) -> list:
-    try:
-        p = psutil.Process(pid)
-        return [p, *p.children(recursive=True)]
-    except psutil.Error:
-        return []

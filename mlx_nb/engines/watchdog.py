@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 import psutil
@@ -32,14 +34,38 @@ import psutil
 POLL = 0.5  # seconds between looks
 
 
-def same_process_runs(pid: int, started: float) -> bool:
+def same_process_runs(pid: int, started: Optional[float]) -> bool:
     """Whether process ``pid``, started at ``started``, still runs: not another process that took
-    its pid, and not a zombie (a killed kernel stays one until its parent reaps it)."""
+    its pid, and not a zombie (a killed kernel stays one until its parent reaps it). A start time
+    of None is not checked."""
     try:
         p = psutil.Process(pid)
-        return abs(p.create_time() - started) < 1.0 and p.status() != psutil.STATUS_ZOMBIE
+        same = started is None or abs(p.create_time() - started) < 1.0
+        return same and p.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
+
+
+def tree_command(pids: list[int], sig: str = "KILL") -> str:
+    """A shell line (POSIX sh, on Linux and macOS) that sends ``sig`` to each engine of ``pids``,
+    to everything it started (its descendants, found with ``pgrep -P``) and to its process group.
+
+    An engine on another host is the leader of a session of its own (ipyparallel's ssh launcher
+    starts it so): what its children left behind, reparented to init, is still in its group. The
+    descendants are found before anything is signalled, while their parents still run. A pid
+    that runs something other than an ipyparallel engine (the host restarted since) is left
+    alone; a pid that is gone leaves its group, if any is left, to be ended.
+
+    >>> print(tree_command([42]))  # doctest: +ELLIPSIS
+    t=''; g=''; for p in 42; do case "$(ps -o args= -p $p 2>/dev/null)" in *ipyparallel*) ...; true
+    """
+    roots = " ".join(str(int(pid)) for pid in pids)
+    return (
+        f"t=''; g=''; for p in {roots}; do case \"$(ps -o args= -p $p 2>/dev/null)\" in "
+        '*ipyparallel*) t="$t $p"; g="$g $p";; "") g="$g $p";; esac; done; all=$t; '
+        'while [ -n "$t" ]; do t=$(for p in $t; do pgrep -P "$p"; done); all="$all $t"; done; '
+        f'for p in $g; do kill -s {sig} -- -$p 2>/dev/null; done; [ -z "$all" ] || kill -s {sig} $all 2>/dev/null; true'
+    )
 
 
 def owner_alive(state: dict) -> bool:
@@ -58,14 +84,14 @@ def idle_for(state: dict, path: str) -> float:
 
 
 def end_everything(state: dict) -> None:
-    """Kill every listed process tree here and every listed engine on other hosts; remove the files."""
+    """Kill every listed process tree, here and on the other hosts (all at once); remove the files.
+
+    A listed process here is ended only if it is the same process (pid and start time): a
+    cluster found dead long after may have had its pids taken by others."""
     procs: dict[int, psutil.Process] = {}
-    for pid in state.get("local", []):
-        try:
-            root = psutil.Process(pid)
-            procs.update((p.pid, p) for p in [root, *root.children(recursive=True)])
-        except psutil.Error:
-            pass
+    for pid, started in state.get("local", []):
+        if same_process_runs(pid, started):
+            procs.update((p.pid, p) for p in process_tree(pid))
     gentle = state.get("gentle", False)
     steps = [(signal.SIGINT, 1.0), (signal.SIGTERM, 2.0)] if gentle else []
     left = list(procs.values())
@@ -76,20 +102,39 @@ def end_everything(state: dict) -> None:
     for p in left:
         _quietly(p.kill)
     psutil.wait_procs(left, timeout=5)
+    on_host: dict[tuple, list[int]] = {}
     for r in state.get("remote", []):
-        kill = f"kill -KILL -- -{r['pid']} 2>/dev/null; kill -KILL {r['pid']} 2>/dev/null; rm -rf {state['dir']}"
-        _quietly(
-            subprocess.run,
-            [*r["ssh"], "--", r["host"], kill],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            timeout=10,
-        )
+        on_host.setdefault((r["host"], *r["ssh"]), []).append(r["pid"])
+    with ThreadPoolExecutor(max(len(on_host), 1)) as pool:
+        for (host, *ssh), pids in on_host.items():
+            cmd = f"{tree_command(pids)}; rm -rf {state['dir']}"
+            argv = [*ssh, "--", host, f"exec sh -c {shlex.quote(cmd)}"]  # whatever the login shell is
+            quiet = {"stdin": subprocess.DEVNULL, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+            pool.submit(_quietly, subprocess.run, argv, timeout=10, **quiet)
     if state.get("dir"):
         shutil.rmtree(state["dir"], ignore_errors=True)
     for path in state.get("files", []):  # ipyparallel's cluster file
         _quietly(os.remove, path)
+
+
+def process_tree(pid: int) -> list[psutil.Process]:
+    """The process ``pid`` and all its descendants ([] if it is gone)."""
+    try:
+        p = psutil.Process(pid)
+        return [p, *p.children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
+def _identities(pids: list[int]) -> list[tuple[int, float]]:
+    """(pid, start time) of each process that still runs: what ``same_process_runs`` checks."""
+    found = []
+    for pid in pids:
+        try:
+            found.append((pid, psutil.Process(pid).create_time()))
+        except psutil.Error:
+            pass
+    return found
 
 
 def _quietly(f, *args, **kwargs) -> None:
@@ -100,13 +145,15 @@ def _quietly(f, *args, **kwargs) -> None:
 
 
 def read(path: str) -> Optional[dict]:
+    """A JSON file's content (a state file, a cluster file); None if there is none, {} if it
+    cannot be read (being rewritten: look again next time)."""
     try:
         with open(path) as f:
             return json.load(f)
     except FileNotFoundError:
         return None
     except (OSError, ValueError):
-        return {}  # being rewritten: look again next time
+        return {}
 
 
 def watch(path: str) -> str:
@@ -164,7 +211,7 @@ def write_state(group) -> None:
         "owner_started": me.create_time(),
         "created": group.created,
         "idle": group.idle,
-        "local": local,
+        "local": _identities(local),
         "remote": remote,
         "dir": group.dir,
         "files": [

@@ -12,8 +12,9 @@ the latest one.
 from __future__ import annotations
 
 import json
+import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -69,11 +70,14 @@ def prepare(options: dict[str, Any], choose_folder: bool = True) -> FinetuneConf
         >>> prepare({"iters": 5}).adapter_path  # doctest: +SKIP
         '/home/me/adapters/run-20250101-120000'
     """
+    known = [f.name for f in fields(FinetuneConfig)]
+    unknown = [k for k in options if k not in known]
+    if unknown:
+        raise ValueError(f"unknown finetune option {', '.join(unknown)}: the options are {', '.join(known)}")
     if options.get("resume"):
         options = _resumed(options)
     c = FinetuneConfig(**options)
-    if c.save_every < 1:
-        raise ValueError(f"save_every={c.save_every}: it takes a number of steps, 1 or more")
+    check(c)
     if isinstance(c.data, str):
         c.data = str(Path(c.data).resolve())
     if c.adapter_path is None:
@@ -89,6 +93,39 @@ def prepare(options: dict[str, Any], choose_folder: bool = True) -> FinetuneConf
             "to continue that run, or another adapter_path (by default each run gets a new folder)"
         )
     return c
+
+
+def check(c: FinetuneConfig) -> None:
+    """Every number of a run in range (ValueError, one line), before any rank loads anything.
+
+    >>> check(FinetuneConfig(iters=0))
+    Traceback (most recent call last):
+    ...
+    ValueError: iters=0: it takes a number of steps, 1 or more
+    """
+    counts = {
+        "iters": "a number of steps",
+        "batch_size": "a number of rows per rank",
+        "lora_rank": "a rank",
+        "max_seq_length": "a number of tokens",
+        "save_every": "a number of steps",
+    }
+    for name, what in counts.items():
+        value = getattr(c, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r}: it takes {what}, 1 or more")
+    if (
+        isinstance(c.num_layers, bool)
+        or not isinstance(c.num_layers, int)
+        or not (c.num_layers >= 1 or c.num_layers == -1)
+    ):
+        raise ValueError(f"num_layers={c.num_layers!r}: it takes a number of blocks, 1 or more (-1: all of them)")
+    for name in ("learning_rate", "lora_scale"):
+        value = getattr(c, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            raise ValueError(f"{name}={value!r}: it takes a positive number")
+    if isinstance(c.seed, bool) or not isinstance(c.seed, int):
+        raise ValueError(f"seed={c.seed!r}: it takes a whole number")
 
 
 def _resumed(options: dict[str, Any]) -> dict[str, Any]:

@@ -4,9 +4,10 @@ Requests reach rank 0's inbox (``Cluster.send``) as ``{"serve": id, "add": [Requ
 cancellations as ``{"serve": id, "cancel": [request ids]}`` and the end as ``{"serve": id,
 "stop": true}``. Each step rank 0 turns what arrived into a plan that every rank applies
 (:mod:`mlx_nb.rank.batch`): a request that arrives while others run joins at the next step.
-Rank 0 reports the steps' tokens (several steps' in one ``report`` when steps come faster
-than every ``REPORT_EVERY`` s; a reply's first and last token at once), with the prompt tokens
-each newly admitted request found in the prompt cache (:mod:`mlx_nb.rank.prompt_cache`). With nothing to do, rank 0 waits on its
+Rank 0 reports the steps' tokens and the time they took (several steps' in one ``report``
+when steps come faster than every ``REPORT_EVERY`` s; a reply's first and last token at once),
+with the prompt tokens each newly admitted request found in the prompt cache
+(:mod:`mlx_nb.rank.prompt_cache`). With nothing to do, rank 0 waits on its
 inbox for a moment between agreements, so an idle server costs a few small collectives a second.
 """
 
@@ -45,13 +46,15 @@ def serve_on_rank(serve_id: str, max_batch: int, prefill_step: int, idle_wait: f
     model, tokenizer, group = loaded()
     batch = Batch(model, tokenizer, group, max_batch=max_batch, prefill_step=prefill_step)
     made, shown = [0], [0]  # tokens made; the batch size the notebook last heard of
+    planned = [0.0]  # when the last plan was made: a step's time runs from there to its tokens
+    busy = [0.0]  # seconds the steps not yet reported took (prefill and decode: the server's busy time)
 
     def send(tokens: list[Token]) -> None:
         shown[0] = len(batch)
         report = {"cached": cached} if (cached := batch.admitted()) else {}
-        session.report(
-            t=time.time(), batch=len(batch), tokens=[(t.id, t.token, t.text, t.finish) for t in tokens], **report
-        )
+        rows = [(t.id, t.token, t.text, t.finish) for t in tokens]
+        session.report(t=time.time(), batch=len(batch), tokens=rows, seconds=busy[0], **report)
+        busy[0] = 0.0
 
     outbox = Outbox(send, REPORT_EVERY)
 
@@ -72,10 +75,12 @@ def serve_on_rank(serve_id: str, max_batch: int, prefill_step: int, idle_wait: f
         plan.stop = plan.stop or session.stop_requested()
         if rejected:
             session.report(t=time.time(), rejected=rejected)
+        planned[0] = time.perf_counter()  # the wait for work, above, is not generating
         return plan
 
     def emit(tokens: list[Token]) -> None:
         made[0] += len(tokens)
+        busy[0] += time.perf_counter() - planned[0]
         outbox.add(tokens)
 
     session.report(t=time.time(), ready=True)
@@ -83,4 +88,6 @@ def serve_on_rank(serve_id: str, max_batch: int, prefill_step: int, idle_wait: f
         steps = run(batch, decide, emit)
     finally:
         batch.close()
+        if batch.rank == 0 and outbox.tokens:
+            outbox.flush()
     return {"steps": steps, "tokens": made[0]}
