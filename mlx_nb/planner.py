@@ -308,6 +308,8 @@ class Plan:
         not fit the budgets."""
         kind = Kind.PIPELINE if pipeline else Kind.TENSOR
         mine = [x for x in self.layouts if x.kind is kind]
+        if not mine and len(self.budgets) == 1:
+            mine = self.layouts  # one rank holds the whole model either way
         if not mine:
             why = [n for n in self.notes if n.startswith("tensor" if kind is Kind.TENSOR else "pipeline")]
             raise ValueError(f"{self.model.name}: {why[0] if why else 'no such layout'}")

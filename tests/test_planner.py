@@ -148,6 +148,7 @@ def test_equal_budgets_split_evenly_and_a_lone_rank_holds_everything(dense):
     assert p.recommended.kind is Kind.PIPELINE  # fits, and sends less per token than tensor parallel
     lone = make_plan(facts, given(4 << 30), context=1024)
     assert [x.kind for x in lone.layouts] == [Kind.TENSOR] and lone.recommended.memory[0].weights == facts.total
+    assert lone.choose(pipeline=True) is lone.choose(pipeline=False) is lone.recommended
 
 
 def test_nothing_fitting_says_by_how_much_and_what_would(dense):
