@@ -16,7 +16,7 @@ What a rank holds, as mlx-lm runs the model:
 Example::
 
     facts = read_model(bundled_model(dense=True))
-    stage_memory(facts, range(10, 30), context=1024).total     # rank 0 of pipeline [20, 5, 5]
+    stage_memory(facts, range(2, 30), context=1024).total      # rank 0 of pipeline [28, 1, 1]
 """
 
 from __future__ import annotations

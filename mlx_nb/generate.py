@@ -163,6 +163,10 @@ def load_model(
     return LoadedModel(path, layout, planned, loads)
 
 
+def _layers(start: int, end: int) -> str:
+    return f"{start}" if end - start == 1 else f"{start}-{end - 1}"
+
+
 def _fused(path: str, adapter_path: str, progress: bool) -> str:
     if progress:
         print(f"fusing the adapters of {adapter_path} into {Path(path).name}...", end="", flush=True)
@@ -185,7 +189,7 @@ class LoadedModel:
     plan: Plan
     ranks: list[LoadResult]
 
-    seconds = property(lambda self: self.ranks[0].seconds)
+    seconds = property(lambda self: max(r.seconds for r in self.ranks), doc="the slowest rank's load")
     active_memory = property(lambda self: [r.active_memory for r in self.ranks])
     peak_memory = property(lambda self: [r.peak_memory for r in self.ranks])
     cache = property(lambda self: [r.cache for r in self.ranks])
@@ -202,7 +206,7 @@ class LoadedModel:
             rows.append(
                 [
                     r.rank,
-                    f"{start}-{end - 1}" if self.layout.split is not None else "all (a share of each)",
+                    _layers(start, end) if self.layout.split is not None else "all (a share of each)",
                     human_bytes(planned.weights),
                     human_bytes(r.active_memory),
                     human_bytes(r.peak_memory),

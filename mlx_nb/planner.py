@@ -13,7 +13,7 @@ Example::
 
     budgets = [Budget(0, 700 << 20, BudgetSource.GIVEN), Budget(1, 260 << 20, BudgetSource.GIVEN), ...]
     plan = make_plan(read_model(bundled_model(dense=True)), budgets, context=1024)
-    plan.recommended.split        # [20, 5, 5]
+    plan.recommended.split        # [28, 1, 1]
 """
 
 from __future__ import annotations
@@ -290,7 +290,7 @@ class Plan:
     Example::
 
         p = plan(cluster, context=1024)
-        p.recommended.split              # [20, 5, 5]
+        p.recommended.split              # [28, 1, 1]
         [x.fits for x in p.layouts]      # [False, False, True]
     """
 

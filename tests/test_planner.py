@@ -171,7 +171,7 @@ def test_nothing_fitting_says_by_how_much_and_what_would(dense):
 
 
 def test_every_layer_is_owned_once_in_every_split_the_tests_use():
-    for split in ([10, 10, 10], [26, 2, 2], [15, 15], RANDOM_SPLIT, even_split(7, 3), even_split(30, 4)):
+    for split in ([10, 10, 10], [28, 1, 1], [26, 2, 2], [15, 15], RANDOM_SPLIT, even_split(7, 3), even_split(30, 4)):
         check_ownership([stage_layers(split, r) for r in range(len(split))], sum(split))
     assert stage_layers([26, 2, 2], 0) == range(4, 30)  # rank 0 runs the last layers, as mlx-lm counts
     with pytest.raises(RuntimeError, match="layer 0 by none, layer 5 by 2 ranks"):
