@@ -140,7 +140,7 @@ def load_model(
     """
     limit = None if cache_limit is None else parse_bytes(cache_limit, "cache_limit")
     if split is not None and not pipeline:
-        raise ValueError("split= gives the layers of each pipeline stage: add pipeline=True")
+        raise ValueError("split= gives the layers of each pipeline stage: add pipeline=True (%mlx_generate --pipeline)")
     check_context(context)
     if adapter_path is not None and model is None:
         model = _trained_on(adapter_path)

@@ -542,7 +542,7 @@ class MLXMagics(Magics):
                     context=args.context,
                     adapter_path=args.adapter,
                 )
-            except ValueError as e:
+            except (ValueError, FileNotFoundError) as e:
                 raise UsageError(str(e)) from None
             how = "pipeline" if args.pipeline else "tensor parallel"
             mem = ", ".join(human_bytes(m) for m in loaded.active_memory)

@@ -312,13 +312,26 @@ def supports(config: dict, feature: str) -> bool:
 
 
 def local_folder(model: str | Path) -> Path:
-    """A model's folder here: the path itself, or a repo's snapshot with its ``config.json``."""
+    """A model's folder here: the path itself, or a repo's snapshot with its ``config.json``;
+    FileNotFoundError (one line) where there is neither.
+
+    >>> local_folder("./no/such/folder")
+    Traceback (most recent call last):
+    ...
+    FileNotFoundError: ./no/such/folder: no such model folder (give an mlx-lm model folder or a repo id)
+    """
     path = Path(model)
     if path.exists():
         return path
+    if str(model).startswith(("/", ".", "~")) or str(model).count("/") > 1:
+        raise FileNotFoundError(f"{model}: no such model folder (give an mlx-lm model folder or a repo id)")
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(str(model), allow_patterns=["config.json"]))
+    try:
+        return Path(snapshot_download(str(model), allow_patterns=["config.json"]))
+    except Exception as e:  # offline, no such repo, no access: the hub's message is several lines
+        why = " ".join(str(e).split())
+        raise FileNotFoundError(f"{model} is no folder here, and the hub gave no config.json for it: {why}") from None
 
 
 def _convert(gguf: Path, out: Path, progress: Progress) -> None:

@@ -129,6 +129,17 @@ def test_the_plan_reads_the_headers_and_no_weight(dense, tmp_path):
     assert read_model(bundled_model()).quantized and read_model(bundled_model()).total < facts.total / 4
 
 
+def test_a_model_that_is_not_there_is_one_line(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such model folder"):
+        read_model(str(tmp_path / "typo"))
+    with pytest.raises(FileNotFoundError, match="^nobody/no-such-model-here is no folder here") as info:
+        read_model("nobody/no-such-model-here")  # offline here; on line, the hub has no such repo
+    assert "\n" not in str(info.value)
+    (tmp_path / "config.json").write_text((bundled_model() / "config.json").read_text())
+    with pytest.raises(FileNotFoundError, match=r"has no model\*\.safetensors files"):
+        read_model(tmp_path)
+
+
 def test_a_mixed_cluster_is_planned_as_an_uneven_pipeline(dense):
     p = make_plan(read_model(dense), given(700 * MB, 260 * MB, 260 * MB), context=1024)
     kinds = {(x.kind, x.by_budgets): x for x in p.layouts}
@@ -193,6 +204,8 @@ def test_bad_splits_and_contexts_are_one_line_errors(dense):
     for context in (0, -5, 1.5, True):
         with pytest.raises(ValueError, match="context must be a positive number of tokens"):
             make_plan(read_model(dense), given(MB), context)
+    with pytest.raises(ValueError, match=r"split= gives the layers of each pipeline stage: add pipeline=True"):
+        load_model(None, split=[10, 10, 10])  # refused before a cluster is asked anything
 
 
 def test_memory_values_are_checked_before_anything_starts():
