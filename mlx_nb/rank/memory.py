@@ -4,7 +4,8 @@ The one home of that number. ``budget()`` is what this rank may hold in all (mod
 activations, prompt cache); ``free()`` is what is left of it now. Measured, a budget is:
 
 - on a Mac, MLX's recommended working set (``mx.device_info()``), shared by the ranks on that Mac;
-- on CUDA, the GPU's memory;
+- on CUDA, the GPU's memory, shared by the ranks on it (a host's ranks all run on its GPU 0,
+  unless the nccl backend gives each a GPU of its own);
 - on a Linux CPU, the host's available memory shared by the ranks on that host, plus what this
   process holds already (a model it would give up for the next one counts as its own).
 
@@ -78,7 +79,9 @@ def budget() -> Budget:
         info = mx.device_info()
         if mx.cuda.is_available():
             total = info.get("total_memory") or info.get("memory_size") or 0
-            return Budget(rank, int(total), BudgetSource.GPU, gpu=True)
+            # nccl gives each rank a GPU of its own; otherwise a host's ranks all run on its GPU 0
+            shared = 1 if session.state.backend == "nccl" else local
+            return Budget(rank, int(total) // shared, BudgetSource.GPU, shared, gpu=True)
         total = info.get("max_recommended_working_set_size") or info.get("memory_size") or 0
         return Budget(rank, int(total) // local, BudgetSource.WORKING_SET, local, gpu=True)
     held = mx.get_active_memory() + mx.get_cache_memory()
