@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Optional, Union
 
 import mlx.core as mx
 
+from . import display
 from .display import Progress, Table, human_bytes
 from .rank.bench import OPS, BenchRow, bus_factor, make_row, percentile, slowest, sweep, sweep_on_rank, time_iters
 
@@ -51,18 +52,6 @@ LINKS = {
     "10gbe": ("10 GbE", 10.0),
     "100gbe": ("100 GbE", 100.0),
 }
-_UNITS = {
-    "": 1,
-    "B": 1,
-    "K": 1 << 10,
-    "KB": 1 << 10,
-    "M": 1 << 20,
-    "MB": 1 << 20,
-    "G": 1 << 30,
-    "GB": 1 << 30,
-    "T": 1 << 40,
-    "TB": 1 << 40,
-}
 
 
 class BenchError(RuntimeError):
@@ -76,10 +65,10 @@ class BenchError(RuntimeError):
 # ------------------------------------------------------------------- arguments
 def parse_size(text: str) -> int:
     """'256MB' -> 268435456 (binary units, as nccl-tests prints them)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?B?)\s*", text.upper())
-    if not m:
-        raise ValueError(f"not a size: {text!r} (use bytes or KB / MB / GB, e.g. 64KB)")
-    size = int(float(m.group(1)) * _UNITS[m.group(2)])
+    try:
+        size = display.parse_size(text)
+    except ValueError:
+        raise ValueError(f"not a size: {text!r} (use bytes or KB / MB / GB, e.g. 64KB)") from None
     if size < 1:
         raise ValueError(f"a message size must be at least 1 byte, got {text!r}")
     return size

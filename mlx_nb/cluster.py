@@ -74,6 +74,7 @@ class Cluster:
         name: Optional[str] = None,
         keep: bool = False,
         idle: Union[str, float, None] = None,
+        memory: Union[int, str, Sequence[Union[int, str]], None] = None,
     ) -> None:
         """``n`` local ranks, or one rank per entry of ``hostfile`` (a path or a Hostfile),
         or ``n`` ranks on each host of ``hosts`` ("h1,h2", as ``mlx.launch --hosts``).
@@ -89,6 +90,12 @@ class Cluster:
         (with a ``name``) keeps it running after its kernel: another kernel, or a new one,
         reattaches with ``Cluster.attach(name)`` to the same ranks, a model still loaded; ``idle``
         ("2h", "30m", seconds) stops it once unused that long.
+
+        ``memory``: each rank's memory budget (``"700MB"`` for all, or one per rank:
+        ``["700MB", "260MB", "260MB"]``), in place of what each measures (a Mac's recommended
+        working set, a GPU's memory, a CPU host's available memory shared by its ranks); the
+        planner (``mlx_nb.generate.plan``) and ``load_model`` hold each rank to it, and the prompt
+        cache's default share comes from it. ``status()`` shows each rank's budget.
         """
         if keep and not name:
             raise ValueError("a kept cluster needs a name, to attach it by: Cluster(..., name='llm', keep=True)")
@@ -112,6 +119,7 @@ class Cluster:
             spares=spares,
             preflight=preflight,
             drain=drain,
+            memory=memory,
         )
         self._init(RankGroup(self.spec, name=name, keep=keep, idle=idle_s))
 
@@ -147,6 +155,7 @@ class Cluster:
     hostfile = property(lambda self: self.spec.hostfile)
     remote = property(lambda self: self.spec.remote)
     grace = property(lambda self: self.spec.grace)
+    memory = property(lambda self: self.spec.memory, doc="each rank's given memory budget (None: measured)")
 
     @property
     def ports(self) -> Optional[list[int]]:
@@ -461,7 +470,7 @@ class Cluster:
 
     # ------------------------------------------------------------------ status
     def status(self) -> list[RankInfo]:
-        """Each rank's host, pid, device, memory and state (idle / busy / dead)."""
+        """Each rank's host, pid, device, memory, memory budget and state (idle / busy / dead)."""
         self._require_running()
         return self.group.states(busy=self.busy)
 

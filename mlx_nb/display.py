@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import html
+import re
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Union
+
+# binary units, as human_bytes prints them (and nccl-tests reads them)
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
 def human_bytes(n: float) -> str:
@@ -13,6 +17,43 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n} B"
+
+
+def parse_size(text: str) -> int:
+    """Bytes from a size as people write it: '700MB', '1.5 GB', '64K', '4096'.
+
+    >>> parse_size("700MB"), parse_size("2g")
+    (734003200, 2147483648)
+    """
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*", text.upper())
+    if not m:
+        raise ValueError(f"not a size: {text!r}")
+    return int(float(m.group(1)) * _UNITS[m.group(2)])
+
+
+def parse_bytes(value: Union[int, str], name: str, example: str = "2GB", minimum: int = 0) -> int:
+    """``value`` (bytes, or a size like ``'700MB'``) in bytes, at least ``minimum``; else a
+    one-line ValueError that names ``name``.
+
+    >>> parse_bytes("1KB", "limit")
+    1024
+    >>> parse_bytes("lots", "limit")
+    Traceback (most recent call last):
+    ...
+    ValueError: limit: not a size: 'lots' (use bytes or KB / MB / GB, e.g. 2GB)
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"{name} must be bytes or a size like {example!r}, got {value!r}")
+    size = value
+    if isinstance(value, str):
+        try:
+            size = parse_size(value)
+        except ValueError:
+            raise ValueError(f"{name}: not a size: {value!r} (use bytes or KB / MB / GB, e.g. {example})") from None
+    if size < minimum:
+        least = "0 bytes" if minimum == 0 else human_bytes(minimum)
+        raise ValueError(f"{name} must be at least {least}, got {value}")
+    return size
 
 
 class Table:

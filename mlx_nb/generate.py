@@ -14,12 +14,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from .display import Progress, Table
+from .display import Progress, Table, parse_bytes
+from .footprint import read_model
 from .models import check_adapters, check_split, fused_model, resolve
-from .rank.generate import Prompt, cache_on_rank, generate_on_rank, load, load_on_rank, stream
+from .planner import Layout, Plan, check_context, check_ownership, make_plan
+from .rank import memory
+from .rank.generate import LoadResult, Prompt, cache_on_rank, generate_on_rank, load, load_on_rank, stream
 from .rank.prompt_cache import CacheStatus
 
-__all__ = ["CacheReport", "GenerationStats", "Prompt", "generate", "load", "load_model", "prompt_cache", "stream"]
+__all__ = [
+    "CacheReport",
+    "GenerationStats",
+    "LoadedModel",
+    "Prompt",
+    "generate",
+    "load",
+    "load_model",
+    "plan",
+    "prompt_cache",
+    "stream",
+]
 
 
 def check_max_tokens(max_tokens: Any) -> None:
@@ -72,63 +86,167 @@ class GenerationStats:
         )
 
 
+def plan(cluster, model: Optional[str] = None, context: int = 4096, *, progress: bool = True) -> Plan:
+    """Which layouts ``model`` allows over the cluster's ranks, and whether each fits their memory.
+
+    Reads only the model's ``config.json`` and safetensors headers (no weight is loaded) and
+    asks every rank for its memory budget (:func:`mlx_nb.rank.memory.budget`: measured, or
+    ``Cluster(memory=...)``). Lists tensor parallelism over all ranks, a pipeline split evenly
+    and a pipeline split by the budgets, each with its memory per rank (weights, the KV cache
+    for ``context`` tokens, activations) and whether it fits; recommends, of those that fit, the
+    one that sends the fewest bytes per token. Where nothing fits it says by how much, and what
+    would (a shorter context, more ranks, a quantized copy). See :mod:`mlx_nb.planner`.
+
+    Example::
+
+        p = plan(cluster, context=1024)      # shows as a table
+        load_model(cluster, pipeline=True, split=p.recommended.split)
+    """
+    check_context(context)  # before anything runs
+    return _plan(cluster, _base_path(cluster, model, progress), context)
+
+
+def _plan(cluster, path: str, context: int) -> Plan:
+    budgets = cluster.call(memory.budget, what="the memory budgets")
+    return make_plan(read_model(path), budgets, context)
+
+
 def load_model(
     cluster,
     model: Optional[str] = None,
     *,
     pipeline: bool = False,
+    split: Union[str, list[int], None] = None,
+    context: int = 4096,
     adapter_path: Optional[str] = None,
     progress: bool = True,
     cache_limit: Optional[Union[int, str]] = None,
-) -> dict:
+) -> LoadedModel:
     """Load ``model`` on every rank, split tensor-parallel (or ``pipeline=True``), and keep it.
 
     ``model``: None for the bundled SmolLM2 (or, with ``adapter_path``, the model the adapters
-    were trained on), else any mlx-lm path or repo id. ``adapter_path``: LoRA adapters (a
-    ``finetune`` run's folder): they are fused into the weights here, once (cached), and the
-    fused model is split like any other. A split the model cannot take fails before anything
-    is loaded, saying which rank counts work. The load is a setup step: it is replayed if the
-    ranks are ever restarted, and a load that fails leaves the previous one in place.
-    Returns load seconds, per-rank memory, and the folder the ranks loaded.
+    were trained on), else any mlx-lm path or repo id. ``split`` (with ``pipeline=True``): the
+    layers per rank, rank 0 first (rank 0 runs the last layers, as mlx-lm counts), or
+    ``"auto"``: split by the ranks' memory budgets (:func:`plan`); None splits evenly. Each
+    rank reads only its own layers' files. ``adapter_path``: LoRA adapters (a ``finetune``
+    run's folder): they are fused into the weights here, once (cached), and the fused model is
+    split like any other.
+
+    Before any weight is read, the layout is planned: a split the model cannot take fails
+    saying which rank counts work, and one that does not fit the ranks' budgets with
+    ``context`` tokens raises :class:`~mlx_nb.planner.DoesNotFit` with the plan's numbers (the
+    model loaded before stays). After the load every layer is checked to be on exactly one rank.
+    The load is a setup step: it is replayed if the ranks are ever restarted. Each rank lets go
+    of the previous model first, so a load that fails on the ranks leaves none.
+    Returns a :class:`LoadedModel`: the memory each rank holds beside the plan's, per rank.
 
     Every rank keeps a prompt cache for the model (KV caches of earlier prompts, reused by the
     prompts that extend them: the next chat turn, a shared system prompt), emptied by the next
     load. ``cache_limit``: the bytes each rank's slice may take (``"2GB"``; 0 turns it off;
-    default a quarter of the rank's free memory after the load); see :func:`prompt_cache`.
+    default a quarter of what is left of the rank's memory budget after the load); see
+    :func:`prompt_cache`.
 
     Example::
 
         load_model(cluster)                       # tensor parallel over all ranks
         generate(cluster, "What is the capital of France?")
+        load_model(cluster, pipeline=True, split="auto", context=1024)
         load_model(cluster, adapter_path=run.wait().adapter_path, pipeline=True)
     """
+    limit = None if cache_limit is None else parse_bytes(cache_limit, "cache_limit")
+    if split is not None and not pipeline:
+        raise ValueError("split= gives the layers of each pipeline stage: add pipeline=True (%mlx_generate --pipeline)")
+    check_context(context)
     if adapter_path is not None:
         check_adapters(adapter_path)
         model = _trained_on(adapter_path) if model is None else model
     path = _base_path(cluster, model, progress)
     check_split(path, cluster.n, pipeline)
+    planned = _plan(cluster, path, context)
+    layout = planned.choose(pipeline, split)  # DoesNotFit before any weight is read
+    stages = layout.split if pipeline and split is not None else None  # None: mlx-lm's own even split
     target = model  # each rank resolves it (a host of its own finds its own bundled copy)
     if adapter_path is not None:
-        if progress:
-            print(f"fusing the adapters of {adapter_path} into {Path(path).name}...", end="", flush=True)
-        t0 = time.perf_counter()
-        path = target = str(fused_model(path, adapter_path))
-        if progress:
-            print(f" done in {time.perf_counter() - t0:.1f} s ({path})")
+        path = target = _fused(path, adapter_path, progress)
     if progress:
-        print(f"loading on {cluster.n} ranks...", end="", flush=True)
+        print(f"loading on {cluster.n} ranks ({layout.describe()})...", end="", flush=True)
     t0 = time.perf_counter()
-    limit = None if cache_limit is None else _size(cache_limit, "cache_limit")
-    loads = cluster.call(load_on_rank, target, pipeline, limit, setup="load_model", what="a model load")
+    loads = cluster.call(load_on_rank, target, pipeline, limit, stages, setup="load_model", what="a model load")
     if progress:
         print(f" done in {time.perf_counter() - t0:.1f} s")
-    return {
-        "seconds": loads[0]["seconds"],
-        "peak_memory": [r["peak_memory"] for r in loads],
-        "active_memory": [r["active_memory"] for r in loads],
-        "model": path,
-        "cache": [r["cache"] for r in loads],
-    }
+    if pipeline:  # every layer on exactly one rank, as the plan split them
+        check_ownership([range(*r.layers) for r in loads], planned.model.layers, layout.split)
+    return LoadedModel(path, layout, planned, loads)
+
+
+def _layers(start: int, end: int) -> str:
+    return f"{start}" if end - start == 1 else f"{start}-{end - 1}"
+
+
+def _fused(path: str, adapter_path: str, progress: bool) -> str:
+    if progress:
+        print(f"fusing the adapters of {adapter_path} into {Path(path).name}...", end="", flush=True)
+    t0 = time.perf_counter()
+    fused = str(fused_model(path, adapter_path))
+    if progress:
+        print(f" done in {time.perf_counter() - t0:.1f} s ({fused})")
+    return fused
+
+
+@dataclass
+class LoadedModel:
+    """``load_model``'s result: the folder the ranks loaded, the plan's layout, and each rank's
+    load (:class:`~mlx_nb.rank.generate.LoadResult`). Shows the memory each rank holds beside
+    the plan's, as a table. ``loaded["active_memory"]`` still reads as it did when load_model
+    returned a dict."""
+
+    model: str
+    layout: Layout
+    plan: Plan
+    ranks: list[LoadResult]
+
+    seconds = property(lambda self: max(r.seconds for r in self.ranks), doc="the slowest rank's load")
+    active_memory = property(lambda self: [r.active_memory for r in self.ranks])
+    peak_memory = property(lambda self: [r.peak_memory for r in self.ranks])
+    cache = property(lambda self: [r.cache for r in self.ranks])
+
+    def __getitem__(self, key: str):
+        return getattr(self, key)
+
+    def table(self) -> Table:
+        from .display import human_bytes
+
+        rows = []
+        for r, planned in zip(self.ranks, self.layout.memory):
+            start, end = r.layers
+            rows.append(
+                [
+                    r.rank,
+                    _layers(start, end) if self.layout.split is not None else "all (a share of each)",
+                    human_bytes(planned.weights),
+                    human_bytes(r.active_memory),
+                    human_bytes(r.peak_memory),
+                    human_bytes(planned.total),
+                    human_bytes(r.budget.bytes),
+                ]
+            )
+        title = f"{Path(self.model).name}: {self.layout.describe()}, loaded in {self.seconds:.1f} s"
+        columns = [
+            "rank",
+            "layers",
+            "planned weights",
+            "held",
+            "peak",
+            f"planned at {self.plan.context} tokens",
+            "budget",
+        ]
+        return Table(columns, rows, title)
+
+    def __repr__(self) -> str:
+        return repr(self.table())
+
+    def _repr_html_(self) -> str:
+        return self.table()._repr_html_()
 
 
 def prompt_cache(cluster, *, clear: bool = False, limit: Optional[Union[int, str]] = None) -> CacheReport:
@@ -142,7 +260,7 @@ def prompt_cache(cluster, *, clear: bool = False, limit: Optional[Union[int, str
         prompt_cache(cluster, clear=True)
         prompt_cache(cluster, limit="512MB")
     """
-    new = None if limit is None or limit == "auto" else _size(limit, "limit")
+    new = None if limit is None or limit == "auto" else parse_bytes(limit, "limit")
     # ValueError here, before any rank is asked
     rows = cluster.call(cache_on_rank, clear, limit is not None, new, what="the prompt cache")
     return CacheReport(rows)
@@ -173,24 +291,6 @@ class CacheReport:
 
     def _repr_html_(self) -> str:
         return self.table()._repr_html_()
-
-
-def _size(value: Union[int, str], name: str) -> int:
-    """Bytes from 1000000 or '700MB' (binary units, as the rest of mlx_nb prints them)."""
-    from .bench import parse_size
-
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise ValueError(f"{name} must be bytes or a size like '2GB', got {value!r}")
-    if isinstance(value, int):
-        if value < 0:
-            raise ValueError(f"{name} must be at least 0 bytes, got {value}")
-        return value
-    if value.strip() == "0":
-        return 0
-    try:
-        return parse_size(value)
-    except ValueError:
-        raise ValueError(f"{name}: not a size: {value!r} (use bytes or KB / MB / GB, e.g. 2GB)") from None
 
 
 def _trained_on(adapter_path: str) -> Optional[str]:

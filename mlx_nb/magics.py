@@ -1,4 +1,4 @@
-"""IPython magics, thin over the Python API: %mlx_cluster, %%mlx_dist, %mlx_push, %mlx_pull, %mlx_bench."""
+"""IPython magics, thin over the Python API: %mlx_cluster, %%mlx_dist, %mlx_push, %mlx_pull, %mlx_bench, %mlx_plan."""
 
 from __future__ import annotations
 
@@ -38,13 +38,31 @@ def use(cluster: Optional[Cluster]) -> None:
 
 def status_table(cluster: Cluster) -> Table:
     rows = [
-        [r.rank, r.host, r.pid, device_label(r), memory_label(r), human_bytes(r.peak_memory), r.state, blas_label(r)]
+        [
+            r.rank,
+            r.host,
+            r.pid,
+            device_label(r),
+            memory_label(r),
+            human_bytes(r.peak_memory),
+            r.state,
+            blas_label(r),
+            budget_label(r),
+        ]
         for r in cluster.status()
     ]
     title = f"{cluster.n} ranks, backend {cluster.backend}, {len(cluster.setup_cells)} setup cell(s)"
     if (job := cluster.running_job) is not None:
         title += f"; running: {job}"
-    return Table(["rank", "host", "pid", "device", "memory", "peak", "state", "blas"], rows, title)
+    return Table(["rank", "host", "pid", "device", "memory", "peak", "state", "blas", "budget"], rows, title)
+
+
+def budget_label(r) -> str:
+    """A rank's memory budget for the status table: ``700.0 MB (given)`` where it was given
+    (``--memory``), else what the rank measured."""
+    if not r.memory_budget:
+        return "-"
+    return human_bytes(r.memory_budget) + (" (given)" if r.memory_given else "")
 
 
 def device_label(r) -> str:
@@ -135,6 +153,7 @@ def _cluster_from_args(args) -> Cluster:
             name=args.name,
             keep=args.keep,
             idle=args.idle,
+            memory=args.memory,
         )
     except HostfileError as e:
         raise UsageError(" ".join(str(e).split())) from None
@@ -274,6 +293,12 @@ class MLXMagics(Magics):
     @argument("--env", action="append", metavar="NAME=value", help="set in every rank (repeatable)")
     @argument("--grace", type=float, default=3.0, help="seconds a failing cell's other ranks get before recovery")
     @argument(
+        "--memory",
+        default=None,
+        help="with start: each rank's memory budget, one for all (700MB) or one per rank (700MB,260MB,260MB), "
+        "in place of what each measures; %%mlx_plan and loads keep to it",
+    )
+    @argument(
         "--watch", action="store_true", help="with status: a panel that refreshes itself (live memory while cells run)"
     )
     @argument("--clear", action="store_true", help="with cache: empty the ranks' prompt cache")
@@ -285,8 +310,9 @@ class MLXMagics(Magics):
         %mlx_cluster start -n 4      4 local ranks over the ring backend on 127.0.0.1
         %mlx_cluster start --hostfile hosts.json     one rank per host entry, over ssh
         %mlx_cluster start -n 2 --backend mpi        2 local ranks under mpirun
+        %mlx_cluster start -n 3 --memory 700MB,260MB,260MB    a mixed cluster on one machine
         %mlx_cluster check --hostfile hosts.json     ssh, Python, MLX, RDMA, IPs on each host
-        %mlx_cluster status          rank, host, pid, device, memory, state, BLAS
+        %mlx_cluster status          rank, host, pid, device, memory, state, BLAS, memory budget
         %mlx_cluster restart         new rank processes; --setup cells are replayed
         %mlx_cluster stop            nothing is left running
         %mlx_cluster start -n 2 --name llm --keep --idle 2h    outlives this kernel
@@ -472,6 +498,12 @@ class MLXMagics(Magics):
     )
     @argument("--pipeline", action="store_true", help="with --load: pipeline parallel instead of tensor parallel")
     @argument(
+        "--split",
+        default=None,
+        help="with --load --pipeline: layers per rank, rank 0 first (20,5,5), or auto: split by the ranks' memory",
+    )
+    @argument("--context", type=int, default=4096, help="with --load: tokens the load must leave room for (4096)")
+    @argument(
         "--adapter",
         default=None,
         help="with --load: LoRA adapters (a finetune folder), fused into the weights, then split",
@@ -494,17 +526,48 @@ class MLXMagics(Magics):
                 check_max_tokens(args.max_tokens)
             if args.load is not None:
                 model = None if args.load == "bundled" else args.load
-                info = load_model(cluster, model, pipeline=args.pipeline, adapter_path=args.adapter)
+                loaded = load_model(
+                    cluster,
+                    model,
+                    pipeline=args.pipeline,
+                    split=_split(args.split),
+                    context=args.context,
+                    adapter_path=args.adapter,
+                )
         except (ValueError, FileNotFoundError) as e:
             raise UsageError(str(e)) from None
         if args.load is not None:
             how = "pipeline" if args.pipeline else "tensor parallel"
-            mem = ", ".join(human_bytes(m) for m in info["active_memory"])
-            print(f"Loaded {args.load} ({how}) on {cluster.n} ranks in {info['seconds']:.1f} s; memory per rank: {mem}")
+            mem = ", ".join(human_bytes(m) for m in loaded.active_memory)
+            print(f"Loaded {args.load} ({how}) on {cluster.n} ranks in {loaded.seconds:.1f} s; memory per rank: {mem}")
         if args.prompt:
             stats = generate(cluster, [{"role": "user", "content": " ".join(args.prompt)}], args.max_tokens)
             print(stats.summary())
             return None
+
+    @magic_arguments()
+    @argument("model", nargs="?", default=None, help="'bundled' (SmolLM2, the default), an mlx-lm path or a repo id")
+    @argument("--context", type=int, default=4096, help="tokens of KV cache to leave room for (default 4096)")
+    @line_magic
+    def mlx_plan(self, line: str):
+        """Which layouts MODEL allows over the cluster, with each rank's memory, before any load.
+
+        Reads only config.json and the safetensors headers. Lists tensor parallel, an even
+        pipeline and a pipeline split by the ranks' memory budgets (%mlx_cluster start --memory),
+        each rank's memory (weights, KV cache for --context tokens, activations), whether it
+        fits, and the one to load (load_model(cluster, pipeline=True, split="auto")).
+
+        %mlx_plan                            the bundled model, 4096 tokens of context
+        %mlx_plan mlx-community/Qwen3-8B-4bit --context 32768
+        """
+        from .generate import plan
+
+        args = parse_argstring(self.mlx_plan, line)
+        model = None if args.model in (None, "bundled") else _unquoted(args.model)
+        try:
+            return plan(current(), model, args.context)
+        except (ValueError, FileNotFoundError) as e:
+            raise UsageError(str(e)) from None
 
     @magic_arguments()
     @argument("--max-tokens", type=int, default=256, help="most tokens per reply (default 256)")
@@ -600,6 +663,16 @@ class MLXMagics(Magics):
             return generate_batch(current(), chats, args.max_tokens, temperature=args.temperature, seed=args.seed)
         except ValueError as e:  # checked before any rank runs
             raise UsageError(str(e)) from None
+
+
+def _split(text: Optional[str]):
+    """--split: None, "auto" or layers per rank ("20,5,5"); the API checks the numbers."""
+    if text is None or text == "auto":
+        return text
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise UsageError(f"--split takes layers per rank like 20,5,5 (rank 0 first) or auto, got {text!r}") from None
 
 
 def _stop_server() -> None:

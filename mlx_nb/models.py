@@ -248,14 +248,13 @@ def check_split(model_path: str | Path, n_ranks: int, pipeline: bool = False) ->
         Traceback (most recent call last):
         ValueError: Tensor parallelism cannot split ... over 2 ranks: ...
     """
-    path = _local(model_path)
-    config = json.loads((path / "config.json").read_text())
-    config = {**config.get("text_config", {}), **config}
+    path = local_folder(model_path)
+    config = read_config(path)
     name = path.name
     layers = config["num_hidden_layers"]
     pipeline_hint = f"a pipeline (pipeline=True) takes 1 to {layers} ranks"
     if pipeline:
-        if not _supports(config, "pipeline"):
+        if not supports(config, "pipeline"):
             raise ValueError(
                 f"mlx-lm cannot split {name} ({config['model_type']}) into a pipeline; "
                 "use tensor parallelism (pipeline=False) instead."
@@ -266,14 +265,14 @@ def check_split(model_path: str | Path, n_ranks: int, pipeline: bool = False) ->
                 f"{layers} layers and each rank needs one; {pipeline_hint}."
             )
         return
-    if not _supports(config, "shard"):
+    if not supports(config, "shard"):
         raise ValueError(
             f"mlx-lm has no tensor parallelism for {name} ({config['model_type']}); try pipeline=True instead."
         )
-    if reasons := _tensor_blockers(config, n_ranks):
+    if reasons := tensor_blockers(config, n_ranks):
         heads = config["num_attention_heads"]
-        works = [n for n in range(1, heads + 1) if not _tensor_blockers(config, n)]
-        hint = f"; {pipeline_hint}" if _supports(config, "pipeline") else ""
+        works = [n for n in range(1, heads + 1) if not tensor_blockers(config, n)]
+        hint = f"; {pipeline_hint}" if supports(config, "pipeline") else ""
         raise ValueError(
             f"Tensor parallelism cannot split {name} over {n_ranks} ranks: "
             f"{'; '.join(reasons)}. Rank counts that work: "
@@ -281,7 +280,14 @@ def check_split(model_path: str | Path, n_ranks: int, pipeline: bool = False) ->
         )
 
 
-def _tensor_blockers(config: dict, n: int) -> list[str]:
+def read_config(folder: Path) -> dict:
+    """A model folder's ``config.json``, a multimodal model's ``text_config`` merged in."""
+    config = json.loads((Path(folder) / "config.json").read_text())
+    return {**config.get("text_config", {}), **config}
+
+
+def tensor_blockers(config: dict, n: int) -> list[str]:
+    """Why tensor parallelism cannot split a model of ``config`` over ``n`` ranks (none: it can)."""
     heads = config["num_attention_heads"]
     kv_heads = config.get("num_key_value_heads") or heads
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
@@ -297,7 +303,8 @@ def _tensor_blockers(config: dict, n: int) -> list[str]:
     return [f"its {size} {what} do not divide by {n}" for what, size in sizes.items() if size % n]
 
 
-def _supports(config: dict, feature: str) -> bool:
+def supports(config: dict, feature: str) -> bool:
+    """Whether mlx-lm can split a model of ``config``: ``"shard"`` (tensor parallel), ``"pipeline"``."""
     from mlx_lm.utils import _get_classes
 
     model_class, _ = _get_classes(config)
@@ -309,13 +316,27 @@ def _supports(config: dict, feature: str) -> bool:
     return any(isinstance(c, type) and issubclass(c, PipelineMixin) for c in vars(module).values())
 
 
-def _local(model: str | Path) -> Path:
+def local_folder(model: str | Path) -> Path:
+    """A model's folder here: the path itself, or a repo's snapshot with its ``config.json``;
+    FileNotFoundError (one line) where there is neither.
+
+    >>> local_folder("./no/such/folder")
+    Traceback (most recent call last):
+    ...
+    FileNotFoundError: ./no/such/folder: no such model folder (give an mlx-lm model folder or a repo id)
+    """
     path = Path(model)
     if path.exists():
         return path
+    if str(model).startswith(("/", ".", "~")) or str(model).count("/") > 1:
+        raise FileNotFoundError(f"{model}: no such model folder (give an mlx-lm model folder or a repo id)")
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(str(model), allow_patterns=["config.json"]))
+    try:
+        return Path(snapshot_download(str(model), allow_patterns=["config.json"]))
+    except Exception as e:  # offline, no such repo, no access: the hub's message is several lines
+        why = " ".join(str(e).split())
+        raise FileNotFoundError(f"{model} is no folder here, and the hub gave no config.json for it: {why}") from None
 
 
 def _convert(gguf: Path, out: Path, progress: Progress) -> None:

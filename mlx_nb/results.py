@@ -146,4 +146,6 @@ class Identity:
     active_memory: int = 0
     peak_memory: int = 0
     cache_memory: int = 0  # freed buffers MLX keeps for reuse (still held by the process)
+    memory_budget: int = 0  # bytes this rank may hold (rank.memory.budget())
+    memory_given: bool = False  # the budget was given (Cluster(memory=...)), not measured
     error: Optional[RankError] = None  # forming the group failed on this rank

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from . import hostfile as hostfiles
+from .display import parse_bytes
 from .engines.launch import mpi_available
 from .hostfile import Hostfile, is_local
 
@@ -48,6 +49,7 @@ class ClusterSpec:
     spares: bool = True
     preflight: bool = True
     drain: bool = True  # release ranks left in a collective by a failed cell, instead of restarting them
+    memory: Optional[list[int]] = None  # each rank's memory budget in bytes; None: each measures its own
 
     @property
     def remote(self) -> set[int]:
@@ -75,6 +77,7 @@ class ClusterSpec:
         ssh_cmd: Optional[Sequence[str]] = None,
         env: Optional[dict[str, str]] = None,
         ports: Optional[Sequence[int]] = None,
+        memory: Union[int, str, Sequence[Union[int, str]], None] = None,
         **options,
     ) -> ClusterSpec:
         """Check a Cluster's arguments and resolve them: local ``n``, a hostfile, or ``hosts``."""
@@ -104,6 +107,7 @@ class ClusterSpec:
             ssh_cmd=list(ssh_cmd or ["ssh"]),
             env=dict(env or {}),
             ports=list(ports) if ports is not None else None,
+            memory=parse_memory(memory, n),
             **options,
         )
         spec.check()
@@ -125,6 +129,38 @@ class ClusterSpec:
         needed = self.addresses_needed if self.backend == "ring" else 1
         if self.ports is not None and len(self.ports) != needed:
             raise ValueError(f"ports: the ring needs one port per rank and IP ({needed}), got {len(self.ports)}")
+
+
+def parse_memory(memory: Union[int, str, Sequence[Union[int, str]], None], n: int) -> Optional[list[int]]:
+    """Each of ``n`` ranks' memory budget in bytes, from one value for all or one per rank
+    (bytes, or sizes like ``'700MB'``; a string may list them: ``'700MB,260MB,260MB'``).
+
+    >>> parse_memory("700MB,260MB,260MB", 3) == [700 << 20, 260 << 20, 260 << 20]
+    True
+    >>> parse_memory("1GB", 2)
+    [1073741824, 1073741824]
+    >>> parse_memory("700MB,260MB", 3)
+    Traceback (most recent call last):
+    ...
+    ValueError: memory: 2 values for 3 ranks: give one for all ranks (700MB) or one per rank (700MB,260MB,260MB)
+    """
+    if memory is None:
+        return None
+    if isinstance(memory, str):
+        values: list = [v.strip() for v in memory.split(",")]
+    elif isinstance(memory, (int, bool)):
+        values = [memory]
+    elif isinstance(memory, Sequence):
+        values = list(memory)
+    else:
+        raise ValueError(f"memory must be a size like '700MB' or one per rank, got {memory!r}")
+    if len(values) not in (1, n):
+        raise ValueError(
+            f"memory: {len(values)} values for {n} ranks: give one for all ranks (700MB) or one per rank "
+            f"({','.join(['700MB'] + ['260MB'] * (n - 1))})"
+        )
+    sizes = [parse_bytes(v, "memory", example="700MB", minimum=1 << 20) for v in values]
+    return sizes * n if len(sizes) == 1 else sizes
 
 
 def check_env(env: Mapping[str, str]) -> None:

@@ -29,12 +29,13 @@ def _rows(cluster: Cluster) -> list[list]:
                 state = f"in {c.op} #{c.seq}"
         else:
             state = r.state
-        rows.append([r.rank, r.host, r.pid, human_bytes(active), human_bytes(peak), state])
+        budget = human_bytes(r.memory_budget) if r.memory_budget else "-"
+        rows.append([r.rank, r.host, r.pid, human_bytes(active), human_bytes(peak), state, budget])
     return rows
 
 
 class StatusWidget(widgets.HTML):
-    """Rank, host, pid, memory and state of every rank, refreshed every ``interval`` s.
+    """Rank, host, pid, memory, state and memory budget of every rank, refreshed every ``interval`` s.
 
     Memory is live while a cell runs (each rank reports it), and the last cell's
     figures otherwise; the panel never queues work on a busy rank.
@@ -53,7 +54,7 @@ class StatusWidget(widgets.HTML):
         if not self.cluster.running:
             self.end("cluster stopped")
             return
-        table = Table(["rank", "host", "pid", "memory", "peak", "state"], _rows(self.cluster))
+        table = Table(["rank", "host", "pid", "memory", "peak", "state", "budget"], _rows(self.cluster))
         # JupyterLab styles the tables of HTML outputs only (a widget's needs the class), and
         # centres them in a block as wide as the output: shrink the block to the table
         with self._lock:

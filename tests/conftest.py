@@ -86,6 +86,20 @@ def ipython_shell():
 
 
 @contextlib.contextmanager
+def magics_on(cluster):
+    """The test shell with mlx_nb's magics working on ``cluster`` (a running Cluster)."""
+    from mlx_nb import magics
+
+    shell = ipython_shell()
+    shell.run_line_magic("load_ext", "mlx_nb")
+    magics.use(cluster)
+    try:
+        yield shell
+    finally:
+        magics.use(None)
+
+
+@contextlib.contextmanager
 def magic_cluster(line: str):
     """``%mlx_cluster start LINE`` in the test shell; stopped, nothing left, afterwards."""
     from mlx_nb import magics

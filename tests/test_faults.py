@@ -475,15 +475,10 @@ IDLE_BOUND = 15.0
 
 @pytest.fixture
 def magics_on(faulty):
-    from conftest import ipython_shell
+    import conftest
 
-    from mlx_nb import magics
-
-    shell = ipython_shell()
-    shell.run_line_magic("load_ext", "mlx_nb")
-    magics.use(faulty)
-    yield shell
-    magics.use(None)
+    with conftest.magics_on(faulty) as shell:
+        yield shell
 
 
 def _kill_idle_rank(cluster: Cluster, rank: int = 2) -> list[int]:

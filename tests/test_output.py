@@ -90,11 +90,15 @@ def test_a_figure_returned_by_rank_0_shows_once_without_its_repr(pair):
     assert result.value is None  # no '<Figure size ...>' line after the picture
 
 
-def test_a_failed_load_leaves_the_model_loaded_before(pair, tmp_path):
+def test_a_failed_load_keeps_the_load_before_as_the_setup_replayed(pair, tmp_path):
     loaded = load_model(pair, pipeline=True, progress=False)
-    broken = tmp_path / "no-weights"  # a config the split check reads, and no weights to load
+    # a config and safetensors headers that the split check and the plan read, and no weights to load
+    broken = tmp_path / "no-weights"
     broken.mkdir()
-    shutil.copy(Path(loaded["model"]) / "config.json", broken / "config.json")
+    shutil.copy(Path(loaded.model) / "config.json", broken / "config.json")
+    with open(Path(loaded.model) / "model.safetensors", "rb") as f:
+        head = f.read(8)
+        (broken / "model.safetensors").write_bytes(head + f.read(int.from_bytes(head, "little")))
     with pytest.raises(DistCellError):
         load_model(pair, str(broken), pipeline=True, progress=False)
     assert [c.key for c in pair.setup_cells] == ["load_model"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import socket
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +39,8 @@ class RankInfo:
     active_memory: int = 0
     peak_memory: int = 0
     cache_memory: int = 0  # freed buffers MLX keeps for reuse: the process holds them too
+    memory_budget: int = 0  # bytes this rank may hold: measured, or given (Cluster(memory=...))
+    memory_given: bool = False
     state: str = "starting"
 
 
@@ -114,9 +117,16 @@ class Forming:
         """Form the group on ``self.ranks``: mx.distributed.init is collective, so start it
         on every rank, then wait for all; the first failure, or a rank that never joins, is named."""
         spec, files = self.spec, self._rank_files(ports)
+        hosts = Counter(r.host for r in self.ranks)  # ranks that share a host share its memory
         pending = {
             r.rank: self.client[r.engine_id].apply_async(
-                session.init_group, spec.backend, spec.n, files[r.rank], f"{self.dir}/{self._tag}"
+                session.init_group,
+                spec.backend,
+                spec.n,
+                files[r.rank],
+                f"{self.dir}/{self._tag}",
+                spec.memory,
+                hosts[r.host],
             )
             for r in self.ranks
         }
@@ -151,6 +161,7 @@ class Forming:
         r = self.ranks[rank]
         r.device, r.mlx, r.blas, r.state = info.device, info.mlx or "", info.blas, "idle"
         r.device_name, r.device_memory = info.device_name, info.device_memory
+        r.memory_budget, r.memory_given = info.memory_budget, info.memory_given
         return True
 
     def _exited(self, tag: str, dead: list[int]) -> str:

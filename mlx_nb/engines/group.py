@@ -428,6 +428,7 @@ class RankGroup(Forming):
                 for r, info in zip(self.ranks, ar.get(timeout=5)):
                     r.active_memory, r.peak_memory = info.active_memory, info.peak_memory
                     r.cache_memory = info.cache_memory
+                    r.memory_budget, r.memory_given = info.memory_budget, info.memory_given
                 tasks.forget_messages(self.client, ar.msg_ids)
             except Exception:  # memory is a nicety: the states stand without it
                 pass

@@ -18,10 +18,7 @@ recurrent state cannot be trimmed to a prefix); for the others the cache says wh
 
 from __future__ import annotations
 
-import os
 import pickle
-import socket
-import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -31,9 +28,11 @@ import numpy as np
 from mlx_lm.generate import generation_stream
 from mlx_lm.models.cache import KVCache, make_prompt_cache
 
+from . import memory
+
 MAX_ENTRIES = 256  # entries rank 0 compares a prompt with, whatever their bytes
 ZERO_LIMIT = "its limit is 0 bytes"
-DEFAULT_SHARE = 4  # the default limit: this fraction (1/4) of a rank's free memory after the load
+DEFAULT_SHARE = 4  # the default limit: this fraction (1/4) of what is left of a rank's budget after the load
 
 
 def broadcast(obj: Any, group: Optional[mx.distributed.Group], stream: Any = generation_stream) -> Any:
@@ -329,8 +328,8 @@ def drop() -> None:
 
 def setup(model: Any, group: Optional[mx.distributed.Group], limit: Optional[int] = None) -> PromptCache:
     """A new, empty cache for ``model`` on every rank of ``group`` (a collective: every rank calls
-    it, right after the load). ``limit``: bytes per rank (None: 1/4 of the rank's free memory,
-    0: no cache). It runs the model on one token to measure the rank's KV bytes per token."""
+    it, right after the load). ``limit``: bytes per rank (None: 1/4 of what is left of the rank's
+    memory budget, :func:`mlx_nb.rank.memory.free`; 0: no cache). It runs the model on one token to measure the rank's KV bytes per token."""
     global _cache
     rank, size = (group.rank(), group.size()) if group is not None else (0, 1)
     probe = make_prompt_cache(model)
@@ -346,10 +345,8 @@ def setup(model: Any, group: Optional[mx.distributed.Group], limit: Optional[int
         mx.eval([c.keys for c in real] + [c.values for c in real])
         per_token = sum((c.keys.nbytes + c.values.nbytes) // c.keys.shape[2] for c in real)
     del probe
-    host = _gather([zlib.crc32(socket.gethostname().encode()) & 0x3FFFFFFF], rank, size, group)
     if limit is None:
-        local = sum(h == host[rank][0] for (h,) in host)
-        limit = free_memory(local) // DEFAULT_SHARE
+        limit = memory.free() // DEFAULT_SHARE
     elif limit == 0:
         why_off = why_off or ZERO_LIMIT
     # in MiB, so that a limit of terabytes fits an int32
@@ -371,8 +368,7 @@ def set_limit(limit: Optional[int], group: Optional[mx.distributed.Group]) -> No
         return
     rank, size = (group.rank(), group.size()) if group is not None else (0, 1)
     if limit is None:
-        host = _gather([zlib.crc32(socket.gethostname().encode()) & 0x3FFFFFFF], rank, size, group)
-        limit = free_memory(sum(h == host[rank][0] for (h,) in host)) // DEFAULT_SHARE
+        limit = memory.free() // DEFAULT_SHARE
     rows = _gather([min(limit >> 20, 2**31 - 1)], rank, size, group)
     pc.limit = limit
     if pc.why_off in (None, ZERO_LIMIT):  # every rank sees the same rows: they agree on this
@@ -393,21 +389,3 @@ def _gather(values: list[int], rank: int, size: int, group: Optional[mx.distribu
     with mx.stream(generation_stream):
         out = mx.distributed.all_sum(mx.array(rows), group=group)
     return np.array(out).tolist()
-
-
-def free_memory(local_ranks: int = 1) -> int:
-    """Bytes this rank could still take: on a GPU what its device has beyond what this process
-    holds (a Mac's recommended working set shared by the ``local_ranks`` on it); on a CPU the
-    host's available memory shared by its ``local_ranks``."""
-    active = mx.get_active_memory()
-    if mx.default_device().type == mx.gpu:
-        info = mx.device_info()
-        total = info.get("max_recommended_working_set_size") or info.get("memory_size") or info.get("total_memory") or 0
-        share = total if mx.cuda.is_available() else total // max(1, local_ranks)
-        return max(0, int(share) - active)
-    try:
-        with open("/proc/meminfo") as f:
-            available = next(int(line.split()[1]) << 10 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration):
-        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-    return available // max(1, local_ranks)

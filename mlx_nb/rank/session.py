@@ -54,6 +54,8 @@ class State:
     world: Any = None
     files: list[str] = field(default_factory=list)
     cells: deque = field(default_factory=lambda: deque(maxlen=16))  # linecache names kept
+    memory: Optional[int] = None  # the budget this rank was given, bytes (None: measured; rank.memory)
+    local_ranks: int = 1  # ranks on this rank's host, which share its measured memory
 
 
 state = State()
@@ -115,9 +117,18 @@ def warm() -> None:
     threading.Thread(target=imports, name="mlx_nb-warm", daemon=True).start()
 
 
-def init_group(backend: str, size: int, files: dict[str, str], files_dir: Optional[str] = None) -> Identity:
+def init_group(
+    backend: str,
+    size: int,
+    files: dict[str, str],
+    files_dir: Optional[str] = None,
+    budgets: Optional[list[int]] = None,
+    local_ranks: int = 1,
+) -> Identity:
     """Form the mx.distributed group (collective: every rank calls it at once).
 
+    ``budgets``: every rank's memory budget in bytes (None: each measures its own), and
+    ``local_ranks`` the ranks on this host (they share what it measures): see :mod:`.memory`.
     A failure comes back in ``Identity.error``, with ``port_in_use`` set where the ring could
     not bind its port.
     """
@@ -145,6 +156,9 @@ def init_group(backend: str, size: int, files: dict[str, str], files_dir: Option
         return ident
     trace.install(mx)
     state.rank, state.size, state.backend, state.world = group.rank(), group.size(), backend, group
+    from . import memory as rank_memory
+
+    rank_memory.configure(budgets, local_ranks)
     namespace.update(mx=mx, nn=nn, world=group, rank=state.rank, size=state.size)
     _install_control_handlers()
     threading.Thread(target=trace.watch, args=(memory,), name="mlx_nb-watch", daemon=True).start()
@@ -166,8 +180,10 @@ def _join(mx, backend: str, size: int):
 
 
 def describe() -> Identity:
-    """Identity, group, device and memory of this rank (after init_group)."""
+    """Identity, group, device, memory and memory budget of this rank (after init_group)."""
     import mlx.core as mx
+
+    from . import memory as rank_memory
 
     ident = identify()
     ident.rank, ident.size, ident.backend = state.rank, state.size, state.backend
@@ -175,6 +191,8 @@ def describe() -> Identity:
     ident.blas = blas.current().to_dict()
     ident.active_memory, ident.peak_memory = memory()
     ident.cache_memory = mx.get_cache_memory()
+    budget = rank_memory.budget()
+    ident.memory_budget, ident.memory_given = budget.bytes, budget.source == rank_memory.BudgetSource.GIVEN
     return ident
 
 

@@ -1,0 +1,107 @@
+"""A rank's memory budget: what its host can give it, or what it was told it has.
+
+The one home of that number. ``budget()`` is what this rank may hold in all (model, KV caches,
+activations, prompt cache); ``free()`` is what is left of it now. Measured, a budget is:
+
+- on a Mac, MLX's recommended working set (``mx.device_info()``), shared by the ranks on that Mac;
+- on CUDA, the GPU's memory, shared by the ranks on it (a host's ranks all run on its GPU 0,
+  unless the nccl backend gives each a GPU of its own);
+- on a Linux CPU, the host's available memory shared by the ranks on that host, plus what this
+  process holds already (a model it would give up for the next one counts as its own).
+
+``Cluster(..., memory=["700MB", "260MB"])`` (``%mlx_cluster start --memory``) overrides it per
+rank: to leave room for other programs, or to try a mixed cluster on one machine. The override
+and the ranks sharing this host live in the rank's session state, set when the group forms.
+
+Example (in a cell)::
+
+    from mlx_nb.rank import memory
+    memory.budget()          # Budget(rank=0, bytes=734003200, source=<BudgetSource.GIVEN: 'given'>, ...)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from enum import Enum
+from typing import Optional
+
+from . import session
+
+
+class BudgetSource(str, Enum):
+    """Where a rank's budget comes from."""
+
+    GIVEN = "given"  # Cluster(memory=...), %mlx_cluster start --memory
+    WORKING_SET = "recommended working set"  # a Mac's GPU (Metal)
+    GPU = "GPU memory"  # CUDA
+    HOST = "available host memory"  # a CPU rank
+
+
+@dataclass(frozen=True)
+class Budget:
+    """One rank's memory budget, in bytes, where it comes from, and the device it is for."""
+
+    rank: int
+    bytes: int
+    source: BudgetSource
+    shared_by: int = 1  # ranks on this host that share the measured memory
+    gpu: bool = False  # the rank computes on a GPU (fused attention: no score matrix is held)
+
+    def __str__(self) -> str:
+        from ..display import human_bytes
+
+        shared = f", shared by {self.shared_by} ranks" if self.shared_by > 1 else ""
+        return f"{human_bytes(self.bytes)} ({self.source.value}{shared})"
+
+
+def configure(given: Optional[list[int]], local_ranks: int = 1) -> None:
+    """Set, as the group forms, every rank's override (``given[rank]``; None: measure) and how
+    many ranks share this rank's host."""
+    session.state.memory = None if given is None else int(given[session.state.rank])
+    session.state.local_ranks = max(1, int(local_ranks))
+
+
+def budget() -> Budget:
+    """This rank's budget now (see the module's docstring).
+
+    Example::
+
+        cluster.call(budget)     # one Budget per rank
+    """
+    import mlx.core as mx
+
+    rank, local = session.state.rank, session.state.local_ranks
+    gpu = mx.default_device().type == mx.gpu
+    if session.state.memory is not None:
+        return Budget(max(rank, 0), session.state.memory, BudgetSource.GIVEN, gpu=gpu)
+    if gpu:
+        info = mx.device_info()
+        if mx.cuda.is_available():
+            total = info.get("total_memory") or info.get("memory_size") or 0
+            # nccl gives each rank a GPU of its own; otherwise a host's ranks all run on its GPU 0
+            shared = 1 if session.state.backend == "nccl" else local
+            return Budget(rank, int(total) // shared, BudgetSource.GPU, shared, gpu=True)
+        total = info.get("max_recommended_working_set_size") or info.get("memory_size") or 0
+        return Budget(rank, int(total) // local, BudgetSource.WORKING_SET, local, gpu=True)
+    held = mx.get_active_memory() + mx.get_cache_memory()
+    return Budget(rank, host_available() // local + held, BudgetSource.HOST, local)
+
+
+def free() -> int:
+    """Bytes this rank may still take: its budget less what it holds now."""
+    import mlx.core as mx
+
+    return max(0, budget().bytes - mx.get_active_memory())
+
+
+def host_available() -> int:
+    """The host's available memory: Linux's ``MemAvailable`` (free pages and what the page cache
+    would give back), else the free pages (the whole memory where not even those are known)."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) << 10 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        pass
+    pages = "SC_AVPHYS_PAGES" if "SC_AVPHYS_PAGES" in os.sysconf_names else "SC_PHYS_PAGES"
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf(pages)
