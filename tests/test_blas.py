@@ -75,7 +75,7 @@ def test_every_rank_runs_openblas_with_the_cores_shared_out_and_says_so(fast):
         assert seen["cblas_sgemm"] == rank.blas["path"] == blas.probe()["path"] and rank.blas["path"] in seen["mapped"]
         assert seen["current"] == rank.blas
     table = repr(status_table(cluster))
-    assert table.splitlines()[1].split()[-1] == "blas"
+    assert "blas" in table.splitlines()[1].split()
     assert table.count("OpenBLAS") == 2 and f"{threads} thread" in table
     assert lines == []  # nothing to say when the ranks run OpenBLAS
     (finding,) = [f for f in cluster.check() if f.check == "blas"]
