@@ -230,7 +230,7 @@ def _check_full(cluster, c: FinetuneConfig) -> None:
     if c.fsdp and cluster.n > 1:
         check_shardable(model_parameters({**config.get("text_config", {}), **config}).shapes, cluster.n, name)
     dense = bool(cluster.ranks) and all(prefers_dense(r.device, r.blas) for r in cluster.ranks)
-    memory = estimate(path, cluster.n, c.fsdp, c.batch_size, c.max_seq_length, cluster.backend, dense)
+    memory = estimate(path, cluster.n, c.fsdp, c.batch_size, c.max_seq_length, dense)
     if not c.fsdp:
         how = "every rank holds the whole model"
     elif cluster.n == 1:

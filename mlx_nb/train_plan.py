@@ -10,9 +10,8 @@ The memory of a rank (bytes), with P the model's parameters, b the bytes of one,
   2 P b, and the activations of every block kept for the backward pass;
 - FSDP: each of those over N, plus the layers gathered whole at once (the rest of the model,
   embeddings, norm and head, for the whole step, and the largest block while it runs, each with
-  its gradient before the reduce-scatter, and ``all_sum``'s output where the backend has no
-  ``sum_scatter``), and the activations of a checkpointed run (each block's input, one block's
-  activations at a time).
+  its whole gradient before the reduce-scatter), and the activations of a checkpointed run (each
+  block's input, one block's activations at a time).
 
 Activations count every row as ``max_seq_length`` tokens long: an upper bound.
 """
@@ -31,7 +30,6 @@ from .display import human_bytes
 
 DIVISORS_SHOWN = 64  # rank counts listed as dividing every parameter, at most up to this
 DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
-NATIVE = ("jaccl", "nccl")  # backends with sum_scatter (as mlx_nb.rank.fsdp.NATIVE)
 
 
 @dataclass(frozen=True)
@@ -159,21 +157,18 @@ def training_memory(
     ranks: int,
     fsdp: bool,
     activations: int,
-    backend: str = "ring",
 ) -> TrainingMemory:
     """One rank's memory at its peak (see the module's formula).
 
     Example:
         >>> m = training_memory(ModelParameters({}, [100, 100], 200), 4, 2, True, 0)
         >>> m.weights, m.optimizer, m.gathered
-        (800, 1600, 3600)
+        (800, 1600, 2400)
     """
     sharded = fsdp and ranks > 1
     share = math.ceil(params.total / ranks) if sharded else params.total
-    gathered = 0
-    if sharded:
-        copies = 2 if backend in NATIVE else 3  # weights, gradient [, all_sum's output]
-        gathered = copies * (params.rest + max(params.blocks, default=0)) * bytes_per_param
+    # weights and whole gradient (all_sum, where it stands in for sum_scatter, reuses its input)
+    gathered = 2 * (params.rest + max(params.blocks, default=0)) * bytes_per_param if sharded else 0
     return TrainingMemory(
         ranks=ranks,
         fsdp=sharded,
@@ -191,7 +186,6 @@ def estimate(
     fsdp: bool,
     batch_size: int,
     max_seq_length: int,
-    backend: str = "ring",
     dense_float32: bool = True,
 ) -> TrainingMemory:
     """The memory per rank of full fine-tuning the model folder ``model_path`` (its ``config.json``
@@ -212,7 +206,7 @@ def estimate(
         b = stored_bytes_per_param(path) or DTYPE_BYTES.get(str(config.get("torch_dtype")), 2)
     tokens = batch_size * max_seq_length
     activations = activation_bytes(config, tokens, max_seq_length, b, checkpointed=fsdp and ranks > 1)
-    return training_memory(params, b, ranks, fsdp, activations, backend)
+    return training_memory(params, b, ranks, fsdp, activations)
 
 
 def stored_bytes_per_param(folder: Path) -> Optional[int]:

@@ -117,6 +117,14 @@ def tiny_model(tmp_path_factory):
     )
 
 
+def steps_in(run, n: int, timeout: float = 240) -> None:
+    """Wait until the notebook has seen step ``n`` of ``run`` (or the run ended)."""
+    deadline = time.monotonic() + timeout
+    while len(run.history) < n and run.result is None and run.error is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert len(run.history) >= n, f"no step {n} within {timeout} s: {run.label.value}"
+
+
 def ipython_shell():
     """The test IPython shell (IPython's global test app starts once per process)."""
     from IPython import get_ipython

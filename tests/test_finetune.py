@@ -10,12 +10,12 @@ import os
 import shutil
 import signal
 import threading
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import mlx.core as mx
 import pytest
+from conftest import steps_in
 
 from mlx_nb import Cluster, DistCellError
 from mlx_nb.finetune import finetune, load_rows, prepare, train_on_rank
@@ -61,14 +61,6 @@ def test_too_little_data_for_a_global_batch_is_named(cluster, tmp_path):
     with pytest.raises(DistCellError, match=r"3 training rows cannot fill a global batch of 4 \(2 x 2 ranks\)"):
         finetune(cluster, data=rows, batch_size=2, adapter_path=str(tmp_path)).wait()
     assert cluster.run("mx.distributed.all_sum(mx.array(rank + 1)).item()").value["text/plain"] == "3"
-
-
-def steps_in(run, n: int, timeout: float = 240) -> None:
-    """Wait until the notebook has seen step ``n`` of ``run`` (or the run ended)."""
-    deadline = time.monotonic() + timeout
-    while len(run.history) < n and run.result is None and run.error is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert len(run.history) >= n, f"no step {n} within {timeout} s: {run.label.value}"
 
 
 def loads_whole(data: bytes, tmp_path: Path) -> dict:
