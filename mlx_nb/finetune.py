@@ -127,12 +127,12 @@ class FinetuneRun:
             steps = len(r.history) - (r.resumed_from or 0)
             held = "adapters" if r.method == "lora" else "checkpoints"
             peaks = ", ".join(human_bytes(p) for p in r.peak_memory)
-            self.label.value = f"{how}: {steps} steps in {r.seconds:.1f} s; {held} in {r.adapter_path}<br>peak memory per rank: {peaks}"
+            self.label.value = (
+                f"{how}: {steps} steps in {r.seconds:.1f} s; {held} in {r.adapter_path}"
+                f"<br>peak memory per rank: {peaks}"
+            )
             if self.config.consolidate:
-                self.label.value += "<br>consolidating the shards into one model folder..."
-                out = self.config.consolidate if isinstance(self.config.consolidate, str) else None
-                r.model = consolidate(r.adapter_path, out)
-                self.label.value = self.label.value.rsplit("<br>", 1)[0] + f"<br>model: {r.model}"
+                self._consolidate(r)
         except BaseException as e:
             self.error = e
             record = checkpoint.latest(self.config.adapter_path) if self.config.adapter_path else None
@@ -144,10 +144,23 @@ class FinetuneRun:
                 if record
                 else ""
             )
-            self.label.value = f"<span style='color:#b00'>training failed: {e}{kept}</span>"
+            if self.result is None:  # (a failed consolidation said so already)
+                self.label.value = f"<span style='color:#b00'>training failed: {e}{kept}</span>"
         finally:
             self.stop_button.disabled = True
             self._done.set()
+
+    def _consolidate(self, r: FinetuneResult) -> None:
+        """The run's last checkpoint joined into one model folder (``consolidate=``), in ``r.model``."""
+        done = self.label.value
+        self.label.value = f"{done}<br>consolidating the shards into one model folder..."
+        out = self.config.consolidate if isinstance(self.config.consolidate, str) else None
+        try:
+            r.model = consolidate(r.adapter_path, out)
+        except Exception as e:
+            self.label.value = f"{done}<br><span style='color:#b00'>consolidating failed: {e}</span>"
+            raise
+        self.label.value = f"{done}<br>model: {r.model}"
 
     def stop(self) -> None:
         """End training on every rank at the same step; rank 0 saves a checkpoint of it first."""

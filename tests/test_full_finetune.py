@@ -220,7 +220,7 @@ def stopped_and_resumed(two_ranks, tiny_model, tmp_path_factory):
     stopped = run.wait(timeout=120)
     files = sorted(os.listdir(root / "part"))
     state = json.loads((root / "part" / "checkpoint.json").read_text())
-    resumed = finetune(two_ranks, resume=str(root / "part")).wait()
+    resumed = finetune(two_ranks, resume=str(root / "part"), consolidate=True).wait()
     return SimpleNamespace(whole=whole, stopped=stopped, files=files, state=state, resumed=resumed)
 
 
@@ -241,6 +241,9 @@ def test_a_resumed_fsdp_run_goes_on_with_the_losses_of_one_that_never_stopped(st
     assert resumed.losses == pytest.approx(whole.losses, rel=1e-5)
     assert [h["grad_norm"] for h in resumed.history] == pytest.approx([h["grad_norm"] for h in whole.history], rel=1e-5)
     assert [h["trained_tokens"] for h in resumed.history] == [h["trained_tokens"] for h in whole.history]
+    # consolidate=True: the last checkpoint joined into a model folder at the end
+    assert resumed.model == str(Path(resumed.adapter_path) / "model-0000012")
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(resumed.model))
     # only the latest checkpoint is kept: the stop's shards went once step 12's were complete
     assert sorted(f for f in os.listdir(resumed.adapter_path) if f.endswith(".safetensors")) == sorted(
         f"0000012_{what}-{r}-of-2.safetensors" for r in (0, 1) for what in ("optimizer", "weights")
