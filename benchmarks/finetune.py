@@ -206,7 +206,7 @@ def time_collectives(sizes: list[int], dtype: str, repeats: int) -> list[dict]:
         return mx.distributed.sum_scatter(x, group=group) if state.backend in NATIVE else sum_then_slice(x, group)
 
     ops = {"all_sum": lambda x: mx.distributed.all_sum(x, group=group), "fsdp": fsdp}
-    if state.backend == "ring":  # the ring backend's send/recv: only between neighbours
+    if state.backend == "ring" and mx.default_device() == mx.cpu:  # its send/recv, on the CPU
         ops["ring"] = ring
     rows = []
     for size in sizes:
@@ -233,6 +233,10 @@ def reduce_scatter_table(args) -> Table:
     from mlx_nb.rank.fsdp import reduce_scatter_name
     from mlx_nb.train_plan import model_parameters
 
+    if __name__ != "__main__":  # imported (as the dry runs do): the ranks cannot import this file
+        import cloudpickle
+
+        cloudpickle.register_pickle_by_value(sys.modules[__name__])
     config = json.loads((args.model_path / "config.json").read_text())
     params = model_parameters({**config.get("text_config", {}), **config})
     itemsize = 2 if args.llama3b else 4

@@ -250,6 +250,24 @@ def test_a_resumed_fsdp_run_goes_on_with_the_losses_of_one_that_never_stopped(st
     )
 
 
+def test_fsdp_trains_a_llama_whose_code_reads_attributes_of_its_blocks(two_ranks, tmp_path):
+    # mlx-lm's llama asks each block for ``use_sliding`` while it runs them: the wrapper passes it on
+    llama = random_model(
+        tmp_path / "llama",
+        model_type="llama",
+        architectures=["LlamaForCausalLM"],
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    options = dict(model=str(llama), method="full", iters=2, batch_size=1, learning_rate=1e-2, mask_prompt=False)
+    whole = finetune(two_ranks, adapter_path=str(tmp_path / "whole"), **options).wait()
+    sharded = finetune(two_ranks, adapter_path=str(tmp_path / "sharded"), fsdp=True, **options).wait()
+    assert sharded.losses == pytest.approx(whole.losses, rel=1e-4)
+
+
 def test_the_consolidated_model_loads_in_mlx_lm_and_through_load_model_and_answers(two_ranks, bundled_runs):
     from mlx_lm import generate as one_process
     from mlx_lm import load

@@ -105,6 +105,16 @@ class Sharded(nn.FullyShardedModule):
             shapes = [(a.shape[0] * n,) + tuple(a.shape[1:]) for a in shards]
             self._gather_fn = _gather_fn(group, shapes, [a.size for a in shards], reduce_scatter)
 
+    def __getattr__(self, key: str):
+        # what the model's code reads of a block besides calling it (llama's ``layer.use_sliding``)
+        # comes from the wrapped module
+        try:
+            return super().__getattr__(key)
+        except AttributeError:
+            if key.startswith("__") or "module" not in self:
+                raise
+            return getattr(self["module"], key)
+
     def __call__(self, *args, **kwargs):
         if not (self.training and self._checkpoint):
             return super().__call__(*args, **kwargs)
