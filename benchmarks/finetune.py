@@ -24,7 +24,12 @@ is the trained tokens of the other steps over their time (rank 0's view of the g
 
 ``--llama3b`` builds benchmarks/gpu.py's random-weight llama of about 3e9 parameters (bfloat16,
 once, into ``--model-dir``) with the tokenizer in ``--tokenizer`` and fine-tunes it fully; ranks
-share this machine's devices (on one GPU, 2 ranks share it over the ring backend).
+share this machine's devices (on one GPU, 2 ranks share it over the ring backend; with a GPU per
+rank, ``--backend nccl`` runs MLX's own sum_scatter). On the lent H200, with the wheels installed
+as benchmarks/gpu.py's docstring says (its call 3, with this command in place of gpu.py's)::
+
+    python3 benchmarks/finetune.py --llama3b --tokenizer .gpu/tokenizer --ranks 1,2 \
+        --tables full,reduce-scatter --iters 4 --max-seq-length 128 --repeats 5
 Ranks share this machine's cores: where there are fewer cores than ranks, expect no speed-up.
 """
 
@@ -86,7 +91,7 @@ def measure(label: str, n: int, args, folder: str, **options) -> Measured:
     from mlx_nb.models import prefers_dense, prepare_bundled
     from mlx_nb.train_plan import estimate
 
-    with Cluster(n=n) as cluster:
+    with Cluster(n=n, backend=args.backend if n > 1 else None) as cluster:
         result = finetune(
             cluster,
             model=args.model,
@@ -244,7 +249,7 @@ def reduce_scatter_table(args) -> Table:
     rows = []
     for n in [k for k in args.ranks if k > 1]:
         sizes = {what: -(-count // n) * n for what, count in units.items()}  # divisible by the ranks
-        with Cluster(n=n, backend=args.backend) as cluster:
+        with Cluster(n=n, backend=args.backend if n > 1 else None) as cluster:
             timed = cluster.call(
                 time_collectives, list(sizes.values()), "bfloat16" if args.llama3b else "float32", args.repeats
             )
@@ -300,7 +305,7 @@ def main() -> None:
     parser.add_argument("--max-seq-length", type=int, default=64, help="tokens per row at most (full fine-tuning)")
     parser.add_argument("--num-layers", type=int, default=2, help="LoRA layers")
     parser.add_argument("--repeats", type=int, default=10, help="timings per size and collective")
-    parser.add_argument("--backend", default="ring", help="for the reduce-scatter table (ring, mpi, nccl, ...)")
+    parser.add_argument("--backend", default="ring", help="of the clusters above one rank (ring, mpi, nccl, ...)")
     parser.add_argument("--model", default=None, help="mlx-lm path or repo id (default: the bundled SmolLM2)")
     parser.add_argument("--llama3b", action="store_true", help="benchmarks/gpu.py's random 3e9-parameter llama")
     parser.add_argument("--tokenizer", type=Path, default=Path(".gpu/tokenizer"), help="for --llama3b")

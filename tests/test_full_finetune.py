@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import cloudpickle
 import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
 import pytest
 from conftest import random_model, steps_in
+from mlx.utils import tree_flatten
 
 from mlx_nb import Cluster
 from mlx_nb.finetune import consolidate, finetune, load_rows
@@ -90,81 +95,91 @@ def test_fsdp_on_two_ranks_holds_at_most_065_of_one_ranks_peak_memory(bundled_ru
     print(f"peak memory per rank: one rank {one.peak_memory}, FSDP on 2 ranks {two.peak_memory}")
 
 
-def fsdp_against_all_sum():
-    """The check below, as a function the ranks receive whole (one defined at a module's top level
-    travels by name, and the ranks cannot import this test module)."""
+# the ranks receive this module's functions whole (by name they would import it, and cannot)
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
-    def check() -> tuple[list[str], str]:
-        """On every rank: mlx_nb's reduce-scatter, and the gradients of a module sharded with it,
-        against the same sums made by all_gather and numpy, for odd sizes and several dtypes.
-        Returns what differed, and the error MLX's own fully_shard gives on this backend."""
-        import mlx.core as mx
-        import mlx.nn as nn
-        import numpy as np
-        from mlx.utils import tree_flatten
 
-        from mlx_nb.rank import world
-        from mlx_nb.rank.fsdp import Sharded, sum_then_slice
+def everyone(x: mx.array, group) -> np.ndarray:
+    """Every rank's ``x``, (n, *x.shape) in rank order, as float64."""
+    return np.asarray(mx.distributed.all_gather(x[None], group=group).astype(mx.float32), dtype=np.float64)
 
-        group = world()
-        n, r = group.size(), group.rank()
-        differ = []
 
-        def everyone(x):  # (n, *x.shape), rank order, in float64
-            return np.asarray(mx.distributed.all_gather(x[None], group=group).astype(mx.float32), dtype=np.float64)
+def reduce_scatter_differs(group) -> list[str]:
+    """mlx_nb's reduce-scatter against all_gather and a numpy sum: odd sizes, four dtypes."""
+    from mlx_nb.rank.fsdp import sum_then_slice
 
-        for dtype in (mx.float32, mx.bfloat16, mx.float16, mx.int32):
-            for shape in ((n, 1), (3 * n, 7), (5 * n, 3, 11)):
-                # small integers: exact in every dtype, so any two orders of summing agree exactly
-                x = mx.array(np.random.default_rng(10 * r + len(shape)).integers(-8, 9, shape)).astype(dtype)
-                m = shape[0] // n
-                expected = everyone(x).sum(0)[r * m : (r + 1) * m]
-                if not np.array_equal(np.asarray(sum_then_slice(x, group).astype(mx.float32)), expected):
-                    differ.append(f"reduce-scatter {dtype} {shape}")
+    n, r, differ = group.size(), group.rank(), []
+    for dtype in (mx.float32, mx.bfloat16, mx.float16, mx.int32):
+        for shape in ((n, 1), (3 * n, 7), (5 * n, 3, 11)):
+            # small integers: exact in every dtype, so any two orders of summing agree exactly
+            x = mx.array(np.random.default_rng(10 * r + len(shape)).integers(-8, 9, shape)).astype(dtype)
+            m = shape[0] // n
+            expected = everyone(x, group).sum(0)[r * m : (r + 1) * m]
+            if not np.array_equal(np.asarray(sum_then_slice(x, group).astype(mx.float32)), expected):
+                differ.append(f"reduce-scatter {dtype} {shape}")
+    return differ
 
-        class Odd(nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.a = nn.Linear(5, 3 * n)  # (3n, 5) and a bias of 3n
-                self.b = nn.Linear(3 * n, n, bias=False)
 
-            def __call__(self, x):
-                return self.b(nn.gelu(self.a(x)))
+class Odd(nn.Module):
+    """Parameters of odd sizes over ``n`` ranks: (3n, 5), a bias of 3n, (n, 3n)."""
 
-        def loss(model, x):
-            return (model(x).astype(mx.float32) ** 2).sum()
+    def __init__(self, n: int):
+        super().__init__()
+        self.a = nn.Linear(5, 3 * n)
+        self.b = nn.Linear(3 * n, n, bias=False)
 
-        x = mx.random.normal((4, 5), key=mx.random.key(r))  # each rank its own rows
-        for dtype, rel in ((mx.float32, 1e-5), (mx.bfloat16, 3e-2), (mx.float16, 3e-3)):
-            made = []
-            for _ in range(2):
-                mx.random.seed(0)  # the same weights on every rank, and for both copies
-                made.append(Odd())
-                made[-1].set_dtype(dtype)
-            whole, sharded = made[0], Sharded(made[1], group, sum_then_slice)
-            sharded.train()
-            _, grads = nn.value_and_grad(whole, loss)(whole, x.astype(dtype))
-            _, shards = nn.value_and_grad(sharded, loss)(sharded, x.astype(dtype))
-            shards = {k.removeprefix("module."): v for k, v in tree_flatten(shards)}
-            for name, g in tree_flatten(grads):
-                m = g.shape[0] // n
-                expected = everyone(g).mean(0)[r * m : (r + 1) * m]
-                got = np.asarray(shards[name].astype(mx.float32))
-                if not np.allclose(got, expected, rtol=rel, atol=rel * np.abs(expected).max()):
-                    differ.append(f"gradient of {name} {dtype}: {np.abs(got - expected).max()}")
-        plain = nn.fully_shard(Odd(), group=group)
-        try:
-            mx.eval(nn.value_and_grad(plain, loss)(plain, x))
-            native = ""
-        except RuntimeError as e:
-            native = str(e)
-        return differ, native
+    def __call__(self, x):
+        return self.b(nn.gelu(self.a(x)))
 
-    return check
+
+def squares(model, x):
+    return (model(x).astype(mx.float32) ** 2).sum()
+
+
+def gradients_differ(group) -> list[str]:
+    """The gradients of a module sharded with mlx_nb's reduce-scatter against each rank's whole
+    gradients averaged (all_gather and numpy), sliced to this rank's shard: three dtypes."""
+    from mlx_nb.rank.fsdp import Sharded, sum_then_slice
+
+    n, r, differ = group.size(), group.rank(), []
+    x = mx.random.normal((4, 5), key=mx.random.key(r))  # each rank its own rows
+    for dtype, rel in ((mx.float32, 1e-5), (mx.bfloat16, 3e-2), (mx.float16, 3e-3)):
+        made = []
+        for _ in range(2):
+            mx.random.seed(0)  # the same weights on every rank, and for both copies
+            made.append(Odd(n))
+            made[-1].set_dtype(dtype)
+        whole, sharded = made[0], Sharded(made[1], group, sum_then_slice)
+        sharded.train()
+        _, grads = nn.value_and_grad(whole, squares)(whole, x.astype(dtype))
+        _, shards = nn.value_and_grad(sharded, squares)(sharded, x.astype(dtype))
+        shards = {k.removeprefix("module."): v for k, v in tree_flatten(shards)}
+        for name, g in tree_flatten(grads):
+            m = g.shape[0] // n
+            expected = everyone(g, group).mean(0)[r * m : (r + 1) * m]
+            got = np.asarray(shards[name].astype(mx.float32))
+            if not np.allclose(got, expected, rtol=rel, atol=rel * np.abs(expected).max()):
+                differ.append(f"gradient of {name} {dtype}: {np.abs(got - expected).max()}")
+    return differ
+
+
+def fsdp_against_all_sum() -> tuple[list[str], str]:
+    """On every rank: what differed of the two checks above, and the error MLX's own fully_shard
+    gives on this backend."""
+    from mlx_nb.rank import world
+
+    group = world()
+    plain = nn.fully_shard(Odd(group.size()), group=group)
+    try:
+        mx.eval(nn.value_and_grad(plain, squares)(plain, mx.ones((4, 5))))
+        native = ""
+    except RuntimeError as e:
+        native = str(e)
+    return reduce_scatter_differs(group) + gradients_differ(group), native
 
 
 def test_the_reduce_scatter_gives_fsdp_the_gradients_all_sum_would_on_two_ranks(two_ranks):
-    for differ, native in two_ranks.call(fsdp_against_all_sum()):
+    for differ, native in two_ranks.call(fsdp_against_all_sum):
         assert differ == []
         assert "[ring] sum_scatter not supported" in native  # what it stands in for
 
@@ -179,7 +194,7 @@ def four_ranks_runs(one_rank, tmp_path_factory):
         fsdp = finetune(
             four, model=model, batch_size=1, iters=2, fsdp=True, adapter_path=str(root / "four"), **BUNDLED
         ).wait()
-        checks = four.call(fsdp_against_all_sum())
+        checks = four.call(fsdp_against_all_sum)
     return one, fsdp, checks
 
 

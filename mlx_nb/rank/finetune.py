@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -257,6 +258,19 @@ class Steps:
     def save(self, step: int) -> Optional[str]:
         raise NotImplementedError
 
+    def _restore(self, folder: Path) -> None:
+        raise NotImplementedError
+
+    def _begin(self, config_name: str, config: Callable[[], dict]) -> None:
+        """Restore the checkpoint a resumed run continues; then, every rank having checked the
+        folder (``prepare``), rank 0 writes the run's config into it."""
+        if self.c.resume:
+            self._restore(Path(self.c.resume))
+        self._agree()
+        if self.rank == 0:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            checkpoint.write_json(self.folder / config_name, config())
+
     def _restored(self, record: dict) -> None:
         self.start, self.history = record["step"], record["history"]
         self.tokens_before = self.history[-1]["trained_tokens"] if self.history else 0
@@ -313,12 +327,7 @@ class _Run(Steps):
         self.rows = rows
         self.model, self.tokenizer = _lora_model(c)
         self.optimizer = optim.Adam(learning_rate=c.learning_rate)
-        if c.resume:
-            self._restore(Path(c.resume))
-        self._agree()  # every rank has checked the folder (prepare) before rank 0 writes to it
-        if self.rank == 0:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            checkpoint.write_json(self.folder / checkpoint.CONFIG, self._adapter_config())
+        self._begin(checkpoint.CONFIG, self._adapter_config)
 
     def _adapter_config(self) -> dict:
         """mlx-lm's adapter_config.json, and under "mlx_nb" the options to resume with."""

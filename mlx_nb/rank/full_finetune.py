@@ -44,13 +44,9 @@ class FullRun(Steps):
             mx.eval(model.parameters())
         self.model, self.plain = model, plain_names(model)
         self.optimizer = optim.Adam(learning_rate=c.learning_rate)
-        if c.resume:
-            self._restore(Path(c.resume))
-        self._agree()  # every rank has checked the folder (prepare) before rank 0 writes to it
-        if self.rank == 0:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            config = {"fine_tune_type": "full", "base": _base(c), "mlx_nb": self.options()}
-            checkpoint.write_json(self.folder / checkpoint.FULL_CONFIG, config)
+        self._begin(
+            checkpoint.FULL_CONFIG, lambda: {"fine_tune_type": "full", "base": _base(c), "mlx_nb": self.options()}
+        )
 
     def options(self) -> dict:
         return {k: v for k, v in super().options().items() if k not in LORA_OPTIONS}
