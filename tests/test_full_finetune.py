@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -195,6 +196,7 @@ def four_ranks_runs(one_rank, tmp_path_factory):
             four, model=model, batch_size=1, iters=2, fsdp=True, adapter_path=str(root / "four"), **BUNDLED
         ).wait()
         checks = four.call(fsdp_against_all_sum)
+    shutil.rmtree(root)  # 3.2 GB of checkpoints (weights and Adam's state) no test reads
     return one, fsdp, checks
 
 
