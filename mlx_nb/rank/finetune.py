@@ -197,7 +197,9 @@ def train_on_rank(cfg: dict) -> FinetuneResult:
     from .session import state
 
     group = mx.distributed.init()
-    c = prepare(cfg, choose_folder=group.rank() == 0)  # LoRA: only rank 0 writes, the others need none
+    # LoRA: only rank 0 writes, the others need no folder; full: every rank writes, into one folder
+    # that the caller names (each rank choosing one would give each its own)
+    c = prepare(cfg, choose_folder=group.rank() == 0 and cfg.get("method", "lora") == "lora")
     rows = load_rows(c.data)
     global_batch = c.batch_size * group.size()
     if len(rows) < global_batch:
