@@ -79,10 +79,10 @@ def bundled_model(progress: Optional[Progress] = None, dense: bool = False) -> P
         return target
     source = bundled_model() if dense else gguf_path()  # the dense copy dequantizes the 4-bit folder
     convert = _dequantize if dense else _convert
-    return _atomic_folder(target, lambda tmp: convert(source, tmp, progress or (lambda done, total, message: None)))
+    return atomic_folder(target, lambda tmp: convert(source, tmp, progress or (lambda done, total, message: None)))
 
 
-def _atomic_folder(target: Path, build: Callable[[Path], None]) -> Path:
+def atomic_folder(target: Path, build: Callable[[Path], None]) -> Path:
     """``build`` the folder under a temporary name next to ``target``, then rename it into place."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
@@ -133,7 +133,7 @@ def fused_model(base: str | Path, adapter_path: str | Path) -> Path:
     if (target / "config.json").exists():
         os.utime(target)  # used: the last to be pruned
     else:
-        _atomic_folder(target, lambda tmp: _fuse(base, adapters, tmp))
+        atomic_folder(target, lambda tmp: _fuse(base, adapters, tmp))
     _prune(target.parent, keep=FUSED_KEPT)
     return target
 
@@ -173,6 +173,12 @@ def _fuse(base: Path, adapters: Path, out: Path) -> None:
     model.update_modules(tree_unflatten(fused))
     save_model(out, model, donate_model=True)
     save_config(config, out / "config.json")
+    copy_model_files(base, out)
+
+
+def copy_model_files(base: Path, out: Path) -> None:
+    """Copy what a model folder holds besides its weights and config (the tokenizer, the chat
+    template) from ``base`` to ``out``."""
     for path in base.iterdir():
         if (
             path.is_file()

@@ -87,8 +87,10 @@ def plot_bench(
     return fig
 
 
-def plot_memory(per_rank: Mapping[str, Sequence[int]], title: str = "weight memory per rank"):
-    """Grouped bars: bytes held by each rank under each layout.
+def plot_memory(
+    per_rank: Mapping[str, Sequence[int]], title: str = "weight memory per rank", ylabel: str = "weight bytes"
+):
+    """Grouped bars: bytes held by each rank under each layout (``ylabel``: what the bytes are).
 
     The hook for any model: ``per_rank`` maps a layout name to one byte count
     per rank, e.g. ``{"unsharded": [b] * n, "tensor": tensor_bytes, "pipeline": pipe_bytes}``.
@@ -109,7 +111,7 @@ def plot_memory(per_rank: Mapping[str, Sequence[int]], title: str = "weight memo
     ax.yaxis.set_major_locator(MultipleLocator(unit * step))
     ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y / unit:g} {name}"))
     ax.set_xticks(range(ranks), [f"rank {r}" for r in range(ranks)])
-    ax.set_ylabel("weight bytes")
+    ax.set_ylabel(ylabel)
     ax.margins(y=0.12)
     ax.set_title(title)
     ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=min(3, len(per_rank)))

@@ -77,6 +77,54 @@ def nothing_left_running():
     assert not alive, "processes left running: " + "; ".join(f"{p.pid} {' '.join(p.cmdline())}" for p in alive)
 
 
+def random_model(path, **shape):
+    """A randomly initialised SmolLM2-shaped model folder (with the bundled tokenizer) at ``path``:
+    the bundled config with ``shape`` (hidden_size=64, ...) changed. Returns ``path``."""
+    import json
+    import shutil
+
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import _get_classes
+
+    from mlx_nb.models import bundled_model
+
+    src = bundled_model()
+    config = json.loads((src / "config.json").read_text())
+    config.pop("quantization", None)
+    config.update(shape)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(src / name, path / name)
+    model_class, args_class = _get_classes(config)
+    mx.random.seed(0)
+    weights = dict(tree_flatten(model_class(args_class.from_dict(config)).parameters()))
+    mx.save_safetensors(str(path / "model.safetensors"), weights)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """A 2-layer, randomly initialised SmolLM2-shaped model (with its tokenizer): steps in ms."""
+    return random_model(
+        tmp_path_factory.mktemp("tiny") / "model",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+
+
+def steps_in(run, n: int, timeout: float = 240) -> None:
+    """Wait until the notebook has seen step ``n`` of ``run`` (or the run ended)."""
+    deadline = time.monotonic() + timeout
+    while len(run.history) < n and run.result is None and run.error is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert len(run.history) >= n, f"no step {n} within {timeout} s: {run.label.value}"
+
+
 def ipython_shell():
     """The test IPython shell (IPython's global test app starts once per process)."""
     from IPython import get_ipython

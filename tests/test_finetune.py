@@ -10,12 +10,12 @@ import os
 import shutil
 import signal
 import threading
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import mlx.core as mx
 import pytest
+from conftest import steps_in
 
 from mlx_nb import Cluster, DistCellError
 from mlx_nb.finetune import finetune, load_rows, prepare, train_on_rank
@@ -44,31 +44,6 @@ def cluster():
         yield c
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    """A 2-layer, randomly initialised SmolLM2-shaped model (with its tokenizer): steps in ms."""
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
-    from mlx_lm.utils import _get_classes
-
-    from mlx_nb.models import bundled_model
-
-    src, path = bundled_model(), tmp_path_factory.mktemp("tiny")
-    config = json.loads((src / "config.json").read_text())
-    config.pop("quantization", None)
-    config.update(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
-    )
-    (path / "config.json").write_text(json.dumps(config))
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(src / name, path / name)
-    model_class, args_class = _get_classes(config)
-    mx.random.seed(0)
-    weights = dict(tree_flatten(model_class(args_class.from_dict(config)).parameters()))
-    mx.save_safetensors(str(path / "model.safetensors"), weights)
-    return path
-
-
 def test_one_rank_with_the_full_batch_and_two_with_half_batches_train_identically(cluster, tiny_model, tmp_path):
     # on every token, not only the answers, so each rank's questions count
     options = dict(model=str(tiny_model), iters=3, learning_rate=1e-2, num_layers=2, mask_prompt=False, seed=3)
@@ -86,14 +61,6 @@ def test_too_little_data_for_a_global_batch_is_named(cluster, tmp_path):
     with pytest.raises(DistCellError, match=r"3 training rows cannot fill a global batch of 4 \(2 x 2 ranks\)"):
         finetune(cluster, data=rows, batch_size=2, adapter_path=str(tmp_path)).wait()
     assert cluster.run("mx.distributed.all_sum(mx.array(rank + 1)).item()").value["text/plain"] == "3"
-
-
-def steps_in(run, n: int, timeout: float = 240) -> None:
-    """Wait until the notebook has seen step ``n`` of ``run`` (or the run ended)."""
-    deadline = time.monotonic() + timeout
-    while len(run.history) < n and run.result is None and run.error is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert len(run.history) >= n, f"no step {n} within {timeout} s: {run.label.value}"
 
 
 def loads_whole(data: bytes, tmp_path: Path) -> dict:
@@ -132,8 +99,8 @@ def stopped(cluster, tmp_path_factory):
 def test_stop_ends_training_on_every_rank_at_the_same_step_and_saves_it(cluster, stopped):
     run, result = stopped.run, stopped.result
     assert result.stopped_at is not None and 4 <= result.stopped_at < 100
-    assert [r["stopped_at"] for r in run.per_rank] == [result.stopped_at] * 2
-    assert [len(r["history"]) for r in run.per_rank] == [result.stopped_at] * 2
+    assert [r.stopped_at for r in run.per_rank] == [result.stopped_at] * 2
+    assert [len(r.history) for r in run.per_rank] == [result.stopped_at] * 2
     assert f"stopped at step {result.stopped_at}" in run.label.value and run.stop_button.disabled
     saved = Path(result.adapter_path)
     state = json.loads((saved / "checkpoint.json").read_text())
@@ -248,9 +215,9 @@ def test_an_interrupt_of_a_training_call_stops_every_rank_and_saves_that_step(cl
             interrupt_main()
 
     per_rank = cluster.call(train_on_rank, config, on_report=on_report, timeout=300)
-    stopped_at = per_rank[0]["stopped_at"]
+    stopped_at = per_rank[0].stopped_at
     assert stopped_at is not None and 3 <= stopped_at < 10**5
-    assert [r["stopped_at"] for r in per_rank] == [stopped_at] * 2
+    assert [r.stopped_at for r in per_rank] == [stopped_at] * 2
     assert json.loads((folder / "checkpoint.json").read_text())["step"] == stopped_at
     assert (folder / f"{stopped_at:07d}_adapters.safetensors").exists()
 

@@ -16,6 +16,7 @@ from IPython.core.error import UsageError
 
 from mlx_nb import Cluster, display, footprint, planner
 from mlx_nb.engines import kept
+from mlx_nb.finetune import finetune
 from mlx_nb.footprint import read_model, safetensors_header
 from mlx_nb.generate import generate, load_model, plan, prompt_cache
 from mlx_nb.models import bundled_model
@@ -320,4 +321,8 @@ def test_a_model_over_every_budget_is_refused_before_any_weight_is_read(dense):
         assert [s.rank for s in info.value.shortfalls] == [0, 1]
         assert "Nothing fits" in str(info.value) and "\n" not in str(info.value)
         assert all(after - b < MB for after, b in zip(rchar(c), before)), "the refused load read the model"
+        # full fine-tuning is refused the same way, before a rank reads a weight
+        with pytest.raises(DoesNotFit, match=r"full fine-tuning, FSDP of the bundled SmolLM2 .* has 100.0 MB"):
+            finetune(c, method="full", fsdp=True, iters=1, max_seq_length=64)
+        assert all(after - b < MB for after, b in zip(rchar(c), before)), "the refused run read the model"
         assert all(r.active_memory < MB for r in c.status())  # nothing was loaded

@@ -9,9 +9,21 @@ A run folder holds what ``mlx_lm.load(model, adapter_path=folder)`` and
     0000010_optimizer.safetensors    the optimizer state at step 10 (the latest checkpoint's only)
     checkpoint.json                  the latest checkpoint: its step, files and loss history
 
+A full fine-tuning run (``method="full"``) keeps its weights instead, one file per shard::
+
+    run_config.json                          the run's options ("mlx_nb") and its base model
+    0000010_weights-0-of-2.safetensors       rank 0's shard of every weight at step 10 (FSDP: 1/2 of
+                                             each along axis 0; data-parallel: one shard, whole)
+    0000010_optimizer-0-of-2.safetensors     rank 0's shard of Adam's state at step 10
+    checkpoint.json                          the latest checkpoint: step, shards, loss history
+
+Only the latest full checkpoint is kept (each is the size of the model, three times over).
+``mlx_nb.finetune.consolidate`` joins the shards into a model folder.
+
 Every file is written under a hidden temporary name in the folder, flushed to disk and
 renamed over the old one, so a reader (or a run stopped mid-write) never sees a partial
-file. ``checkpoint.json`` is written last: a checkpoint it names is complete.
+file. ``checkpoint.json`` is written last (for shards: once every rank has written its own):
+a checkpoint it names is complete.
 """
 
 from __future__ import annotations
@@ -24,6 +36,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 CONFIG = "adapter_config.json"
+FULL_CONFIG = "run_config.json"
 ADAPTERS = "adapters.safetensors"
 STATE = "checkpoint.json"
 
@@ -129,11 +142,57 @@ def load(folder: Path) -> tuple[dict, dict, dict]:
 
 
 def read_config(folder: Path) -> dict:
-    """The run's ``adapter_config.json``."""
+    """The run's ``adapter_config.json`` (LoRA) or ``run_config.json`` (full fine-tuning)."""
     path = Path(folder) / CONFIG
+    if not path.exists() and (Path(folder) / FULL_CONFIG).exists():
+        path = Path(folder) / FULL_CONFIG
     if not path.exists():
         raise FileNotFoundError(
             f"{path} does not exist: resume and adapter_path take a folder that "
-            "finetune wrote (it holds adapter_config.json and adapters.safetensors)"
+            "finetune wrote (it holds adapter_config.json and adapters.safetensors, "
+            f"or {FULL_CONFIG} and the weights' shards for method='full')"
         )
     return json.loads(path.read_text())
+
+
+def shard_files(step: int, rank: int, shards: int) -> tuple[str, str]:
+    """The names of a full checkpoint's weights and optimizer files for one shard.
+
+    Example:
+        >>> shard_files(10, 0, 2)
+        ('0000010_weights-0-of-2.safetensors', '0000010_optimizer-0-of-2.safetensors')
+    """
+    tail = f"-{rank}-of-{shards}.safetensors"
+    return f"{step:07d}_weights{tail}", f"{step:07d}_optimizer{tail}"
+
+
+def save_shard(folder: Path, step: int, rank: int, shards: int, weights: dict, optimizer: dict) -> Path:
+    """Write one rank's shard of the checkpoint of ``step`` (flat dicts); return its weights file."""
+    names = shard_files(step, rank, shards)
+    save_arrays(folder / names[1], optimizer)
+    return save_arrays(folder / names[0], weights)
+
+
+def commit_shards(folder: Path, step: int, shards: int, history: list[dict]) -> None:
+    """Name the checkpoint of ``step`` complete (once every shard is written), then remove the
+    previous checkpoint's shards."""
+    previous = latest(folder)
+    files = [name for rank in range(shards) for name in shard_files(step, rank, shards)]
+    write_json(
+        folder / STATE, {"step": step, "shards": shards, "files": files, "history": history, "time": time.time()}
+    )
+    if previous and previous["step"] != step:
+        for name in previous.get("files", []):
+            (folder / name).unlink(missing_ok=True)
+
+
+def load_shard(folder: Path, rank: int) -> tuple[dict, dict, dict]:
+    """The latest full checkpoint in ``folder``: its record and ``rank``'s weights and optimizer
+    state (flat)."""
+    import mlx.core as mx
+
+    record = latest(folder)
+    if record is None or "shards" not in record:
+        raise FileNotFoundError(f"{folder} holds no checkpoint of full fine-tuning ({STATE} names no shards)")
+    weights, optimizer = shard_files(record["step"], rank, record["shards"])
+    return record, mx.load(str(Path(folder) / weights)), mx.load(str(Path(folder) / optimizer))

@@ -1,12 +1,12 @@
-"""Data-parallel LoRA fine-tuning, the rank half, built on mlx-lm's own tuner.
+"""Fine-tuning, the rank half: the options, the run's steps, and LoRA on mlx-lm's own tuner.
 
-Every rank holds the whole model with LoRA layers; each reads its own slice of
-every global batch (``mlx_lm.tuner.trainer.iterate_batches``), and gradients
-are averaged by the trainer (``mlx.nn.average_gradients``). Each step is
-reported to the notebook, and a stop request ends training on all ranks at
-the same step. Rank 0 writes a checkpoint (:mod:`mlx_nb.rank.checkpoint`) every
-``save_every`` steps, at the last step and when stopped; a run resumes from
-the latest one.
+Every rank reads its own slice of every global batch (``mlx_lm.tuner.trainer.iterate_batches``).
+With ``method="lora"`` every rank holds the whole model with LoRA layers, and gradients are
+averaged by the trainer (``mlx.nn.average_gradients``); ``method="full"`` trains every weight
+(:mod:`mlx_nb.rank.full_finetune`, sharded over the ranks with ``fsdp=True``). Each step is
+reported to the notebook with every rank's peak memory, and a stop request ends training on
+all ranks at the same step. A checkpoint (:mod:`mlx_nb.rank.checkpoint`) is written every
+``save_every`` steps, at the last step and when stopped; a run resumes from the latest one.
 """
 
 from __future__ import annotations
@@ -14,15 +14,18 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional, Union
 
 from . import checkpoint
 
 DATA = Path(__file__).parent.parent / "data"  # mlx_nb/data
-# what a resumed run must share with the run it continues: the shape of the LoRA layers
-FIXED = ("model", "num_layers", "lora_rank", "lora_scale")
+METHODS = ("lora", "full")
+LORA_OPTIONS = ("num_layers", "lora_rank", "lora_scale")
+# what a resumed run must share with the run it continues: the method, and LoRA's layers
+FIXED = ("model", "method", "fsdp", *LORA_OPTIONS)
 
 
 @dataclass
@@ -41,6 +44,33 @@ class FinetuneConfig:
     save_every: int = 10  # steps between checkpoints (also at the last step and on a stop)
     adapter_path: Optional[str] = None  # None: a new folder per run, adapters/run-YYYYmmdd-HHMMSS
     resume: Optional[str] = None  # a run folder: continue from its latest checkpoint
+    method: str = "lora"  # "lora": adapters on a frozen model; "full": every weight is trained
+    fsdp: bool = False  # with method="full": each rank holds 1/N of the weights, gradients, Adam state
+    max_grad_norm: Optional[float] = None  # method="full": clip the gradients' global norm to this
+    consolidate: Union[bool, str] = False  # method="full": at the end, a whole model folder (True: in the run's)
+
+
+@dataclass
+class FinetuneResult:
+    """What a run did, as every rank saw it (``FinetuneRun.wait()`` gives rank 0's)."""
+
+    history: list[dict]
+    adapter_path: str  # the run's folder: adapters (LoRA) or the weights' checkpoints (full)
+    stopped_at: Optional[int]
+    seconds: float
+    ranks: int
+    global_batch: int
+    resumed_from: Optional[int] = None  # the step of the checkpoint this run continued from
+    saved: Optional[str] = None  # the last checkpoint's file (rank 0's)
+    method: str = "lora"  # "lora" or "full"
+    fsdp: bool = False  # full fine-tuning sharded over the ranks (else every rank held everything)
+    peak_memory: list[int] = field(default_factory=list)  # bytes, per rank, the run's peak
+    reduce_scatter: str = ""  # FSDP: which reduce-scatter ran (MLX's sum_scatter or mlx_nb's)
+    model: Optional[str] = None  # the folder consolidate() wrote, where the run asked for one
+
+    @property
+    def losses(self) -> list[float]:
+        return [h["train_loss"] for h in self.history]
 
 
 class _Stopped(Exception):
@@ -64,7 +94,7 @@ def prepare(options: dict[str, Any], choose_folder: bool = True) -> FinetuneConf
     (``iters`` too: a stopped run goes on to its first target), and the run writes on into
     that folder unless ``adapter_path`` says otherwise. Without, ``adapter_path`` defaults
     to a new folder (made here, where ``choose_folder``), and a folder that already holds
-    adapters is refused, not overwritten.
+    a run's checkpoints is refused, not overwritten.
 
     Example:
         >>> prepare({"iters": 5}).adapter_path  # doctest: +SKIP
@@ -78,6 +108,7 @@ def prepare(options: dict[str, Any], choose_folder: bool = True) -> FinetuneConf
         options = _resumed(options)
     c = FinetuneConfig(**options)
     check(c)
+    _check_method(c, options)
     if isinstance(c.data, str):
         c.data = str(Path(c.data).resolve())
     if c.adapter_path is None:
@@ -88,8 +119,9 @@ def prepare(options: dict[str, Any], choose_folder: bool = True) -> FinetuneConf
     folder = Path(c.adapter_path)
     continuing = c.resume is not None and folder == Path(c.resume).resolve()
     if not continuing and ((folder / checkpoint.ADAPTERS).exists() or (folder / checkpoint.STATE).exists()):
+        held = "adapters" if (folder / checkpoint.ADAPTERS).exists() else "the checkpoints"
         raise ValueError(
-            f"{folder} already holds adapters of an earlier run: pass resume={str(folder)!r} "
+            f"{folder} already holds {held} of an earlier run: pass resume={str(folder)!r} "
             "to continue that run, or another adapter_path (by default each run gets a new folder)"
         )
     return c
@@ -128,6 +160,32 @@ def check(c: FinetuneConfig) -> None:
         raise ValueError(f"seed={c.seed!r}: it takes a whole number")
 
 
+def _check_method(c: FinetuneConfig, options: dict[str, Any]) -> None:
+    """The method and the options that go with it (``options``: those the user passed)."""
+    if c.method not in METHODS:
+        raise ValueError(f"method={c.method!r}: use 'lora' (adapters on a frozen model) or 'full' (every weight)")
+    if c.method == "lora":
+        full_only = {"fsdp": c.fsdp, "max_grad_norm": c.max_grad_norm, "consolidate": c.consolidate}
+        for name, value in full_only.items():
+            if value:
+                raise ValueError(
+                    f"{name}={value!r} is an option of full fine-tuning: pass method='full' with it "
+                    "(LoRA keeps the whole frozen model on every rank and trains adapters)"
+                )
+        return
+    defaults = FinetuneConfig()
+    given = [
+        f"{k}={options[k]!r}" for k in LORA_OPTIONS if options.get(k, getattr(defaults, k)) != getattr(defaults, k)
+    ]
+    if given:
+        raise ValueError(
+            f"{', '.join(given)}: these configure LoRA's adapters; leave them out with method='full', "
+            "which trains every weight of the model"
+        )
+    if c.max_grad_norm is not None and not c.max_grad_norm > 0:
+        raise ValueError(f"max_grad_norm={c.max_grad_norm}: clipping needs a norm above 0 (or None: no clipping)")
+
+
 def _resumed(options: dict[str, Any]) -> dict[str, Any]:
     folder = Path(options["resume"]).resolve()
     saved = checkpoint.read_config(folder).get("mlx_nb")
@@ -136,12 +194,13 @@ def _resumed(options: dict[str, Any]) -> dict[str, Any]:
     record = checkpoint.latest(folder)
     if record is None:
         raise ValueError(f"{folder} holds no checkpoint yet (the run ended before its first save): start a new run")
-    changed = [
-        f"{k}={options[k]!r} (the run has {saved[k]!r})" for k in FIXED if k in options and options[k] != saved[k]
-    ]
+    defaults = asdict(FinetuneConfig())
+    changed = {k: saved.get(k, defaults[k]) for k in FIXED if k in options and options[k] != saved.get(k, defaults[k])}
     if changed:
+        what = "another method" if {"method", "fsdp"} & set(changed) else "other LoRA layers"
         raise ValueError(
-            f"cannot resume {folder} with other LoRA layers: {', '.join(changed)}; "
+            f"cannot resume {folder} with {what}: "
+            f"{', '.join(f'{k}={options[k]!r} (the run has {v!r})' for k, v in changed.items())}; "
             "leave these options out to resume, or start a new run"
         )
     if isinstance(saved["data"], dict) and "data" not in options:
@@ -159,11 +218,12 @@ def _resumed(options: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def train_on_rank(cfg: dict) -> dict:
-    """Run inside every rank (collectively): LoRA-train, report each step, checkpoint on rank 0.
+def train_on_rank(cfg: dict) -> FinetuneResult:
+    """Run inside every rank (collectively): train, report each step, checkpoint.
 
-    ``cfg`` holds :class:`FinetuneConfig` options. Returns the loss history (from step 1, on
-    a resumed run too), the step it stopped at (None: it ran to ``iters``), and the folder.
+    ``cfg`` holds :class:`FinetuneConfig` options. Returns this rank's :class:`FinetuneResult`:
+    the loss history (from step 1, on a resumed run too), the step it stopped at (None: it ran
+    to ``iters``), the folder, and every rank's peak memory.
 
     Example (in a ``%%mlx_dist`` cell)::
 
@@ -171,8 +231,12 @@ def train_on_rank(cfg: dict) -> dict:
     """
     import mlx.core as mx
 
+    from .session import state
+
     group = mx.distributed.init()
-    c = prepare(cfg, choose_folder=group.rank() == 0)  # only rank 0 writes: the others need none
+    # LoRA: only rank 0 writes, the others need no folder; full: every rank writes, into one folder
+    # that the caller names (each rank choosing one would give each its own)
+    c = prepare(cfg, choose_folder=group.rank() == 0 and cfg.get("method", "lora") == "lora")
     rows = load_rows(c.data)
     global_batch = c.batch_size * group.size()
     if len(rows) < global_batch:
@@ -180,62 +244,139 @@ def train_on_rank(cfg: dict) -> dict:
             f"{len(rows)} training rows cannot fill a global batch of {global_batch} "
             f"({c.batch_size} x {group.size()} ranks)"
         )
-    run = _Run(c, group, rows)
+    if c.method == "full":
+        from .full_finetune import FullRun
+
+        run: Steps = FullRun(c, group, rows, state.backend)
+    else:
+        run = _Run(c, group, rows)
     stopped_at = None
     t0 = time.perf_counter()
     try:
         run.train()
     except _Stopped as s:
         stopped_at = s.args[0]
-    return {
-        "history": run.history,
-        "stopped_at": stopped_at,
-        "seconds": time.perf_counter() - t0,
-        "adapter_path": c.adapter_path,
-        "ranks": group.size(),
-        "global_batch": global_batch,
-        "resumed_from": run.start or None,
-        "saved": run.saved,
-    }
+    result = FinetuneResult(
+        history=run.history,
+        adapter_path=c.adapter_path,
+        stopped_at=stopped_at,
+        seconds=time.perf_counter() - t0,
+        ranks=group.size(),
+        global_batch=global_batch,
+        resumed_from=run.start or None,
+        saved=run.saved,
+        method=c.method,
+        fsdp=c.fsdp,
+        peak_memory=run.peaks,
+        reduce_scatter=run.reduce_scatter,
+    )
+    run = None  # the model, its gradients and Adam's state go, and MLX's cache of their buffers
+    mx.clear_cache()
+    return result
 
 
-class _Run:
-    """One rank's share of a run: the model with its LoRA layers, the optimizer, the checkpoints."""
+class Steps:
+    """What a run does after each step, on every rank, whatever it trains: record the step, agree
+    on stopping, checkpoint (``save``, the subclass's), report to the notebook."""
 
-    def __init__(self, c: FinetuneConfig, group: Any, rows: list[dict]):
-        import mlx.optimizers as optim
+    reduce_scatter = ""
 
-        self.c, self.group, self.rows = c, group, rows
+    def __init__(self, c: FinetuneConfig, group: Any):
+        self.c, self.group = c, group
         self.rank, self.size = group.rank(), group.size()
         self.folder = Path(c.adapter_path) if c.adapter_path else None
-        self.model, self.tokenizer = _lora_model(c)
-        self.optimizer = optim.Adam(learning_rate=c.learning_rate)
         self.start, self.history, self.saved = 0, [], None
         self.tokens_before = 0  # tokens trained before this run resumed
-        if c.resume:
-            self._restore(Path(c.resume))
-        self._agree()  # every rank has checked the folder (prepare) before rank 0 writes to it
-        if self.rank == 0:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            checkpoint.write_json(self.folder / checkpoint.CONFIG, self._adapter_config())
+        self.peaks: list[int] = []  # every rank's peak memory, as of the latest step
 
     def _agree(self) -> None:
         import mlx.core as mx
 
         mx.eval(mx.distributed.all_sum(mx.array(1), stream=mx.cpu, group=self.group))
 
+    def save(self, step: int) -> Optional[str]:
+        raise NotImplementedError
+
+    def _restore(self, folder: Path) -> None:
+        raise NotImplementedError
+
+    def _begin(self, config_name: str, config: Callable[[], dict]) -> None:
+        """Restore the checkpoint a resumed run continues; then, every rank having checked the
+        folder (``prepare``), rank 0 writes the run's config into it."""
+        if self.c.resume:
+            self._restore(Path(self.c.resume))
+        self._agree()
+        if self.rank == 0:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            checkpoint.write_json(self.folder / config_name, config())
+
+    def _restored(self, record: dict) -> None:
+        self.start, self.history = record["step"], record["history"]
+        self.tokens_before = self.history[-1]["trained_tokens"] if self.history else 0
+
+    def options(self) -> dict:
+        """The options a resumed run takes up again (list data: only its length)."""
+        options = {k: v for k, v in asdict(self.c).items() if k not in ("adapter_path", "resume")}
+        if isinstance(self.c.data, list):
+            options["data"] = {"rows": len(self.c.data)}  # not copied: resuming asks for them again
+        return options
+
+    def _poll(self) -> tuple[bool, list[int]]:
+        """(did the notebook ask any rank to stop, every rank's peak memory): one all_gather."""
+        import mlx.core as mx
+
+        from .session import memory, stop_requested
+
+        mine = mx.array([[int(stop_requested()), memory()[1]]], dtype=mx.int64)
+        every = mx.distributed.all_gather(mine, stream=mx.cpu, group=self.group).tolist()
+        return any(stop for stop, _ in every), [peak for _, peak in every]
+
+    def on_step(self, step: int, **measured: Any) -> None:
+        """After step ``step`` (on every rank): record it, agree on stopping, checkpoint, report.
+
+        ``measured``: train_loss, tokens_per_second, trained_tokens (this run's), and anything else
+        the method measures (grad_norm)."""
+        from .session import report
+
+        stop, self.peaks = self._poll()
+        row = {
+            "iteration": step,
+            **measured,
+            "trained_tokens": measured["trained_tokens"] + self.tokens_before,
+            "peak_memory": self.peaks,
+        }
+        self.history.append(row)
+        if stop or step % self.c.save_every == 0 or step == self.c.iters:
+            self.save(step)
+            if self.rank == 0:
+                row = {**row, "saved": self.saved}
+        if self.rank == 0:
+            report(**row, iters=self.c.iters)
+        if stop and step < self.c.iters:
+            raise _Stopped(step)
+
+
+class _Run(Steps):
+    """One rank's share of a LoRA run: the model with its LoRA layers, the optimizer, the checkpoints."""
+
+    def __init__(self, c: FinetuneConfig, group: Any, rows: list[dict]):
+        import mlx.optimizers as optim
+
+        super().__init__(c, group)
+        self.rows = rows
+        self.model, self.tokenizer = _lora_model(c)
+        self.optimizer = optim.Adam(learning_rate=c.learning_rate)
+        self._begin(checkpoint.CONFIG, self._adapter_config)
+
     def _adapter_config(self) -> dict:
         """mlx-lm's adapter_config.json, and under "mlx_nb" the options to resume with."""
         c = self.c
-        options = {k: v for k, v in asdict(c).items() if k not in ("adapter_path", "resume")}
-        if isinstance(c.data, list):
-            options["data"] = {"rows": len(c.data)}  # not copied: resuming asks for them again
         return {
             "fine_tune_type": "lora",
             "num_layers": c.num_layers,
             "model": c.model,
             "lora_parameters": self.lora,
-            "mlx_nb": options,
+            "mlx_nb": self.options(),
         }
 
     @property
@@ -256,8 +397,7 @@ class _Run:
         self.model.load_weights(list(adapters.items()), strict=False)
         self.optimizer.state = tree_unflatten(list(optimizer.items()))
         self.optimizer.learning_rate = self.c.learning_rate
-        self.start, self.history = record["step"], record["history"]
-        self.tokens_before = self.history[-1]["trained_tokens"] if self.history else 0
+        self._restored(record)
 
     def save(self, step: int) -> str:
         """Rank 0 writes the checkpoint of ``step`` (after the step's update was evaluated)."""
@@ -297,7 +437,12 @@ class _Run:
 
         class Live(TrainingCallback):
             def on_train_loss_report(self, info: dict) -> None:
-                run.on_step(info)
+                run.on_step(
+                    info["iteration"] + run.start,
+                    train_loss=info["train_loss"],
+                    tokens_per_second=info["tokens_per_second"],
+                    trained_tokens=info["trained_tokens"],
+                )
 
         quiet = io.StringIO()  # mlx-lm's console progress: the notebook draws its own
         try:
@@ -308,36 +453,12 @@ class _Run:
                     dataset,
                     None,
                     args,
-                    loss=_global_mean_loss(self.group),
-                    iterate_batches=_batches(self.start),
+                    loss=global_mean_loss(self.group),
+                    iterate_batches=batches_from(self.start),
                     training_callback=Live(),
                 )
         finally:
             scratch.unlink(missing_ok=True)
-
-    def on_step(self, info: dict) -> None:
-        """After each step (on every rank): record it, agree on stopping, checkpoint, report."""
-        import mlx.core as mx
-
-        from .session import report, stop_requested
-
-        step = info["iteration"] + self.start
-        row = {
-            "iteration": step,
-            "train_loss": info["train_loss"],
-            "tokens_per_second": info["tokens_per_second"],
-            "trained_tokens": info["trained_tokens"] + self.tokens_before,
-        }
-        self.history.append(row)
-        stop = mx.distributed.all_sum(mx.array(int(stop_requested())), stream=mx.cpu, group=self.group).item()
-        if stop or step % self.c.save_every == 0 or step == self.c.iters:
-            self.save(step)
-            if self.rank == 0:
-                row = {**row, "saved": self.saved}
-        if self.rank == 0:
-            report(**row, iters=self.c.iters)
-        if stop and step < self.c.iters:
-            raise _Stopped(step)
 
 
 def _lora_model(c: FinetuneConfig):
@@ -365,7 +486,7 @@ def _lora_model(c: FinetuneConfig):
     return model, tokenizer
 
 
-def _global_mean_loss(group: Any):
+def global_mean_loss(group: Any):
     """The mean over the *global* batch's tokens, so 1 rank x 4 rows and 2 ranks x 2 rows train
     identically (mlx-lm's default averages per rank)."""
     import mlx.core as mx
@@ -386,7 +507,7 @@ def _global_mean_loss(group: Any):
     return loss
 
 
-def _batches(skip: int):
+def batches_from(skip: int):
     """mlx-lm's batches from the ``skip``-th on (a resumed run takes the batches the whole run
     would have), cut to their longest row."""
     from mlx_lm.tuner.trainer import iterate_batches
