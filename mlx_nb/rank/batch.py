@@ -106,7 +106,16 @@ def share(plan: Optional[Plan], group: Optional[mx.distributed.Group], stream: A
 
 
 REPORT_EVERY = 0.1  # seconds between a batch's reports to the notebook (its live table redraws at 4 Hz)
-SHARE_AT_LEAST = 64  # tokens of a prefix being prefilled that a request waits for rather than prefill
+# A prompt that prefills at least this many tokens past the cache becomes an entry as soon as it is
+# prefilled (a shorter one only when its reply ends: copying a long cached prefix for a few new
+# tokens would cost more than it saves); a request waits for such a prompt's entry when it shares
+# at least this many more tokens with it than the cache holds, and half of what it would prefill.
+SHARE_AT_LEAST = 64
+
+
+def _prefills_an_entry(r: Request) -> bool:
+    """Whether ``r``'s prompt becomes an entry once prefilled (every rank decides alike)."""
+    return len(r.prompt) - (r.hit.tokens if r.hit is not None else 0) >= SHARE_AT_LEAST
 
 
 def _common(a: list[int], b: list[int]) -> int:
@@ -155,6 +164,7 @@ class Batch:
         self._ended: set[int] = set()  # requests rank 0 ended, in the batch until the next plan
         self._detokenizers: dict[int, Any] = {}
         self._fresh: set[int] = set()  # rank 0: requests that have no token yet
+        self._entries_at_prefill: set[int] = set()  # uids whose prompt becomes an entry once prefilled
         self.model = model
         self.cache: Optional[PromptCache] = prompt_cache.current()
         if self.cache is not None:
@@ -201,11 +211,12 @@ class Batch:
             hit = self.cache.lookup(r.prompt, count=False)
             reused = hit.tokens if hit is not None else 0
             shared = max((_common(r.prompt, p) for p in self._prefilling.values()), default=0)
-            if shared - reused >= SHARE_AT_LEAST:
+            if shared - reused >= max(SHARE_AT_LEAST, (len(r.prompt) - reused) // 2):
                 self.held.append(r)
                 continue
             r.hit = self.cache.lookup(r.prompt)  # counted now: this is where it starts
-            self._prefilling[r.id] = r.prompt
+            if _prefills_an_entry(r):
+                self._prefilling[r.id] = r.prompt
             plan.add.append(r)
         return plan
 
@@ -224,6 +235,7 @@ class Batch:
             for uid, (cache, tokens) in caches.items():
                 self.cache.finished(self._ids[uid], cache, tokens)
         for uid in gone:
+            self._entries_at_prefill.discard(uid)
             rid = self._ids.pop(uid)
             if rid in self._ended:  # an end of sequence: its cache holds the whole reply
                 self._complete.add(rid)
@@ -242,6 +254,8 @@ class Batch:
             )
             for uid, r, n in zip(uids, plan.add, start):
                 self._ids[uid], self._uids[r.id] = r.id, uid
+                if keeping and _prefills_an_entry(r):
+                    self._entries_at_prefill.add(uid)
                 if self.rank == 0:
                     self._detokenizers[r.id] = self.tokenizer.detokenizer
                     self._admitted.append((r.id, n))
@@ -253,6 +267,8 @@ class Batch:
         if self.cache is not None and self.cache.enabled:
             # a prompt prefilled but for its last token: an entry that later prompts can start from
             done = [r.uid for r in prefills if r.end_of_segment and not r.end_of_prompt and r.uid in self._ids]
+            done = [uid for uid in done if uid in self._entries_at_prefill]
+            self._entries_at_prefill.difference_update(done)
             for uid, (cache, tokens) in self.gen.extract_cache(done).items() if done else ():
                 key = ("prompt", self._ids[uid])
                 self.cache.finished(key, cache, tokens)
@@ -264,6 +280,7 @@ class Batch:
             dropped = r.finish_reason is not None  # max_tokens: every rank's generator dropped it already
             if dropped:
                 del self._ids[r.uid], self._uids[rid]
+                self._entries_at_prefill.discard(r.uid)
                 if self.cache is not None:
                     self.cache.finished(rid, r.prompt_cache, r.all_tokens)
                     if self.rank == 0:
