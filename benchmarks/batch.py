@@ -186,7 +186,7 @@ def main() -> None:
     layout = ("pipeline" if pipeline else "tensor") + f" parallel on {args.n} ranks" if args.n > 1 else "1 rank"
     title = (
         f"{Path(model).name}, {layout}, {args.tokens} tokens per reply, greedy; median (range) of "
-        f"{args.rounds} rounds; {blas.current()}"
+        f"{args.rounds} rounds; {blas.what_computes()}"
     )
     header = [
         "prompts",

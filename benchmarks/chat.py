@@ -126,7 +126,7 @@ def main() -> None:
     layout = ("pipeline" if args.pipeline else "tensor") + f" parallel on {args.n} ranks"
     title = (
         f"{Path(path).name}, {layout}; system prompt of {args.system_words} words, {args.tokens} tokens "
-        f"per reply, greedy; each turn's best of {args.rounds} rounds; {blas.current()}"
+        f"per reply, greedy; each turn's best of {args.rounds} rounds; {blas.what_computes()}"
     )
     header = [
         "turn",

@@ -274,7 +274,7 @@ def main() -> None:
     layout = ("pipeline" if args.pipeline else "tensor") + f" parallel on {args.n} ranks" if args.n > 1 else "1 rank"
     title = (
         f"{Path(model).name}, {layout}; {args.tokens} tokens per reply, shared system prompt of "
-        f"{args.system_words} words; best of {args.rounds} rounds; {blas.current()}"
+        f"{args.system_words} words; best of {args.rounds} rounds; {blas.what_computes()}"
     )
     header = ["scenario", "mlx_nb tok/s", "mlx_lm.server tok/s", "tok/s ratio", "mlx_nb first token (s)"]
     print(Table(header + ["mlx_lm first token (s)", "first token ratio"], rows, title))

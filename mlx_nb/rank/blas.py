@@ -268,3 +268,14 @@ def _mapped() -> list[str]:
 
 if __name__ == "__main__":  # preflight runs this file by path: one JSON line
     print(json.dumps(probe()))
+
+
+def what_computes() -> str:
+    """What runs this process's matmuls, for a benchmark's title: the GPU where MLX's default
+    device is one (its name), else the CPU's BLAS (:func:`current`)."""
+    import mlx.core as mx
+
+    if mx.default_device().type == mx.gpu:
+        name = mx.device_info().get("device_name", "GPU")
+        return f"{name}, MLX {mx.__version__}"
+    return f"{current()}, MLX {mx.__version__}"
