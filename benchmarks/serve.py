@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import signal
 import statistics
 import subprocess
 import sys
@@ -210,6 +211,9 @@ def main() -> None:
     args.only = set(args.only.split(","))
     from openai import OpenAI
 
+    # killed (timeout, kill PID), the finally blocks below still stop mlx_lm.server, which runs
+    # in a session of its own and would otherwise keep its port and cores
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     best: dict = {}
     errors: list[str] = []
 
