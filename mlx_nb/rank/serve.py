@@ -20,6 +20,7 @@ from . import session
 from .batch import Batch, Outbox, Plan, Request, Token, run
 from .generate import loaded, loaded_from
 
+GATHER_GAP, GATHER_MOST = 0.01, 0.05  # seconds: see gathered()
 REPORT_EVERY = 0.02  # seconds a served token may wait to share a report (first and last tokens never wait)
 
 
@@ -39,6 +40,22 @@ def source() -> dict:
         "eos": sorted(tokenizer.eos_token_ids),
         "ranks": group.size() if group else 1,
     }
+
+
+def gathered(gap: float = GATHER_GAP, most: float = GATHER_MOST) -> list[dict]:
+    """Rank 0, woken from idle by a request: those that follow within ``gap`` s of each other
+    (``most`` s in all), so that requests sent together are prefilled together.
+
+    Clients that send at once (8 users of one system prompt) reach the inbox a few milliseconds
+    apart (each is read and tokenized by its own HTTP thread). Planned as they come, the first
+    would be prefilled alone and the rest a step later, each prefill and each join of the running
+    batch copying every sequence's KV cache; mlx_lm.server, busy tokenizing in its generation
+    loop, takes what queued meanwhile in one step. A lone request waits ``gap`` s more."""
+    out: list[dict] = []
+    end = time.monotonic() + most
+    while (left := end - time.monotonic()) > 0 and (more := session.inbox(wait=min(gap, left))):
+        out += more
+    return out
 
 
 def serve_on_rank(serve_id: str, max_batch: int, prefill_step: int, idle_wait: float = 0.1) -> dict:
@@ -63,7 +80,10 @@ def serve_on_rank(serve_id: str, max_batch: int, prefill_step: int, idle_wait: f
             outbox.flush()
         plan = Plan(remove=batch.ended())
         cancelled: set[int] = set()
-        for message in session.inbox(wait=0.0 if len(batch) else idle_wait):
+        messages = session.inbox(wait=0.0 if len(batch) else idle_wait)
+        if messages and not len(batch):
+            messages += gathered()
+        for message in messages:
             if message.get("serve") != serve_id:
                 continue  # left from an earlier server
             plan.add += [Request(**r) for r in message.get("add", ())]
