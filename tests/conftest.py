@@ -1,4 +1,4 @@
-"""Shared fixtures: one real cluster per module, and a check that nothing is left running."""
+"""Shared fixtures: real clusters shared by a module's tests, and a check that nothing is left running."""
 
 from __future__ import annotations
 
@@ -63,9 +63,26 @@ def pytest_runtest_makereport(item, call):
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    """A real 4-rank local cluster shared by the tests of one module."""
+def two_ranks():
+    """Two local ranks, shared by the tests of one module."""
+    with Cluster(n=2) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def four_ranks():
+    """Four local ranks, shared by the tests of one module."""
     with Cluster(n=4) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def pipeline_pair():
+    """Two local ranks holding the bundled model as a pipeline (its 9 heads do not split over 2)."""
+    from mlx_nb.generate import load_model
+
+    with Cluster(n=2) as c:
+        load_model(c, pipeline=True, progress=False)
         yield c
 
 

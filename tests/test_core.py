@@ -24,8 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 # ------------------------------------------------------------------ Python API
-def test_start_reports_every_rank_and_checks_the_group(cluster):
-    ranks = cluster.status()
+def test_start_reports_every_rank_and_checks_the_group(four_ranks):
+    ranks = four_ranks.status()
     assert [r.rank for r in ranks] == [0, 1, 2, 3]
     assert len({r.pid for r in ranks}) == 4
     assert all(r.device.startswith("Device(cpu") and r.mlx and r.state == "idle" for r in ranks)
@@ -34,28 +34,28 @@ def test_start_reports_every_rank_and_checks_the_group(cluster):
     assert ranks[0].mlx == mx.__version__
 
 
-def test_all_sum_value_is_the_cell_result(cluster):
-    result = cluster.run("mx.distributed.all_sum(mx.array([float(rank)]), group=world)")
+def test_all_sum_value_is_the_cell_result(four_ranks):
+    result = four_ranks.run("mx.distributed.all_sum(mx.array([float(rank)]), group=world)")
     assert result.value["text/plain"] == "array([6], dtype=float32)"
 
 
-def test_ranks_listen_only_on_loopback(cluster):
-    procs = cluster.processes()  # the controller and its schedulers, ranks and spares
+def test_ranks_listen_only_on_loopback(four_ranks):
+    procs = four_ranks.processes()  # the controller and its schedulers, ranks and spares
     listening = [c.laddr for q in procs for c in q.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
     assert listening, "expected the controller and the ring to listen somewhere"
     assert {addr.ip for addr in listening} == {"127.0.0.1"}
 
 
-def test_push_and_pull_move_values_both_ways(cluster):
-    cluster.push({"scale": 10})
-    cluster.run("y = (rank + 1) * scale")
-    assert cluster.pull("y") == 10
-    assert cluster.pull("y", "all") == [10, 20, 30, 40]
-    result = cluster.run("z = mx.array([rank, size])", pull="z", ranks="all")
+def test_push_and_pull_move_values_both_ways(four_ranks):
+    four_ranks.push({"scale": 10})
+    four_ranks.run("y = (rank + 1) * scale")
+    assert four_ranks.pull("y") == 10
+    assert four_ranks.pull("y", "all") == [10, 20, 30, 40]
+    result = four_ranks.run("z = mx.array([rank, size])", pull="z", ranks="all")
     assert [a.tolist() for a in result.pulled] == [[0, 4], [1, 4], [2, 4], [3, 4]]
 
 
-def test_first_line_arrives_while_the_cell_still_runs(cluster, capsys):
+def test_first_line_arrives_while_the_cell_still_runs(four_ranks, capsys):
     # rank 0 prints, then all ranks wait on a collective that rank 0 only enters
     # once the notebook has seen the line: the cell cannot end before it arrives
     arrived = threading.Event()
@@ -72,7 +72,7 @@ def test_first_line_arrives_while_the_cell_still_runs(cluster, capsys):
     try:
         t = threading.Thread(
             target=lambda: (
-                cluster.run("print('first line', flush=True)\nimport time\ntime.sleep(2)"),
+                four_ranks.run("print('first line', flush=True)\nimport time\ntime.sleep(2)"),
                 done_at.append(time.monotonic()),
             )
         )
@@ -85,33 +85,33 @@ def test_first_line_arrives_while_the_cell_still_runs(cluster, capsys):
     assert done_at and seen_at < done_at[0]
 
 
-def test_ranks_all_labels_lines_and_merges_identical_ones(cluster, capsys):
-    cluster.run("print('same everywhere')\nprint(f'mine is {rank}')", ranks="all")
+def test_ranks_all_labels_lines_and_merges_identical_ones(four_ranks, capsys):
+    four_ranks.run("print('same everywhere')\nprint(f'mine is {rank}')", ranks="all")
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "[ranks 0-3] same everywhere"
     assert out[1:] == [f"[rank {r}] mine is {r}" for r in range(4)]
 
 
-def test_a_rank_error_shows_its_traceback_at_the_cell_line(cluster):
+def test_a_rank_error_shows_its_traceback_at_the_cell_line(four_ranks):
     with pytest.raises(DistCellError) as info:
-        cluster.run("x = 1\ny = [1, 2][rank]\n")
+        four_ranks.run("x = 1\ny = [1, 2][rank]\n")
     text = "\n".join(info.value._render_traceback_())
     assert "Root cause: ranks 2-3 raised IndexError: list index out of range, line 2: y = [1, 2][rank]" in text
     assert "<mlx_dist cell" in text and "ipyparallel" not in text and "mlx_nb/rank" not in text
     # the ranks that finished say so, and the group is still usable
     assert "rank 0: finished" in text
-    assert cluster.run("mx.distributed.all_sum(mx.array([1.0]))").value["text/plain"] == "array([4], dtype=float32)"
+    assert four_ranks.run("mx.distributed.all_sum(mx.array([1.0]))").value["text/plain"] == "array([4], dtype=float32)"
 
 
-def test_timeout_gives_the_prompt_back_and_the_cluster_works_after(cluster):
+def test_timeout_gives_the_prompt_back_and_the_cluster_works_after(four_ranks):
     t0 = time.monotonic()
     with pytest.raises(DistCellError) as info:
-        cluster.run("if rank == 0:\n    mx.eval(mx.distributed.all_sum(mx.ones(2)))", timeout=2)
+        four_ranks.run("if rank == 0:\n    mx.eval(mx.distributed.all_sum(mx.ones(2)))", timeout=2)
     assert time.monotonic() - t0 < 15
     assert "--timeout 2 s expired" in str(info.value)
     assert "rank 0: cancelled; it waited in all_sum #1 (shape (2,), float32)" in str(info.value)
     assert "Released: rank(s) 1-3 made the collectives the others waited in" in str(info.value)
-    assert cluster.run("mx.distributed.all_sum(mx.array([2.0]))").value["text/plain"] == "array([8], dtype=float32)"
+    assert four_ranks.run("mx.distributed.all_sum(mx.array([2.0]))").value["text/plain"] == "array([8], dtype=float32)"
 
 
 def _hostfiles(c: Cluster) -> list[str]:
@@ -147,12 +147,12 @@ def test_bad_arguments_are_clear():
 
 # ---------------------------------------------------------------------- magics
 @pytest.fixture(scope="module")
-def ip(cluster):
+def ip(four_ranks):
     from mlx_nb import magics
 
     shell = ipython_shell()
     shell.run_line_magic("load_ext", "mlx_nb")
-    magics.use(cluster)  # the magics drive the module's cluster
+    magics.use(four_ranks)  # the magics drive the module's cluster
     yield shell
     magics.use(None)
 
@@ -287,14 +287,14 @@ def test_profile_shows_per_rank_timeline_and_memory(ip):
     assert any("in collectives (ms)" in d.get("text/plain", "") for d in shown)
 
 
-def test_status_widget_shows_live_state_while_a_cell_runs(cluster):
+def test_status_widget_shows_live_state_while_a_cell_runs(four_ranks):
     from mlx_nb.widgets import StatusWidget
 
-    panel = StatusWidget(cluster, interval=0.1)
+    panel = StatusWidget(four_ranks, interval=0.1)
     done = threading.Event()
     worker = threading.Thread(
         target=lambda: (
-            cluster.run("import time\nbig = mx.ones((1024, 1024)); mx.eval(big)\ntime.sleep(3)"),
+            four_ranks.run("import time\nbig = mx.ones((1024, 1024)); mx.eval(big)\ntime.sleep(3)"),
             done.set(),
         )
     )

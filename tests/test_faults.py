@@ -129,12 +129,12 @@ def _assert_quiet(capfd) -> None:
 
 
 @pytest.fixture(scope="module")
-def faulty(cluster):
-    """The module's cluster, with one --setup cell registered."""
-    cluster.setup_cells.clear()
-    cluster.run(SETUP, setup=True)
-    assert [c.code for c in cluster.setup_cells] == [SETUP]
-    return cluster
+def faulty(four_ranks):
+    """The module's four ranks, with one --setup cell registered."""
+    four_ranks.setup_cells.clear()
+    four_ranks.run(SETUP, setup=True)
+    assert [c.code for c in four_ranks.setup_cells] == [SETUP]
+    return four_ranks
 
 
 # ------------------------------------------------------- start-up faults (own clusters)

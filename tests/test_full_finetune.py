@@ -52,12 +52,6 @@ def one_rank():
 
 
 @pytest.fixture(scope="module")
-def two_ranks():
-    with Cluster(n=2) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
 def bundled_runs(one_rank, two_ranks, tmp_path_factory):
     """3 steps of the bundled dense model: one rank with a batch of 2, FSDP on 2 ranks with 1 each."""
     root, model = tmp_path_factory.mktemp("bundled"), str(bundled_model(dense=True))
