@@ -7,6 +7,7 @@ import os
 import signal
 import time
 import uuid
+from pathlib import Path
 
 import psutil
 import pytest
@@ -17,7 +18,10 @@ from mlx_nb import Cluster
 from mlx_nb.generate import generate, prompt_cache
 
 # modules import the test hosts' helpers (tests/testhosts.py) before it is loaded as a plugin
-pytest.register_assert_rewrite("testhosts")
+pytest.register_assert_rewrite("testhosts", "lanes")
+from lanes import starts  # noqa: E402
+
+pytest_plugins = ["lanes"]  # the markers of what a test starts, and their check
 
 _PROJECT = (
     "ipyparallel.engine",
@@ -63,6 +67,7 @@ def pytest_runtest_makereport(item, call):
 
 
 @pytest.fixture(scope="module")
+@starts("cluster")
 def two_ranks():
     """Two local ranks, shared by the tests of one module."""
     with Cluster(n=2) as c:
@@ -70,6 +75,7 @@ def two_ranks():
 
 
 @pytest.fixture(scope="module")
+@starts("cluster")
 def four_ranks():
     """Four local ranks, shared by the tests of one module."""
     with Cluster(n=4) as c:
@@ -77,6 +83,7 @@ def four_ranks():
 
 
 @pytest.fixture(scope="module")
+@starts("cluster")
 def pipeline_pair():
     """Two local ranks holding the bundled model as a pipeline (its 9 heads do not split over 2)."""
     from mlx_nb.generate import load_model
@@ -225,18 +232,32 @@ class Kernel:
         self.km.shutdown_kernel(now=True)
 
 
-def execute_across_a_restart(path, tag: str = "new-kernel"):
-    """Execute a notebook as a person would who restarts the kernel at the cell tagged ``tag``:
-    the cells before it in one kernel, which is then killed, the rest in a new one."""
+@pytest.fixture
+@starts("kernel", "cluster")
+def execute_notebook():
+    """``execute_notebook(path, ...)``: a notebook run as a person runs it (see :func:`run_notebook`)."""
+    return run_notebook
+
+
+def run_notebook(path, *, parameters: str | None = None, nb=None, timeout: float = 300, restart_at: str | None = None):
+    """Execute the notebook at ``path`` cell by cell in a new kernel whose folder is the notebook's,
+    and return it with its outputs. ``parameters`` replaces the cell tagged "parameters"; ``nb`` is
+    the notebook read from ``path`` and changed by the test. With ``restart_at`` (a cell's tag) it
+    runs as a person's who restarts the kernel there: the cells before that cell in one kernel,
+    which is then killed, the rest in a new one."""
     import nbclient
     import nbformat
 
-    nb = nbformat.read(path, as_version=4)
-    at = next(i for i, c in enumerate(nb.cells) if tag in c.metadata.get("tags", []))
+    nb = nb if nb is not None else nbformat.read(path, as_version=4)
+    if parameters is not None:
+        next(c for c in nb.cells if "parameters" in c.metadata.get("tags", [])).source = parameters
+    resources = {"metadata": {"path": str(Path(path).parent)}}
+    if restart_at is None:
+        nbclient.NotebookClient(nb, timeout=timeout, kernel_name="python3", resources=resources).execute()
+        return nb
+    at = next(i for i, c in enumerate(nb.cells) if restart_at in c.metadata.get("tags", []))
     for cells in (range(at), range(at, len(nb.cells))):
-        client = nbclient.NotebookClient(
-            nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
-        )
+        client = nbclient.NotebookClient(nb, timeout=timeout, kernel_name="python3", resources=resources)
         with client.setup_kernel():
             for i in cells:
                 if nb.cells[i].cell_type == "code":

@@ -140,6 +140,7 @@ def test_sharding_lab_matches_the_unsharded_model(two_ranks):
         sharding_lab(two_ranks, (64, 33), "shard_linear", "all-to-sharded")
 
 
+@pytest.mark.cluster
 def test_cli_writes_a_png(tmp_path, capsys):
     out = tmp_path / "plot.png"
     code = bench_main(
@@ -167,16 +168,8 @@ def test_cli_writes_a_png(tmp_path, capsys):
     assert bench_main(["--sizes", "nonsense"]) == 2
 
 
-def test_notebook_executes_with_its_figures():
-    nbformat = pytest.importorskip("nbformat")
-    from nbclient import NotebookClient
-
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    params = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
-    params.source = TINY
-    NotebookClient(
-        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}
-    ).execute()
+def test_notebook_executes_with_its_figures(execute_notebook):
+    nb = execute_notebook(NOTEBOOK, parameters=TINY)
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     figures = [o for o in outputs if "image/png" in o.get("data", {})]

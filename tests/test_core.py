@@ -11,8 +11,6 @@ import time
 import uuid
 from pathlib import Path
 
-import nbclient
-import nbformat
 import psutil
 import pytest
 from conftest import ipython_shell, project_processes
@@ -118,6 +116,7 @@ def _hostfiles(c: Cluster) -> list[str]:
     return c.run("import os\nhf = os.environ['MLX_HOSTFILE']", ranks="all", pull="hf").pulled
 
 
+@pytest.mark.cluster
 def test_stop_leaves_no_process_or_file_behind():
     c = Cluster(n=2).start()
     try:
@@ -207,14 +206,6 @@ def test_magic_help_is_complete(ip):
 
 
 # ------------------------------------------------------- notebook, demo, tutorial
-def _execute(path: Path) -> nbformat.NotebookNode:
-    nb = nbformat.read(path, as_version=4)
-    nbclient.NotebookClient(
-        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
-    ).execute()
-    return nb
-
-
 def _outputs(cell) -> tuple[str, dict]:
     text = "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream")
     data = {}
@@ -223,8 +214,8 @@ def _outputs(cell) -> tuple[str, dict]:
     return text, data
 
 
-def test_a_real_notebook_runs_end_to_end():
-    nb = _execute(ROOT / "tests" / "notebooks" / "core.ipynb")
+def test_a_real_notebook_runs_end_to_end(execute_notebook):
+    nb = execute_notebook(ROOT / "tests" / "notebooks" / "core.ipynb")
     cells = nb.cells
     assert "Cluster ready" in _outputs(cells[0])[0]
     assert _outputs(cells[1])[0] == "hello from rank 0 of 2\n"
@@ -234,8 +225,8 @@ def test_a_real_notebook_runs_end_to_end():
     assert "Cluster stopped." in _outputs(cells[5])[0]
 
 
-def test_quickstart_tutorial_runs():
-    nb = _execute(ROOT / "notebooks" / "01_quickstart.ipynb")
+def test_quickstart_tutorial_runs(execute_notebook):
+    nb = execute_notebook(ROOT / "notebooks" / "01_quickstart.ipynb")
     code = [c for c in nb.cells if c.cell_type == "code"]
     text = "\n".join(_outputs(c)[0] for c in code)
     assert "rank 0 sees array([6, 6, 6, 6], dtype=float32)" in text
@@ -244,6 +235,7 @@ def test_quickstart_tutorial_runs():
     assert any(_outputs(c)[1].get("text/plain") == "[10, 20, 30, 40]" for c in code)
 
 
+@pytest.mark.cluster
 def test_demo_command_runs_and_stops_cleanly():
     mark = uuid.uuid4().hex
     out = subprocess.run(
@@ -329,6 +321,7 @@ def test_a_status_panel_run_again_replaces_the_last_whose_watcher_ends(ip):
     panels[-1].close()
 
 
+@pytest.mark.cluster
 def test_interpreter_exit_without_stop_leaves_nothing_running():
     mark = uuid.uuid4().hex
     script = (
@@ -350,6 +343,7 @@ def test_interpreter_exit_without_stop_leaves_nothing_running():
     assert not os.path.exists(hostfile)
 
 
+@pytest.mark.cluster
 def test_a_cluster_of_one_rank_works():
     with Cluster(n=1) as c:
         assert (

@@ -18,14 +18,13 @@ import threading
 import time
 from pathlib import Path
 
-import nbclient
-import nbformat
 import pytest
 from conftest import project_processes
 
 from mlx_nb import Cluster, ClusterError, DistCellError
 from mlx_nb.hostfile import free_ports
 
+pytestmark = pytest.mark.cluster
 ROOT = Path(__file__).resolve().parent.parent
 BOUND = 10.0  # seconds from a fault to the prompt back
 SUM = "mx.distributed.all_sum(mx.array([rank + 1.0])).item()"
@@ -598,14 +597,10 @@ def test_twenty_drained_faults_in_a_row_keep_answers_right_and_counts_flat(fault
 
 
 # ------------------------------------------------------------------ tutorial
-def test_tutorial_notebook_shows_each_fault_and_recovers():
+def test_tutorial_notebook_shows_each_fault_and_recovers(execute_notebook):
     keep = {p.pid for p in project_processes()}
-    path = ROOT / "notebooks" / "02_when_a_rank_fails.ipynb"
-    nb = nbformat.read(path, as_version=4)
     # cells tagged raises-exception fail on purpose; any other error fails the test
-    nbclient.NotebookClient(
-        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
-    ).execute()
+    nb = execute_notebook(ROOT / "notebooks" / "02_when_a_rank_fails.ipynb")
     errors = [
         "\n".join(o.get("traceback", []))
         for c in nb.cells

@@ -327,16 +327,8 @@ def test_a_checkpoint_file_is_replaced_whole_never_rewritten_in_place(tmp_path):
     assert os.listdir(tmp_path) == ["adapters.safetensors"]
 
 
-def test_notebook_executes_with_a_loss_figure_and_both_answers(tmp_path):
-    nbformat = pytest.importorskip("nbformat")
-    from nbclient import NotebookClient
-
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    params = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
-    params.source = TINY.format(adapters=str(tmp_path / "adapters"))
-    NotebookClient(
-        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}
-    ).execute()
+def test_notebook_executes_with_a_loss_figure_and_both_answers(execute_notebook, tmp_path):
+    nb = execute_notebook(NOTEBOOK, parameters=TINY.format(adapters=str(tmp_path / "adapters")))
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     assert [o for o in outputs if "image/png" in o.get("data", {})]

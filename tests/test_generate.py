@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import CHAT_TURNS, KV_BYTES_PER_TOKEN, conversation, ipython_shell
 from IPython.core.error import UsageError
+from lanes import starts
 
 from mlx_nb import Cluster
 from mlx_nb.batch import generate_batch
@@ -31,6 +32,7 @@ def reference(pipeline_pair) -> list[int]:
 
 
 @pytest.fixture(scope="module")
+@starts("cluster")
 def trio():
     """Three ranks: the bundled model tensor parallel (its 9 heads split over 3)."""
     with Cluster(n=3) as c:
@@ -131,18 +133,8 @@ def test_chat_widget_keeps_history_and_stop_ends_every_rank(pipeline_pair):
     )
 
 
-def test_sharded_generation_tutorial_runs():
-    import nbclient
-    import nbformat
-
-    path = ROOT / "notebooks" / "04_sharded_generation.ipynb"
-    nb = nbformat.read(path, as_version=4)
-    for cell in nb.cells:
-        if "parameters" in cell.metadata.get("tags", []):
-            cell.source = "MAX_TOKENS = 10"
-    nbclient.NotebookClient(
-        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
-    ).execute()
+def test_sharded_generation_tutorial_runs(execute_notebook):
+    nb = execute_notebook(ROOT / "notebooks" / "04_sharded_generation.ipynb", parameters="MAX_TOKENS = 10", timeout=600)
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert text.count("Paris") >= 2
     assert "9 attention heads do not divide by 2" in text

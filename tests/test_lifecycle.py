@@ -18,6 +18,7 @@ from conftest import Kernel, project_processes
 from mlx_nb import Cluster, ClusterError, clusters
 from mlx_nb.engines import kept
 
+pytestmark = pytest.mark.cluster
 GONE_WITHIN = 10.0  # seconds from a kernel's death to none of its cluster's processes left
 
 
@@ -36,6 +37,7 @@ def mark():
         p.kill()
 
 
+@pytest.mark.kernel
 def test_a_killed_kernel_takes_its_cluster_with_it(mark):
     k = Kernel(mark)
     try:
@@ -49,6 +51,7 @@ def test_a_killed_kernel_takes_its_cluster_with_it(mark):
         k.close()
 
 
+@pytest.mark.kernel
 def test_a_kernel_killed_while_its_ranks_wait_in_a_collective_takes_them_with_it(mark):
     k = Kernel(mark)
     try:
@@ -75,6 +78,7 @@ def _kill_all_of(mark: str) -> None:
     psutil.wait_procs(procs, timeout=10)
 
 
+@pytest.mark.kernel
 def test_a_kept_cluster_outlives_its_kernel_and_when_every_process_dies_its_name_is_free(mark):
     name = f"t-{mark[:8]}"
     a, b, c = Kernel(mark), Kernel(mark), Kernel(mark)
@@ -117,6 +121,7 @@ def test_a_kept_cluster_outlives_its_kernel_and_when_every_process_dies_its_name
             k.close()
 
 
+@pytest.mark.kernel
 def test_a_second_kernel_is_refused_until_it_takes_the_cluster_over(mark):
     name = f"t-{mark[:8]}"
     a, b = Kernel(mark), Kernel(mark)
@@ -216,13 +221,12 @@ def test_nothing_waits_behind_a_server_it_is_refused_at_once(owned):
     job.join(30)
 
 
-def test_the_keep_and_attach_tutorial_answers_at_once_after_a_kernel_restart():
+def test_the_keep_and_attach_tutorial_answers_at_once_after_a_kernel_restart(execute_notebook):
     from pathlib import Path
 
-    from conftest import execute_across_a_restart
-
     keep = {p.pid for p in project_processes()}
-    nb = execute_across_a_restart(Path(__file__).resolve().parent.parent / "notebooks" / "08_keep_and_attach.ipynb")
+    path = Path(__file__).resolve().parent.parent / "notebooks" / "08_keep_and_attach.ipynb"
+    nb = execute_notebook(path, timeout=600, restart_at="new-kernel")
     cells = [c for c in nb.cells if c.cell_type == "code"]
     texts = ["".join(o.get("text", "") for o in c.outputs) for c in cells]
     assert not [o for c in cells for o in c.outputs if o.output_type == "error"]

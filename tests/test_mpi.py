@@ -12,6 +12,8 @@ from testhosts import TestHostsError, require_mpi
 from mlx_nb import magics
 from mlx_nb.engines.launch import mpi_available
 
+pytestmark = pytest.mark.cluster
+
 
 @pytest.fixture(scope="module")
 def ip():

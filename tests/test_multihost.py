@@ -23,6 +23,7 @@ from mlx_nb import Cluster, hostfile, magics  # noqa: E402
 from mlx_nb.cluster import ClusterError, controller_ip  # noqa: E402
 
 pytest_plugins = ["testhosts"]
+pytestmark = [pytest.mark.ssh, pytest.mark.cluster]
 PY = sys.executable
 
 
@@ -272,16 +273,10 @@ def test_bad_hostfile_is_a_one_line_usage_error(shell, hosts):
 
 
 # ------------------------------------------------------------------ tutorial
-def test_multi_mac_tutorial_runs_on_local_addresses():
-    import nbclient
-    import nbformat
-
+def test_multi_mac_tutorial_runs_on_local_addresses(execute_notebook):
     path = Path(__file__).resolve().parent.parent / "notebooks" / "03_multi_mac_cluster.ipynb"
-    nb = nbformat.read(path, as_version=4)
     assert "MLX_NB_HOSTFILE" not in os.environ  # else the notebook uses that hostfile
-    nbclient.NotebookClient(
-        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
-    ).execute()
+    nb = execute_notebook(path)
     text = "\n".join(
         o.get("text", "") or o.get("data", {}).get("text/plain", "")
         for c in nb.cells
@@ -294,6 +289,7 @@ def test_multi_mac_tutorial_runs_on_local_addresses():
     assert "Cluster stopped." in text
 
 
+@pytest.mark.kernel
 def test_a_killed_kernel_takes_its_ranks_on_the_other_hosts_with_it(hosts):
     import uuid
 

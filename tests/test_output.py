@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Kernel, project_processes
+from lanes import starts
 
 from mlx_nb import DistCellError
 from mlx_nb.generate import load_model
@@ -107,6 +108,7 @@ def test_a_failed_load_keeps_the_load_before_as_the_setup_replayed(two_ranks, tm
 
 # ------------------------------------------------------------------ a real kernel
 @pytest.fixture(scope="module")
+@starts("kernel", "cluster")
 def kernel():
     mark = uuid.uuid4().hex
     k = Kernel(mark)

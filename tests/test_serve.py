@@ -392,6 +392,7 @@ def test_a_host_other_machines_reach_needs_a_key_and_every_request_is_checked(pi
         magics.use(None)
 
 
+@pytest.mark.cluster
 def test_stopping_the_cluster_ends_its_server_and_closes_the_port():
     with Cluster(n=1) as c:
         load_model(c, progress=False)
@@ -417,8 +418,7 @@ print(*server.log, sep="\\n")
 """
 
 
-def test_the_serving_tutorial_runs_and_a_client_s_reset_is_a_line_in_the_server_log():
-    import nbclient
+def test_the_serving_tutorial_runs_and_a_client_s_reset_is_a_line_in_the_server_log(execute_notebook):
     import nbformat
 
     path = Path(__file__).resolve().parent.parent / "notebooks" / "07_serving.ipynb"
@@ -430,9 +430,7 @@ def test_the_serving_tutorial_runs_and_a_client_s_reset_is_a_line_in_the_server_
     # killed script's or a closed browser tab's is; the cell waits for the server to see it
     at = next(i for i, c in enumerate(nb.cells) if c.source.startswith("%mlx_serve stop"))
     nb.cells.insert(at, nbformat.v4.new_code_cell(RESET_CLIENT))
-    nbclient.NotebookClient(
-        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
-    ).execute()
+    execute_notebook(path, nb=nb, timeout=600)
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     text = "".join(o.get("text", "") + o.get("data", {}).get("text/plain", "") for o in outputs)
     assert "connection ended (ConnectionResetError" in "".join(o.get("text", "") for o in nb.cells[at].outputs)

@@ -101,6 +101,7 @@ def test_hosts_have_their_own_process_ids(ssh_hosts):
     assert [hosts.ssh(i, "cat /proc/1/comm").stdout.strip() for i in range(2)] == ["sshd", "sshd"]
 
 
+@pytest.mark.ssh
 def test_loopback_fallback_still_gives_working_hosts_and_says_so(capsys):
     with pytest.warns(UserWarning, match="WITHOUT NETWORK NAMESPACES"):
         hosts = TestHosts(1, netns=False).start()
@@ -113,6 +114,7 @@ def test_loopback_fallback_still_gives_working_hosts_and_says_so(capsys):
     assert not any(hosts.dir.parent.glob(hosts.prefix + "-hosts-*"))
 
 
+@pytest.mark.ssh
 def test_purge_removes_what_a_crashed_session_left():
     crash = (
         f"import os, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); from testhosts import TestHosts; "
@@ -280,6 +282,7 @@ def test_mpi_available_says_why_not(monkeypatch):
     )
 
 
+@pytest.mark.cluster
 def test_mpi_ranks_load_versioned_libmpi_without_the_dev_package(monkeypatch):
     try:
         require_mpi()
@@ -296,6 +299,7 @@ def test_mpi_ranks_load_versioned_libmpi_without_the_dev_package(monkeypatch):
     assert p.stdout.strip() == "True", p.stderr
 
 
+@pytest.mark.cluster
 def test_mpi_engines_form_an_mlx_mpi_group():
     try:
         require_mpi()
