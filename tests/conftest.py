@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import signal
 import time
 import uuid
@@ -20,6 +21,7 @@ from mlx_nb.generate import generate, prompt_cache
 # modules import the test hosts' helpers (tests/testhosts.py) before it is loaded as a plugin
 pytest.register_assert_rewrite("testhosts", "lanes")
 from lanes import starts  # noqa: E402
+from waiting import wait_for, wait_until  # noqa: E402, F401 (the tests import them from here)
 
 pytest_plugins = ["lanes"]  # the markers of what a test starts, and their check
 
@@ -52,10 +54,23 @@ def project_processes(session: str = SESSION) -> list[psutil.Process]:
     return found
 
 
-def wait_gone(timeout: float = 10.0) -> list[psutil.Process]:
-    """Project processes still alive after waiting up to ``timeout`` for them to exit."""
-    _, alive = psutil.wait_procs(project_processes(), timeout=timeout)
-    return alive
+def processes_left(mark: str = SESSION, keep=(), timeout: float = 10.0, find=None) -> list[psutil.Process]:
+    """The processes of the session marked ``mark`` (or those ``find()`` lists: a test host's) other
+    than the pids in ``keep``, still running after waiting up to ``timeout`` s for them to end;
+    ``[]`` as soon as they are gone."""
+    find = find or (lambda: project_processes(mark))
+
+    def running() -> list[psutil.Process]:
+        return [p for p in find() if p.pid not in keep and _running(p)]
+
+    return [] if wait_until(lambda: not running(), timeout, every=0.2) else running()
+
+
+def _running(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
@@ -97,7 +112,7 @@ def pipeline_pair():
 def nothing_left_running():
     """Fail the session if any engine or controller outlives the tests."""
     yield
-    alive = wait_gone()
+    alive = processes_left()
     assert not alive, "processes left running: " + "; ".join(f"{p.pid} {' '.join(p.cmdline())}" for p in alive)
 
 
@@ -143,9 +158,7 @@ def tiny_model(tmp_path_factory):
 
 def steps_in(run, n: int, timeout: float = 240) -> None:
     """Wait until the notebook has seen step ``n`` of ``run`` (or the run ended)."""
-    deadline = time.monotonic() + timeout
-    while len(run.history) < n and run.result is None and run.error is None and time.monotonic() < deadline:
-        time.sleep(0.2)
+    wait_until(lambda: len(run.history) >= n or run.result is not None or run.error is not None, timeout, every=0.2)
     assert len(run.history) >= n, f"no step {n} within {timeout} s: {run.label.value}"
 
 
@@ -214,6 +227,21 @@ class Kernel:
         self.kc.execute_interactive(code, output_hook=hook, timeout=timeout)
         return "".join(out).strip(), "\n".join(err)
 
+    def wait_for_output(self, text: str, timeout: float = 60) -> None:
+        """Wait until the cell sent with ``self.kc.execute`` has printed ``text``."""
+        seen: list[str] = []
+
+        def printed() -> bool:
+            try:
+                msg = self.kc.get_iopub_msg(timeout=0.2)
+            except queue.Empty:
+                return False
+            if msg["msg_type"] == "stream":
+                seen.append(msg["content"]["text"])
+            return text in "".join(seen)
+
+        wait_for(printed, timeout, f"the kernel to print {text!r}", every=0)
+
     def kill(self, reap: bool = True) -> None:
         """SIGKILL the kernel. Unreaped (``reap=False``) it stays a zombie, as a killed kernel does
         until the notebook server's kernel manager waits for it (``close`` does here)."""
@@ -222,9 +250,7 @@ class Kernel:
         if reap:
             psutil.wait_procs([p], timeout=10)
             return
-        deadline = time.monotonic() + 10
-        while p.status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_until(lambda: p.status() == psutil.STATUS_ZOMBIE, 10, every=0.02)
         assert p.status() == psutil.STATUS_ZOMBIE
 
     def close(self) -> None:
@@ -276,15 +302,6 @@ CHAT_TURNS = ["What is a Fresnel lens?", "Who invented it?", "Why do lighthouses
 # the bundled model's KV bytes per token in one process: 30 layers x keys and values x 3 heads
 # x 64 dimensions, in 2-byte or 4-byte floats (the ranks load the dense float32 copy with OpenBLAS)
 KV_BYTES_PER_TOKEN = {30 * 2 * 3 * 64 * b for b in (2, 4)}
-
-
-def wait_for(condition, timeout: float = 120.0, what: str = "the condition"):
-    """Poll ``condition()`` until it is truthy (its value) or fail after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-    return value
 
 
 def uncached(cluster, prompts: list, n: int = CHAT_TOKENS) -> list:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import ipython_shell, project_processes
+from conftest import ipython_shell, processes_left, project_processes, wait_until
 from IPython.core.error import UsageError
 
 from mlx_nb import Cluster, DistCellError
@@ -291,9 +291,7 @@ def test_status_widget_shows_live_state_while_a_cell_runs(four_ranks):
         )
     )
     worker.start()
-    deadline = time.monotonic() + 20
-    while "busy" not in panel.value and not done.is_set() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: "busy" in panel.value or done.is_set(), 20, every=0.05)
     assert "busy" in panel.value, panel.value
     worker.join(60)
     panel.refresh()
@@ -312,9 +310,7 @@ def test_a_status_panel_run_again_replaces_the_last_whose_watcher_ends(ip):
 
     before = watchers()
     panels = [ip.run_line_magic("mlx_cluster", "status --watch") for _ in range(10)]
-    deadline = time.monotonic() + 10
-    while len(watchers()) > len(before) + 1 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: len(watchers()) <= len(before) + 1, 10, every=0.05)
     assert len(watchers()) == len(before) + 1  # ten runs of the cell, one watcher
     assert all("replaced by a newer panel" in p.value for p in panels[:-1])
     assert "idle" in panels[-1].value
@@ -338,7 +334,7 @@ def test_interpreter_exit_without_stop_leaves_nothing_running():
     assert out.returncode == 0, out.stderr
     rank, hostfile = out.stdout.split()
     assert rank == "0"
-    _, alive = psutil.wait_procs(project_processes(mark), timeout=10)
+    alive = processes_left(mark)
     assert alive == []
     assert not os.path.exists(hostfile)
 

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import CHAT_TURNS, KV_BYTES_PER_TOKEN, conversation, ipython_shell
+from conftest import CHAT_TURNS, KV_BYTES_PER_TOKEN, conversation, ipython_shell, wait_until
 from IPython.core.error import UsageError
 from lanes import starts
 
@@ -119,9 +119,7 @@ def test_chat_widget_keeps_history_and_stop_ends_every_rank(pipeline_pair):
     # a long reply, stopped from the button's handler once text is flowing
     chat.max_tokens = 400
     chat.ask("Write a long story about a lighthouse keeper.")
-    deadline = time.monotonic() + 120
-    while "<b>model</b>" not in chat.transcript.value.split("lighthouse")[-1] and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: "<b>model</b>" in chat.transcript.value.split("lighthouse")[-1], 120, every=0.05)
     chat.stop.click()
     chat._thread.join(120)
     assert not chat._thread.is_alive()
