@@ -1,7 +1,8 @@
 """The test lanes: what a test starts, as pytest markers, and a check that keeps them true.
 
-pyproject.toml registers the markers. A test that starts none of the processes below carries
-none of them, and the fast lane runs exactly those tests, without a process started:
+pyproject.toml registers the markers: ``cluster`` (MLX ranks), ``kernel`` (a Jupyter kernel),
+``browser`` (Chromium and JupyterLab), ``ssh`` (the SSH test hosts), and ``gpu``. A test that
+starts none of these carries none of the first four, and the fast lane runs exactly those tests:
 
     pytest -m "not cluster and not kernel and not browser and not ssh"
 
@@ -86,7 +87,7 @@ class _Lane:
             f"{self.item.nodeid} starts {what} but is not marked {mark!r}. Mark it "
             f"(@pytest.mark.{mark} on the test, pytestmark = pytest.mark.{mark} in its module, or "
             f'@starts("{mark}") under the @pytest.fixture that starts it), so that the fast lane '
-            f'(pytest -m "{FAST_LANE}") starts no process'
+            f'(pytest -m "{FAST_LANE}") starts none of them'
         )
         self.refused.append(message)
         raise StartedOutsideItsLane(message)
