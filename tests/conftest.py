@@ -97,15 +97,61 @@ def four_ranks():
         yield c
 
 
-@pytest.fixture(scope="module")
+SHARED_PAIR = "pipeline_pair"
+_pair = pytest.StashKey[Cluster]()
+_last_pair_user = pytest.StashKey[pytest.Item]()
+
+
+@pytest.fixture(scope="session")
 @starts("cluster")
-def pipeline_pair():
-    """Two local ranks holding the bundled model as a pipeline (its 9 heads do not split over 2)."""
+def loaded_pipeline_pair(request):
+    """The cluster behind ``pipeline_pair``: started and loaded once in a session."""
     from mlx_nb.generate import load_model
 
     with Cluster(n=2) as c:
         load_model(c, pipeline=True, progress=False)
+        request.config.stash[_pair] = c
         yield c
+
+
+@pytest.fixture(scope="module")
+def pipeline_pair(loaded_pipeline_pair):
+    """Two local ranks holding the bundled model as a pipeline (its 9 heads do not split over 2),
+    shared by the modules that load that model on that layout; each module meets it as loaded
+    (its prompt cache empty). Those modules run one after another and the pair stops after the
+    last of them (the hooks below): no other test meets it. A module must leave it as it found
+    it (that model, that layout, the cache's default limit); one that restarts or stops the
+    ranks, or keeps another model loaded, starts a pair of its own."""
+    prompt_cache(loaded_pipeline_pair, clear=True)
+    return loaded_pipeline_pair
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The modules whose tests share the pipeline pair run together, where the first of them did."""
+    sharing = {i.path for i in items if SHARED_PAIR in i.fixturenames}
+    if not sharing:
+        return
+    first = next(n for n, i in enumerate(items) if i.path in sharing)
+    together = [i for i in items if i.path in sharing]
+    rest = [i for i in items if i.path not in sharing]
+    items[:] = rest[:first] + together + rest[first:]
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    users = [i for i in session.items if SHARED_PAIR in i.fixturenames]
+    if users:
+        session.config.stash[_last_pair_user] = users[-1]
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    """Stop the shared pair after the last module that uses it (trylast: after that module's own
+    fixtures, a server on the pair among them, are torn down). The session's teardown stops it
+    again, which does nothing to a stopped cluster."""
+    last = item.config.stash.get(_last_pair_user, None)
+    if last is not None and item.path == last.path and (nextitem is None or nextitem.path != item.path):
+        if pair := item.config.stash.get(_pair, None):
+            pair.stop()
 
 
 @pytest.fixture(scope="session", autouse=True)
