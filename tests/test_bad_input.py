@@ -8,6 +8,7 @@ import math
 import pytest
 from conftest import ipython_shell, project_processes
 from IPython.core.error import UsageError
+from lanes import starts
 
 from mlx_nb import Cluster, batch, bench, magics, spec
 from mlx_nb import generate as generation
@@ -106,6 +107,7 @@ def test_a_bad_cluster_is_the_same_one_line_from_cluster_and_its_magic(shell):
 
 # --------------------------------------------------------- a running cluster
 @pytest.fixture(scope="module")
+@starts("cluster")
 def running(shell):
     with Cluster(n=2, spares=False) as c:
         magics.use(c)

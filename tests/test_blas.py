@@ -17,6 +17,7 @@ from mlx_nb.models import bundled_model
 from mlx_nb.rank import blas
 
 pytestmark = [
+    pytest.mark.cluster,
     pytest.mark.skipif(sys.platform != "linux", reason="mlx_nb loads a BLAS on Linux only"),
     pytest.mark.skipif(
         sys.platform == "linux" and not blas.probe()["optimized"],

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import ipython_shell, magics_on, project_processes
 from IPython.core.error import UsageError
+from lanes import starts
 
 from mlx_nb import Cluster, display, footprint, planner
 from mlx_nb.engines import kept
@@ -39,6 +40,7 @@ def dense() -> Path:
 
 
 @pytest.fixture(scope="module")
+@starts("cluster")
 def mixed():
     """Three local ranks told they have 700 MB, 260 MB and 260 MB: one big machine and two small."""
     with Cluster(n=3, memory=BUDGETS) as c:
@@ -313,6 +315,7 @@ def test_the_plan_agrees_with_what_each_rank_holds(mixed, random_model, which, p
         assert held == [range(loaded.plan.model.layers)] * 3
 
 
+@pytest.mark.cluster
 def test_a_model_over_every_budget_is_refused_before_any_weight_is_read(dense):
     with Cluster(n=2, memory="100MB", spares=False) as c:
         before = rchar(c)
