@@ -23,7 +23,7 @@ from ipyparallel.serialize.canning import use_cloudpickle
 from .. import hostfile as hostfiles
 from ..rank import blas, session
 from ..results import Identity
-from . import ClusterError, kept, launch, tasks, watchdog
+from . import ClusterError, kept, launch, procs, tasks, watchdog
 from .form import Forming, RankInfo
 from .hosts import controller_ip, on_hosts
 
@@ -166,7 +166,7 @@ class RankGroup(Forming):
             self._watch()
             self.client = self._ipp.connect_client_sync()
             # its schedulers, by now: a controller that dies leaves them orphaned
-            self._controller_tree = launch.process_tree(self._ipp.controller.pid)
+            self._controller_tree = procs.process_tree(self._ipp.controller.pid)
             self.save_state()
             self.form()
             self.touch()  # ready: a kept cluster's idle time counts from here
@@ -188,8 +188,32 @@ class RankGroup(Forming):
     def save_state(self) -> None:
         """What the watchdog must end (every process of the cluster), and a kept cluster's part
         of its cluster file: written at every change."""
-        watchdog.write_state(self)
+        self._write_watch_state()
         kept.publish(self)
+
+    def _write_watch_state(self) -> None:
+        if self._ipp is None or not os.path.isdir(self.dir):
+            return
+        local, remote = [p.pid for p in self._controller_tree], []
+        if self._ipp.controller is not None:
+            local.append(self._ipp.controller.pid)
+        for es in self._ipp.engines.values():
+            for el in launch.set_launchers(es):
+                if launch.is_ssh(el):
+                    remote.append({"host": el.location, "pid": el.pid, "ssh": [*el.ssh_cmd, *el.ssh_args]})
+                elif el.pid:
+                    local.append(el.pid)
+        watchdog.write_state(
+            self.state_file,
+            keep=self.keep,
+            created=self.created,
+            idle=self.idle,
+            folder=self.dir,
+            gentle=procs.stopped_gently(self.spec.backend),
+            local=local,
+            remote=remote,
+            files=[self._ipp.cluster_file, self.client_file, self.client_file.replace("-client.json", "-engine.json")],
+        )
 
     def check_holder(self) -> None:
         """A kept cluster taken over by another kernel runs no more jobs from this one."""
@@ -215,11 +239,11 @@ class RankGroup(Forming):
         if self._spare:
             self._tag, self._spare = self._spare, None
             self.kill()
-        procs = launch.process_tree(self._ipp.controller.pid) if self._ipp.controller is not None else []
-        procs += [p for p in self._controller_tree if p.pid not in {q.pid for q in procs}]
+        tree = procs.process_tree(self._ipp.controller.pid) if self._ipp.controller is not None else []
+        tree += [p for p in self._controller_tree if p.pid not in {q.pid for q in tree}]
         if not self.controller_alive():  # its orphaned schedulers wait for nothing
-            for p in procs:
-                launch.quietly(p.kill)
+            for p in tree:
+                procs.quietly(p.kill)
         try:
             self._stop_sets(list(self._ipp.engines))
             self._ipp.stop_cluster_sync()
@@ -228,12 +252,12 @@ class RankGroup(Forming):
             self.ranks, self._tag, self._spare, self._engines, self._cells = [], None, None, {}, None
             self._controller_tree = []
             # the controller's schedulers exit a moment after it
-            for p in launch.wait_exited(procs, timeout=5):
+            for p in procs.wait_exited(tree, timeout=5):
                 p.kill()
             self.on_hosts(f"rm -rf {self.dir}")
             shutil.rmtree(self.dir, ignore_errors=True)  # the state file with it: the watchdog exits
             if self._watchdog is not None:
-                launch.wait_exited([psutil.Process(self._watchdog.pid)] if self._watchdog.poll() is None else [], 5)
+                procs.wait_exited([psutil.Process(self._watchdog.pid)] if self._watchdog.poll() is None else [], 5)
                 self._watchdog.poll()
                 self._watchdog = None
         self._controller_tree: list[psutil.Process] = []
@@ -251,7 +275,7 @@ class RankGroup(Forming):
             pids.append(self._ipp.controller.pid)
         if self._watchdog is not None and self._watchdog.poll() is None:
             pids.append(self._watchdog.pid)
-        return [p for pid in pids for p in launch.process_tree(pid)]
+        return [p for pid in pids for p in procs.process_tree(pid)]
 
     # ------------------------------------------------------------ engine sets
     def _spawn(self) -> str:
@@ -324,7 +348,7 @@ class RankGroup(Forming):
                 dead.append(rank)
             elif in_use and self.ranks[rank].engine_id not in ids:
                 dead.append(rank)
-            elif in_use and self.spec.backend == "mpi" and not launch.alive(self.ranks[rank].pid):
+            elif in_use and self.spec.backend == "mpi" and not procs.alive(self.ranks[rank].pid):
                 dead.append(rank)
         return dead
 
@@ -338,16 +362,15 @@ class RankGroup(Forming):
         self.killed = False
         if self._ipp is None or self._tag is None:
             return
-        procs: dict[int, psutil.Process] = {}
+        found: dict[int, psutil.Process] = {}
         remote = []
         for rank in range(self.spec.n):
             for el in self._launchers(rank):
                 if launch.is_ssh(el):
                     remote.append(el)  # its nanny tells the controller
                 else:
-                    procs.update((p.pid, p) for p in launch.process_tree(el.pid))
-        gentle = self.spec.backend in ("jaccl", "jaccl-ring")
-        self.killed = launch.end(list(procs.values()), remote, gentle)
+                    found.update((p.pid, p) for p in procs.process_tree(el.pid))
+        self.killed = launch.end(list(found.values()), remote, procs.stopped_gently(self.spec.backend))
         sets = [k for k in self._ipp.engines if k.startswith(f"{self._tag}-")]
         for set_id in sets:
             # killed already: stopping would signal them again over ssh, in vain and loudly
@@ -364,10 +387,10 @@ class RankGroup(Forming):
         for rank in ranks if ranks is not None else range(self.spec.n):
             if self.spec.backend == "mpi":  # the launcher is mpirun, whose signals end the whole job
                 if rank < len(self.ranks):
-                    launch.quietly(lambda pid=self.ranks[rank].pid: psutil.Process(pid).send_signal(sig))
+                    procs.quietly(lambda pid=self.ranks[rank].pid: psutil.Process(pid).send_signal(sig))
                 continue
             for el in self._launchers(rank):
-                launch.quietly(el.signal, sig)  # it has exited meanwhile: the caller finds it dead
+                procs.quietly(el.signal, sig)  # it has exited meanwhile: the caller finds it dead
 
     def send_control(
         self, msg_type: str, content: Optional[dict] = None, ranks: Optional[Sequence[int]] = None

@@ -27,7 +27,7 @@ from ipyparallel.cluster import launcher
 
 from .. import hostfile as hostfiles
 from . import ClusterError, watchdog
-from .watchdog import same_process_runs
+from .procs import same_process_runs
 
 PREFIX = "mlx_nb-"  # cluster ids of mlx_nb's clusters
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
