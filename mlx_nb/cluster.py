@@ -22,8 +22,9 @@ from . import diagnose
 from .cell import CellResult, CellRun, DistCellError, Job, RunOptions, parse_ranks
 from .diagnose import Recovery
 from .engines import ClusterError, kept
-from .engines.group import RankGroup, RankInfo
+from .engines.group import RankGroup
 from .engines.hosts import check_hosts, controller_ip, refuse_on
+from .engines.state import EngineState, RankInfo
 from .hostfile import Hostfile
 from .jobs import JobSlot
 from .preflight import Finding, mlx_problem
@@ -121,7 +122,7 @@ class Cluster:
             drain=drain,
             memory=memory,
         )
-        self._init(RankGroup(self.spec, name=name, keep=keep, idle=idle_s))
+        self._init(RankGroup(EngineState(self.spec, name=name, keep=keep, idle=idle_s)))
 
     def _init(self, group: RankGroup) -> None:
         self.spec, self.group = group.spec, group
@@ -145,8 +146,8 @@ class Cluster:
         cluster = cls.__new__(cls)
         group = RankGroup.attach(name, take)
         cluster._init(group)
-        if group.setup_state:
-            cluster.setup_cells[:] = kept.decode(group.setup_state)
+        if group.state.setup:
+            cluster.setup_cells[:] = kept.decode(group.state.setup)
         return cluster
 
     # the spec, read-only
@@ -248,9 +249,9 @@ class Cluster:
         """A rank that died while idle (or a failed restart) means new ranks, before the next job;
         a dead controller means a new cluster (a kept one says so, and restart makes it)."""
         if not self.group.controller_alive():
-            if self.group.keep:
+            if self.group.state.keep:
                 raise ClusterError(
-                    f"the controller of the kept cluster {self.group.name!r} died, so its ranks cannot be "
+                    f"the controller of the kept cluster {self.group.state.name!r} died, so its ranks cannot be "
                     "reached: %mlx_cluster restart starts it anew (what the ranks held is lost)"
                 )
             self.on_message("The controller died; restarting the cluster (controller and ranks)...")
@@ -448,8 +449,8 @@ class Cluster:
         return n
 
     def _setup_changed(self) -> None:
-        if self.group.keep:  # a kernel that attaches gets them
-            self.group.setup_state = kept.encode(self.setup_cells)
+        if self.group.state.keep:  # a kernel that attaches gets them
+            self.group.state.setup = kept.encode(self.setup_cells)
             self.group.save_state()
 
     def replay_setup(self) -> float:

@@ -341,8 +341,8 @@ class MLXMagics(Magics):
             cluster.stop()
             _current = None
             print("Cluster stopped.")
-            if cluster.group.keep:
-                print(f"(It was kept as {cluster.group.name!r}: it is gone now.)")
+            if cluster.group.state.keep:
+                print(f"(It was kept as {cluster.group.state.name!r}: it is gone now.)")
         elif args.action == "restart":
             t0 = time.perf_counter()
             replay = cluster.restart()

@@ -11,13 +11,14 @@ one line saying why. The magics turn it into a one-line UsageError.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
 import sys
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
@@ -112,6 +113,16 @@ class ClusterSpec:
         )
         spec.check()
         return spec
+
+    def to_json(self) -> dict:
+        """The spec as JSON values (a kept cluster's file holds it): :meth:`from_json` reads it back."""
+        d = asdict(self)
+        d["hostfile"] = self.hostfile.to_json()
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> ClusterSpec:
+        return cls(**{**d, "hostfile": hostfiles.loads(json.dumps(d["hostfile"]))})
 
     def check(self) -> None:
         """Raise ValueError if the spec cannot describe a cluster."""

@@ -101,15 +101,17 @@ def same_process_runs(pid: int, started: Optional[float]) -> bool:
         return False
 
 
+def started(pid: int) -> Optional[float]:
+    """When process ``pid`` started (None if it is gone): with the pid, what tells it from a later process."""
+    try:
+        return psutil.Process(pid).create_time() if pid else None
+    except psutil.Error:
+        return None
+
+
 def identities(pids: list[int]) -> list[tuple[int, float]]:
     """(pid, start time) of each process that still runs: what ``same_process_runs`` checks."""
-    found = []
-    for pid in pids:
-        try:
-            found.append((pid, psutil.Process(pid).create_time()))
-        except psutil.Error:
-            pass
-    return found
+    return [(pid, t) for pid in pids if (t := started(pid)) is not None]
 
 
 def wait_exited(procs: list, timeout: float) -> list:

@@ -26,11 +26,14 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import psutil
 
-from .procs import end, identities, process_tree, quietly, same_process_runs, tree_command
+from .procs import end, identities, process_tree, quietly, same_process_runs, stopped_gently, tree_command
+
+if TYPE_CHECKING:
+    from .state import EngineState
 
 POLL = 0.5  # seconds between looks
 
@@ -41,13 +44,11 @@ def owner_alive(state: dict) -> bool:
     return same_process_runs(pid, started) if pid else True
 
 
-def idle_for(state: dict, path: str) -> float:
+def idle_for(path: str) -> float:
     """Seconds since the cluster was last used (the ``.used`` stamp, touched when it is ready and
     after every job); 0 while it starts."""
-    try:
-        return time.time() - os.stat(path + ".used").st_mtime
-    except OSError:
-        return 0.0
+    used = last_used(os.path.dirname(path))
+    return 0.0 if used is None else time.time() - used
 
 
 def end_everything(state: dict) -> None:
@@ -96,7 +97,7 @@ def watch(path: str) -> str:
         if state:
             if not owner_alive(state):
                 why = "its owner is gone"
-            elif state.get("idle") and idle_for(state, path) > state["idle"]:
+            elif state.get("idle") and idle_for(path) > state["idle"]:
                 why = f"idle for more than {state['idle']:.0f} s"
             else:
                 why = ""
@@ -108,10 +109,16 @@ def watch(path: str) -> str:
         time.sleep(POLL)
 
 
-def start(path: str) -> subprocess.Popen:
-    """Start a watchdog for the state file ``path``, in a session of its own."""
+# ------------------------------------------------------------ the notebook's side
+def state_path(folder: str) -> str:
+    """The watchdog's state file of the cluster whose folder is ``folder``."""
+    return os.path.join(folder, "watch.json")
+
+
+def start(folder: str) -> subprocess.Popen:
+    """Start a watchdog for the cluster whose folder is ``folder``, in a session of its own."""
     return subprocess.Popen(
-        [sys.executable, "-m", "mlx_nb.engines.watchdog", path],
+        [sys.executable, "-m", "mlx_nb.engines.watchdog", state_path(folder)],
         start_new_session=True,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
@@ -120,38 +127,45 @@ def start(path: str) -> subprocess.Popen:
     )
 
 
-def write_state(
-    path: str,
-    *,
-    keep: bool,
-    created: float,
-    idle: Optional[float],
-    folder: str,
-    gentle: bool,
-    local: list[int],
-    remote: list[dict],
-    files: list[str],
-) -> None:
-    """What the watchdog must end, written atomically to ``path``: every process of the cluster
-    (``local`` pids here, ``remote`` engines: host, pid and ssh command), its ``folder`` and
-    ``files``; ``gentle``: its ranks get SIGINT and SIGTERM before SIGKILL (procs.end)."""
+def write_state(state: EngineState, local: list[int], remote: list[dict], files: list[str]) -> None:
+    """What the watchdog of the cluster ``state`` describes must end, written atomically: every
+    process (``local`` pids here, ``remote`` engines: host, pid and ssh command), its folder and
+    ``files``. A kept cluster has no owner: it outlives its kernel, until its idle limit."""
     me = psutil.Process()
-    state = {
-        # a kept cluster has no owner: it outlives its kernel, until its idle limit
-        "owner_pid": None if keep else me.pid,
+    watched = {
+        "owner_pid": None if state.keep else me.pid,
         "owner_started": me.create_time(),
-        "created": created,
-        "idle": idle,
+        "created": state.created,
+        "idle": state.idle,
         "local": identities(local),
         "remote": remote,
-        "dir": folder,
+        "dir": state.folder,
         "files": files,
-        "gentle": gentle,
+        "gentle": stopped_gently(state.spec.backend),
     }
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(state, f)
-    os.replace(tmp, path)
+    path = state_path(state.folder)
+    with open(path + ".tmp", "w") as f:
+        json.dump(watched, f)
+    os.replace(path + ".tmp", path)
+
+
+def touch(folder: str) -> None:
+    """The cluster was used now (a kept cluster's idle limit counts from here)."""
+    used = state_path(folder) + ".used"
+    try:
+        os.utime(used)
+    except FileNotFoundError:
+        open(used, "w").close()
+    except OSError:
+        pass
+
+
+def last_used(folder: str) -> Optional[float]:
+    """When the cluster was last used (``touch``); None if it never was."""
+    try:
+        return os.stat(state_path(folder) + ".used").st_mtime
+    except OSError:
+        return None
 
 
 if __name__ == "__main__":
