@@ -21,7 +21,7 @@ from ipyparallel.serialize.canning import use_cloudpickle
 from .. import hostfile as hostfiles
 from ..rank import session
 from ..results import Identity
-from . import ClusterError, kept, launch, procs, tasks, watchdog
+from . import ClusterError, kept, procs, tasks, watchdog
 from .form import form_group, identify
 from .hosts import controller_ip, on_hosts
 from .sets import EngineSets
@@ -48,7 +48,6 @@ class RankGroup:
         self._ipc = ipc
         self._sets = EngineSets(ipc, state.spec) if ipc is not None else None
         self._known: dict[int, Identity] = {}  # engine id -> identify() of every engine seen
-        self._cells: Optional[tuple[list[int], ipp.DirectView]] = None
         self._watchdog = None
         self._controller_tree: list[psutil.Process] = []
         self._holding: Optional[kept.Holding] = None
@@ -93,15 +92,12 @@ class RankGroup:
 
     @property
     def controller_pid(self) -> Optional[int]:
-        controller = self._ipc.controller if self._ipc is not None else None
-        return controller.pid if controller is not None else None
+        return self._ipc.controller_pid if self._ipc is not None else None
 
     @property
     def client_file(self) -> Optional[str]:
         """The controller's connection file for clients (its keys when encrypted): user-readable only."""
-        if self._ipc is None:
-            return None
-        return os.path.join(self._ipc.profile_dir, "security", f"ipcontroller-{self._ipc.cluster_id}-client.json")
+        return self._ipc.client_file if self._ipc is not None else None
 
     def spares_ready(self) -> bool:
         """The warm spare set has registered (a restart now takes seconds)."""
@@ -163,9 +159,7 @@ class RankGroup:
         if os.path.isdir(self.state.folder):
             local, remote = self._sets.processes()
             local += [p.pid for p in self._controller_tree]
-            client = self.client_file
-            files = [self._ipc.cluster_file, client, client.replace("-client.json", "-engine.json")]
-            watchdog.write_state(self.state, local, remote, files)
+            watchdog.write_state(self.state, local, remote, kept.files(self._ipc.cluster_file))
         kept.publish(self._ipc, self.state)
 
     def check_holder(self) -> None:
@@ -200,7 +194,7 @@ class RankGroup:
         finally:
             self._ipc = self._sets = None
             state.ranks, state.tag, state.spare = [], None, None
-            self._known, self._cells, self._controller_tree = {}, None, []
+            self._known, self._controller_tree = {}, []
             # the controller's schedulers exit a moment after it
             for p in procs.wait_exited(tree, timeout=5):
                 p.kill()
@@ -269,17 +263,13 @@ class RankGroup:
         if self._sets is None or self.state.tag is None:
             return
         self.killed = self._sets.end(self.state.tag, self.state.folder)
-        self.state.tag, self.state.ranks, self._cells = None, [], None
+        self.state.tag, self.state.ranks = None, []
         self.save_state()
 
     def signal(self, sig: int, ranks: Optional[Sequence[int]] = None) -> None:
         """Send a signal to the engine processes of ``ranks`` (default all)."""
-        for rank in ranks if ranks is not None else range(self.spec.n):
-            if self.spec.backend == "mpi":  # the launcher is mpirun, whose signals end the whole job
-                if rank < len(self.ranks):
-                    procs.quietly(lambda pid=self.ranks[rank].pid: psutil.Process(pid).send_signal(sig))
-            elif self._sets is not None:
-                self._sets.signal(self.state.tag, rank, sig)
+        if self._sets is not None:
+            self._sets.signal(sig, self.state.tag, ranks if ranks is not None else range(self.spec.n), self.ranks)
 
     def send_control(
         self, msg_type: str, content: Optional[dict] = None, ranks: Optional[Sequence[int]] = None
@@ -291,7 +281,7 @@ class RankGroup:
     def dispatch(self, ranks: Sequence[int], fn: Callable, *args: Any) -> dict[int, tasks.RankTask]:
         """``fn(*args)`` on each of ``ranks`` in one apply (the cost of a raw DirectView call);
         ``tasks.forget`` them once done."""
-        return self._messages.dispatch(self._cells_view(ranks), list(ranks), fn, *args)
+        return self._messages.dispatch({r: self.ranks[r].engine_id for r in ranks}, fn, *args)
 
     # ------------------------------------------------------------ views
     @property
@@ -299,20 +289,9 @@ class RankGroup:
         """A DirectView on every rank, in rank order."""
         return self.client[[r.engine_id for r in self.ranks]]
 
-    def _cells_view(self, ranks: Sequence[int]) -> ipp.DirectView:
-        """The view jobs go through: one per set of ranks (a new DirectView costs ~0.1 ms),
-        private so that nobody retargets it."""
-        ids = [self.ranks[r].engine_id for r in ranks]
-        if self._cells is None or self._cells[0] != ids or self._cells[1].client is not self.client:
-            self._cells = (ids, self.client[ids])
-        view = self._cells[1]
-        view.history.clear()  # it would grow by a message id per rank per cell
-        return view
-
     def controller_alive(self) -> bool:
-        """Whether the controller's process still runs (its launcher's wait thread says)."""
-        c = self._ipc.controller if self._ipc is not None else None
-        return c is not None and launch.launcher_alive(c)
+        """Whether the controller's process still runs."""
+        return self._ipc is not None and self._ipc.controller_alive()
 
     def states(self, busy: bool) -> list[RankInfo]:
         """The ranks with their state (idle / busy / dead / lost), and their memory when idle;

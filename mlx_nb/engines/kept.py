@@ -24,7 +24,7 @@ import ipyparallel as ipp
 import psutil
 from ipyparallel.cluster import launcher
 
-from . import ClusterError, watchdog
+from . import ClusterError, launch, watchdog
 from .procs import same_process_runs
 from .state import EngineState, Holder
 
@@ -91,6 +91,19 @@ class IppCluster(ipp.Cluster):
     def write_cluster_file(self) -> None:
         super().write_cluster_file()
         os.chmod(self.cluster_file, 0o600)
+
+    @property
+    def controller_pid(self) -> Optional[int]:
+        return self.controller.pid if self.controller is not None else None
+
+    def controller_alive(self) -> bool:
+        """Whether the controller's process still runs (its launcher's wait thread says)."""
+        return self.controller is not None and launch.launcher_alive(self.controller)
+
+    @property
+    def client_file(self) -> str:
+        """The controller's connection file for clients (its keys when encrypted): user-readable only."""
+        return files(self.cluster_file)[1]
 
 
 def state_of(d: dict) -> Optional[EngineState]:

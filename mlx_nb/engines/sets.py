@@ -11,6 +11,8 @@ from __future__ import annotations
 import shutil
 import sys
 from collections import Counter
+from collections.abc import Iterable, Sequence
+from collections.abc import Set as AbstractSet
 from typing import TYPE_CHECKING, Optional
 
 import ipyparallel as ipp
@@ -93,7 +95,7 @@ class EngineSets:
     def launchers(self, tag: str, rank: int) -> list:
         return launch.set_launchers(self.ipc.engines.get(set_id(tag, rank, self.spec.backend)))
 
-    def dead(self, tag: str, bound: list[RankInfo] = (), ids: set[int] = frozenset()) -> list[int]:
+    def dead(self, tag: str, bound: Sequence[RankInfo] = (), ids: AbstractSet[int] = frozenset()) -> list[int]:
         """Ranks of generation ``tag`` whose engine process has exited; of the ranks ``bound``
         into a group, also those the controller (its engine ``ids``) has dropped."""
         # the launchers' own state is updated on an event loop that only runs during
@@ -149,9 +151,15 @@ class EngineSets:
             except Exception:
                 self.ipc.engines.pop(sid, None)
 
-    def signal(self, tag: str, rank: int, sig: int) -> None:
-        for el in self.launchers(tag, rank):
-            procs.quietly(el.signal, sig)  # it has exited meanwhile: the caller finds it dead
+    def signal(self, sig: int, tag: str, ranks: Iterable[int], bound: Sequence[RankInfo]) -> None:
+        """Send ``sig`` to the engines of ``ranks`` in generation ``tag`` (``bound``: its ranks)."""
+        for rank in ranks:
+            if self.spec.backend == "mpi":  # the launcher is mpirun, whose signals end the whole job
+                if rank < len(bound):
+                    procs.quietly(lambda pid=bound[rank].pid: psutil.Process(pid).send_signal(sig))
+                continue
+            for el in self.launchers(tag, rank):
+                procs.quietly(el.signal, sig)  # it has exited meanwhile: the caller finds it dead
 
     def processes(self) -> tuple[list[int], list[dict]]:
         """Every engine of every set: (pids here, engines on other hosts as host, pid, ssh command)."""
