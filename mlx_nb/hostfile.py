@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
-BACKENDS = ("ring", "mpi", "nccl", "jaccl", "jaccl-ring")
+BACKENDS = ("ring", "jaccl", "jaccl-ring", "mpi", "nccl")  # what mx.distributed.init takes
 # mlx.launch's argparse defaults
 STARTING_PORT = 32323
 NCCL_PORT = 12345
@@ -243,12 +243,20 @@ def from_hosts(hostlist: str, repeats: int = 1) -> Hostfile:
     return Hostfile(hosts)
 
 
-LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
-
-
 def is_local(host: str) -> bool:
-    """Whether an "ssh" name means this machine (its ranks start here, without ssh)."""
-    return host in LOCAL_HOSTS or host.startswith("127.")
+    """Whether a host name or address means this machine over loopback: an "ssh" name whose
+    ranks start here without ssh, a ring address only this machine listens on, a server only
+    this machine reaches. MLX's ring resolves names too, so an address may be ``localhost``.
+
+    >>> [is_local(h) for h in ("localhost", "127.0.0.1", "127.0.1.1", "::1", "10.0.0.2", "mac2")]
+    [True, True, True, True, False, False]
+    """
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def local(n: int, ip: str = "127.0.0.1") -> Hostfile:
@@ -290,14 +298,6 @@ def resolve_backend(hostfile: Hostfile, backend: Optional[str] = None) -> str:
     return chosen
 
 
-def _loopback(ip: str) -> bool:
-    # MLX's ring resolves names too, so "ips" may hold a hostname
-    try:
-        return ipaddress.ip_address(ip).is_loopback
-    except ValueError:
-        return ip == "localhost"
-
-
 def _check_ring(hosts: list[Host]) -> None:
     missing = [h for h in hosts if not h.ips]
     if missing:
@@ -311,7 +311,7 @@ def _check_ring(hosts: list[Host]) -> None:
     for h in hosts:
         for ip in h.ips:
             o = owner.setdefault(ip, h)
-            if o.ssh_hostname != h.ssh_hostname and not _loopback(ip):
+            if o.ssh_hostname != h.ssh_hostname and not is_local(ip):
                 raise HostfileError(
                     f'The ring backend listens on each rank\'s "ips": {ip} is listed for both '
                     f"{_name(o)} and {_name(h)}, but an address belongs to one machine. "

@@ -15,7 +15,6 @@ A client that leaves is noticed within a step or a quarter of a second and leave
 
 from __future__ import annotations
 
-import ipaddress
 import itertools
 import queue
 import random
@@ -32,6 +31,7 @@ from typing import Any, Optional
 from .cell import DistCellError
 from .display import Table
 from .engines import ClusterError
+from .hostfile import is_local
 from .jobs import SERVING
 from .models import BUNDLED_NAMES
 from .openai_api import ApiError, Completion, ServedModel
@@ -128,7 +128,7 @@ class Server:
         max_body: int = MAX_BODY,
         default_max_tokens: int = 512,
     ) -> None:
-        if api_key is None and not _loopback(host):
+        if api_key is None and not is_local(host):
             raise ValueError(
                 f"--host {host} is reachable from other machines: give an --api-key too "
                 "(clients send it as 'Authorization: Bearer KEY')"
@@ -417,12 +417,3 @@ def serve(cluster, port: int = 8000, host: str = "127.0.0.1", api_key: Optional[
         server.stop()
     """
     return Server(cluster, host, port, api_key, **options).start()
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

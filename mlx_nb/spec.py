@@ -25,9 +25,8 @@ from typing import Optional, Union
 from . import hostfile as hostfiles
 from .display import parse_bytes
 from .engines.launch import mpi_available
-from .hostfile import Hostfile, is_local
+from .hostfile import BACKENDS, Hostfile, is_local
 
-BACKENDS = ("ring", "jaccl", "jaccl-ring", "mpi", "nccl")
 # engine processes (ranks and their warm spares) one machine runs per core, and at least
 PROCESSES_PER_CORE, MIN_PROCESSES = 8, 16
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
