@@ -10,9 +10,7 @@ died while idle is replaced first, and a failure is explained and recovered the 
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -20,7 +18,6 @@ import ipyparallel as ipp
 
 from . import diagnose
 from .cell import CellResult, CellRun, DistCellError, Job, RunOptions, parse_ranks
-from .diagnose import Recovery
 from .engines import ClusterError, kept
 from .engines.group import RankGroup
 from .engines.hosts import check_hosts, controller_ip, refuse_on
@@ -29,20 +26,11 @@ from .hostfile import Hostfile
 from .jobs import JobSlot
 from .preflight import Finding, mlx_problem
 from .rank import session
+from .restart import Restarts, SetupCell, SetupCells
 from .results import INBOX_MESSAGE, STOP_MESSAGE
-from .spec import BACKENDS, ClusterSpec, check_timeout
+from .spec import BACKENDS, ClusterSpec, check_keeping, check_timeout
 
 __all__ = ["BACKENDS", "Cluster", "ClusterError", "RankInfo", "SetupCell", "controller_ip"]
-
-
-@dataclass
-class SetupCell:
-    """A job replayed on new ranks after any restart (``%%mlx_dist --setup``, ``load_model``)."""
-
-    code: str  # the cell's code, or how the call is named
-    push: dict = field(default_factory=dict)
-    job: Optional[Job] = None  # a function call (None: run ``code``)
-    key: Optional[str] = None  # a later setup with the same key replaces this one
 
 
 class Cluster:
@@ -98,13 +86,7 @@ class Cluster:
         planner (``mlx_nb.generate.plan``) and ``load_model`` hold each rank to it, and the prompt
         cache's default share comes from it. ``status()`` shows each rank's budget.
         """
-        if keep and not name:
-            raise ValueError("a kept cluster needs a name, to attach it by: Cluster(..., name='llm', keep=True)")
-        if name is not None:
-            kept.check_name(name)
-        idle_s = kept.parse_idle(idle)
-        if idle_s is not None and not keep:
-            raise ValueError("idle= is for kept clusters (keep=True): an owned cluster ends with its kernel")
+        idle_s = check_keeping(name, keep, idle)
         self.spec = ClusterSpec.build(
             n,
             backend,
@@ -126,7 +108,8 @@ class Cluster:
 
     def _init(self, group: RankGroup) -> None:
         self.spec, self.group = group.spec, group
-        self.setup_cells: list[SetupCell] = []
+        self.setup = SetupCells(group.state, group.save_state)
+        self.restarts = Restarts(group, self.setup, self._replay, lambda text: self.on_message(text))
         self.on_message: Callable[[str], None] = print
         self.job: Optional[CellRun] = None  # the job running now
         self.jobs = JobSlot()  # one job at a time on the ranks
@@ -144,10 +127,7 @@ class Cluster:
             c.run("print(model_name)")
         """
         cluster = cls.__new__(cls)
-        group = RankGroup.attach(name, take)
-        cluster._init(group)
-        if group.state.setup:
-            cluster.setup_cells[:] = kept.decode(group.state.setup)
+        cluster._init(RankGroup.attach(name, take))
         return cluster
 
     # the spec, read-only
@@ -167,6 +147,11 @@ class Cluster:
     def ports(self, ports: Optional[Sequence[int]]) -> None:
         self.spec.ports = list(ports) if ports is not None else None
         self.spec.check()
+
+    @property
+    def setup_cells(self) -> list[SetupCell]:
+        """What a restart replays, in order (``%%mlx_dist --setup`` cells, ``load_model``)."""
+        return self.setup.cells
 
     @property
     def ranks(self) -> list[RankInfo]:
@@ -225,71 +210,17 @@ class Cluster:
                 self.on_message(f"{running} did not stop within 60 s: stopping the cluster under it")
         self.group.stop()
 
-    def restart(self) -> float:
-        """New rank processes, a new group, and the setup cells replayed.
-
-        Returns the seconds the replay took.
+    def restart(self, *, tell: bool = False) -> float:
+        """New rank processes, a new group, and the setup cells replayed; returns the seconds
+        the replay took. ``tell``: say through ``on_message`` how long it took and what was replayed.
         """
         self._require_running()
-        if not self.group.controller_alive():  # nothing can reach the ranks: start over
-            self.group.stop()
-            self.group.start()
-            return self.replay_setup()
-        self.group.kill()
-        try:
-            self.group.form()
-            return self.replay_setup()
-        except BaseException:
-            # a half-formed group, or one without its setup, is of no use: leave none, so
-            # the next cell starts afresh (and replays the setup cells again)
-            self.group.kill()
-            raise
+        return self.restarts.restart(tell)
 
     def heal(self) -> None:
         """A rank that died while idle (or a failed restart) means new ranks, before the next job;
         a dead controller means a new cluster (a kept one says so, and restart makes it)."""
-        if not self.group.controller_alive():
-            if self.group.state.keep:
-                raise ClusterError(
-                    f"the controller of the kept cluster {self.group.state.name!r} died, so its ranks cannot be "
-                    "reached: %mlx_cluster restart starts it anew (what the ranks held is lost)"
-                )
-            self.on_message("The controller died; restarting the cluster (controller and ranks)...")
-            t0 = time.perf_counter()
-            took = self.restart()
-            self.on_message(f"Restarted the cluster in {time.perf_counter() - t0:.1f} s.")
-            if self.setup_cells:
-                self.on_message(diagnose.replayed([c.code for c in self.setup_cells], took) + ".")
-            return
-        dead = self.group.dead_ranks()
-        if not dead:
-            return
-        if self.group.ranks:
-            why = f"{diagnose.label(dead)} lost: engine process exited while idle"
-        else:
-            why = "no ranks are running (the last restart failed)"
-        self.on_message(f"{why}; restarting the cluster...")
-        t0 = time.perf_counter()
-        took = self.restart()
-        self.on_message(f"Restarted {self.n} ranks in {time.perf_counter() - t0:.1f} s.")
-        if self.setup_cells:
-            self.on_message(diagnose.replayed([c.code for c in self.setup_cells], took) + ".")
-
-    def _restart_for_cell(self, why: str = "") -> Recovery:
-        t0 = time.perf_counter()
-        try:
-            replay = self.restart()
-        except (ClusterError, ipp.error.TimeoutError) as e:
-            return Recovery(error=str(e), ranks=self.n, why=why, killed=self.group.killed)
-        return Recovery(
-            restarted=True,
-            seconds=time.perf_counter() - t0,
-            replay=replay,
-            setup=[c.code for c in self.setup_cells],
-            ranks=self.n,
-            why=why,
-            killed=self.group.killed,
-        )
+        self.restarts.heal()
 
     def check(self) -> list[Finding]:
         """Preflight every host of the hostfile over ssh (nothing is started): see :func:`check_hosts`."""
@@ -316,7 +247,7 @@ class Cluster:
             self.heal()
             self._cell_count += 1
             outer = self.job  # a job's restart replays the setup jobs inside it
-            self.job = CellRun(self.group, job, self._cell_count, options, self._restart_for_cell, self.on_message)
+            self.job = CellRun(self.group, job, self._cell_count, options, self.restarts.for_cell, self.on_message)
             try:
                 return self.job.run()
             finally:
@@ -338,7 +269,6 @@ class Cluster:
         pull: Optional[str] = None,
         setup: bool = False,
         quiet: bool = False,
-        register: bool = True,
         on_report: Optional[Callable[[int, dict], None]] = None,
         profile: bool = False,
     ) -> CellResult:
@@ -360,9 +290,8 @@ class Cluster:
             show=show, timeout=timeout, pull=pull, pull_from=show or [0], profile=profile, on_report=on_report
         )
         cell = self._run_job(Job(code=code), options)
-        if setup and register:
-            self.setup_cells.append(SetupCell(code, dict(push or {})))
-            self._setup_changed()
+        if setup:
+            self.setup.add(SetupCell(code, dict(push or {})))
         return cell
 
     def call(
@@ -405,9 +334,7 @@ class Cluster:
         )
         values = self._run_job(job, options, what or f"{job.title[:-5]}()").returned
         if setup is not None:
-            self.setup_cells[:] = [c for c in self.setup_cells if c.key != setup]
-            self.setup_cells.append(SetupCell(job.title, job=job, key=setup))
-            self._setup_changed()
+            self.setup.add(SetupCell(job.title, job=job, key=setup))
         return values[0] if isinstance(ranks, int) else values
 
     def request_stop(self) -> None:
@@ -443,31 +370,16 @@ class Cluster:
 
     def forget_setup(self) -> int:
         """Forget the setup cells (a restart then replays none); how many there were."""
-        n = len(self.setup_cells)
-        self.setup_cells.clear()
-        self._setup_changed()
-        return n
-
-    def _setup_changed(self) -> None:
-        if self.group.state.keep:  # a kernel that attaches gets them
-            self.group.state.setup = kept.encode(self.setup_cells)
-            self.group.save_state()
+        return self.setup.forget()
 
     def replay_setup(self) -> float:
         """Run the registered setup cells again, in order; return the seconds it took."""
-        t0 = time.perf_counter()
-        for i, cell in enumerate(self.setup_cells):
-            try:
-                if cell.job is not None:
-                    self._run_job(cell.job, RunOptions())
-                else:
-                    self.run(cell.code, push=cell.push, quiet=True, register=False)
-            except DistCellError as e:
-                raise ClusterError(
-                    f"replaying setup cell {i + 1} of {len(self.setup_cells)} failed:\n{e.report}\n"
-                    "(%mlx_cluster forget-setup drops the setup cells)"
-                ) from None
-        return time.perf_counter() - t0
+        return self.setup.replay(self._replay)
+
+    def _replay(self, cell: SetupCell) -> None:
+        if cell.push:
+            self.push(cell.push)
+        self._run_job(cell.job or Job(code=cell.code), RunOptions())
 
     # ------------------------------------------------------------------ status
     def status(self) -> list[RankInfo]:

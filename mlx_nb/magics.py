@@ -344,14 +344,7 @@ class MLXMagics(Magics):
             if cluster.group.state.keep:
                 print(f"(It was kept as {cluster.group.state.name!r}: it is gone now.)")
         elif args.action == "restart":
-            t0 = time.perf_counter()
-            replay = cluster.restart()
-            print(f"Restarted {cluster.n} ranks in {time.perf_counter() - t0:.1f} s", end="")
-            print(
-                f"; replayed {len(cluster.setup_cells)} setup cell(s) in {replay:.1f} s."
-                if cluster.setup_cells
-                else "."
-            )
+            cluster.restart(tell=True)
             return status_table(cluster)
         elif args.action == "status" and args.watch:
             from .widgets import StatusWidget

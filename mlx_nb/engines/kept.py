@@ -10,54 +10,23 @@ The files are readable by their user only: they hold the controller's keys.
 
 from __future__ import annotations
 
-import base64
 import glob
 import os
-import re
 import time
 from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Optional
 
-import cloudpickle
 import ipyparallel as ipp
 import psutil
 from ipyparallel.cluster import launcher
 
+from ..spec import check_name
 from . import ClusterError, launch, watchdog
 from .procs import same_process_runs
 from .state import EngineState, Holder
 
 PREFIX = "mlx_nb-"  # cluster ids of mlx_nb's clusters
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def check_name(name: str) -> str:
-    """A kept cluster's name: letters, digits, ``_ . -``, at most 64 characters."""
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise ValueError(f"cluster name {name!r}: use letters, digits, _ . - (e.g. llama-70b), at most 64")
-    return name
-
-
-def parse_idle(spec) -> Optional[float]:
-    """'2h' / '30m' / '90s' / '1d' / seconds -> seconds; None: no limit.
-
-    >>> parse_idle("2h"), parse_idle(90), parse_idle(None)
-    (7200.0, 90.0, None)
-    """
-    if spec is None:
-        return None
-    if isinstance(spec, (int, float)):
-        seconds = float(spec)
-    else:
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", str(spec).lower())
-        if not m:
-            raise ValueError(f"idle {spec!r}: give a duration like 90s, 30m, 2h or 1d")
-        seconds = float(m.group(1)) * _UNITS[m.group(2) or "s"]
-    if not seconds > 0:
-        raise ValueError(f"idle {spec!r}: give a positive duration like 30m")
-    return seconds
 
 
 class IppCluster(ipp.Cluster):
@@ -156,14 +125,6 @@ def claim(name: str) -> None:
             f"a kept cluster named {name!r} exists: attach it (%mlx_cluster attach {name}) or stop it first"
         )
     forget(path, d or {})
-
-
-def encode(obj) -> str:
-    return base64.b64encode(cloudpickle.dumps(obj)).decode()
-
-
-def decode(text: str):
-    return cloudpickle.loads(base64.b64decode(text))
 
 
 def cluster_files(profile_dir: Optional[str] = None) -> list[str]:

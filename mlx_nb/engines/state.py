@@ -86,7 +86,7 @@ class EngineState:
     tag: Optional[str] = None  # the engine set of the ranks in use
     spare: Optional[str] = None  # the warm spare set
     ranks: list[RankInfo] = field(default_factory=list)
-    setup: str = ""  # the setup cells, for a kernel that attaches (kept.encode)
+    setup: str = ""  # the setup cells, for a kernel that attaches (mlx_nb.setup)
     controller_started: Optional[float] = None  # with its pid, what tells the controller from a later process
 
     def next_tag(self) -> str:
