@@ -259,9 +259,8 @@ def stage_ranks() -> dict:
     import mlx.core as mx
 
     from mlx_nb import Cluster, hostfile, last_profile
-    from mlx_nb.display import human_bytes
+    from mlx_nb.display import findings_table, human_bytes, status_table
     from mlx_nb.engines.hosts import check_hosts
-    from mlx_nb.magics import findings_table, status_table
 
     out: dict = {"mlx": mx.__version__, "default_device": str(mx.default_device())}
     info = mx.device_info()

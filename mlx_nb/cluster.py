@@ -137,6 +137,10 @@ class Cluster:
     remote = property(lambda self: self.spec.remote)
     grace = property(lambda self: self.spec.grace)
     memory = property(lambda self: self.spec.memory, doc="each rank's given memory budget (None: measured)")
+    kept_as = property(
+        lambda self: self.group.state.name if self.group.state.keep else None,
+        doc="the name of a kept cluster (None: it ends with its kernel)",
+    )
 
     @property
     def ports(self) -> Optional[list[int]]:

@@ -9,7 +9,7 @@ import pytest
 from conftest import ipython_shell, project_processes
 from IPython.core.error import UsageError
 
-from mlx_nb import Cluster, batch, bench, magics, spec
+from mlx_nb import Cluster, batch, bench, magics, model_magics, spec
 from mlx_nb import generate as generation
 from mlx_nb.batch import generate_batch
 from mlx_nb.bench import bench_main, run_bench
@@ -39,7 +39,7 @@ def _usage_error(shell, magic: str, line: str, cell: str = "") -> str:
 
 
 def test_the_docstring_examples_of_the_checks_run():
-    for module in (spec, bench, launchers, magics, watchdog, procs, generation, batch):
+    for module in (spec, bench, launchers, magics, model_magics, watchdog, procs, generation, batch):
         assert doctest.testmod(module, optionflags=doctest.ELLIPSIS).failed == 0, module.__name__
 
 
