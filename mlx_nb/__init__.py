@@ -17,7 +17,18 @@ _NAMES = {
     "last_profile": "profile",
     "clusters": "cluster",
 }
-_MODULES = ("generate", "widgets", "finetune", "bench", "models", "hostfile", "magics", "sharding", "display")
+_MODULES = (
+    "generate",
+    "widgets",
+    "finetune",
+    "bench",
+    "models",
+    "hostfile",
+    "magics",
+    "model_magics",
+    "sharding",
+    "display",
+)
 
 
 def __getattr__(name: str):
