@@ -114,8 +114,7 @@ def generate_batch(
         raise ValueError("generate_batch needs at least one prompt")
     check_max_tokens(max_tokens)
     check_sampling(temperature, top_p, seed)
-    if max_batch < 1:
-        raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+    check_max_batch(max_batch)
     seeds = [random.getrandbits(31) if seed is None else seed + i for i in range(len(prompts))]
     live = None if on_text is not None or quiet else _Live(prompts)
 
@@ -147,6 +146,18 @@ def generate_batch(
         for p, x in zip(prompts, r["replies"])
     ]
     return BatchResult(replies, r["seconds"], r["stopped"], [x.get("peak_memory", 0) for x in out])
+
+
+def check_max_batch(max_batch: Any) -> None:
+    """How many sequences decode together (``generate_batch``, the server): 1 or more.
+
+    >>> check_max_batch(0)
+    Traceback (most recent call last):
+    ...
+    ValueError: max_batch must be at least 1, got 0
+    """
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+        raise ValueError(f"max_batch must be at least 1, got {max_batch!r}")
 
 
 def check_sampling(temperature: Any, top_p: Any = 1.0, seed: Any = None) -> None:

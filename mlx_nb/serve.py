@@ -28,9 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from .batch import check_max_batch
 from .cell import DistCellError
 from .display import Table
 from .engines import ClusterError
+from .generate import check_max_tokens
 from .hostfile import is_local
 from .jobs import SERVING
 from .models import BUNDLED_NAMES
@@ -135,8 +137,8 @@ class Server:
             )
         if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port < 65536:
             raise ValueError(f"--port must be 0-65535, got {port}")
-        if max_batch < 1:
-            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        check_max_batch(max_batch)
+        check_max_tokens(default_max_tokens, "default_max_tokens")
         self.cluster, self.host, self.port, self.api_key = cluster, host, port, api_key
         self.model_name, self.max_batch, self.prefill_step = model_name, max_batch, prefill_step
         self.max_body, self.default_max_tokens = max_body, default_max_tokens
