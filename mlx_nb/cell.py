@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 
 from . import diagnose
 from .diagnose import RANK_FAILED, Recovery
-from .engines.tasks import RankTask, dispatch, forget
+from .engines.tasks import RankTask, forget
 from .output import Printer, write_stream
 from .rank import session
 from .results import CANCEL_KEY, CANCEL_MESSAGE, REPORT_PREFIX, STOP_MESSAGE, TRACE_KEY, Outcome, RankError, Trace
@@ -260,14 +260,13 @@ class CellRun:
     # ------------------------------------------------------------------ dispatch and wait
     def _dispatch(self) -> None:
         o, job = self.options, self.job
-        view = self.group.cells_view(self.options.targets)
         self.t0 = time.perf_counter()
         if job.code is not None:
             pull_from = o.pull_from if o.pull else []
             args = (session.run_code, job.code, self.cell_id, o.show, o.pull, pull_from, o.profile, o.output_limit)
         else:
             args = (session.call, job.fn, job.args, job.kwargs, self.cell_id, o.show, o.profile, o.output_limit)
-        self.tasks = dispatch(view, self.targets, *args)
+        self.tasks = self.group.dispatch(self.targets, *args)
         self.finished = _Finished(self.tasks, self.events)
         self.inbox = _Inbox(self.tasks, self.events, self.printer, o.on_report)
 
@@ -448,7 +447,7 @@ class CellRun:
             self.tasks[r].data.get(CANCEL_KEY) == self.cell_id for r in waiting
         ):
             time.sleep(0.002)
-        drains = [dispatch(self.group.cells_view([f]), [f], session.drain, calls)[f] for f, calls in plan.items()]
+        drains = [self.group.dispatch([f], session.drain, calls)[f] for f, calls in plan.items()]
         left = list(waiting)
         for rank in self._finishing(time.perf_counter() + DRAIN_BOUND, lambda: False):
             left.remove(rank)

@@ -36,9 +36,10 @@ __all__ = [
 ]
 
 
-def check_max_tokens(max_tokens: Any) -> None:
+def check_max_tokens(max_tokens: Any, name: str = "--max-tokens") -> None:
     """A reply's token budget: a whole number, 1 or more. The one check behind ``generate``,
-    ``generate_batch``, the chat box and their magics, made before any rank runs.
+    ``generate_batch``, the chat box, the server's default and the magics, made before any
+    rank runs; ``name`` is how the message calls it.
 
     >>> check_max_tokens(0)
     Traceback (most recent call last):
@@ -46,9 +47,9 @@ def check_max_tokens(max_tokens: Any) -> None:
     ValueError: --max-tokens must be at least 1, got 0
     """
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
-        raise ValueError(f"--max-tokens must be a whole number of tokens, got {max_tokens!r}")
+        raise ValueError(f"{name} must be a whole number of tokens, got {max_tokens!r}")
     if max_tokens < 1:
-        raise ValueError(f"--max-tokens must be at least 1, got {max_tokens}")
+        raise ValueError(f"{name} must be at least 1, got {max_tokens}")
 
 
 @dataclass

@@ -15,7 +15,6 @@ A client that leaves is noticed within a step or a quarter of a second and leave
 
 from __future__ import annotations
 
-import ipaddress
 import itertools
 import queue
 import random
@@ -29,9 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from .batch import check_max_batch
 from .cell import DistCellError
 from .display import Table
 from .engines import ClusterError
+from .generate import check_max_tokens
+from .hostfile import is_local
 from .jobs import SERVING
 from .models import BUNDLED_NAMES
 from .openai_api import ApiError, Completion, ServedModel
@@ -128,15 +130,15 @@ class Server:
         max_body: int = MAX_BODY,
         default_max_tokens: int = 512,
     ) -> None:
-        if api_key is None and not _loopback(host):
+        if api_key is None and not is_local(host):
             raise ValueError(
                 f"--host {host} is reachable from other machines: give an --api-key too "
                 "(clients send it as 'Authorization: Bearer KEY')"
             )
         if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port < 65536:
             raise ValueError(f"--port must be 0-65535, got {port}")
-        if max_batch < 1:
-            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        check_max_batch(max_batch)
+        check_max_tokens(default_max_tokens, "default_max_tokens")
         self.cluster, self.host, self.port, self.api_key = cluster, host, port, api_key
         self.model_name, self.max_batch, self.prefill_step = model_name, max_batch, prefill_step
         self.max_body, self.default_max_tokens = max_body, default_max_tokens
@@ -417,12 +419,3 @@ def serve(cluster, port: int = 8000, host: str = "127.0.0.1", api_key: Optional[
         server.stop()
     """
     return Server(cluster, host, port, api_key, **options).start()
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

@@ -10,9 +10,9 @@ import sys
 import pytest
 
 from mlx_nb import Cluster
+from mlx_nb.display import status_table
 from mlx_nb.finetune import finetune
 from mlx_nb.generate import generate, load_model
-from mlx_nb.magics import status_table
 from mlx_nb.models import bundled_model
 from mlx_nb.rank import blas
 

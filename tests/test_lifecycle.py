@@ -254,7 +254,7 @@ def test_stopping_the_cluster_during_fine_tuning_stops_it_at_a_step_and_saves_fi
 def test_ending_an_engines_tree_on_a_host_spares_a_pid_that_now_runs_something_else():
     import subprocess
 
-    from mlx_nb.engines.watchdog import tree_command
+    from mlx_nb.engines.procs import tree_command
 
     # an engine (its command names ipyparallel) with a child, a child in a session of its own,
     # and an orphan left in its process group; and a process that took a listed pid since

@@ -159,7 +159,7 @@ def test_stop_leaves_nothing_on_the_hosts_not_even_what_the_ranks_started(ip, ho
     assert hosts.processes(), "expected engines on the hosts while the cluster runs"
     ip.run_cell_magic("mlx_dist", "", "import subprocess\nsleeper = subprocess.Popen(['sleep', '1000'])")
     assert len([p for p in hosts.processes() if p.name() == "sleep"]) == 2
-    profile = magics.current().group.dir  # the engines' IPython profile on the hosts
+    profile = magics.current().group.state.folder  # the engines' IPython profile on the hosts
     t = time.monotonic()
     ip.run_line_magic("mlx_cluster", "stop")
     print(f"\nstop of the 2-host cluster: {time.monotonic() - t:.1f} s")

@@ -16,7 +16,6 @@ from IPython.core.error import UsageError
 from lanes import starts
 
 from mlx_nb import Cluster, display, footprint, planner
-from mlx_nb.engines import kept
 from mlx_nb.finetune import finetune
 from mlx_nb.footprint import read_model, safetensors_header
 from mlx_nb.generate import generate, load_model, plan, prompt_cache
@@ -228,7 +227,7 @@ def test_memory_values_are_checked_before_anything_starts():
     assert Cluster(n=2, memory="1GB").memory == [1 << 30, 1 << 30]
     # a kept cluster's spec, as a kernel that attaches reads it back, keeps the budgets
     spec = Cluster(n=3, memory=BUDGETS).spec
-    assert kept.spec_from_state(json.loads(json.dumps(kept.spec_state(spec)))).memory == [700 * MB, 260 * MB, 260 * MB]
+    assert spec.from_json(json.loads(json.dumps(spec.to_json()))).memory == [700 * MB, 260 * MB, 260 * MB]
     shell = ipython_shell()
     shell.run_line_magic("load_ext", "mlx_nb")
     with pytest.raises(UsageError, match="^memory: 2 values for 3 ranks") as info:

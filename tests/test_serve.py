@@ -55,9 +55,9 @@ def server(pipeline_pair, alone):
     magics.use(pipeline_pair)
     try:
         ip.run_line_magic("mlx_serve", "--port 0")
-        yield magics._server
+        yield magics.instance().server
     finally:
-        magics._stop_server()
+        magics.instance().stop_server()
         magics.use(None)
 
 
@@ -375,20 +375,20 @@ def test_stop_closes_the_port_and_frees_the_ranks(server, pipeline_pair):
 
 def test_a_host_other_machines_reach_needs_a_key_and_every_request_is_checked(pipeline_pair):
     ip = shell()
-    magics._stop_server()  # the module's server, if the test before did not stop it
+    magics.instance().stop_server()  # the module's server, if the test before did not stop it
     magics.use(pipeline_pair)
     try:
         with pytest.raises(UsageError, match="give an --api-key"):
             ip.run_line_magic("mlx_serve", "--host 0.0.0.0 --port 0")
         ip.run_line_magic("mlx_serve", "--port 0 --api-key s3cret")
-        url = magics._server.url
+        url = magics.instance().server.url
         with pytest.raises(openai.AuthenticationError) as refused:
             openai.OpenAI(base_url=url, api_key="wrong", max_retries=0).models.list()
         assert refused.value.code == "invalid_api_key" and "--api-key" in refused.value.message
         keyed = openai.OpenAI(base_url=url, api_key="s3cret", max_retries=0)
         assert keyed.completions.create(model="bundled", prompt="Hi", max_tokens=2).usage.completion_tokens == 2
     finally:
-        magics._stop_server()
+        magics.instance().stop_server()
         magics.use(None)
 
 
