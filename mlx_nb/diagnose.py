@@ -9,11 +9,34 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from enum import Enum
 from typing import Optional
 
 from .results import GROUP_OPS, POINT_OPS, Call, Outcome, RankError, Trace
 
-RANK_FAILED = "a rank failed"  # why a cell stopped waiting, besides a timeout or an interrupt
+
+class Stop(Enum):
+    """Why a cell stopped waiting before every rank reported."""
+
+    RANK_FAILED = "a rank failed"
+    TIMEOUT = "--timeout expired"
+    CONTROLLER_DIED = "the controller died"
+    INTERRUPTED = "interrupted"
+
+
+@dataclass(frozen=True)
+class Stopped:
+    """A cell's early stop: why, and for a timeout, after how many seconds.
+
+    >>> str(Stopped(Stop.TIMEOUT, timeout=2))
+    '--timeout 2 s expired'
+    """
+
+    why: Stop
+    timeout: float = 0.0
+
+    def __str__(self) -> str:
+        return f"--timeout {self.timeout:g} s expired" if self.why is Stop.TIMEOUT else self.why.value
 
 
 def ranges(ranks: Sequence[int]) -> str:
@@ -148,7 +171,7 @@ def _root_lines(outcomes: Sequence[Outcome], root: int) -> tuple[list[str], list
 
 
 def cell_report(
-    outcomes: Sequence[Outcome], failure: Optional[str] = None, recovery: Optional[Recovery] = None
+    outcomes: Sequence[Outcome], failure: Optional[Stopped] = None, recovery: Optional[Recovery] = None
 ) -> tuple[str, Optional[int]]:
     """The text a failed cell shows, root cause first, and the root-cause rank.
 
@@ -166,7 +189,7 @@ def cell_report(
             ]
         ), outcomes[0].rank
     root = root_cause(outcomes)
-    lines = [f"%%mlx_dist: {failure}."] if failure and failure != RANK_FAILED else []
+    lines = [f"%%mlx_dist: {failure}."] if failure is not None and failure.why is not Stop.RANK_FAILED else []
     covered = [] if root is None else _root_lines(outcomes, root)[1]
     if root is not None:
         lines += _root_lines(outcomes, root)[0]
