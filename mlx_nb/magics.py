@@ -17,6 +17,7 @@ from .cell import DistCellError
 from .cluster import BACKENDS, Cluster, ClusterError
 from .display import Table, human_bytes
 from .hostfile import HostfileError
+from .preflight import Severity
 from .rank.blas import BlasInfo
 
 _current: Optional[Cluster] = None
@@ -109,7 +110,7 @@ def _mpi_here() -> bool:
 
 
 def findings_table(findings) -> Table:
-    failed = sorted({f.host for f in findings if f.status == "fail"})
+    failed = sorted({f.host for f in findings if f.status is Severity.FAIL})
     title = f"preflight: {'problems on ' + ', '.join(failed) if failed else 'every host is ready'}"
     return Table(
         ["host", "check", "status", "message"], [[f.host, f.check, f.status, f.message] for f in findings], title
