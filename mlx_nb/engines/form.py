@@ -13,6 +13,7 @@ import socket
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 import ipyparallel as ipp
@@ -23,6 +24,20 @@ from ..display import Table
 from ..rank import session
 from ..results import INIT_KEY, Identity
 from . import ClusterError, launch
+
+
+class RankState(str, Enum):
+    """What a rank is doing, as the status table shows it (a ``str``: it reads and saves as its text)."""
+
+    STARTING = "starting"
+    IDLE = "idle"
+    BUSY = "busy"
+    DEAD = "dead"  # its engine process exited
+    LOST = "lost"  # the hub cannot account for it
+    UNREACHABLE = "unreachable (controller died)"
+
+    def __str__(self) -> str:
+        return self.value
 
 
 @dataclass
@@ -41,7 +56,10 @@ class RankInfo:
     cache_memory: int = 0  # freed buffers MLX keeps for reuse: the process holds them too
     memory_budget: int = 0  # bytes this rank may hold: measured, or given (Cluster(memory=...))
     memory_given: bool = False
-    state: str = "starting"
+    state: RankState = RankState.STARTING
+
+    def __post_init__(self) -> None:
+        self.state = RankState(self.state)  # a kept cluster's file holds the text
 
 
 class Forming:
@@ -159,7 +177,7 @@ class Forming:
         if info.error is not None:
             raise ClusterError(diagnose.init_failed(rank, info.error, self.addresses[rank], bool(self.spec.ports)))
         r = self.ranks[rank]
-        r.device, r.mlx, r.blas, r.state = info.device, info.mlx or "", info.blas, "idle"
+        r.device, r.mlx, r.blas, r.state = info.device, info.mlx or "", info.blas, RankState.IDLE
         r.device_name, r.device_memory = info.device_name, info.device_memory
         r.memory_budget, r.memory_given = info.memory_budget, info.memory_given
         return True

@@ -24,7 +24,7 @@ from .. import hostfile as hostfiles
 from ..rank import blas, session
 from ..results import Identity
 from . import ClusterError, kept, launch, tasks, watchdog
-from .form import Forming, RankInfo
+from .form import Forming, RankInfo, RankState
 from .hosts import controller_ip, on_hosts
 
 if TYPE_CHECKING:
@@ -406,7 +406,7 @@ class RankGroup(Forming):
         dead = set(self.dead_ranks())
         if not self.controller_alive():
             for r in self.ranks:
-                r.state = "unreachable (controller died)"
+                r.state = RankState.UNREACHABLE
             return self.ranks
         try:
             queued, lost = self.busy_ranks()
@@ -414,15 +414,15 @@ class RankGroup(Forming):
             queued, lost = set(), {r.rank for r in self.ranks}
         for r in self.ranks:
             r.state = (
-                "dead"
+                RankState.DEAD
                 if r.rank in dead
-                else "lost"
+                else RankState.LOST
                 if r.rank in lost
-                else "busy"
+                else RankState.BUSY
                 if busy or r.rank in queued
-                else "idle"
+                else RankState.IDLE
             )
-        if self.ranks and all(r.state == "idle" for r in self.ranks):
+        if self.ranks and all(r.state is RankState.IDLE for r in self.ranks):
             try:
                 ar = self.view.apply_async(session.describe)
                 for r, info in zip(self.ranks, ar.get(timeout=5)):
