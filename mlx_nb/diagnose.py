@@ -274,8 +274,8 @@ def blas_notes(ranks: Sequence) -> list[str]:
     for r in ranks:
         if "gpu" in getattr(r, "device", ""):
             continue
-        if r.blas and not r.blas["optimized"] and r.blas["note"] and not r.blas["note"].endswith("=off"):
-            notes.setdefault(r.blas["note"], []).append(r)
+        if r.blas and not r.blas.optimized and r.blas.note and not r.blas.note.endswith("=off"):
+            notes.setdefault(r.blas.note, []).append(r)
     return [
         f"rank(s) {ranges([r.rank for r in rs])} on {', '.join(dict.fromkeys(r.host for r in rs))} run MLX's "
         f"bundled reference BLAS (float32 matmuls about 30x slower): {note}; then restart the cluster "

@@ -18,7 +18,6 @@ from .cluster import BACKENDS, Cluster, ClusterError
 from .display import Table, human_bytes
 from .hostfile import HostfileError
 from .preflight import Severity
-from .rank.blas import BlasInfo
 
 _current: Optional[Cluster] = None
 _server = None  # the %mlx_serve server (mlx_nb.serve.Server)
@@ -84,12 +83,11 @@ def memory_label(r) -> str:
 def blas_label(r) -> str:
     """A rank's BLAS for the status table; on a Linux GPU (CUDA) matmuls run in cuBLAS, and
     the CPU BLAS serves only work put on the CPU."""
-    if not r.blas:
+    if r.blas is None:
         return "-"
-    info = BlasInfo(**r.blas)
-    if "gpu" in r.device and info.system == "Linux":
-        return f"cuBLAS (GPU); on the CPU: {info}"
-    return str(info)
+    if "gpu" in r.device and r.blas.system == "Linux":
+        return f"cuBLAS (GPU); on the CPU: {r.blas}"
+    return str(r.blas)
 
 
 def status_note(cluster: Cluster) -> Optional[str]:

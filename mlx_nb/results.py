@@ -9,7 +9,10 @@ field once, next to the exception.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
+
+if TYPE_CHECKING:
+    from .rank.blas import BlasInfo
 
 # ipyparallel datapub keys and control message types, spelled once
 INIT_KEY = "mlx_nb_init"  # how far a rank got in forming the group: "started", "joining"
@@ -142,7 +145,7 @@ class Identity:
     device: str = ""
     device_name: str = ""  # a GPU's name as MLX gives it ("NVIDIA H200"); empty on the CPU
     device_memory: int = 0  # that GPU's total memory, bytes (0: not known)
-    blas: dict = field(default_factory=dict)  # rank.blas.BlasInfo.to_dict(): the BLAS its MLX runs
+    blas: Optional[BlasInfo] = None  # the BLAS its MLX runs
     active_memory: int = 0
     peak_memory: int = 0
     cache_memory: int = 0  # freed buffers MLX keeps for reuse (still held by the process)

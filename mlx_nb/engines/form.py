@@ -12,9 +12,9 @@ import json
 import socket
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from typing import Any, Optional
 
 import ipyparallel as ipp
 
@@ -22,6 +22,7 @@ from .. import diagnose
 from .. import hostfile as hostfiles
 from ..display import Table
 from ..rank import session
+from ..rank.blas import BlasInfo
 from ..results import INIT_KEY, Identity
 from . import ClusterError, launch
 
@@ -50,7 +51,7 @@ class RankInfo:
     device_name: str = ""  # the GPU's name (MLX's device_info), empty on the CPU
     device_memory: int = 0  # the GPU's total memory, bytes
     mlx: str = ""
-    blas: dict = field(default_factory=dict)  # rank.blas.BlasInfo.to_dict(): the BLAS its MLX runs
+    blas: Optional[BlasInfo] = None  # the BLAS its MLX runs (None: not known yet)
     active_memory: int = 0
     peak_memory: int = 0
     cache_memory: int = 0  # freed buffers MLX keeps for reuse: the process holds them too
@@ -59,7 +60,10 @@ class RankInfo:
     state: RankState = RankState.STARTING
 
     def __post_init__(self) -> None:
-        self.state = RankState(self.state)  # a kept cluster's file holds the text
+        # a kept cluster's file holds the text, and the BLAS as a dict
+        self.state = RankState(self.state)
+        if isinstance(self.blas, dict):
+            self.blas = BlasInfo(**self.blas)
 
 
 class Forming:

@@ -244,7 +244,7 @@ def publish(group) -> None:
     group._ipp.mlx_nb = {
         "name": group.name,
         "spec": spec_state(group.spec),
-        "ranks": [vars(r) for r in group.ranks],
+        "ranks": [asdict(r) for r in group.ranks],
         "tag": group._tag,
         "spare": group._spare,
         "generation": group._generation,

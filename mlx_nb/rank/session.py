@@ -164,7 +164,7 @@ def describe() -> Identity:
     ident = identify()
     ident.rank, ident.size, ident.backend = state.rank, state.size, state.backend
     ident.device, ident.device_name, ident.device_memory = device(mx)
-    ident.blas = blas.current().to_dict()
+    ident.blas = blas.current()
     ident.active_memory, ident.peak_memory = memory.in_use()
     ident.cache_memory = mx.get_cache_memory()
     budget = memory.budget()
