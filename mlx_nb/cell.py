@@ -79,7 +79,7 @@ class RunOptions:
     pull: Optional[str] = None
     pull_from: list[int] = field(default_factory=lambda: [0])
     profile: bool = False
-    on_report: Optional[Callable[[int, dict], None]] = None
+    on_report: Optional[Callable[[int, Any], None]] = None  # (rank, what it reported: a dict, or a report record)
     output_limit: int = OUTPUT_LIMIT
 
 

@@ -372,7 +372,7 @@ class Cluster:
         ranks: Union[int, str, Sequence[int]] = "all",
         timeout: Optional[float] = None,
         show: Sequence[int] = (),
-        on_report: Optional[Callable[[int, dict], None]] = None,
+        on_report: Optional[Callable[[int, Any], None]] = None,
         setup: Optional[str] = None,
         profile: bool = False,
         what: Optional[str] = None,
