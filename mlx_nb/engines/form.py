@@ -63,7 +63,7 @@ class RankInfo:
         # a kept cluster's file holds the text, and the BLAS as a dict
         self.state = RankState(self.state)
         if isinstance(self.blas, dict):
-            self.blas = BlasInfo(**self.blas)
+            self.blas = BlasInfo(**self.blas) if self.blas else None
 
 
 class Forming:
