@@ -91,6 +91,17 @@ class Tokens:
     seconds: float = 0.0
     admitted: tuple[Admitted, ...] = ()
 
+    def __reduce__(self) -> tuple:
+        # it travels as one tuple per token: cloudpickle costs about 1.5 us per object it
+        # reduces, 50 us a report of 32 Tokens on rank 0's thread, against 4 us for tuples
+        rows = tuple((t.id, t.token, t.text, t.finish, t.first) for t in self.tokens)
+        return (_tokens, (self.t, rows, self.batch, self.seconds, tuple((a.id, a.cached) for a in self.admitted)))
+
+
+def _tokens(t: float, rows: tuple, batch: int, seconds: float, admitted: tuple) -> Tokens:
+    """A :class:`Tokens` report again, from what travelled."""
+    return Tokens(t, tuple(Token(*r) for r in rows), batch, seconds, tuple(Admitted(*a) for a in admitted))
+
 
 def sampler(temperature: float, top_p: float, seed: int) -> Optional[Callable[[mx.array], mx.array]]:
     """None for greedy (the batch then shares one argmax), else a sampler with its own random key:
