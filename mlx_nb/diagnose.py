@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Optional
 
-from .results import GROUP_OPS, POINT_OPS, Call, Outcome, RankError, Trace
+from .results import GROUP_OPS, POINT_OPS, Call, InitStep, Outcome, RankError, Trace
 
 
 class Stop(Enum):
@@ -299,18 +299,18 @@ def init_failed(rank: int, error: RankError, address: str, ports_given: bool) ->
     return text
 
 
-def init_stuck(backend: str, timeout: float, steps: Mapping[int, Optional[str]], addresses: Sequence[str]) -> str:
+def init_stuck(backend: str, timeout: float, steps: Mapping[int, Optional[InitStep]], addresses: Sequence[str]) -> str:
     """The group did not form in time: which ranks never called init, or could not connect.
 
-    ``steps``: for each rank still waiting, how far it got (None, "started", "joining").
+    ``steps``: for each rank still waiting, how far it got (None: not even started).
     """
     head = f"mx.distributed.init(backend={backend!r}) did not complete within {timeout:.0f} s"
     waiting = sorted(steps)
-    absent = [r for r in waiting if steps[r] != "joining"]
+    absent = [r for r in waiting if steps[r] is not InitStep.JOINING]
     if absent:
         quiet = [r for r in absent if steps[r] is None]
         why = "its engine is not responding" if quiet == absent else "it is stuck before the call, e.g. importing mlx"
-        rest = [r for r in waiting if steps[r] == "joining"]
+        rest = [r for r in waiting if steps[r] is InitStep.JOINING]
         tail = f"; rank(s) {ranges(rest)} waited for it in the ring" if rest else ""
         return f"{head}: rank(s) {ranges(absent)} never called it ({why}){tail}."
     addrs = ", ".join(f"rank {r} {addresses[r]}" for r in waiting)

@@ -9,13 +9,14 @@ field once, next to the exception.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import TYPE_CHECKING, Any, Optional
 
 if TYPE_CHECKING:
     from .rank.blas import BlasInfo
 
 # ipyparallel datapub keys and control message types, spelled once
-INIT_KEY = "mlx_nb_init"  # how far a rank got in forming the group: "started", "joining"
+INIT_KEY = "mlx_nb_init"  # how far a rank got in forming the group: an InitStep
 TRACE_KEY = "mlx_nb_trace"  # a Trace, while a cell runs
 REPORT_PREFIX = "mlx_nb_report_"  # + a sequence number: live reports (rank.session.report)
 STOP_MESSAGE = "mlx_nb_stop"  # control channel: the cooperative stop flag
@@ -29,6 +30,13 @@ PENDING_KEPT = 256  # pending calls a Trace carries (what a drain can replay)
 CR_MARK = "\x1b[mlx_nb-cr]"
 GROUP_OPS = ("all_sum", "all_gather", "all_max", "all_min", "sum_scatter")
 POINT_OPS = ("send", "recv", "recv_like")
+
+
+class InitStep(Enum):
+    """How far a rank got in forming the group (published under ``INIT_KEY``)."""
+
+    STARTED = "started"  # running init_group, not yet in mx.distributed.init
+    JOINING = "joining"  # in mx.distributed.init
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 from mlx_nb import diagnose
 from mlx_nb.diagnose import Recovery, Stop, Stopped
 from mlx_nb.output import Printer, visible
-from mlx_nb.results import Call, Outcome, RankError, Trace
+from mlx_nb.results import Call, InitStep, Outcome, RankError, Trace
 
 
 def _err(type_="ValueError", message="no", at=1.0, **kw) -> RankError:
@@ -76,7 +76,7 @@ def test_a_timeout_names_itself_first_and_a_failed_restart_says_what_to_do():
 
 
 def test_init_messages_name_the_ranks_and_the_port():
-    stuck = diagnose.init_stuck("ring", 5, {1: None, 2: "joining"}, ["a", "b", "c"])
+    stuck = diagnose.init_stuck("ring", 5, {1: None, 2: InitStep.JOINING}, ["a", "b", "c"])
     assert stuck == (
         "mx.distributed.init(backend='ring') did not complete within 5 s: rank(s) 1 never called it "
         "(its engine is not responding); rank(s) 2 waited for it in the ring."

@@ -161,7 +161,7 @@ class Forming:
             if dead:
                 raise ClusterError("during mx.distributed.init: " + self._exited(self._tag, dead))
             if pending and time.monotonic() > deadline:
-                # how far each rank got: None, "started" (running init_group), "joining" (in the call)
+                # how far each rank got: None (not started), or an InitStep
                 steps = {r: ar.metadata["data"].get(INIT_KEY) for r, ar in pending.items()}
                 raise ClusterError(diagnose.init_stuck(spec.backend, spec.init_timeout, steps, self.addresses))
             time.sleep(0.02)

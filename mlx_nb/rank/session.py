@@ -35,6 +35,7 @@ from ..results import (
     STOP_MESSAGE,
     Call,
     Identity,
+    InitStep,
     Outcome,
     RankError,
 )
@@ -114,20 +115,20 @@ def init_group(
     """
     from ipyparallel.datapub import publish_data
 
-    def progress(step: str) -> None:
+    def progress(step: InitStep) -> None:
         # so the notebook can name a rank that never gets to the call; flush waits until
         # the IOPub thread has sent it, since init holds the GIL
         publish_data({INIT_KEY: step})
         sys.stdout.flush()
 
-    progress("started")
+    progress(InitStep.STARTED)
     blas.use()  # before anything imports mlx.core (a no-op once the warm thread did it)
     if size > 1:  # a group of one reads no hostfile (and MLX rejects an empty one)
         _write_files(files, files_dir)
     import mlx.core as mx
     import mlx.nn as nn
 
-    progress("joining")
+    progress(InitStep.JOINING)
     try:
         group = _join(mx, backend, size)
     except Exception as exc:
