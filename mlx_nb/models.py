@@ -21,12 +21,9 @@ import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import Any, Optional
 
 import mlx.core as mx
-
-if TYPE_CHECKING:
-    from .rank.blas import BlasInfo
 
 Progress = Callable[[int, int, str], None]
 
@@ -221,9 +218,10 @@ def prepare_bundled(ranks: Sequence, progress: Optional[Progress] = None) -> Pat
     return path
 
 
-def prefers_dense(device: str, blas: Optional[BlasInfo]) -> bool:
-    """Whether a process on ``device`` running ``blas`` (as ``RankInfo.blas``; None: not known)
-    gets the bundled model's dense float32 copy: a Linux CPU with an optimized BLAS.
+def prefers_dense(device: str, blas: Any) -> bool:
+    """Whether a process on ``device`` running ``blas`` (a ``rank.blas.BlasInfo``, as
+    ``RankInfo.blas``; None: not known) gets the bundled model's dense float32 copy: a Linux
+    CPU with an optimized BLAS.
 
     Example:
         >>> from mlx_nb.rank.blas import BlasInfo

@@ -10,10 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING, Any, Optional
-
-if TYPE_CHECKING:
-    from .rank.blas import BlasInfo
+from typing import Any, Optional
 
 # ipyparallel datapub keys and control message types, spelled once
 INIT_KEY = "mlx_nb_init"  # how far a rank got in forming the group: an InitStep
@@ -153,7 +150,7 @@ class Identity:
     device: str = ""
     device_name: str = ""  # a GPU's name as MLX gives it ("NVIDIA H200"); empty on the CPU
     device_memory: int = 0  # that GPU's total memory, bytes (0: not known)
-    blas: Optional[BlasInfo] = None  # the BLAS its MLX runs
+    blas: Any = None  # the BLAS its MLX runs: a rank.blas.BlasInfo (None: not known)
     active_memory: int = 0
     peak_memory: int = 0
     cache_memory: int = 0  # freed buffers MLX keeps for reuse (still held by the process)
