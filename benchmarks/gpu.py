@@ -158,8 +158,8 @@ def stage_ranks() -> Ranks:
 def preflight(out: Ranks) -> None:
     """Preflight of 2 local ranks, and of 2 NCCL ranks on this one GPU (refused)."""
     from mlx_nb import Cluster, hostfile
-    from mlx_nb.engines.hosts import check_hosts
     from mlx_nb.display import findings_table
+    from mlx_nb.engines.hosts import check_hosts
 
     found = Cluster(n=2).check()
     print(findings_table(found))
@@ -179,8 +179,7 @@ def preflight(out: Ranks) -> None:
 
 def held_memory(c, out: Ranks) -> None:
     """The status table before and after a cell that keeps 1 GiB, against nvidia-smi."""
-    from mlx_nb.display import human_bytes
-    from mlx_nb.display import status_table
+    from mlx_nb.display import human_bytes, status_table
 
     print(status_table(c))
     ranks = c.status()

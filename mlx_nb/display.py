@@ -126,14 +126,11 @@ def memory_label(r) -> str:
 def blas_label(r) -> str:
     """A rank's BLAS for the status table; on a Linux GPU (CUDA) matmuls run in cuBLAS, and
     the CPU BLAS serves only work put on the CPU."""
-    from .rank.blas import BlasInfo
-
-    if not r.blas:
+    if r.blas is None:
         return "-"
-    info = BlasInfo(**r.blas)
-    if "gpu" in r.device and info.system == "Linux":
-        return f"cuBLAS (GPU); on the CPU: {info}"
-    return str(info)
+    if "gpu" in r.device and r.blas.system == "Linux":
+        return f"cuBLAS (GPU); on the CPU: {r.blas}"
+    return str(r.blas)
 
 
 def findings_table(findings: Sequence) -> Table:

@@ -19,7 +19,7 @@ from .footprint import read_model
 from .models import check_adapters, check_split, fused_model, resolve
 from .planner import Layout, Plan, check_context, check_ownership, make_plan
 from .rank import memory
-from .rank.generate import LoadResult, Prompt, cache_on_rank, generate_on_rank, load, load_on_rank, stream
+from .rank.generate import LoadResult, Prompt, Text, cache_on_rank, generate_on_rank, load, load_on_rank, stream
 from .rank.prompt_cache import CacheStatus
 
 __all__ = [
@@ -348,28 +348,28 @@ def generate(
     check_max_tokens(max_tokens)
     delays: list[float] = []
 
-    def on_report(rank: int, data: dict) -> None:
-        delays.append(time.time() - data["t"])
+    def on_report(rank: int, piece: Text) -> None:
+        delays.append(time.time() - piece.t)
         if on_text is not None:
-            on_text(data["text"])
+            on_text(piece.text)
         elif not quiet:
-            print(data["text"], end="", flush=True)
+            print(piece.text, end="", flush=True)
 
     replies = cluster.call(generate_on_rank, prompt, max_tokens, on_report=on_report, timeout=timeout, what=what)
     if on_text is None and not quiet:
         print()
     r = replies[0]
     return GenerationStats(
-        r["text"],
-        r["prompt_tokens"],
-        r["prompt_tps"],
-        r["generation_tokens"],
-        r["generation_tps"],
-        r["ttft"],
-        [x["peak_memory"] for x in replies],
-        r["finish_reason"],
-        r["stopped"],
-        r["tokens"],
+        r.text,
+        r.prompt_tokens,
+        r.prompt_tps,
+        r.generation_tokens,
+        r.generation_tps,
+        r.ttft,
+        [x.peak_memory for x in replies],
+        r.finish_reason,
+        r.stopped,
+        r.tokens,
         delays,
-        r.get("cached_tokens", 0),
+        r.cached_tokens,
     )

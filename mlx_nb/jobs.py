@@ -152,7 +152,7 @@ class RankJobs:
         pull: Optional[str] = None,
         setup: bool = False,
         quiet: bool = False,
-        on_report: Optional[Callable[[int, dict], None]] = None,
+        on_report: Optional[Callable[[int, Any], None]] = None,
         profile: bool = False,
     ) -> CellResult:
         """Run ``code`` on every rank at once, streaming the output of ``ranks`` live.
@@ -185,7 +185,7 @@ class RankJobs:
         ranks: Union[int, str, Sequence[int]] = "all",
         timeout: Optional[float] = None,
         show: Sequence[int] = (),
-        on_report: Optional[Callable[[int, dict], None]] = None,
+        on_report: Optional[Callable[[int, Any], None]] = None,
         setup: Optional[str] = None,
         profile: bool = False,
         what: Optional[str] = None,

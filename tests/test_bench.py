@@ -131,7 +131,7 @@ def test_sharding_lab_matches_the_unsharded_model(two_ranks):
     for method in ("shard_linear", "shard_inplace"):
         mlp = sharding_lab(two_ranks, (64, 128, 32), method, iters=2)
         assert mlp.max_error < 1e-5
-        shapes = {name: shape for rank, name, shape, _, _ in mlp.params if rank == 1}
+        shapes = {p.name: p.shape for p in mlp.params if p.rank == 1}
         assert shapes["up.weight"] == (64, 64) and shapes["down.weight"] == (32, 64)
         assert shapes["down.bias"] == (32,)  # sharded-to-all keeps the whole bias
     s2a = sharding_lab(two_ranks, (64, 32), "shard_inplace", "sharded-to-all", iters=2)

@@ -203,8 +203,8 @@ def test_an_interrupt_of_a_training_call_stops_every_rank_and_saves_that_step(tw
     )
     steps = []
 
-    def on_report(rank: int, row: dict) -> None:
-        steps.append(row["iteration"])
+    def on_report(rank: int, step) -> None:
+        steps.append(step.iteration)
         if len(steps) == 3:
             interrupt_main()
 

@@ -23,7 +23,7 @@ from ..display import Table
 from ..rank import session
 from ..results import INIT_KEY, Identity
 from . import ClusterError
-from .state import RankInfo
+from .state import RankInfo, RankState
 
 if TYPE_CHECKING:
     from ..spec import ClusterSpec
@@ -154,7 +154,7 @@ class _Joining:
             if dead:
                 raise ClusterError("during mx.distributed.init: " + _exited(spec, self.sets, self.tag, dead))
             if pending and time.monotonic() > deadline:
-                # how far each rank got: None, "started" (running init_group), "joining" (in the call)
+                # how far each rank got: None (not started), or an InitStep
                 steps = {r: ar.metadata["data"].get(INIT_KEY) for r, ar in pending.items()}
                 raise ClusterError(diagnose.init_stuck(spec.backend, spec.init_timeout, steps, self.addresses))
             time.sleep(0.02)
@@ -170,7 +170,7 @@ class _Joining:
         if info.error is not None:
             raise ClusterError(diagnose.init_failed(rank, info.error, self.addresses[rank], bool(self.spec.ports)))
         r = self.ranks[rank]
-        r.device, r.mlx, r.blas, r.state = info.device, info.mlx or "", info.blas, "idle"
+        r.device, r.mlx, r.blas, r.state = info.device, info.mlx or "", info.blas, RankState.IDLE
         r.device_name, r.device_memory = info.device_name, info.device_memory
         r.memory_budget, r.memory_given = info.memory_budget, info.memory_given
         return True

@@ -25,7 +25,7 @@ from . import ClusterError, kept, procs, tasks, watchdog
 from .form import form_group, identify
 from .hosts import controller_ip, on_hosts
 from .sets import EngineSets
-from .state import EngineState, Holder, RankInfo
+from .state import EngineState, Holder, RankInfo, RankState
 
 # the controller admits a new engine at its next heartbeat: every 0.5 s rather than 3 s makes
 # a (re)start seconds faster; 60 misses keep its patience with a busy engine at 30 s. No task
@@ -299,7 +299,7 @@ class RankGroup:
         dead = set(self.dead_ranks())
         if not self.controller_alive():
             for r in self.ranks:
-                r.state = "unreachable (controller died)"
+                r.state = RankState.UNREACHABLE
             return self.ranks
         try:
             queued, lost = self._messages.queued({r.rank: r.engine_id for r in self.ranks})
@@ -307,15 +307,15 @@ class RankGroup:
             queued, lost = set(), {r.rank for r in self.ranks}
         for r in self.ranks:
             r.state = (
-                "dead"
+                RankState.DEAD
                 if r.rank in dead
-                else "lost"
+                else RankState.LOST
                 if r.rank in lost
-                else "busy"
+                else RankState.BUSY
                 if busy or r.rank in queued
-                else "idle"
+                else RankState.IDLE
             )
-        if self.ranks and all(r.state == "idle" for r in self.ranks):
+        if self.ranks and all(r.state is RankState.IDLE for r in self.ranks):
             try:
                 ar = self.view.apply_async(session.describe)
                 for r, info in zip(self.ranks, ar.get(timeout=5)):

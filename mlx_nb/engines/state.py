@@ -14,12 +14,28 @@ import os
 import time
 import uuid
 from dataclasses import asdict, dataclass, field, fields
+from enum import Enum
 from typing import Optional
 
 import psutil
 
+from ..rank.blas import BlasInfo
 from ..spec import ClusterSpec
 from .procs import same_process_runs
+
+
+class RankState(str, Enum):
+    """What a rank is doing, as the status table shows it (a ``str``: it reads and saves as its text)."""
+
+    STARTING = "starting"
+    IDLE = "idle"
+    BUSY = "busy"
+    DEAD = "dead"  # its engine process exited
+    LOST = "lost"  # the hub cannot account for it
+    UNREACHABLE = "unreachable (controller died)"
+
+    def __str__(self) -> str:
+        return self.value
 
 
 @dataclass
@@ -32,13 +48,19 @@ class RankInfo:
     device_name: str = ""  # the GPU's name (MLX's device_info), empty on the CPU
     device_memory: int = 0  # the GPU's total memory, bytes
     mlx: str = ""
-    blas: dict = field(default_factory=dict)  # rank.blas.BlasInfo.to_dict(): the BLAS its MLX runs
+    blas: Optional[BlasInfo] = None  # the BLAS its MLX runs (None: not known yet)
     active_memory: int = 0
     peak_memory: int = 0
     cache_memory: int = 0  # freed buffers MLX keeps for reuse: the process holds them too
     memory_budget: int = 0  # bytes this rank may hold: measured, or given (Cluster(memory=...))
     memory_given: bool = False
-    state: str = "starting"
+    state: RankState = RankState.STARTING
+
+    def __post_init__(self) -> None:
+        # a kept cluster's file holds the text, and the BLAS as a dict
+        self.state = RankState(self.state)
+        if isinstance(self.blas, dict):
+            self.blas = BlasInfo(**self.blas) if self.blas else None
 
 
 @dataclass
