@@ -120,7 +120,7 @@ def split(messages: list, tokens: int, profile: bool = False) -> dict:
         if profiler is not None:
             profiler.disable()
         rank_batch.Batch, rank_batch.run = original, real_run
-    made = [len(r["tokens"]) - (r["finish_reason"] == "stop") for r in out["replies"]]  # as mlx_lm counts
+    made = [len(a.tokens) - (a.finish_reason == "stop") for a in out.answers]  # as mlx_lm counts
     text = ""
     if profiler is not None:
         buffer = io.StringIO()

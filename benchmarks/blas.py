@@ -56,7 +56,7 @@ def measure(setting: str, n: int, tokens: int, iters: int, tmp: str) -> dict[str
     """One cluster of ``n`` ranks with MLX_NB_BLAS=``setting``: every measure once."""
     out: dict[str, float] = {}
     with Cluster(n=n, env={"MLX_NB_BLAS": setting}, spares=False) as cluster:
-        out["blas"] = cluster.ranks[0].blas["name"]
+        out["blas"] = cluster.ranks[0].blas.name
         cluster.run(MATMUL, quiet=True)
         out["matmul"] = statistics.mean(cluster.pull("_gflops", ranks="all"))
         for name, dense in (("4-bit", False), ("dense f32", True)):

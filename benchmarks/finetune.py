@@ -22,11 +22,11 @@ is the trained tokens of the other steps over their time (rank 0's view of the g
   needs a second stream for its sends, which then race the other collectives of a training
   graph for the same sockets (so it is measured alone here, and FSDP does not use it).
 
-``--llama3b`` builds benchmarks/gpu.py's random-weight llama of about 3e9 parameters (bfloat16,
+``--llama3b`` builds benchmarks/random_llama.py's llama of about 3e9 parameters (random weights, bfloat16,
 once, into ``--model-dir``) with the tokenizer in ``--tokenizer`` and fine-tunes it fully; ranks
 share this machine's devices (on one GPU, 2 ranks share it over the ring backend; with a GPU per
-rank, ``--backend nccl`` runs MLX's own sum_scatter). On the lent H200, with the wheels installed
-as benchmarks/gpu.py's docstring says (its call 3, with this command in place of gpu.py's)::
+rank, ``--backend nccl`` runs MLX's own sum_scatter). On the lent H200, with the wheels carried
+as docs/carrying-wheels.md says (its last call, with this command in place of gpu.py's)::
 
     python3 benchmarks/finetune.py --llama3b --tokenizer .gpu/tokenizer --ranks 1,2 \
         --tables full,reduce-scatter --iters 4 --max-seq-length 128 --repeats 5
@@ -286,12 +286,12 @@ def reduce_scatter_table(args) -> Table:
 
 
 def llama3b(args) -> Path:
-    """benchmarks/gpu.py's random-weight llama, built once into ``args.model_dir``."""
+    """benchmarks/random_llama.py's llama, built once into ``args.model_dir``."""
     sys.path.insert(0, str(Path(__file__).parent))
-    from gpu import stage_model  # benchmarks/gpu.py
+    from random_llama import write_random_llama  # benchmarks/random_llama.py
 
     if not (args.model_dir / "config.json").exists():
-        stage_model(args.model_dir, args.tokenizer)
+        write_random_llama(args.model_dir, args.tokenizer)
     return args.model_dir
 
 
@@ -307,7 +307,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10, help="timings per size and collective")
     parser.add_argument("--backend", default="ring", help="of the clusters above one rank (ring, mpi, nccl, ...)")
     parser.add_argument("--model", default=None, help="mlx-lm path or repo id (default: the bundled SmolLM2)")
-    parser.add_argument("--llama3b", action="store_true", help="benchmarks/gpu.py's random 3e9-parameter llama")
+    parser.add_argument(
+        "--llama3b", action="store_true", help="benchmarks/random_llama.py's random 3e9-parameter llama"
+    )
     parser.add_argument("--tokenizer", type=Path, default=Path(".gpu/tokenizer"), help="for --llama3b")
     parser.add_argument(
         "--model-dir", type=Path, default=Path(tempfile.gettempdir()) / "mlx_nb-random-llama-3b", help="for --llama3b"

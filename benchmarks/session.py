@@ -73,7 +73,7 @@ def rss(processes: list[psutil.Process]) -> int:
 def measure(cluster: Cluster) -> dict[str, int]:
     """RSS of each part, and the size of the client's per-message caches."""
     gc.collect()
-    controller = psutil.Process(cluster.group._ipp.controller.pid)
+    controller = psutil.Process(cluster.group.controller_pid)
     client = cluster.client
     return {
         "notebook process RSS": psutil.Process().memory_info().rss,

@@ -17,7 +17,18 @@ _NAMES = {
     "last_profile": "profile",
     "clusters": "cluster",
 }
-_MODULES = ("generate", "widgets", "finetune", "bench", "models", "hostfile", "magics", "sharding", "display")
+_MODULES = (
+    "generate",
+    "widgets",
+    "finetune",
+    "bench",
+    "models",
+    "hostfile",
+    "magics",
+    "model_magics",
+    "sharding",
+    "display",
+)
 
 
 def __getattr__(name: str):
@@ -31,9 +42,10 @@ def __getattr__(name: str):
 
 
 def load_ipython_extension(ipython) -> None:
-    from .magics import MLXMagics, keep_prompt_question_marks
+    from .magics import MLXMagics
+    from .model_magics import ModelMagics, keep_prompt_question_marks
 
-    ipython.register_magics(MLXMagics)
+    ipython.register_magics(MLXMagics, ModelMagics)
     # before IPython's own transforms read "France?" as a request for help on France
     if keep_prompt_question_marks not in ipython.input_transformers_cleanup:
         ipython.input_transformers_cleanup.append(keep_prompt_question_marks)

@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 from .display import Table, human_bytes
 from .generate import check_max_tokens
-from .rank.batch import generate_batch_on_rank
+from .rank.batch import Tokens, generate_batch_on_rank
 from .rank.generate import Prompt
 
 __all__ = ["BatchResult", "Reply", "generate_batch"]
@@ -109,22 +109,16 @@ def generate_batch(
         result = generate_batch(cluster, ["What is the capital of France?", "Name a colour."], 32)
         result.texts        # ['The capital of France is Paris.', 'Blue.']
     """
-    prompts = list(prompts)
-    if not prompts:
-        raise ValueError("generate_batch needs at least one prompt")
-    check_max_tokens(max_tokens)
-    check_sampling(temperature, top_p, seed)
-    if max_batch < 1:
-        raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+    prompts = _checked(list(prompts), max_tokens, temperature, top_p, seed, max_batch)
     seeds = [random.getrandbits(31) if seed is None else seed + i for i in range(len(prompts))]
     live = None if on_text is not None or quiet else _Live(prompts)
 
-    def on_report(rank: int, data: dict) -> None:
-        for i, text, finish in data["tokens"]:
+    def on_report(rank: int, report: Tokens) -> None:
+        for t in report.tokens:
             if on_text is not None:
-                on_text(i, text)
+                on_text(t.id, t.text)
             elif live is not None:
-                live.add(i, text, finish)
+                live.add(t.id, t.text, t.finish)
 
     try:
         out = cluster.call(
@@ -143,10 +137,32 @@ def generate_batch(
             live.close()
     r = out[0]
     replies = [
-        Reply(p, x["text"], x["tokens"], x["prompt_tokens"], x["finish_reason"], x["ttft"] or 0.0, x["cached_tokens"])
-        for p, x in zip(prompts, r["replies"])
+        Reply(p, a.text, a.tokens, a.prompt_tokens, a.finish_reason, a.ttft or 0.0, a.cached_tokens)
+        for p, a in zip(prompts, r.answers)
     ]
-    return BatchResult(replies, r["seconds"], r["stopped"], [x.get("peak_memory", 0) for x in out])
+    return BatchResult(replies, r.seconds, r.stopped, [x.peak_memory for x in out])
+
+
+def _checked(prompts: list, max_tokens: Any, temperature: Any, top_p: Any, seed: Any, max_batch: Any) -> list:
+    """``generate_batch``'s arguments, checked before any rank runs; the prompts."""
+    if not prompts:
+        raise ValueError("generate_batch needs at least one prompt")
+    check_max_tokens(max_tokens)
+    check_sampling(temperature, top_p, seed)
+    check_max_batch(max_batch)
+    return prompts
+
+
+def check_max_batch(max_batch: Any) -> None:
+    """How many sequences decode together (``generate_batch``, the server): 1 or more.
+
+    >>> check_max_batch(0)
+    Traceback (most recent call last):
+    ...
+    ValueError: max_batch must be at least 1, got 0
+    """
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+        raise ValueError(f"max_batch must be at least 1, got {max_batch!r}")
 
 
 def check_sampling(temperature: Any, top_p: Any = 1.0, seed: Any = None) -> None:

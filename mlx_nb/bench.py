@@ -324,7 +324,7 @@ def run_bench(
             iters,
             cluster.backend,
             timeout=timeout,
-            on_report=lambda rank, r: bar.update(r["done"], r["total"], r["what"]),
+            on_report=lambda rank, p: bar.update(p.done, p.total, p.what),
         )[0]
     finally:
         bar.close()

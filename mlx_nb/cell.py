@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional, Union
 
 from . import diagnose
-from .diagnose import RANK_FAILED, Recovery
-from .engines.tasks import RankTask, dispatch, forget
+from .diagnose import Recovery, Stop, Stopped
+from .engines.tasks import RankTask, forget
 from .output import Printer, write_stream
 from .rank import session
 from .results import CANCEL_KEY, CANCEL_MESSAGE, REPORT_PREFIX, STOP_MESSAGE, TRACE_KEY, Outcome, RankError, Trace
@@ -79,7 +79,7 @@ class RunOptions:
     pull: Optional[str] = None
     pull_from: list[int] = field(default_factory=lambda: [0])
     profile: bool = False
-    on_report: Optional[Callable[[int, dict], None]] = None
+    on_report: Optional[Callable[[int, Any], None]] = None  # (rank, what it reported: a dict, or a report record)
     output_limit: int = OUTPUT_LIMIT
 
 
@@ -250,7 +250,7 @@ class CellRun:
             failure = self._wait()
             wall = time.perf_counter() - self.t0
             if failure is None and any(o.lost for o in self.outcomes.values()):
-                failure = RANK_FAILED  # every rank has reported, but a group that lost one cannot go on
+                failure = Stopped(Stop.RANK_FAILED)  # every rank has reported, but a group that lost one cannot go on
             if failure is not None:
                 raise self._recover(failure, wall)
             return self._result(wall)
@@ -260,14 +260,13 @@ class CellRun:
     # ------------------------------------------------------------------ dispatch and wait
     def _dispatch(self) -> None:
         o, job = self.options, self.job
-        view = self.group.cells_view(self.options.targets)
         self.t0 = time.perf_counter()
         if job.code is not None:
             pull_from = o.pull_from if o.pull else []
             args = (session.run_code, job.code, self.cell_id, o.show, o.pull, pull_from, o.profile, o.output_limit)
         else:
             args = (session.call, job.fn, job.args, job.kwargs, self.cell_id, o.show, o.profile, o.output_limit)
-        self.tasks = dispatch(view, self.targets, *args)
+        self.tasks = self.group.dispatch(self.targets, *args)
         self.finished = _Finished(self.tasks, self.events)
         self.inbox = _Inbox(self.tasks, self.events, self.printer, o.on_report)
 
@@ -298,7 +297,7 @@ class CellRun:
         due = self.printer.due_in()
         return 0.25 if due is None else min(0.25, max(due, 0.01))
 
-    def _wait(self) -> Optional[str]:
+    def _wait(self) -> Optional[Stopped]:
         """Wait for every target rank; return why we stopped waiting early, or None."""
         timeout, first_error_at, checked = self.options.timeout, None, self.t0
         try:
@@ -318,20 +317,20 @@ class CellRun:
                 if kind is None or first_error_at is not None or now - checked > CHECK_EVERY:
                     checked = now
                     if not self.group.controller_alive():
-                        return "the controller died"
+                        return Stopped(Stop.CONTROLLER_DIED)
                     lost = [r for r in self.group.dead_ranks() if r in self.tasks and r not in self.outcomes]
                     for r in lost:
                         self.outcomes[r] = Outcome(r, lost=True)
                     if lost and first_error_at is None:
                         first_error_at = now
                 if timeout is not None and now - self.t0 > timeout and len(self.outcomes) < len(self.targets):
-                    return f"--timeout {timeout:g} s expired"
+                    return Stopped(Stop.TIMEOUT, timeout)
                 if first_error_at is not None and (
                     now - first_error_at > self.group.spec.grace
                     # a trace is a moment old: give the ranks time to report leaving a collective
                     or (now - first_error_at > SETTLE and self._stuck())
                 ):
-                    return RANK_FAILED
+                    return Stopped(Stop.RANK_FAILED)
         except KeyboardInterrupt:
             return self._stop_cooperatively()
         return None
@@ -350,13 +349,13 @@ class CellRun:
                 pass
             yield from self._collect()
 
-    def _stop_cooperatively(self) -> Optional[str]:
+    def _stop_cooperatively(self) -> Optional[Stopped]:
         """First interrupt: ask the ranks to stop at a point they agree on, and wait.
 
         Returns None when every rank finished (the job ends normally), else why not.
         """
         if not any(t.polls_stop for t in self.inbox.traces.values()):
-            return "interrupted"  # the job never looks at the stop flag: interrupt the ranks
+            return Stopped(Stop.INTERRUPTED)  # the job never looks at the stop flag: interrupt the ranks
         self.on_message("Interrupt: asking every rank to stop (interrupt again to force)...")
         self.group.send_control(STOP_MESSAGE, ranks=self.targets)
         try:
@@ -364,7 +363,7 @@ class CellRun:
                 pass
         except KeyboardInterrupt:
             pass
-        return None if len(self.outcomes) == len(self.targets) else "interrupted"
+        return None if len(self.outcomes) == len(self.targets) else Stopped(Stop.INTERRUPTED)
 
     # ------------------------------------------------------------------ endings
     def _ordered(self) -> list[Outcome]:
@@ -376,7 +375,7 @@ class CellRun:
         t = self.inbox.traces.get(rank)
         return t is not None and t.in_collective
 
-    def _recover(self, failure: str, wall: float) -> DistCellError:
+    def _recover(self, failure: Stopped, wall: float) -> DistCellError:
         """Stop waiting: interrupt what runs in Python, then keep the ranks if the ones left
         waiting in collectives can be released (tier 1), else restart them (tier 2)."""
         drain = self.group.spec.drain and self.group.controller_alive()
@@ -393,7 +392,7 @@ class CellRun:
             self.group.signal(signal.SIGINT, [r for r in running if not (drain and self._waits(r))])
             # after a rank failed, the others have had the grace period already
             grace = self.group.spec.grace
-            wait = grace if failure != RANK_FAILED else min(grace, 1.0)
+            wait = grace if failure.why is not Stop.RANK_FAILED else min(grace, 1.0)
             give_up = lambda: set(running) <= set(self._stuck())  # noqa: E731
             for rank in self._finishing(time.perf_counter() + wait, give_up):
                 running.remove(rank)
@@ -424,10 +423,10 @@ class CellRun:
                 recovery = Recovery(error="interrupted before the new ranks were ready", ranks=self.n, why=why)
         outcomes = self._ordered()
         text, root = diagnose.cell_report(outcomes, failure, recovery)
-        cell = CellResult(outcomes, wall=wall, notes=[failure])
+        cell = CellResult(outcomes, wall=wall, notes=[str(failure)])
         return DistCellError(text, root=self.outcomes[root] if root is not None else None, result=cell)
 
-    def _release(self, waiting: list[int], failure: str) -> tuple[Optional[Recovery], str]:
+    def _release(self, waiting: list[int], failure: Stopped) -> tuple[Optional[Recovery], str]:
         """Tier 1: the finished ranks make the collectives the ``waiting`` ones wait in (with
         zeros), and every rank is told the cell is cancelled; nothing is restarted.
 
@@ -439,7 +438,7 @@ class CellRun:
             return None, why
         waited = {r: self.inbox.traces[r] for r in waiting}
         root = diagnose.root_cause(list(self.outcomes.values()))
-        reason = failure if failure != RANK_FAILED else f"rank {root} failed" if root is not None else failure
+        reason = f"rank {root} failed" if failure.why is Stop.RANK_FAILED and root is not None else str(failure)
         self.group.send_control(CANCEL_MESSAGE, {"cell": self.cell_id, "why": reason}, ranks=self.targets)
         # a released rank must know first, or it may finish its cell, or go on to its next
         # collective, as if nothing happened
@@ -448,7 +447,7 @@ class CellRun:
             self.tasks[r].data.get(CANCEL_KEY) == self.cell_id for r in waiting
         ):
             time.sleep(0.002)
-        drains = [dispatch(self.group.cells_view([f]), [f], session.drain, calls)[f] for f, calls in plan.items()]
+        drains = [self.group.dispatch([f], session.drain, calls)[f] for f, calls in plan.items()]
         left = list(waiting)
         for rank in self._finishing(time.perf_counter() + DRAIN_BOUND, lambda: False):
             left.remove(rank)

@@ -25,7 +25,7 @@ assert err < 1e-4, err
 def demo(n: int = 4) -> int:
     """Start n local ranks, show them, all-reduce, check a sharded nn.Linear, stop."""
     from .cluster import Cluster
-    from .magics import status_table
+    from .display import status_table
 
     print(f"Starting {n} local MLX ranks (ring backend on 127.0.0.1)...", flush=True)
     t0 = time.perf_counter()

@@ -9,11 +9,34 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from enum import Enum
 from typing import Optional
 
-from .results import GROUP_OPS, POINT_OPS, Call, Outcome, RankError, Trace
+from .results import GROUP_OPS, POINT_OPS, Call, InitStep, Outcome, RankError, Trace
 
-RANK_FAILED = "a rank failed"  # why a cell stopped waiting, besides a timeout or an interrupt
+
+class Stop(Enum):
+    """Why a cell stopped waiting before every rank reported."""
+
+    RANK_FAILED = "a rank failed"
+    TIMEOUT = "--timeout expired"
+    CONTROLLER_DIED = "the controller died"
+    INTERRUPTED = "interrupted"
+
+
+@dataclass(frozen=True)
+class Stopped:
+    """A cell's early stop: why, and for a timeout, after how many seconds.
+
+    >>> str(Stopped(Stop.TIMEOUT, timeout=2))
+    '--timeout 2 s expired'
+    """
+
+    why: Stop
+    timeout: float = 0.0
+
+    def __str__(self) -> str:
+        return f"--timeout {self.timeout:g} s expired" if self.why is Stop.TIMEOUT else self.why.value
 
 
 def ranges(ranks: Sequence[int]) -> str:
@@ -148,7 +171,7 @@ def _root_lines(outcomes: Sequence[Outcome], root: int) -> tuple[list[str], list
 
 
 def cell_report(
-    outcomes: Sequence[Outcome], failure: Optional[str] = None, recovery: Optional[Recovery] = None
+    outcomes: Sequence[Outcome], failure: Optional[Stopped] = None, recovery: Optional[Recovery] = None
 ) -> tuple[str, Optional[int]]:
     """The text a failed cell shows, root cause first, and the root-cause rank.
 
@@ -166,7 +189,7 @@ def cell_report(
             ]
         ), outcomes[0].rank
     root = root_cause(outcomes)
-    lines = [f"%%mlx_dist: {failure}."] if failure and failure != RANK_FAILED else []
+    lines = [f"%%mlx_dist: {failure}."] if failure is not None and failure.why is not Stop.RANK_FAILED else []
     covered = [] if root is None else _root_lines(outcomes, root)[1]
     if root is not None:
         lines += _root_lines(outcomes, root)[0]
@@ -251,8 +274,8 @@ def blas_notes(ranks: Sequence) -> list[str]:
     for r in ranks:
         if "gpu" in getattr(r, "device", ""):
             continue
-        if r.blas and not r.blas["optimized"] and r.blas["note"] and not r.blas["note"].endswith("=off"):
-            notes.setdefault(r.blas["note"], []).append(r)
+        if r.blas and not r.blas.optimized and r.blas.note and not r.blas.note.endswith("=off"):
+            notes.setdefault(r.blas.note, []).append(r)
     return [
         f"rank(s) {ranges([r.rank for r in rs])} on {', '.join(dict.fromkeys(r.host for r in rs))} run MLX's "
         f"bundled reference BLAS (float32 matmuls about 30x slower): {note}; then restart the cluster "
@@ -276,18 +299,18 @@ def init_failed(rank: int, error: RankError, address: str, ports_given: bool) ->
     return text
 
 
-def init_stuck(backend: str, timeout: float, steps: Mapping[int, Optional[str]], addresses: Sequence[str]) -> str:
+def init_stuck(backend: str, timeout: float, steps: Mapping[int, Optional[InitStep]], addresses: Sequence[str]) -> str:
     """The group did not form in time: which ranks never called init, or could not connect.
 
-    ``steps``: for each rank still waiting, how far it got (None, "started", "joining").
+    ``steps``: for each rank still waiting, how far it got (None: not even started).
     """
     head = f"mx.distributed.init(backend={backend!r}) did not complete within {timeout:.0f} s"
     waiting = sorted(steps)
-    absent = [r for r in waiting if steps[r] != "joining"]
+    absent = [r for r in waiting if steps[r] is not InitStep.JOINING]
     if absent:
         quiet = [r for r in absent if steps[r] is None]
         why = "its engine is not responding" if quiet == absent else "it is stuck before the call, e.g. importing mlx"
-        rest = [r for r in waiting if steps[r] == "joining"]
+        rest = [r for r in waiting if steps[r] is InitStep.JOINING]
         tail = f"; rank(s) {ranges(rest)} waited for it in the ring" if rest else ""
         return f"{head}: rank(s) {ranges(absent)} never called it ({why}){tail}."
     addrs = ", ".join(f"rank {r} {addresses[r]}" for r in waiting)

@@ -1,4 +1,5 @@
-"""Small display objects: a table that renders as text and as HTML."""
+"""Small display objects: a table that renders as text and as HTML, and the tables the magics show
+(a cluster's ranks, preflight findings, the kept clusters), built from data."""
 
 from __future__ import annotations
 
@@ -74,6 +75,100 @@ class Table:
         body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in self.rows)
         caption = f"<caption>{html.escape(self.title)}</caption>" if self.title else ""
         return f"<table>{caption}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def status_table(cluster) -> Table:
+    """A cluster's ranks (a ``Cluster``'s ``status()``), one row each, under a title that says
+    what the cluster is and what runs on it."""
+    rows = [
+        [
+            r.rank,
+            r.host,
+            r.pid,
+            device_label(r),
+            memory_label(r),
+            human_bytes(r.peak_memory),
+            r.state,
+            blas_label(r),
+            budget_label(r),
+        ]
+        for r in cluster.status()
+    ]
+    title = f"{cluster.n} ranks, backend {cluster.backend}, {len(cluster.setup_cells)} setup cell(s)"
+    if (job := cluster.running_job) is not None:
+        title += f"; running: {job}"
+    return Table(["rank", "host", "pid", "device", "memory", "peak", "state", "blas", "budget"], rows, title)
+
+
+def budget_label(r) -> str:
+    """A rank's memory budget for the status table: ``700.0 MB (given)`` where it was given
+    (``--memory``), else what the rank measured."""
+    if not r.memory_budget:
+        return "-"
+    return human_bytes(r.memory_budget) + (" (given)" if r.memory_given else "")
+
+
+def device_label(r) -> str:
+    """A rank's device for the status table: ``Device(gpu, 0) NVIDIA H200, 140.4 GB`` on a GPU
+    (its name and memory from MLX's ``device_info``), ``Device(cpu, 0)`` on the CPU."""
+    if not r.device_name:
+        return r.device
+    return f"{r.device} {r.device_name}" + (f", {human_bytes(r.device_memory)}" if r.device_memory else "")
+
+
+def memory_label(r) -> str:
+    """Memory in use, and the freed buffers MLX keeps for reuse where they pass 1 MB: the
+    process holds both (on a GPU, ``nvidia-smi`` shows their sum plus the CUDA context)."""
+    cached = getattr(r, "cache_memory", 0)
+    return human_bytes(r.active_memory) + (f" (+{human_bytes(cached)} cached)" if cached >= 2**20 else "")
+
+
+def blas_label(r) -> str:
+    """A rank's BLAS for the status table; on a Linux GPU (CUDA) matmuls run in cuBLAS, and
+    the CPU BLAS serves only work put on the CPU."""
+    if r.blas is None:
+        return "-"
+    if "gpu" in r.device and r.blas.system == "Linux":
+        return f"cuBLAS (GPU); on the CPU: {r.blas}"
+    return str(r.blas)
+
+
+def findings_table(findings: Sequence) -> Table:
+    """Preflight findings (``Cluster.check()``), one row each, under which hosts have problems."""
+    failed = sorted({f.host for f in findings if f.status == "fail"})
+    title = f"preflight: {'problems on ' + ', '.join(failed) if failed else 'every host is ready'}"
+    return Table(
+        ["host", "check", "status", "message"], [[f.host, f.check, f.status, f.message] for f in findings], title
+    )
+
+
+def clusters_table(clusters: Sequence[dict]) -> Table:
+    """The kept clusters (``mlx_nb.clusters()``), one row each."""
+
+    def ago(seconds: float) -> str:
+        return (
+            f"{seconds / 3600:.1f} h"
+            if seconds >= 3600
+            else f"{seconds / 60:.0f} min"
+            if seconds >= 60
+            else f"{seconds:.0f} s"
+        )
+
+    rows = [
+        [
+            c["name"],
+            c["ranks"],
+            ", ".join(c["hosts"]),
+            c["backend"],
+            ago(c["age"]),
+            ago(c["idle"]) + (f" (stops at {ago(c['idle_limit'])})" if c["idle_limit"] else ""),
+            human_bytes(c["memory"]),
+            f"pid {c['holder']['pid']}" if c["holder"] else "no",
+        ]
+        for c in clusters
+    ]
+    title = f"{len(rows)} kept cluster(s)" if rows else "no kept cluster here"
+    return Table(["name", "ranks", "hosts", "backend", "age", "idle", "memory", "attached"], rows, title)
 
 
 def figure_png(fig, **savefig) -> bytes:

@@ -20,7 +20,8 @@ from typing import Any, Optional, Union
 
 from .display import figure_png, human_bytes
 from .rank import checkpoint
-from .rank.finetune import FinetuneConfig, FinetuneResult, load_rows, prepare, train_on_rank
+from .rank.finetune import load_rows, prepare, train_on_rank
+from .rank.training import FinetuneConfig, FinetuneResult, TrainStep
 
 __all__ = [
     "FinetuneConfig",
@@ -76,7 +77,7 @@ class FinetuneRun:
         # a resumed run's curve starts with the steps it continues from
         record = checkpoint.latest(config.resume) if config.resume else None
         self.history: list[dict] = list(record["history"]) if record else []
-        self.per_rank: list[dict] = []  # each rank's own account of the run, once it ended
+        self.per_rank: list[FinetuneResult] = []  # each rank's own account of the run, once it ended
         self.result: Optional[FinetuneResult] = None
         self.error: Optional[BaseException] = None
         self.saved = ""
@@ -95,21 +96,21 @@ class FinetuneRun:
 
         display(self.panel)
 
-    def _on_report(self, rank: int, row: dict) -> None:
+    def _on_report(self, rank: int, step: TrainStep) -> None:
         import matplotlib.pyplot as plt
 
-        self.history.append(row)
+        self.history.append(asdict(step))  # a row as loss_figure and FinetuneResult.history hold them
         if self.stopping:
             # a stop asked for before the ranks began was cleared when the job started: again
             self.cluster.request_stop()
         fig = loss_figure(self.history, self.config.iters, _title(self.config))
         self.image.value = figure_png(fig)
         plt.close(fig)
-        if row.get("saved"):
-            self.saved = f"; checkpoint of step {row['iteration']} saved"
-        peaks = ", ".join(human_bytes(p) for p in row.get("peak_memory", []))
+        if step.saved:
+            self.saved = f"; checkpoint of step {step.iteration} saved"
+        peaks = ", ".join(human_bytes(p) for p in step.peak_memory)
         self.label.value = (
-            f"training on {self.cluster.n} ranks: step {row['iteration']}/{self.config.iters}{self.saved}"
+            f"training on {self.cluster.n} ranks: step {step.iteration}/{self.config.iters}{self.saved}"
             f"<br>peak memory per rank: {peaks}"
         )
 

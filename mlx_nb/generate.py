@@ -19,7 +19,7 @@ from .footprint import read_model
 from .models import check_adapters, check_split, fused_model, resolve
 from .planner import Layout, Plan, check_context, check_ownership, make_plan
 from .rank import memory
-from .rank.generate import LoadResult, Prompt, cache_on_rank, generate_on_rank, load, load_on_rank, stream
+from .rank.generate import LoadResult, Prompt, Text, cache_on_rank, generate_on_rank, load, load_on_rank, stream
 from .rank.prompt_cache import CacheStatus
 
 __all__ = [
@@ -36,9 +36,10 @@ __all__ = [
 ]
 
 
-def check_max_tokens(max_tokens: Any) -> None:
+def check_max_tokens(max_tokens: Any, name: str = "--max-tokens") -> None:
     """A reply's token budget: a whole number, 1 or more. The one check behind ``generate``,
-    ``generate_batch``, the chat box and their magics, made before any rank runs.
+    ``generate_batch``, the chat box, the server's default and the magics, made before any
+    rank runs; ``name`` is how the message calls it.
 
     >>> check_max_tokens(0)
     Traceback (most recent call last):
@@ -46,9 +47,9 @@ def check_max_tokens(max_tokens: Any) -> None:
     ValueError: --max-tokens must be at least 1, got 0
     """
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
-        raise ValueError(f"--max-tokens must be a whole number of tokens, got {max_tokens!r}")
+        raise ValueError(f"{name} must be a whole number of tokens, got {max_tokens!r}")
     if max_tokens < 1:
-        raise ValueError(f"--max-tokens must be at least 1, got {max_tokens}")
+        raise ValueError(f"{name} must be at least 1, got {max_tokens}")
 
 
 @dataclass
@@ -347,28 +348,28 @@ def generate(
     check_max_tokens(max_tokens)
     delays: list[float] = []
 
-    def on_report(rank: int, data: dict) -> None:
-        delays.append(time.time() - data["t"])
+    def on_report(rank: int, piece: Text) -> None:
+        delays.append(time.time() - piece.t)
         if on_text is not None:
-            on_text(data["text"])
+            on_text(piece.text)
         elif not quiet:
-            print(data["text"], end="", flush=True)
+            print(piece.text, end="", flush=True)
 
     replies = cluster.call(generate_on_rank, prompt, max_tokens, on_report=on_report, timeout=timeout, what=what)
     if on_text is None and not quiet:
         print()
     r = replies[0]
     return GenerationStats(
-        r["text"],
-        r["prompt_tokens"],
-        r["prompt_tps"],
-        r["generation_tokens"],
-        r["generation_tps"],
-        r["ttft"],
-        [x["peak_memory"] for x in replies],
-        r["finish_reason"],
-        r["stopped"],
-        r["tokens"],
+        r.text,
+        r.prompt_tokens,
+        r.prompt_tps,
+        r.generation_tokens,
+        r.generation_tps,
+        r.ttft,
+        [x.peak_memory for x in replies],
+        r.finish_reason,
+        r.stopped,
+        r.tokens,
         delays,
-        r.get("cached_tokens", 0),
+        r.cached_tokens,
     )

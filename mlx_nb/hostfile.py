@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
-BACKENDS = ("ring", "mpi", "nccl", "jaccl", "jaccl-ring")
+BACKENDS = ("ring", "jaccl", "jaccl-ring", "mpi", "nccl")  # what mx.distributed.init takes
 # mlx.launch's argparse defaults
 STARTING_PORT = 32323
 NCCL_PORT = 12345
@@ -243,12 +243,20 @@ def from_hosts(hostlist: str, repeats: int = 1) -> Hostfile:
     return Hostfile(hosts)
 
 
-LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
-
-
 def is_local(host: str) -> bool:
-    """Whether an "ssh" name means this machine (its ranks start here, without ssh)."""
-    return host in LOCAL_HOSTS or host.startswith("127.")
+    """Whether a host name or address means this machine over loopback: an "ssh" name whose
+    ranks start here without ssh, a ring address only this machine listens on, a server only
+    this machine reaches. MLX's ring resolves names too, so an address may be ``localhost``.
+
+    >>> [is_local(h) for h in ("localhost", "127.0.0.1", "127.0.1.1", "::1", "10.0.0.2", "mac2")]
+    [True, True, True, True, False, False]
+    """
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def local(n: int, ip: str = "127.0.0.1") -> Hostfile:
@@ -268,8 +276,9 @@ def rdma_devices(d: Rdma) -> list[str]:
     return [] if d is None else [d] if isinstance(d, str) else list(d)
 
 
-def _ring_pairs(n: int, i: int) -> list[int]:
-    return sorted({(i - 1) % n, (i + 1) % n} - {i})
+def _peers(n: int, i: int, ring: bool) -> list[int]:
+    """The ranks rank ``i`` has an RDMA link to: its two ring neighbours (jaccl-ring), else all."""
+    return sorted({(i - 1) % n, (i + 1) % n} - {i}) if ring else [j for j in range(n) if j != i]
 
 
 def resolve_backend(hostfile: Hostfile, backend: Optional[str] = None) -> str:
@@ -290,14 +299,6 @@ def resolve_backend(hostfile: Hostfile, backend: Optional[str] = None) -> str:
     return chosen
 
 
-def _loopback(ip: str) -> bool:
-    # MLX's ring resolves names too, so "ips" may hold a hostname
-    try:
-        return ipaddress.ip_address(ip).is_loopback
-    except ValueError:
-        return ip == "localhost"
-
-
 def _check_ring(hosts: list[Host]) -> None:
     missing = [h for h in hosts if not h.ips]
     if missing:
@@ -311,7 +312,7 @@ def _check_ring(hosts: list[Host]) -> None:
     for h in hosts:
         for ip in h.ips:
             o = owner.setdefault(ip, h)
-            if o.ssh_hostname != h.ssh_hostname and not _loopback(ip):
+            if o.ssh_hostname != h.ssh_hostname and not is_local(ip):
                 raise HostfileError(
                     f'The ring backend listens on each rank\'s "ips": {ip} is listed for both '
                     f"{_name(o)} and {_name(h)}, but an address belongs to one machine. "
@@ -346,13 +347,23 @@ def _check_jaccl(hosts: list[Host], backend: str) -> None:
             + ", ".join(f'{_name(h)} has "rdma"[{h.rank}] = {h.rdma[h.rank]!r}' for h in selfs)
             + "; entry i of rank i's list is the rank itself, so set it to null."
         )
-    ring = backend == "jaccl-ring"
-    missing = [
-        (i, j)
-        for i in range(n)
-        for j in (_ring_pairs(n, i) if ring else range(n))
-        if i != j and hosts[i].rdma[j] is None
-    ]
+    _check_links(hosts, backend)
+    _check_cable_ends(hosts, backend == "jaccl-ring")
+    seen: dict[str, Host] = {}
+    for h in hosts:
+        o = seen.setdefault(h.ssh_hostname, h)
+        if o is not h:
+            raise HostfileError(
+                f"{backend} connects ranks over RDMA cables between Macs, but ssh host "
+                f"'{h.ssh_hostname}' is both rank {o.rank} and rank {h.rank}. "
+                "List each Mac once, or use the ring backend to run several ranks on one machine."
+            )
+
+
+def _check_links(hosts: list[Host], backend: str) -> None:
+    """Every link the backend needs has a device listed."""
+    n, ring = len(hosts), backend == "jaccl-ring"
+    missing = [(i, j) for i in range(n) for j in _peers(n, i, ring) if hosts[i].rdma[j] is None]
     if missing:
         pairs = ", ".join(f"{hosts[i].ssh_hostname} to {hosts[j].ssh_hostname}" for i, j in missing[:3])
         if len(missing) > 3:
@@ -365,8 +376,13 @@ def _check_jaccl(hosts: list[Host], backend: str) -> None:
             f"{need}. Add the device (ibv_devices on that host lists them)"
             + (", or use jaccl-ring if the Macs are cabled as a ring." if not ring else ".")
         )
+
+
+def _check_cable_ends(hosts: list[Host], ring: bool) -> None:
+    """A device is cabled to one peer, and both ends of a link list as many devices (cables)."""
+    n = len(hosts)
     for i, h in enumerate(hosts):
-        peers = _ring_pairs(n, i) if ring else [j for j in range(n) if j != i]
+        peers = _peers(n, i, ring)
         used = Counter(d for j in peers for d in rdma_devices(h.rdma[j]))
         twice = [d for d, c in used.items() if c > 1]
         if twice:
@@ -383,15 +399,6 @@ def _check_jaccl(hosts: list[Host], backend: str) -> None:
                     f'"rdma"[{i}] back; the k-th device on each side must be the two ends of '
                     "the k-th cable, so list the same number on both."
                 )
-    seen: dict[str, Host] = {}
-    for h in hosts:
-        o = seen.setdefault(h.ssh_hostname, h)
-        if o is not h:
-            raise HostfileError(
-                f"{backend} connects ranks over RDMA cables between Macs, but ssh host "
-                f"'{h.ssh_hostname}' is both rank {o.rank} and rank {h.rank}. "
-                "List each Mac once, or use the ring backend to run several ranks on one machine."
-            )
 
 
 def _gpus(hosts: list[Host], repeat_hosts: int) -> None:
@@ -483,32 +490,13 @@ def rank_launch(
         order = list(Counter(h.ssh_hostname for h in hosts))
         ranked = sorted(hosts, key=lambda h: order.index(h.ssh_hostname))
         return [RankLaunch(r, h.ssh_hostname, dict(base)) for r, h in enumerate(ranked)]
-    files: dict[str, str] = {}
-    per_rank: list[dict[str, str]] = [{} for _ in hosts]
     if backend == "ring":
-        needed = sum(len(h.ips) for h in hosts) * connections_per_ip
-        it = iter(ports if ports is not None else range(starting_port, starting_port + needed))
-        if ports is not None and len(ports) < needed:
-            raise HostfileError(
-                f"ring_launch got {len(ports)} ports but the ring needs {needed}: one per host, "
-                f"IP and connection (connections_per_ip={connections_per_ip})."
-            )
-        ring = [[f"{ip}:{next(it)}" for ip in h.ips for _ in range(connections_per_ip)] for h in hosts]
-        files["MLX_HOSTFILE"] = json.dumps(ring) if len(ring) > 1 else ""
-    elif backend == "nccl":
-        port = ports[0] if ports else nccl_port
-        base |= {
-            "NCCL_HOST_IP": hosts[0].ips[0],
-            "NCCL_PORT": str(port),
-            "MLX_WORLD_SIZE": str(len(hosts)),
-        }
-        per_rank = [{"CUDA_VISIBLE_DEVICES": str(r % repeat_hosts)} for r in range(len(hosts))]
+        common, per_rank = {}, [{} for _ in hosts]
+        files = {"MLX_HOSTFILE": _ring_hostfile(hosts, ports, starting_port, connections_per_ip)}
     else:
-        port = ports[0] if ports else starting_port
-        base["MLX_JACCL_COORDINATOR"] = f"{hosts[0].ips[0]}:{port}"
-        if backend == "jaccl-ring":
-            base["MLX_JACCL_RING"] = "1"
-        files["MLX_IBV_DEVICES"] = json.dumps([h.rdma for h in hosts])
+        port = ports[0] if ports else nccl_port if backend == "nccl" else starting_port
+        common, per_rank, files = _coordinated(backend, hosts, port, repeat_hosts)
+    base |= common
     return [
         RankLaunch(
             r,
@@ -518,6 +506,33 @@ def rank_launch(
         )
         for r, h in enumerate(hosts)
     ]
+
+
+def _coordinated(
+    backend: str, hosts: list[Host], port: int, repeat_hosts: int
+) -> tuple[dict[str, str], list[dict[str, str]], dict[str, str]]:
+    """nccl and jaccl (rank 0's first IP and ``port`` coordinate): what every rank's env gets,
+    what each rank's own gets, and the files."""
+    if backend == "nccl":
+        common = {"NCCL_HOST_IP": hosts[0].ips[0], "NCCL_PORT": str(port), "MLX_WORLD_SIZE": str(len(hosts))}
+        return common, [{"CUDA_VISIBLE_DEVICES": str(r % repeat_hosts)} for r in range(len(hosts))], {}
+    common = {"MLX_JACCL_COORDINATOR": f"{hosts[0].ips[0]}:{port}"}
+    if backend == "jaccl-ring":
+        common["MLX_JACCL_RING"] = "1"
+    return common, [{} for _ in hosts], {"MLX_IBV_DEVICES": json.dumps([h.rdma for h in hosts])}
+
+
+def _ring_hostfile(hosts: list[Host], ports: Optional[list[int]], starting_port: int, connections_per_ip: int) -> str:
+    """The ring's MLX_HOSTFILE: per rank a list of "ip:port", one per IP and connection."""
+    needed = sum(len(h.ips) for h in hosts) * connections_per_ip
+    it = iter(ports if ports is not None else range(starting_port, starting_port + needed))
+    if ports is not None and len(ports) < needed:
+        raise HostfileError(
+            f"ring_launch got {len(ports)} ports but the ring needs {needed}: one per host, "
+            f"IP and connection (connections_per_ip={connections_per_ip})."
+        )
+    ring = [[f"{ip}:{next(it)}" for ip in h.ips for _ in range(connections_per_ip)] for h in hosts]
+    return json.dumps(ring) if len(ring) > 1 else ""
 
 
 def mpirun_hostfile(hostfile: Hostfile) -> str:
@@ -580,12 +595,7 @@ def describe(hostfile: Hostfile, backend: Optional[str] = None) -> str:
         if backend == "jaccl-ring":
             lines.append("ring order: " + " -> ".join([h.ssh_hostname for h in hosts] + [hosts[0].ssh_hostname]))
         lines.append("links (RDMA device at each end):")
-        pairs = {
-            tuple(sorted((i, j)))
-            for i in range(n)
-            for j in (_ring_pairs(n, i) if backend == "jaccl-ring" else range(n))
-            if i != j
-        }
+        pairs = {tuple(sorted((i, j))) for i in range(n) for j in _peers(n, i, backend == "jaccl-ring")}
         for i, j in sorted(pairs):
             a, b = rdma_devices(hosts[i].rdma[j]), rdma_devices(hosts[j].rdma[i])
             lines.append(f"  {hosts[i].ssh_hostname} {','.join(a)} <-> {','.join(b)} {hosts[j].ssh_hostname}")

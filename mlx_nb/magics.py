@@ -1,11 +1,17 @@
-"""IPython magics, thin over the Python API: %mlx_cluster, %%mlx_dist, %mlx_push, %mlx_pull, %mlx_bench, %mlx_plan."""
+"""IPython magics, thin over the Python API: %mlx_cluster, %%mlx_dist, %mlx_push, %mlx_pull, %mlx_bench.
+
+They parse, call the API and show; the magics for a model on the ranks are in model_magics.py.
+Their state (the cluster they work on, the server, the last status panel) is the MLXMagics
+instance's, one per IPython shell: ``current()`` and ``use()`` reach it.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import re
 import shlex
 import time
+from collections.abc import Iterator
 from typing import Optional
 
 from IPython.core.error import UsageError
@@ -15,80 +21,33 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 from .bench import run_bench, sweep_arguments, sweep_values
 from .cell import DistCellError
 from .cluster import BACKENDS, Cluster, ClusterError
-from .display import Table, human_bytes
+from .display import Table, clusters_table, findings_table, status_table
 from .hostfile import HostfileError
-from .rank.blas import BlasInfo
 
-_current: Optional[Cluster] = None
-_server = None  # the %mlx_serve server (mlx_nb.serve.Server)
+
+def instance() -> Optional[MLXMagics]:
+    """The magics of the running IPython shell (``%load_ext mlx_nb`` registers them), or None."""
+    from IPython import get_ipython
+
+    shell = get_ipython()
+    return shell.magics_manager.registry.get(MLXMagics.__name__) if shell is not None else None
 
 
 def current() -> Cluster:
     """The cluster the magics work on (started by %mlx_cluster start)."""
-    if _current is None or not _current.running:
+    magics = instance()
+    if magics is None:
         raise UsageError("no MLX cluster is running: start one with %mlx_cluster start -n 4")
-    return _current
+    return magics.current()
 
 
 def use(cluster: Optional[Cluster]) -> None:
     """Make the magics work on ``cluster`` (a running Cluster made in Python), or on none."""
-    global _current
-    _current = cluster
-
-
-def status_table(cluster: Cluster) -> Table:
-    rows = [
-        [
-            r.rank,
-            r.host,
-            r.pid,
-            device_label(r),
-            memory_label(r),
-            human_bytes(r.peak_memory),
-            r.state,
-            blas_label(r),
-            budget_label(r),
-        ]
-        for r in cluster.status()
-    ]
-    title = f"{cluster.n} ranks, backend {cluster.backend}, {len(cluster.setup_cells)} setup cell(s)"
-    if (job := cluster.running_job) is not None:
-        title += f"; running: {job}"
-    return Table(["rank", "host", "pid", "device", "memory", "peak", "state", "blas", "budget"], rows, title)
-
-
-def budget_label(r) -> str:
-    """A rank's memory budget for the status table: ``700.0 MB (given)`` where it was given
-    (``--memory``), else what the rank measured."""
-    if not r.memory_budget:
-        return "-"
-    return human_bytes(r.memory_budget) + (" (given)" if r.memory_given else "")
-
-
-def device_label(r) -> str:
-    """A rank's device for the status table: ``Device(gpu, 0) NVIDIA H200, 140.4 GB`` on a GPU
-    (its name and memory from MLX's ``device_info``), ``Device(cpu, 0)`` on the CPU."""
-    if not r.device_name:
-        return r.device
-    return f"{r.device} {r.device_name}" + (f", {human_bytes(r.device_memory)}" if r.device_memory else "")
-
-
-def memory_label(r) -> str:
-    """Memory in use, and the freed buffers MLX keeps for reuse where they pass 1 MB: the
-    process holds both (on a GPU, ``nvidia-smi`` shows their sum plus the CUDA context)."""
-    cached = getattr(r, "cache_memory", 0)
-    return human_bytes(r.active_memory) + (f" (+{human_bytes(cached)} cached)" if cached >= 2**20 else "")
-
-
-def blas_label(r) -> str:
-    """A rank's BLAS for the status table; on a Linux GPU (CUDA) matmuls run in cuBLAS, and
-    the CPU BLAS serves only work put on the CPU."""
-    if not r.blas:
-        return "-"
-    info = BlasInfo(**r.blas)
-    if "gpu" in r.device and info.system == "Linux":
-        return f"cuBLAS (GPU); on the CPU: {info}"
-    return str(info)
+    magics = instance()
+    if magics is None and cluster is not None:
+        raise UsageError("mlx_nb's magics are not loaded: %load_ext mlx_nb first")
+    if magics is not None:
+        magics.cluster = cluster
 
 
 def status_note(cluster: Cluster) -> Optional[str]:
@@ -108,14 +67,6 @@ def _mpi_here() -> bool:
     return mpi_available()[0]
 
 
-def findings_table(findings) -> Table:
-    failed = sorted({f.host for f in findings if f.status == "fail"})
-    title = f"preflight: {'problems on ' + ', '.join(failed) if failed else 'every host is ready'}"
-    return Table(
-        ["host", "check", "status", "message"], [[f.host, f.check, f.status, f.message] for f in findings], title
-    )
-
-
 def _env(pairs: Optional[list[str]]) -> dict[str, str]:
     out = {}
     for pair in pairs or []:
@@ -126,7 +77,7 @@ def _env(pairs: Optional[list[str]]) -> dict[str, str]:
     return out
 
 
-def _unquoted(value: Optional[str]) -> Optional[str]:
+def unquoted(value: Optional[str]) -> Optional[str]:
     # magic_arguments keeps the quotes of --ssh 'ssh -F cfg' or --python '/my env/bin/python'
     # (a non-POSIX split on Windows-style rules); a path with an apostrophe stays as it is
     if value and len(value) > 1 and value[0] == value[-1] and value[0] in "'\"":
@@ -135,7 +86,7 @@ def _unquoted(value: Optional[str]) -> Optional[str]:
 
 
 def _ssh(spec: Optional[str]) -> Optional[list[str]]:
-    return shlex.split(_unquoted(spec)) if spec else None
+    return shlex.split(unquoted(spec)) if spec else None
 
 
 def _cluster_from_args(args) -> Cluster:
@@ -145,9 +96,9 @@ def _cluster_from_args(args) -> Cluster:
             n=args.n,
             backend=args.backend,
             grace=args.grace,
-            hostfile=_unquoted(args.hostfile),
+            hostfile=unquoted(args.hostfile),
             hosts=args.hosts,
-            python=_unquoted(args.python),
+            python=unquoted(args.python),
             ssh_cmd=_ssh(args.ssh),
             env=_env(args.env),
             name=args.name,
@@ -161,86 +112,18 @@ def _cluster_from_args(args) -> Cluster:
         raise UsageError(str(e)) from None
 
 
-# a %mlx_generate line whose prompt ends in "?" (the text before it is more than question marks)
-_QUESTION = re.compile(r"^(\s*)%mlx_generate\s+(.*[^\s?].*\?)\s*$")
-
-
-def keep_prompt_question_marks(lines: list[str]) -> list[str]:
-    """An IPython input transformer: a ``%mlx_generate`` prompt ending in ``?`` stays the prompt.
-
-    IPython reads a line's trailing ``?`` as a help request before any magic sees the line
-    (``Object `France` not found.``); this turns such a line into the magic's own call first.
-    ``%mlx_generate?`` alone still shows the help; a cell magic's body is left as it is.
-
-    >>> keep_prompt_question_marks(["%mlx_generate Why is the sky blue?\\n"])
-    ["get_ipython().run_line_magic('mlx_generate', 'Why is the sky blue?')\\n"]
-    """
-    if lines and lines[0].lstrip().startswith("%%"):
-        return lines
-    out = []
-    for line in lines:
-        m = _QUESTION.match(line)
-        if m:
-            indent, text = m.groups()
-            line = f"{indent}get_ipython().run_line_magic('mlx_generate', {text!r})" + "\n" * line.endswith("\n")
-        out.append(line)
-    return out
-
-
-def _start(args) -> Cluster:
-    cluster = _cluster_from_args(args)
-    where = f" on {len({h.ssh_hostname for h in cluster.hostfile.hosts})} host(s)" if cluster.remote else ""
-    print(f"Starting {cluster.n} MLX ranks ({cluster.backend}){where}...", flush=True)
-    t0 = time.perf_counter()
+@contextlib.contextmanager
+def refused(*more: type[Exception], rank_errors: bool = False) -> Iterator[None]:
+    """What the API refuses (a ValueError, or one of ``more``) as the magic's one-line UsageError;
+    with ``rank_errors``, a rank's own error too (the failed job's root cause)."""
     try:
-        cluster.start()
-    except ClusterError as e:
-        raise UsageError(f"the cluster did not start: {e}") from None
-    kept = f" and kept as {args.name!r} (it outlives this kernel: %mlx_cluster attach {args.name})" if args.keep else ""
-    print(f"Cluster ready in {time.perf_counter() - t0:.1f} s{kept}.")
-    return cluster
-
-
-def _attach(args) -> Cluster:
-    if not args.cluster_name:
-        raise UsageError("%mlx_cluster attach NAME: which kept cluster (%mlx_cluster list shows them)")
-    try:
-        cluster = Cluster.attach(args.cluster_name, take=args.take)
-    except (ClusterError, ValueError) as e:
-        raise UsageError(" ".join(str(e).split())) from None
-    setup = f"; {len(cluster.setup_cells)} setup cell(s) kept" if cluster.setup_cells else ""
-    print(f"Attached {args.cluster_name!r}: {cluster.n} ranks, the same processes and their state{setup}.")
-    return cluster
-
-
-def clusters_table() -> Table:
-    """The kept clusters here (``mlx_nb.clusters()``), one row each."""
-    from .cluster import clusters
-
-    def ago(seconds: float) -> str:
-        return (
-            f"{seconds / 3600:.1f} h"
-            if seconds >= 3600
-            else f"{seconds / 60:.0f} min"
-            if seconds >= 60
-            else f"{seconds:.0f} s"
-        )
-
-    rows = [
-        [
-            c["name"],
-            c["ranks"],
-            ", ".join(c["hosts"]),
-            c["backend"],
-            ago(c["age"]),
-            ago(c["idle"]) + (f" (stops at {ago(c['idle_limit'])})" if c["idle_limit"] else ""),
-            human_bytes(c["memory"]),
-            f"pid {c['holder']['pid']}" if c["holder"] else "no",
-        ]
-        for c in clusters()
-    ]
-    title = f"{len(rows)} kept cluster(s)" if rows else "no kept cluster here"
-    return Table(["name", "ranks", "hosts", "backend", "age", "idle", "memory", "attached"], rows, title)
+        yield
+    except (ValueError, *more) as e:
+        raise UsageError(str(e)) from None
+    except DistCellError as e:
+        if not rank_errors or e.root is None or e.root.error is None:
+            raise
+        raise UsageError(e.root.error.message) from None
 
 
 def _names(spec: Optional[str]) -> list[str]:
@@ -249,9 +132,26 @@ def _names(spec: Optional[str]) -> list[str]:
 
 @magics_class
 class MLXMagics(Magics):
+    """The magics: they parse, call the API and show. Their state is this instance's, one per
+    IPython shell: the cluster they work on, the server and the last status panel."""
+
     def __init__(self, shell=None):
         super().__init__(shell)
+        self.cluster: Optional[Cluster] = None  # the cluster the magics work on
+        self.server = None  # the %mlx_serve server (mlx_nb.serve.Server)
         self.panel = None  # the last status --watch panel: the next one replaces it (its thread ends)
+
+    def current(self) -> Cluster:
+        """The cluster the magics work on (started by %mlx_cluster start)."""
+        if self.cluster is None or not self.cluster.running:
+            raise UsageError("no MLX cluster is running: start one with %mlx_cluster start -n 4")
+        return self.cluster
+
+    def stop_server(self) -> None:
+        """Stop the %mlx_serve server, if one runs."""
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
 
     def _ns_values(self, names: list[str]) -> dict:
         missing = [n for n in names if n not in self.shell.user_ns]
@@ -320,68 +220,93 @@ class MLXMagics(Magics):
         %mlx_cluster list            the kept clusters here
         %mlx_cluster cache           the prompt cache per rank; --clear empties it, --limit 1GB
         """
-        global _current
         args = parse_argstring(self.mlx_cluster, line)
-        if args.action == "check":
-            if not (args.hostfile or args.hosts):
-                if _current is None or not _current.running:
-                    raise UsageError("%mlx_cluster check needs --hostfile F or --hosts h1,h2 (or a running cluster)")
-                return findings_table(_current.check())
+        return getattr(self, "_" + args.action.replace("-", "_"))(args)
+
+    def _check(self, args) -> Table:
+        if args.hostfile or args.hosts:
             return findings_table(_cluster_from_args(args).check())
-        if args.action == "list":
-            return clusters_table()
-        if args.action in ("start", "attach"):
-            if _current is not None and _current.running:
-                raise UsageError("a cluster is already running: %mlx_cluster stop (or restart) first")
-            _current = _start(args) if args.action == "start" else _attach(args)
-            return status_table(_current)
-        cluster = current()
-        if args.action == "stop":
-            _stop_server()
-            cluster.stop()
-            _current = None
-            print("Cluster stopped.")
-            if cluster.group.keep:
-                print(f"(It was kept as {cluster.group.name!r}: it is gone now.)")
-        elif args.action == "restart":
-            t0 = time.perf_counter()
-            replay = cluster.restart()
-            print(f"Restarted {cluster.n} ranks in {time.perf_counter() - t0:.1f} s", end="")
-            print(
-                f"; replayed {len(cluster.setup_cells)} setup cell(s) in {replay:.1f} s."
-                if cluster.setup_cells
-                else "."
-            )
-            return status_table(cluster)
-        elif args.action == "status" and args.watch:
+        if self.cluster is None or not self.cluster.running:
+            raise UsageError("%mlx_cluster check needs --hostfile F or --hosts h1,h2 (or a running cluster)")
+        return findings_table(self.cluster.check())
+
+    def _list(self, args) -> Table:
+        from .cluster import clusters
+
+        return clusters_table(clusters())
+
+    def _start(self, args) -> Table:
+        self._none_running()
+        cluster = _cluster_from_args(args)
+        where = f" on {len({h.ssh_hostname for h in cluster.hostfile.hosts})} host(s)" if cluster.remote else ""
+        print(f"Starting {cluster.n} MLX ranks ({cluster.backend}){where}...", flush=True)
+        t0 = time.perf_counter()
+        try:
+            cluster.start()
+        except ClusterError as e:
+            raise UsageError(f"the cluster did not start: {e}") from None
+        self.cluster = cluster
+        kept = f" and kept as {args.name!r} (it outlives this kernel: %mlx_cluster attach {args.name})"
+        print(f"Cluster ready in {time.perf_counter() - t0:.1f} s{kept if args.keep else ''}.")
+        return status_table(cluster)
+
+    def _attach(self, args) -> Table:
+        self._none_running()
+        if not args.cluster_name:
+            raise UsageError("%mlx_cluster attach NAME: which kept cluster (%mlx_cluster list shows them)")
+        try:
+            cluster = Cluster.attach(args.cluster_name, take=args.take)
+        except (ClusterError, ValueError) as e:
+            raise UsageError(" ".join(str(e).split())) from None
+        self.cluster = cluster
+        setup = f"; {len(cluster.setup_cells)} setup cell(s) kept" if cluster.setup_cells else ""
+        print(f"Attached {args.cluster_name!r}: {cluster.n} ranks, the same processes and their state{setup}.")
+        return status_table(cluster)
+
+    def _none_running(self) -> None:
+        if self.cluster is not None and self.cluster.running:
+            raise UsageError("a cluster is already running: %mlx_cluster stop (or restart) first")
+
+    def _stop(self, args) -> None:
+        cluster = self.current()
+        self.stop_server()
+        cluster.stop()
+        self.cluster = None
+        print("Cluster stopped.")
+        if cluster.kept_as is not None:
+            print(f"(It was kept as {cluster.kept_as!r}: it is gone now.)")
+
+    def _restart(self, args) -> Table:
+        cluster = self.current()
+        cluster.restart(tell=True)
+        return status_table(cluster)
+
+    def _status(self, args):
+        cluster = self.current()
+        if args.watch:
             from .widgets import StatusWidget
 
             if self.panel is not None:
                 self.panel.end("replaced by a newer panel (%mlx_cluster status --watch)")
             self.panel = StatusWidget(cluster)
             return self.panel
-        elif args.action == "status":
-            cluster.heal()
-            note = status_note(cluster)
-            if note:
-                print(note)
-            return status_table(cluster)
-        elif args.action == "forget-setup":
-            print(f"Forgot {cluster.forget_setup()} setup cell(s).")
-        elif args.action == "cache":
-            from .generate import prompt_cache
+        cluster.heal()
+        note = status_note(cluster)
+        if note:
+            print(note)
+        return status_table(cluster)
 
-            try:
-                report = prompt_cache(cluster, clear=args.clear, limit=args.limit)
-            except ValueError as e:
-                raise UsageError(str(e)) from None
-            except DistCellError as e:
-                if e.root is None or e.root.error is None:
-                    raise
-                raise UsageError(e.root.error.message) from None
-            if args.clear:
-                print("Emptied the prompt cache on every rank.")
-            return report
+    def _forget_setup(self, args) -> None:
+        print(f"Forgot {self.current().forget_setup()} setup cell(s).")
+
+    def _cache(self, args):
+        from .generate import prompt_cache
+
+        with refused(rank_errors=True):
+            report = prompt_cache(self.current(), clear=args.clear, limit=args.limit)
+        if args.clear:
+            print("Emptied the prompt cache on every rank.")
+        return report
 
     @magic_arguments()
     @argument("--ranks", default="0", help="whose output to show: 0 (default), all, or a list like 0,2")
@@ -413,13 +338,11 @@ class MLXMagics(Magics):
         print(x)
         """
         args = parse_argstring(self.mlx_dist, line)
-        cluster = current()
+        cluster = self.current()
         push = self._ns_values(_names(args.push)) if args.push else None
         options = dict(timeout=args.timeout, push=push, pull=args.pull, setup=args.setup, profile=args.profile)
-        try:
+        with refused():  # a bad --timeout or --ranks, or a value that cannot travel: before any rank runs
             result = cluster.run(cell, ranks=args.ranks, **options)
-        except ValueError as e:  # a bad --timeout or --ranks, or a value that cannot travel: before any rank runs
-            raise UsageError(str(e)) from None
         if args.profile:
             from IPython.display import display
 
@@ -437,10 +360,8 @@ class MLXMagics(Magics):
         names = _names(line)
         if not names:
             raise UsageError("usage: %mlx_push NAME [NAME ...]")
-        try:
-            current().push(self._ns_values(names))
-        except ValueError as e:  # a value that cannot travel, named
-            raise UsageError(str(e)) from None
+        with refused():  # a value that cannot travel, named
+            self.current().push(self._ns_values(names))
 
     @magic_arguments()
     @argument("name", help="the rank variable to bring back")
@@ -450,14 +371,8 @@ class MLXMagics(Magics):
         """%mlx_pull x [--ranks all]: return a rank variable (rank 0's, or a list per rank)."""
         args = parse_argstring(self.mlx_pull, line)
         ranks = int(args.ranks) if args.ranks.strip().isdigit() else args.ranks  # one rank: its value alone
-        try:
-            return current().pull(args.name, ranks)
-        except ValueError as e:
-            raise UsageError(str(e)) from None
-        except DistCellError as e:
-            if e.root is None or e.root.error is None:
-                raise
-            raise UsageError(e.root.error.message) from None
+        with refused(rank_errors=True):
+            return self.current().pull(args.name, ranks)
 
     @magic_arguments()
     @sweep_arguments
@@ -477,206 +392,11 @@ class MLXMagics(Magics):
         from IPython.display import display
 
         args = parse_argstring(self.mlx_bench, line)
-        cluster = current()
-        try:
+        cluster = self.current()
+        with refused():  # checked before the sweep starts
             result = run_bench(cluster, **sweep_values(args))
-        except ValueError as e:  # checked before the sweep starts
-            raise UsageError(str(e)) from None
         if args.out or not args.no_plot:
             fig = result.plot(args.out)
             if not args.no_plot:
                 display(fig)
         return result
-
-    @magic_arguments()
-    @argument("prompt", nargs="*", help="the user message (a chat-templated turn)")
-    @argument(
-        "--load",
-        metavar="MODEL",
-        default=None,
-        help="load MODEL on every rank first: 'bundled' (SmolLM2, offline), an mlx-lm path or repo id",
-    )
-    @argument("--pipeline", action="store_true", help="with --load: pipeline parallel instead of tensor parallel")
-    @argument(
-        "--split",
-        default=None,
-        help="with --load --pipeline: layers per rank, rank 0 first (20,5,5), or auto: split by the ranks' memory",
-    )
-    @argument("--context", type=int, default=4096, help="with --load: tokens the load must leave room for (4096)")
-    @argument(
-        "--adapter",
-        default=None,
-        help="with --load: LoRA adapters (a finetune folder), fused into the weights, then split",
-    )
-    @argument("--max-tokens", type=int, default=256, help="most tokens to generate (default 256)")
-    @line_magic
-    def mlx_generate(self, line: str):
-        """Generate with a model sharded over the ranks; tokens stream in as rank 0 makes them.
-
-        %mlx_generate --load bundled --pipeline            load SmolLM2, split as a pipeline
-        %mlx_generate What is the capital of France?      one chat turn, greedy
-        Interrupt stops every rank at the same token.
-        """
-        from .generate import check_max_tokens, generate, load_model
-
-        args = parse_argstring(self.mlx_generate, line)
-        cluster = current()
-        try:
-            if args.prompt:  # a bad --max-tokens is refused before a model loads
-                check_max_tokens(args.max_tokens)
-            if args.load is not None:
-                model = None if args.load == "bundled" else args.load
-                loaded = load_model(
-                    cluster,
-                    model,
-                    pipeline=args.pipeline,
-                    split=_split(args.split),
-                    context=args.context,
-                    adapter_path=args.adapter,
-                )
-        except (ValueError, FileNotFoundError) as e:
-            raise UsageError(str(e)) from None
-        if args.load is not None:
-            how = "pipeline" if args.pipeline else "tensor parallel"
-            mem = ", ".join(human_bytes(m) for m in loaded.active_memory)
-            print(f"Loaded {args.load} ({how}) on {cluster.n} ranks in {loaded.seconds:.1f} s; memory per rank: {mem}")
-        if args.prompt:
-            stats = generate(cluster, [{"role": "user", "content": " ".join(args.prompt)}], args.max_tokens)
-            print(stats.summary())
-            return None
-
-    @magic_arguments()
-    @argument("model", nargs="?", default=None, help="'bundled' (SmolLM2, the default), an mlx-lm path or a repo id")
-    @argument("--context", type=int, default=4096, help="tokens of KV cache to leave room for (default 4096)")
-    @line_magic
-    def mlx_plan(self, line: str):
-        """Which layouts MODEL allows over the cluster, with each rank's memory, before any load.
-
-        Reads only config.json and the safetensors headers. Lists tensor parallel, an even
-        pipeline and a pipeline split by the ranks' memory budgets (%mlx_cluster start --memory),
-        each rank's memory (weights, KV cache for --context tokens, activations), whether it
-        fits, and the one to load (load_model(cluster, pipeline=True, split="auto")).
-
-        %mlx_plan                            the bundled model, 4096 tokens of context
-        %mlx_plan mlx-community/Qwen3-8B-4bit --context 32768
-        """
-        from .generate import plan
-
-        args = parse_argstring(self.mlx_plan, line)
-        model = None if args.model in (None, "bundled") else _unquoted(args.model)
-        try:
-            return plan(current(), model, args.context)
-        except (ValueError, FileNotFoundError) as e:
-            raise UsageError(str(e)) from None
-
-    @magic_arguments()
-    @argument("--max-tokens", type=int, default=256, help="most tokens per reply (default 256)")
-    @argument("--system", default=None, help="a system prompt for the conversation")
-    @line_magic
-    def mlx_chat(self, line: str):
-        """A chat box for the model loaded on the ranks (%mlx_generate --load first)."""
-        from .widgets import ChatWidget
-
-        args = parse_argstring(self.mlx_chat, line)
-        try:
-            return ChatWidget(current(), max_tokens=args.max_tokens, system=args.system)
-        except ValueError as e:
-            raise UsageError(str(e)) from None
-
-    @magic_arguments()
-    @argument(
-        "action",
-        nargs="?",
-        default="start",
-        choices=["start", "status", "stop"],
-        help="start serving (default), show what the server does, or stop it",
-    )
-    @argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0: any free one)")
-    @argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    @argument(
-        "--api-key",
-        default=None,
-        help="a key every request must send (Authorization: Bearer KEY); "
-        "required for a --host other machines can reach",
-    )
-    @argument("--name", default=None, help="the model's id in the API (default: the model's name)")
-    @argument("--max-batch", type=int, default=32, help="most sequences decoded together (default 32)")
-    @line_magic
-    def mlx_serve(self, line: str):
-        """Serve the model loaded on the ranks as an OpenAI-compatible API, batching requests.
-
-        server = %mlx_serve --port 8000    GET /v1/models, POST /v1/chat/completions, /v1/completions
-        %mlx_serve status            requests running and queued, tokens/s, time to first token
-        %mlx_serve stop              close the port; the ranks are free again
-        Load a model first (%mlx_generate --load bundled --pipeline); the notebook stays free.
-        """
-        from .serve import ServeError, Server
-
-        global _server
-        args = parse_argstring(self.mlx_serve, line)
-        if args.action != "start":
-            if _server is None:
-                raise UsageError("no server is running: start one with %mlx_serve --port 8000")
-            if args.action == "stop":
-                url = _server.url
-                _stop_server()
-                print(f"Stopped serving at {url}.")
-                return None
-            return _server.status()
-        if _server is not None and _server.serving:
-            raise UsageError(f"already serving at {_server.url}: %mlx_serve stop first")
-        try:
-            server = Server(
-                current(),
-                _unquoted(args.host),
-                args.port,
-                _unquoted(args.api_key),
-                model_name=_unquoted(args.name),
-                max_batch=args.max_batch,
-            )
-            _server = server.start()
-        except (ValueError, ServeError) as e:
-            raise UsageError(str(e)) from None
-        print(f"Serving {server.model.id} at {server.url} (OpenAI API; %mlx_serve status, %mlx_serve stop).")
-        return server
-
-    @magic_arguments()
-    @argument("--max-tokens", type=int, default=256, help="most tokens per reply (default 256)")
-    @argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
-    @argument("--seed", type=int, default=None, help="makes sampled replies repeatable")
-    @cell_magic
-    def mlx_batch(self, line: str, cell: str):
-        """Generate one reply per line of the cell, as one batch over the ranks (chat turns).
-
-        %%mlx_batch --max-tokens 32
-        What is the capital of France?
-        Name three colours.
-        """
-        from .batch import generate_batch
-
-        args = parse_argstring(self.mlx_batch, line)
-        prompts = [p.strip() for p in cell.splitlines() if p.strip()]
-        if not prompts:
-            raise UsageError("%%mlx_batch takes one prompt per line of the cell, and the cell is empty")
-        chats = [[{"role": "user", "content": p}] for p in prompts]
-        try:
-            return generate_batch(current(), chats, args.max_tokens, temperature=args.temperature, seed=args.seed)
-        except ValueError as e:  # checked before any rank runs
-            raise UsageError(str(e)) from None
-
-
-def _split(text: Optional[str]):
-    """--split: None, "auto" or layers per rank ("20,5,5"); the API checks the numbers."""
-    if text is None or text == "auto":
-        return text
-    try:
-        return [int(x) for x in text.split(",")]
-    except ValueError:
-        raise UsageError(f"--split takes layers per rank like 20,5,5 (rank 0 first) or auto, got {text!r}") from None
-
-
-def _stop_server() -> None:
-    global _server
-    if _server is not None:
-        _server.stop()
-        _server = None

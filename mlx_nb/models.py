@@ -21,7 +21,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import mlx.core as mx
 
@@ -218,16 +218,17 @@ def prepare_bundled(ranks: Sequence, progress: Optional[Progress] = None) -> Pat
     return path
 
 
-def prefers_dense(device: str, blas: dict) -> bool:
-    """Whether a process on ``device`` running ``blas`` (a ``BlasInfo.to_dict()``, as
-    ``RankInfo.blas``) gets the bundled model's dense float32 copy: a Linux CPU with an
-    optimized BLAS.
+def prefers_dense(device: str, blas: Any) -> bool:
+    """Whether a process on ``device`` running ``blas`` (a ``rank.blas.BlasInfo``, as
+    ``RankInfo.blas``; None: not known) gets the bundled model's dense float32 copy: a Linux
+    CPU with an optimized BLAS.
 
     Example:
-        >>> prefers_dense("Device(cpu, 0)", {"system": "Linux", "optimized": True})
+        >>> from mlx_nb.rank.blas import BlasInfo
+        >>> prefers_dense("Device(cpu, 0)", BlasInfo("OpenBLAS", optimized=True, system="Linux"))
         True
     """
-    return "cpu" in str(device) and blas.get("system") == "Linux" and bool(blas.get("optimized"))
+    return "cpu" in str(device) and blas is not None and blas.system == "Linux" and blas.optimized
 
 
 def dense_here() -> bool:
@@ -239,7 +240,7 @@ def dense_here() -> bool:
     """
     from .rank import blas
 
-    return prefers_dense(str(mx.default_device()), blas.current().to_dict())
+    return prefers_dense(str(mx.default_device()), blas.current())
 
 
 def check_split(model_path: str | Path, n_ranks: int, pipeline: bool = False) -> None:

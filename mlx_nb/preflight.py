@@ -15,6 +15,7 @@ import json
 import re
 import shlex
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Optional
 
 from .hostfile import Hostfile, rdma_devices, resolve_backend
@@ -61,14 +62,29 @@ runpy.run_path(os.path.join(os.path.dirname(spec.origin), 'rank', 'blas.py'), ru
 """
 
 
+class Severity(str, Enum):
+    """How a check came out (a ``str``: it reads as its text)."""
+
+    OK = "ok"
+    WARN = "warn"
+    FAIL = "fail"
+    SKIP = "skip"  # the check could not run
+
+    def __str__(self) -> str:
+        return self.value
+
+
 @dataclass
 class Finding:
-    """One result of a check on one host; ``status`` is ok, warn, fail or skip (could not run)."""
+    """One result of a check on one host; ``status`` is ok, warn, fail or skip (could not run).
+    ``refuses_start``: starting a cluster is refused on it, though only a warning here (the
+    notebook's and the hosts' mlx or mlx_nb differ)."""
 
     host: str
     check: str
-    status: str
+    status: Severity
     message: str
+    refuses_start: bool = False
 
     def __str__(self) -> str:
         return f"[{self.status}] {self.host} {self.check}: {self.message}"
@@ -270,41 +286,41 @@ def _unavailable(s: dict[str, Section], name: str) -> Optional[str]:
     return f"{name} not found" if s[name].rc == NOT_FOUND else None
 
 
-def _macos(s: dict[str, Section], backend: str) -> tuple[str, str]:
+def _macos(s: dict[str, Section], backend: str) -> tuple[Severity, str]:
     if _unavailable(s, "sw_vers"):
         system = s["uname"].output.strip() if "uname" in s else "unknown system"
         return (
-            "skip",
+            Severity.SKIP,
             f"cannot check the macOS version on this host ({system}): {_unavailable(s, 'sw_vers')}",
         )
     v = parse_sw_vers(s["sw_vers"].output)
     version = v.get("ProductVersion", "?")
     if backend.startswith("jaccl") and _version(version) < JACCL_MACOS:
         return (
-            "fail",
+            Severity.FAIL,
             f"macOS {version}: {backend} needs RDMA over Thunderbolt, which needs macOS 26.2 or later",
         )
-    return "ok", f"{v.get('ProductName', 'macOS')} {version} ({v.get('BuildVersion', '?')})"
+    return Severity.OK, f"{v.get('ProductName', 'macOS')} {version} ({v.get('BuildVersion', '?')})"
 
 
-def _rdma(s: dict[str, Section], wanted: list[str], label: str) -> tuple[str, str]:
+def _rdma(s: dict[str, Section], wanted: list[str], label: str) -> tuple[Severity, str]:
     if _unavailable(s, "ibv_devices"):
-        return "skip", f"cannot check RDMA on this host: {_unavailable(s, 'ibv_devices')}"
+        return Severity.SKIP, f"cannot check RDMA on this host: {_unavailable(s, 'ibv_devices')}"
     have = parse_ibv_devices(s["ibv_devices"].output)
     absent = [d for d in wanted if d not in have]
     if not have:
-        return "fail", f"RDMA is not enabled (ibv_devices lists no device): {RDMA_ENABLE}"
+        return Severity.FAIL, f"RDMA is not enabled (ibv_devices lists no device): {RDMA_ENABLE}"
     if absent:
-        return "fail", (
+        return Severity.FAIL, (
             f'{", ".join(absent)} from "rdma" of {label} not present; ibv_devices lists '
             f"{', '.join(have)}: fix the hostfile or the cabling"
         )
-    return "ok", f"RDMA devices {', '.join(have)}"
+    return Severity.OK, f"RDMA devices {', '.join(have)}"
 
 
-def _interfaces(s: dict[str, Section], ips: list[str], wanted: list[str], label: str) -> tuple[str, str]:
+def _interfaces(s: dict[str, Section], ips: list[str], wanted: list[str], label: str) -> tuple[Severity, str]:
     if _unavailable(s, "interfaces"):
-        return "skip", "cannot check interfaces on this host: neither ifconfig nor ip found"
+        return Severity.SKIP, "cannot check interfaces on this host: neither ifconfig nor ip found"
     ifaces = parse_interfaces(s["interfaces"].output)
     have = sorted({ip for i in ifaces.values() for ip in i.ipv4})
     problems = [
@@ -323,27 +339,27 @@ def _interfaces(s: dict[str, Section], ips: list[str], wanted: list[str], label:
             )
     bridged = [m for i in ifaces.values() if i.up for m in i.members if m in names]
     if problems:
-        return "fail", "; ".join(problems)
+        return Severity.FAIL, "; ".join(problems)
     if bridged:
-        return "warn", (
+        return Severity.WARN, (
             f"{', '.join(bridged)} are in an active bridge (the Thunderbolt Bridge): take it down with "
             "`sudo ifconfig bridge0 down`, as mlx.distributed_config does"
         )
-    return "ok", f"{', '.join(ips + names) or 'nothing to check'} present"
+    return Severity.OK, f"{', '.join(ips + names) or 'nothing to check'} present"
 
 
-def _versions(s: dict[str, Section]) -> tuple[str, str]:
+def _versions(s: dict[str, Section]) -> tuple[Severity, str]:
     sec = s.get("versions")
     v = parse_versions(sec.output) if sec else {}
     if sec is None or sec.rc or "python" not in v:
         why = sec.output.strip().splitlines()[-1] if sec and sec.output.strip() else "no versions output"
-        return "fail", f"cannot run the engines' Python on this host: {why}"
+        return Severity.FAIL, f"cannot run the engines' Python on this host: {why}"
     if v.get("mlx", "-") == "-":
-        return "fail", f"mlx is not installed for {v.get('executable', 'python')}: pip install mlx"
+        return Severity.FAIL, f"mlx is not installed for {v.get('executable', 'python')}: pip install mlx"
     if problem := mlx_problem(v["mlx"]):
-        return "fail", f"{problem} (for {v.get('executable', 'python')})"
+        return Severity.FAIL, f"{problem} (for {v.get('executable', 'python')})"
     return (
-        "ok",
+        Severity.OK,
         f"python {v['python']}, mlx {v['mlx']}, mlx_nb {v.get('mlx_nb', '-')} ({v.get('executable')})",
     )
 
@@ -362,7 +378,7 @@ def _host_gpus(s: dict[str, Section]) -> list[Gpu]:
 
 def _gpu(
     s: dict[str, Section], ranks: list, backend: str, rank_env: dict[int, dict[str, str]]
-) -> Optional[tuple[str, str]]:
+) -> Optional[tuple[Severity, str]]:
     """Which GPU each rank of this host gets (None where the host has no NVIDIA GPU and its MLX no CUDA)."""
     gpus, cuda = _host_gpus(s), _cuda(s)
     if not gpus and not cuda:
@@ -374,11 +390,11 @@ def _gpu(
             if sec is None or sec.rc == NOT_FOUND
             else (f"nvidia-smi failed: {sec.output.strip().splitlines()[-1] if sec.output.strip() else sec.rc}")
         )
-        return "warn", f"the engines' mlx has the CUDA backend ({cuda}) but {why}: the ranks may find no GPU"
+        return Severity.WARN, f"the engines' mlx has the CUDA backend ({cuda}) but {why}: the ranks may find no GPU"
     kinds = ", ".join(dict.fromkeys(g.name for g in gpus))
     if not cuda:
         v = parse_versions(s["versions"].output) if "versions" in s else {}
-        return "warn", (
+        return Severity.WARN, (
             f"{len(gpus)} GPU{'s' * (len(gpus) != 1)} ({kinds}) here, but the engines' mlx has no CUDA backend "
             f"({v.get('mlx_backend', '-')}): the ranks run on the CPU; pip install 'mlx[cuda13]' to use them"
         )
@@ -402,11 +418,11 @@ def _gpu(
     shared = [i for i, rs in on.items() if len(rs) > 1]
     if problems or (backend == "nccl" and shared):
         fix = "NCCL needs one GPU per rank" if backend == "nccl" else "fix CUDA_VISIBLE_DEVICES"
-        return "fail", "; ".join(problems + parts) + f": {fix}"
-    return "ok", "; ".join(parts) + f" ({cuda})"
+        return Severity.FAIL, "; ".join(problems + parts) + f": {fix}"
+    return Severity.OK, "; ".join(parts) + f" ({cuda})"
 
 
-def _blas(s: dict[str, Section], n_ranks: int) -> tuple[str, str]:
+def _blas(s: dict[str, Section], n_ranks: int) -> tuple[Severity, str]:
     sec = s.get("blas")
     lines = sec.output.strip().splitlines() if sec else []
     try:
@@ -415,15 +431,18 @@ def _blas(s: dict[str, Section], n_ranks: int) -> tuple[str, str]:
         info = None
     if not isinstance(info, dict):
         why = lines[-1] if lines else "no blas output was gathered"
-        return "skip", f"cannot tell which BLAS the ranks will run: {why}"
+        return Severity.SKIP, f"cannot tell which BLAS the ranks will run: {why}"
     if info["system"] != "Linux" or info["note"].endswith("=off"):
-        return "ok", info["name"] + (f" ({info['note']})" if info["note"] else "")
+        return Severity.OK, info["name"] + (f" ({info['note']})" if info["note"] else "")
     if _cuda(s) and _host_gpus(s):
-        return "ok", f"matmuls run on the GPU (cuBLAS); work put on the CPU uses {info['name']}"
+        return Severity.OK, f"matmuls run on the GPU (cuBLAS); work put on the CPU uses {info['name']}"
     if not info["optimized"]:
-        return "warn", f"ranks will run MLX's bundled reference BLAS (float32 matmuls about 30x slower): {info['note']}"
+        return (
+            Severity.WARN,
+            f"ranks will run MLX's bundled reference BLAS (float32 matmuls about 30x slower): {info['note']}",
+        )
     threads = threads_per_rank(info["cores"], n_ranks)
-    return "ok", (
+    return Severity.OK, (
         f"{info['name']} ({info['path']}): {threads} thread{'s' * (threads != 1)} per rank "
         f"({info['cores']} cores, {n_ranks} rank{'s' * (n_ranks != 1)} on this host)"
     )
@@ -483,7 +502,9 @@ def check_cluster(
     versions: dict[str, dict[str, str]] = {}
     for host in dict.fromkeys(h.ssh_hostname for h in hostfile.hosts):
         if host not in outputs:
-            found.append(Finding(host, "gather", "skip", "cannot check this host: no output was gathered from it"))
+            found.append(
+                Finding(host, "gather", Severity.SKIP, "cannot check this host: no output was gathered from it")
+            )
             continue
         found += check_host(hostfile, host, outputs[host], backend, rank_env)
         s = parse_gathered(outputs[host]).get("versions")
@@ -501,8 +522,9 @@ def check_cluster(
                 Finding(
                     "*",
                     "versions",
-                    "warn",
+                    Severity.WARN,
                     f"{key} differs across hosts ({detail}): install the same version everywhere",
+                    refuses_start=key != "python",  # a python minor version may differ: mlx and mlx_nb must not
                 )
             )
     return found

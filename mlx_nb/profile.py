@@ -100,6 +100,8 @@ class CellProfile:
         return fig
 
 
+# the notebook process's last profiled cell, of whichever cluster ran it (mlx_nb.last_profile());
+# each cell's own profile is on its result (CellResult.profile)
 _last: Optional[CellProfile] = None
 
 

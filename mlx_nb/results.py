@@ -9,10 +9,11 @@ field once, next to the exception.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Optional
 
 # ipyparallel datapub keys and control message types, spelled once
-INIT_KEY = "mlx_nb_init"  # how far a rank got in forming the group: "started", "joining"
+INIT_KEY = "mlx_nb_init"  # how far a rank got in forming the group: an InitStep
 TRACE_KEY = "mlx_nb_trace"  # a Trace, while a cell runs
 REPORT_PREFIX = "mlx_nb_report_"  # + a sequence number: live reports (rank.session.report)
 STOP_MESSAGE = "mlx_nb_stop"  # control channel: the cooperative stop flag
@@ -26,6 +27,13 @@ PENDING_KEPT = 256  # pending calls a Trace carries (what a drain can replay)
 CR_MARK = "\x1b[mlx_nb-cr]"
 GROUP_OPS = ("all_sum", "all_gather", "all_max", "all_min", "sum_scatter")
 POINT_OPS = ("send", "recv", "recv_like")
+
+
+class InitStep(Enum):
+    """How far a rank got in forming the group (published under ``INIT_KEY``)."""
+
+    STARTED = "started"  # running init_group, not yet in mx.distributed.init
+    JOINING = "joining"  # in mx.distributed.init
 
 
 @dataclass
@@ -142,7 +150,7 @@ class Identity:
     device: str = ""
     device_name: str = ""  # a GPU's name as MLX gives it ("NVIDIA H200"); empty on the CPU
     device_memory: int = 0  # that GPU's total memory, bytes (0: not known)
-    blas: dict = field(default_factory=dict)  # rank.blas.BlasInfo.to_dict(): the BLAS its MLX runs
+    blas: Any = None  # the BLAS its MLX runs: a rank.blas.BlasInfo (None: not known)
     active_memory: int = 0
     peak_memory: int = 0
     cache_memory: int = 0  # freed buffers MLX keeps for reuse (still held by the process)

@@ -15,7 +15,6 @@ A client that leaves is noticed within a step or a quarter of a second and leave
 
 from __future__ import annotations
 
-import ipaddress
 import itertools
 import queue
 import random
@@ -25,18 +24,22 @@ import time
 import uuid
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
+from .batch import check_max_batch
 from .cell import DistCellError
 from .display import Table
 from .engines import ClusterError
+from .generate import check_max_tokens
+from .hostfile import is_local
 from .jobs import SERVING
 from .models import BUNDLED_NAMES
 from .openai_api import ApiError, Completion, ServedModel
-from .rank.serve import serve_on_rank, source
-from .serve_http import HTTPServer
+from .rank.batch import Tokens
+from .rank.serve import Ready, Refused, serve_on_rank, source
+from .serve_http import Ending, HTTPServer, Piece
 
 __all__ = ["ServeError", "ServeStatus", "Server", "serve"]
 
@@ -99,12 +102,33 @@ class ServeStatus:
         return self.table()._repr_html_()
 
 
+@dataclass(frozen=True)
+class _Failure:
+    """The ranks cannot answer a request: the status and message its client gets."""
+
+    status: int
+    message: str
+
+
+@dataclass
+class _Tally:
+    """What the server did since it started (its status counts)."""
+
+    endings: Counter[Ending] = field(default_factory=Counter)  # requests completed, cancelled, failed
+    tokens: int = 0  # generated
+    prompt_tokens: int = 0  # of the requests the ranks took
+    cached_tokens: int = 0  # of those, the prompt cache's
+
+    def copy(self) -> _Tally:
+        return replace(self, endings=Counter(self.endings))
+
+
 class _Pending:
     """A request handed to the ranks: what came back for it so far."""
 
     def __init__(self, rid: int, request: Completion) -> None:
         self.id, self.request = rid, request
-        self.events: queue.SimpleQueue = queue.SimpleQueue()  # ("token", text, finish) / ("error", status, message)
+        self.events: queue.SimpleQueue[Union[Piece, _Failure]] = queue.SimpleQueue()
         self.arrived = time.monotonic()
         self.first: Optional[float] = None
         self.cached = 0  # prompt tokens the ranks' prompt cache held for it
@@ -128,15 +152,15 @@ class Server:
         max_body: int = MAX_BODY,
         default_max_tokens: int = 512,
     ) -> None:
-        if api_key is None and not _loopback(host):
+        if api_key is None and not is_local(host):
             raise ValueError(
                 f"--host {host} is reachable from other machines: give an --api-key too "
                 "(clients send it as 'Authorization: Bearer KEY')"
             )
         if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port < 65536:
             raise ValueError(f"--port must be 0-65535, got {port}")
-        if max_batch < 1:
-            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        check_max_batch(max_batch)
+        check_max_tokens(default_max_tokens, "default_max_tokens")
         self.cluster, self.host, self.port, self.api_key = cluster, host, port, api_key
         self.model_name, self.max_batch, self.prefill_step = model_name, max_batch, prefill_step
         self.max_body, self.default_max_tokens = max_body, default_max_tokens
@@ -148,7 +172,7 @@ class Server:
         self._lock = threading.Lock()
         self._ready, self._ended = threading.Event(), threading.Event()
         self._stopping = False
-        self._counts: Counter = Counter()
+        self._tally = _Tally()
         self._recent: deque = deque()  # (monotonic time, tokens, seconds the ranks took) per step
         self._ttfts: deque = deque(maxlen=100)
         self._batch, self._batch_max, self._started = 0, 0, 0.0
@@ -221,12 +245,12 @@ class Server:
         except DistCellError as e:
             why = e.root.error.message if e.root is not None and e.root.error is not None else str(e)
             raise ServeError(why) from None
-        path = src["path"]
-        tokenizer = load_tokenizer(Path(path) if Path(path).exists() else path, eos_token_ids=src["eos"])
-        bundled = src["model"] is None or str(src["model"]).lower() in BUNDLED_NAMES
-        name = self.model_name or (BUNDLED_ID if bundled else str(src["model"]))
-        names = {path, str(src["model"])} | (set(BUNDLED_NAMES) if bundled else set())
-        return ServedModel(name, tokenizer, src["context"], src["vocab"], names)
+        path, model = src.origin.path, src.origin.model
+        tokenizer = load_tokenizer(Path(path) if Path(path).exists() else path, eos_token_ids=src.eos)
+        bundled = model is None or str(model).lower() in BUNDLED_NAMES
+        name = self.model_name or (BUNDLED_ID if bundled else str(model))
+        names = {path, str(model)} | (set(BUNDLED_NAMES) if bundled else set())
+        return ServedModel(name, tokenizer, src.context, src.vocab, names)
 
     def _job(self) -> None:
         try:
@@ -243,7 +267,7 @@ class Server:
             with self._lock:
                 pending = list(self._pending.values())
             for p in pending:
-                p.events.put(("error", 503, f"This reply could not be finished: {why}."))
+                p.events.put(_Failure(503, f"This reply could not be finished: {why}."))
             if not asked and self._http is not None:  # nothing is left listening
                 self._httpd.shutdown()
                 self._httpd.server_close()
@@ -278,8 +302,8 @@ class Server:
         )
         return p
 
-    def events(self, p: _Pending, gone: Callable[[], bool]) -> Iterator[tuple[str, Optional[str]]]:
-        """``(text, finish)`` per token of ``p`` as the ranks make it, until its finish; it ends early
+    def events(self, p: _Pending, gone: Callable[[], bool]) -> Iterator[Piece]:
+        """A :class:`Piece` per token of ``p`` as the ranks make it, until its finish; it ends early
         (with ``p.gone``) if ``gone()`` says its client left. ``ApiError`` if the server stops."""
         looked = time.monotonic()
         while True:
@@ -294,19 +318,19 @@ class Server:
                     return
             if event is None:
                 continue
-            if event[0] == "error":
-                raise ApiError(event[1], event[2], kind="server_error")
-            yield event[1], event[2]
-            if event[2] is not None:
+            if isinstance(event, _Failure):
+                raise ApiError(event.status, event.message, kind="server_error")
+            yield event
+            if event.finish is not None:
                 return
 
-    def finish(self, p: _Pending, outcome: str) -> None:
-        """The handler is done with ``p`` (``completed``, ``cancelled`` or ``failed``): it leaves the
-        batch if the ranks still generate for it."""
+    def finish(self, p: _Pending, ending: Ending) -> None:
+        """The handler is done with ``p`` (completed, cancelled or failed): it leaves the batch if
+        the ranks still generate for it."""
         with self._lock:
             if self._pending.pop(p.id, None) is None:
                 return
-            self._counts[outcome] += 1
+            self._tally.endings[ending] += 1
         if p.on_ranks and not self._ended.is_set():
             p.on_ranks = False
             self.cluster.send({"serve": self.id, "cancel": [p.id]})
@@ -315,38 +339,40 @@ class Server:
         """A line in the server's log (``server.log``), with the time."""
         self.log.append(f"{time.strftime('%H:%M:%S')} {line}")
 
-    def _on_report(self, rank: int, data: dict) -> None:
-        if data.get("ready"):
+    def _on_report(self, rank: int, report: Union[Ready, Refused, Tokens]) -> None:
+        if isinstance(report, Ready):
             self._ready.set()
-        for rid, message in data.get("rejected", ()):
-            if (p := self._pending.get(rid)) is not None:
-                p.on_ranks = False
-                p.events.put(("error", 400, message))
-        tokens = data.get("tokens")
-        if tokens is None:
-            return
+        elif isinstance(report, Refused):
+            for r in report.refusals:
+                if (p := self._pending.get(r.id)) is not None:
+                    p.on_ranks = False
+                    p.events.put(_Failure(400, r.message))
+        elif isinstance(report, Tokens):
+            self._on_tokens(report)
+
+    def _on_tokens(self, report: Tokens) -> None:
         now = time.monotonic()
-        for rid, cached in data.get("cached", ()):
-            if (p := self._pending.get(rid)) is not None:
-                p.cached = cached
+        for a in report.admitted:
+            if (p := self._pending.get(a.id)) is not None:
+                p.cached = a.cached
                 with self._lock:
-                    self._counts["prompt_tokens"] += len(p.request.prompt)
-                    self._counts["cached_tokens"] += cached
+                    self._tally.prompt_tokens += len(p.request.prompt)
+                    self._tally.cached_tokens += a.cached
         with self._lock:
-            self._recent.append((now, len(tokens), data.get("seconds", 0.0)))
-            self._counts["tokens"] += len(tokens)
-            self._batch = data["batch"]
+            self._recent.append((now, len(report.tokens), report.seconds))
+            self._tally.tokens += len(report.tokens)
+            self._batch = report.batch
             self._batch_max = max(self._batch_max, self._batch)
-        for rid, _token, text, finish in tokens:
-            p = self._pending.get(rid)
+        for t in report.tokens:
+            p = self._pending.get(t.id)
             if p is None:
                 continue  # its client is gone; the ranks drop it at their next step
             if p.first is None:
                 p.first = now
                 self._ttfts.append(now - p.arrived)
-            if finish is not None:
+            if t.finish is not None:
                 p.on_ranks = False
-            p.events.put(("token", text, finish))
+            p.events.put(Piece(t.text, t.finish))
 
     # ---------------------------------------------------------------- status
     def status(self) -> ServeStatus:
@@ -363,7 +389,7 @@ class Server:
             # over the time the ranks generated, not the idle seconds between: a burst after a pause
             tokens, busy = sum(n for _, n, _ in self._recent), sum(s for _, _, s in self._recent)
             pending = list(self._pending.values())
-            counts = Counter(self._counts)
+            tally = self._tally.copy()
         if self.serving:
             state = "serving"
         elif self.error is not None:
@@ -377,18 +403,18 @@ class Server:
             state,
             running=sum(p.first is not None for p in pending),
             queued=sum(p.first is None for p in pending),
-            completed=counts["completed"],
-            cancelled=counts["cancelled"],
-            failed=counts["failed"],
+            completed=tally.endings[Ending.COMPLETED],
+            cancelled=tally.endings[Ending.CANCELLED],
+            failed=tally.endings[Ending.FAILED],
             tokens_per_second=tokens / busy if busy > 0 else 0.0,
             ttft_median=statistics.median(ttfts) if ttfts else None,
             ttft_last=ttfts[-1] if ttfts else None,
             batch=self._batch if self.serving else 0,
             batch_max=self._batch_max,
-            generated=counts["tokens"],
+            generated=tally.tokens,
             uptime=now - self._started if self._started else 0.0,
-            prompt_tokens=counts["prompt_tokens"],
-            cached_tokens=counts["cached_tokens"],
+            prompt_tokens=tally.prompt_tokens,
+            cached_tokens=tally.cached_tokens,
         )
 
     def __repr__(self) -> str:
@@ -417,12 +443,3 @@ def serve(cluster, port: int = 8000, host: str = "127.0.0.1", api_key: Optional[
         server.stop()
     """
     return Server(cluster, host, port, api_key, **options).start()
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

@@ -16,10 +16,28 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from enum import Enum
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Optional, Protocol
 
 from .openai_api import ApiError, Completion, ServedModel, StopText, chunk, completion, parse_json, reply, usage
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A token of a request's reply, as the handler gets it: its text, and its finish on the last."""
+
+    text: str
+    finish: Optional[str] = None  # "stop", "length"; None: more to come
+
+
+class Ending(Enum):
+    """How a handler was done with its request (the server counts each)."""
+
+    COMPLETED = "completed"
+    CANCELLED = "cancelled"  # its client left
+    FAILED = "failed"
 
 
 class Pending(Protocol):
@@ -40,9 +58,9 @@ class Owner(Protocol):
 
     def submit(self, request: Completion) -> Pending: ...
 
-    def events(self, p: Pending, gone: Callable[[], bool]) -> Iterator[tuple[str, Optional[str]]]: ...
+    def events(self, p: Pending, gone: Callable[[], bool]) -> Iterator[Piece]: ...
 
-    def finish(self, p: Pending, outcome: str) -> None: ...
+    def finish(self, p: Pending, ending: Ending) -> None: ...
 
     def note(self, line: str) -> None: ...
 
@@ -164,14 +182,14 @@ class _Handler(BaseHTTPRequestHandler):
         request = completion(parse_json(self._body()), owner.model, chat, owner.default_max_tokens)
         p = owner.submit(request)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-        outcome = "failed"
+        ending = Ending.FAILED
         try:
-            outcome = self._stream(p, rid) if request.stream else self._whole(p, rid)
+            ending = self._stream(p, rid) if request.stream else self._whole(p, rid)
         except OSError:  # a write to a client that left
-            outcome = "cancelled"
+            ending = Ending.CANCELLED
             raise
         finally:
-            owner.finish(p, outcome)
+            owner.finish(p, ending)
 
     def _unknown(self, other_method: tuple[str, ...]) -> None:
         path = self.path.split("?")[0].rstrip("/")
@@ -219,23 +237,23 @@ class _Handler(BaseHTTPRequestHandler):
         except (OSError, ValueError):
             return True
 
-    def _whole(self, p: Pending, rid: str) -> str:
+    def _whole(self, p: Pending, rid: str) -> Ending:
         owner, request = self.server.owner, p.request
         stop, parts, finish, n = StopText(request.stop), [], None, 0
-        for text, finish in owner.events(p, self._gone):
-            n += 1
-            parts.append(stop.feed(text))
+        for piece in owner.events(p, self._gone):
+            n, finish = n + 1, piece.finish
+            parts.append(stop.feed(piece.text))
             if stop.stopped:
                 finish = "stop"
                 break
         if p.gone:
-            return "cancelled"
+            return Ending.CANCELLED
         parts.append(stop.flush())
         body = reply(request.chat, rid, owner.model.id, "".join(parts), finish, usage(len(request.prompt), n, p.cached))
         self._json(200, body)
-        return "completed"
+        return Ending.COMPLETED
 
-    def _stream(self, p: Pending, rid: str) -> str:
+    def _stream(self, p: Pending, rid: str) -> Ending:
         owner, request = self.server.owner, p.request
         model, chat = owner.model.id, request.chat
         self.send_response(200)
@@ -247,10 +265,10 @@ class _Handler(BaseHTTPRequestHandler):
         if chat:
             self._event(chunk(chat, rid, model, ""))
         stop, n = StopText(request.stop), 0
-        for text, finish in owner.events(p, self._gone):
+        for piece in owner.events(p, self._gone):
             n += 1
-            out = stop.feed(text)
-            finish = "stop" if stop.stopped else finish
+            out = stop.feed(piece.text)
+            finish = "stop" if stop.stopped else piece.finish
             out += stop.flush() if finish is not None else ""
             if out:
                 self._event(chunk(chat, rid, model, out))
@@ -258,11 +276,11 @@ class _Handler(BaseHTTPRequestHandler):
                 self._event(chunk(chat, rid, model, None, finish))
                 break
         if p.gone:
-            return "cancelled"
+            return Ending.CANCELLED
         if request.include_usage:
             self._event(chunk(chat, rid, model, usage=usage(len(request.prompt), n, p.cached)))
         self.wfile.write(b"data: [DONE]\n\n")
-        return "completed"
+        return Ending.COMPLETED
 
     def _event(self, data: dict) -> None:
         self.wfile.write(b"data: " + json.dumps(data).encode() + b"\n\n")

@@ -29,7 +29,19 @@ from mlx.utils import tree_flatten
 
 from .display import Table, human_bytes
 from .rank.bench import percentile, time_iters
-from .rank.sharding import METHODS, MLP, MLP_STRATEGY, STRATEGIES, build, check, lab, lab_on_rank, shard
+from .rank.sharding import (
+    METHODS,
+    MLP,
+    MLP_STRATEGY,
+    STRATEGIES,
+    LabResult,
+    Param,
+    build,
+    check,
+    lab,
+    lab_on_rank,
+    shard,
+)
 
 if TYPE_CHECKING:
     from .cluster import Cluster
@@ -39,6 +51,8 @@ __all__ = [
     "MLP",
     "MLP_STRATEGY",
     "STRATEGIES",
+    "LabResult",
+    "Param",
     "ScaleRow",
     "ShardReport",
     "build",
@@ -60,7 +74,7 @@ class ShardReport:
     method: str
     strategy: str
     ranks: int
-    params: list  # (rank, name, shape, dtype, bytes)
+    params: list[Param]  # every rank's
     errors: list  # max |sharded - unsharded| per rank
     median: float
     p90: float
@@ -71,10 +85,10 @@ class ShardReport:
         return max(self.errors)
 
     def bytes_per_rank(self) -> list[int]:
-        return [sum(p[4] for p in self.params if p[0] == r) for r in range(self.ranks)]
+        return [sum(p.bytes for p in self.params if p.rank == r) for r in range(self.ranks)]
 
     def table(self) -> Table:
-        rows = [[r, name, "x".join(map(str, shape)), dt, human_bytes(b)] for r, name, shape, dt, b in self.params]
+        rows = [[p.rank, p.name, "x".join(map(str, p.shape)), p.dtype, human_bytes(p.bytes)] for p in self.params]
         title = (
             f"{'Linear' if len(self.dims) == 2 else 'MLP'} {self.dims} over {self.ranks} ranks, "
             f"{self.method} ({self.strategy}): max error {self.max_error:.2e}, "
@@ -120,17 +134,17 @@ def sharding_lab(
     """
     dims = tuple(dims)
     strategy = check(dims, cluster.n, method, strategy)
-    out = cluster.call(lab_on_rank, dims, method, strategy, batch, warmup, iters, seed, dtype)
-    params = [(o["rank"], *p) for o in out for p in o["params"]]
+    out: list[LabResult] = cluster.call(lab_on_rank, dims, method, strategy, batch, warmup, iters, seed, dtype)
+    params = [p for o in out for p in o.params]
     unsharded = sum(p.nbytes for _, p in tree_flatten(build(dims, seed, dtype).parameters()))
-    times = out[0]["times"]
+    times = out[0].times
     return ShardReport(
         dims,
         method,
         strategy,
         cluster.n,
         params,
-        out[0]["errors"],
+        out[0].errors,
         percentile(times, 50),
         percentile(times, 90),
         unsharded,

@@ -11,25 +11,27 @@ one line saying why. The magics turn it into a one-line UsageError.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
 import sys
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
 from . import hostfile as hostfiles
 from .display import parse_bytes
 from .engines.launch import mpi_available
-from .hostfile import Hostfile, is_local
+from .hostfile import BACKENDS, Hostfile, is_local
 
-BACKENDS = ("ring", "jaccl", "jaccl-ring", "mpi", "nccl")
 # engine processes (ranks and their warm spares) one machine runs per core, and at least
 PROCESSES_PER_CORE, MIN_PROCESSES = 8, 16
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 @dataclass
@@ -113,6 +115,16 @@ class ClusterSpec:
         spec.check()
         return spec
 
+    def to_json(self) -> dict:
+        """The spec as JSON values (a kept cluster's file holds it): :meth:`from_json` reads it back."""
+        d = asdict(self)
+        d["hostfile"] = self.hostfile.to_json()
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> ClusterSpec:
+        return cls(**{**d, "hostfile": hostfiles.loads(json.dumps(d["hostfile"]))})
+
     def check(self) -> None:
         """Raise ValueError if the spec cannot describe a cluster."""
         check_ranks_per_host(self.hostfile, self.spares)
@@ -129,6 +141,45 @@ class ClusterSpec:
         needed = self.addresses_needed if self.backend == "ring" else 1
         if self.ports is not None and len(self.ports) != needed:
             raise ValueError(f"ports: the ring needs one port per rank and IP ({needed}), got {len(self.ports)}")
+
+
+def check_name(name: str) -> str:
+    """A kept cluster's name: letters, digits, ``_ . -``, at most 64 characters."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ValueError(f"cluster name {name!r}: use letters, digits, _ . - (e.g. llama-70b), at most 64")
+    return name
+
+
+def parse_idle(spec) -> Optional[float]:
+    """'2h' / '30m' / '90s' / '1d' / seconds -> seconds; None: no limit.
+
+    >>> parse_idle("2h"), parse_idle(90), parse_idle(None)
+    (7200.0, 90.0, None)
+    """
+    if spec is None:
+        return None
+    if isinstance(spec, (int, float)):
+        seconds = float(spec)
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", str(spec).lower())
+        if not m:
+            raise ValueError(f"idle {spec!r}: give a duration like 90s, 30m, 2h or 1d")
+        seconds = float(m.group(1)) * _UNITS[m.group(2) or "s"]
+    if not seconds > 0:
+        raise ValueError(f"idle {spec!r}: give a positive duration like 30m")
+    return seconds
+
+
+def check_keeping(name: Optional[str], keep: bool, idle: Union[str, float, None]) -> Optional[float]:
+    """A kept cluster's arguments: its name, and its idle limit in seconds (None: none)."""
+    if keep and not name:
+        raise ValueError("a kept cluster needs a name, to attach it by: Cluster(..., name='llm', keep=True)")
+    if name is not None:
+        check_name(name)
+    idle_s = parse_idle(idle)
+    if idle_s is not None and not keep:
+        raise ValueError("idle= is for kept clusters (keep=True): an owned cluster ends with its kernel")
+    return idle_s
 
 
 def parse_memory(memory: Union[int, str, Sequence[Union[int, str]], None], n: int) -> Optional[list[int]]:

@@ -76,7 +76,10 @@ class StatusWidget(widgets.HTML):
                 self.value = f"<i>{note}</i>"
 
     def close(self) -> None:
+        """Stop refreshing and close the panel; returns once its watcher thread has ended."""
         self.end()
+        if threading.current_thread() is not self.thread:
+            self.thread.join(self.interval + 5)
         super().close()
 
 

@@ -1,12 +1,14 @@
-"""Shared fixtures: one real cluster per module, and a check that nothing is left running."""
+"""Shared fixtures: real clusters shared by a module's tests, and a check that nothing is left running."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import signal
 import time
 import uuid
+from pathlib import Path
 
 import psutil
 import pytest
@@ -17,7 +19,11 @@ from mlx_nb import Cluster
 from mlx_nb.generate import generate, prompt_cache
 
 # modules import the test hosts' helpers (tests/testhosts.py) before it is loaded as a plugin
-pytest.register_assert_rewrite("testhosts")
+pytest.register_assert_rewrite("testhosts", "lanes")
+from lanes import starts  # noqa: E402
+from waiting import wait_for, wait_until  # noqa: E402, F401 (the tests import them from here)
+
+pytest_plugins = ["lanes"]  # the markers of what a test starts, and their check
 
 _PROJECT = (
     "ipyparallel.engine",
@@ -48,10 +54,23 @@ def project_processes(session: str = SESSION) -> list[psutil.Process]:
     return found
 
 
-def wait_gone(timeout: float = 10.0) -> list[psutil.Process]:
-    """Project processes still alive after waiting up to ``timeout`` for them to exit."""
-    _, alive = psutil.wait_procs(project_processes(), timeout=timeout)
-    return alive
+def processes_left(mark: str = SESSION, keep=(), timeout: float = 10.0, find=None) -> list[psutil.Process]:
+    """The processes of the session marked ``mark`` (or those ``find()`` lists: a test host's) other
+    than the pids in ``keep``, still running after waiting up to ``timeout`` s for them to end;
+    ``[]`` as soon as they are gone."""
+    find = find or (lambda: project_processes(mark))
+
+    def running() -> list[psutil.Process]:
+        return [p for p in find() if p.pid not in keep and _running(p)]
+
+    return [] if wait_until(lambda: not running(), timeout, every=0.2) else running()
+
+
+def _running(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
@@ -63,17 +82,83 @@ def pytest_runtest_makereport(item, call):
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    """A real 4-rank local cluster shared by the tests of one module."""
+@starts("cluster")
+def two_ranks():
+    """Two local ranks, shared by the tests of one module."""
+    with Cluster(n=2) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+@starts("cluster")
+def four_ranks():
+    """Four local ranks, shared by the tests of one module."""
     with Cluster(n=4) as c:
         yield c
+
+
+SHARED_PAIR = "pipeline_pair"
+_pair = pytest.StashKey[Cluster]()
+_last_pair_user = pytest.StashKey[pytest.Item]()
+
+
+@pytest.fixture(scope="session")
+@starts("cluster")
+def loaded_pipeline_pair(request):
+    """The cluster behind ``pipeline_pair``: started and loaded once in a session."""
+    from mlx_nb.generate import load_model
+
+    with Cluster(n=2) as c:
+        load_model(c, pipeline=True, progress=False)
+        request.config.stash[_pair] = c
+        yield c
+
+
+@pytest.fixture(scope="module")
+def pipeline_pair(loaded_pipeline_pair):
+    """Two local ranks holding the bundled model as a pipeline (its 9 heads do not split over 2),
+    shared by the modules that load that model on that layout; each module meets it as loaded
+    (its prompt cache empty). Those modules run one after another and the pair stops after the
+    last of them (the hooks below): no other test meets it. A module must leave it as it found
+    it (that model, that layout, the cache's default limit); one that restarts or stops the
+    ranks, or keeps another model loaded, starts a pair of its own."""
+    prompt_cache(loaded_pipeline_pair, clear=True)
+    return loaded_pipeline_pair
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The modules whose tests share the pipeline pair run together, where the first of them did."""
+    sharing = {i.path for i in items if SHARED_PAIR in i.fixturenames}
+    if not sharing:
+        return
+    first = next(n for n, i in enumerate(items) if i.path in sharing)
+    together = [i for i in items if i.path in sharing]
+    rest = [i for i in items if i.path not in sharing]
+    items[:] = rest[:first] + together + rest[first:]
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    users = [i for i in session.items if SHARED_PAIR in i.fixturenames]
+    if users:
+        session.config.stash[_last_pair_user] = users[-1]
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    """Stop the shared pair after the last module that uses it (trylast: after that module's own
+    fixtures, a server on the pair among them, are torn down). The session's teardown stops it
+    again, which does nothing to a stopped cluster."""
+    last = item.config.stash.get(_last_pair_user, None)
+    if last is not None and item.path == last.path and (nextitem is None or nextitem.path != item.path):
+        if pair := item.config.stash.get(_pair, None):
+            pair.stop()
 
 
 @pytest.fixture(scope="session", autouse=True)
 def nothing_left_running():
     """Fail the session if any engine or controller outlives the tests."""
     yield
-    alive = wait_gone()
+    alive = processes_left()
     assert not alive, "processes left running: " + "; ".join(f"{p.pid} {' '.join(p.cmdline())}" for p in alive)
 
 
@@ -119,9 +204,7 @@ def tiny_model(tmp_path_factory):
 
 def steps_in(run, n: int, timeout: float = 240) -> None:
     """Wait until the notebook has seen step ``n`` of ``run`` (or the run ended)."""
-    deadline = time.monotonic() + timeout
-    while len(run.history) < n and run.result is None and run.error is None and time.monotonic() < deadline:
-        time.sleep(0.2)
+    wait_until(lambda: len(run.history) >= n or run.result is not None or run.error is not None, timeout, every=0.2)
     assert len(run.history) >= n, f"no step {n} within {timeout} s: {run.label.value}"
 
 
@@ -190,6 +273,21 @@ class Kernel:
         self.kc.execute_interactive(code, output_hook=hook, timeout=timeout)
         return "".join(out).strip(), "\n".join(err)
 
+    def wait_for_output(self, text: str, timeout: float = 60) -> None:
+        """Wait until the cell sent with ``self.kc.execute`` has printed ``text``."""
+        seen: list[str] = []
+
+        def printed() -> bool:
+            try:
+                msg = self.kc.get_iopub_msg(timeout=0.2)
+            except queue.Empty:
+                return False
+            if msg["msg_type"] == "stream":
+                seen.append(msg["content"]["text"])
+            return text in "".join(seen)
+
+        wait_for(printed, timeout, f"the kernel to print {text!r}", every=0)
+
     def kill(self, reap: bool = True) -> None:
         """SIGKILL the kernel. Unreaped (``reap=False``) it stays a zombie, as a killed kernel does
         until the notebook server's kernel manager waits for it (``close`` does here)."""
@@ -198,9 +296,7 @@ class Kernel:
         if reap:
             psutil.wait_procs([p], timeout=10)
             return
-        deadline = time.monotonic() + 10
-        while p.status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_until(lambda: p.status() == psutil.STATUS_ZOMBIE, 10, every=0.02)
         assert p.status() == psutil.STATUS_ZOMBIE
 
     def close(self) -> None:
@@ -208,18 +304,32 @@ class Kernel:
         self.km.shutdown_kernel(now=True)
 
 
-def execute_across_a_restart(path, tag: str = "new-kernel"):
-    """Execute a notebook as a person would who restarts the kernel at the cell tagged ``tag``:
-    the cells before it in one kernel, which is then killed, the rest in a new one."""
+@pytest.fixture
+@starts("kernel", "cluster")
+def execute_notebook():
+    """``execute_notebook(path, ...)``: a notebook run as a person runs it (see :func:`run_notebook`)."""
+    return run_notebook
+
+
+def run_notebook(path, *, parameters: str | None = None, nb=None, timeout: float = 300, restart_at: str | None = None):
+    """Execute the notebook at ``path`` cell by cell in a new kernel whose folder is the notebook's,
+    and return it with its outputs. ``parameters`` replaces the cell tagged "parameters"; ``nb`` is
+    the notebook read from ``path`` and changed by the test. With ``restart_at`` (a cell's tag) it
+    runs as a person's who restarts the kernel there: the cells before that cell in one kernel,
+    which is then killed, the rest in a new one."""
     import nbclient
     import nbformat
 
-    nb = nbformat.read(path, as_version=4)
-    at = next(i for i, c in enumerate(nb.cells) if tag in c.metadata.get("tags", []))
+    nb = nb if nb is not None else nbformat.read(path, as_version=4)
+    if parameters is not None:
+        next(c for c in nb.cells if "parameters" in c.metadata.get("tags", [])).source = parameters
+    resources = {"metadata": {"path": str(Path(path).parent)}}
+    if restart_at is None:
+        nbclient.NotebookClient(nb, timeout=timeout, kernel_name="python3", resources=resources).execute()
+        return nb
+    at = next(i for i, c in enumerate(nb.cells) if restart_at in c.metadata.get("tags", []))
     for cells in (range(at), range(at, len(nb.cells))):
-        client = nbclient.NotebookClient(
-            nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
-        )
+        client = nbclient.NotebookClient(nb, timeout=timeout, kernel_name="python3", resources=resources)
         with client.setup_kernel():
             for i in cells:
                 if nb.cells[i].cell_type == "code":
@@ -238,15 +348,6 @@ CHAT_TURNS = ["What is a Fresnel lens?", "Who invented it?", "Why do lighthouses
 # the bundled model's KV bytes per token in one process: 30 layers x keys and values x 3 heads
 # x 64 dimensions, in 2-byte or 4-byte floats (the ranks load the dense float32 copy with OpenBLAS)
 KV_BYTES_PER_TOKEN = {30 * 2 * 3 * 64 * b for b in (2, 4)}
-
-
-def wait_for(condition, timeout: float = 120.0, what: str = "the condition"):
-    """Poll ``condition()`` until it is truthy (its value) or fail after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-    return value
 
 
 def uncached(cluster, prompts: list, n: int = CHAT_TOKENS) -> list:

@@ -8,13 +8,14 @@ import math
 import pytest
 from conftest import ipython_shell, project_processes
 from IPython.core.error import UsageError
+from lanes import starts
 
-from mlx_nb import Cluster, batch, bench, magics, spec
+from mlx_nb import Cluster, batch, bench, magics, model_magics, spec
 from mlx_nb import generate as generation
 from mlx_nb.batch import generate_batch
 from mlx_nb.bench import bench_main, run_bench
 from mlx_nb.engines import launch as launchers
-from mlx_nb.engines import watchdog
+from mlx_nb.engines import procs, watchdog
 from mlx_nb.generate import generate, load_model
 from mlx_nb.serve import serve
 from mlx_nb.spec import process_limit
@@ -39,7 +40,7 @@ def _usage_error(shell, magic: str, line: str, cell: str = "") -> str:
 
 
 def test_the_docstring_examples_of_the_checks_run():
-    for module in (spec, bench, launchers, magics, watchdog, generation, batch):
+    for module in (spec, bench, launchers, magics, model_magics, watchdog, procs, generation, batch):
         assert doctest.testmod(module, optionflags=doctest.ELLIPSIS).failed == 0, module.__name__
 
 
@@ -106,6 +107,7 @@ def test_a_bad_cluster_is_the_same_one_line_from_cluster_and_its_magic(shell):
 
 # --------------------------------------------------------- a running cluster
 @pytest.fixture(scope="module")
+@starts("cluster")
 def running(shell):
     with Cluster(n=2, spares=False) as c:
         magics.use(c)

@@ -7,7 +7,7 @@ from pathlib import Path
 import ipyparallel as ipp
 import pytest
 
-from mlx_nb import Cluster, DistCellError
+from mlx_nb import DistCellError
 from mlx_nb.bench import (
     BenchResult,
     as_reference,
@@ -22,12 +22,6 @@ from mlx_nb.bench import (
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "05_collectives_and_sharding.ipynb"
 TINY = 'N = 2\nSIZES = "1KB,16KB"\nFACTOR = 4\nITERS, WARMUP = 3, 1\nDIMS = (64, 128, 64)\nCOUNTS = (1, 2)'
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    with Cluster(n=2) as c:
-        yield c
 
 
 # ----------------------------------------------------------------- rows
@@ -86,8 +80,8 @@ def test_plot_has_log_log_latency_and_bandwidth_with_reference_line():
 
 
 # ------------------------------------------------------- on real ranks
-def test_sweep_on_two_ranks_returns_checked_rows(cluster):
-    result = run_bench(cluster, "1KB,64KB", warmup=1, iters=3, progress=False)
+def test_sweep_on_two_ranks_returns_checked_rows(two_ranks):
+    result = run_bench(two_ranks, "1KB,64KB", warmup=1, iters=3, progress=False)
     assert [(r.op, r.size) for r in result.rows] == [
         (op, s) for op in ("all_sum", "all_gather", "send_recv") for s in (1024, 65536)
     ]
@@ -99,7 +93,7 @@ def test_sweep_on_two_ranks_returns_checked_rows(cluster):
     assert "all_gather" in text and "WRONG" not in text
 
 
-def test_every_rank_time_and_check_is_gathered(cluster):
+def test_every_rank_time_and_check_is_gathered(two_ranks):
     @ipp.interactive  # run in the engine's namespace: this test module is not importable there
     def on_rank():
         from mlx_nb.bench import slowest
@@ -108,12 +102,12 @@ def test_every_rank_time_and_check_is_gathered(cluster):
         r = world().rank()
         return slowest(world(), [0.1 * (r + 1), 0.5 - 0.1 * r], ok=r != 1)
 
-    (worst0, wrong0), (worst1, wrong1) = cluster.call(on_rank)
+    (worst0, wrong0), (worst1, wrong1) = two_ranks.call(on_rank)
     assert worst0 == worst1 == pytest.approx([0.2, 0.5])  # per-iteration max over ranks
     assert wrong0 == wrong1 == [1]
 
 
-def test_rank_error_mid_collective_names_the_rank_and_recovers(cluster):
+def test_rank_error_mid_collective_names_the_rank_and_recovers(two_ranks):
     @ipp.interactive  # run in the engine's namespace: this test module is not importable there
     def on_rank():
         import mlx.core as mx
@@ -125,27 +119,28 @@ def test_rank_error_mid_collective_names_the_rank_and_recovers(cluster):
         mx.eval(mx.distributed.all_sum(mx.ones(1), group=world()))  # rank 0 waits forever
 
     with pytest.raises(DistCellError, match=r"Root cause: rank 1 raised MemoryError: no room") as e:
-        cluster.call(on_rank)
+        two_ranks.call(on_rank)
     assert "rank 0: cancelled; it waited in all_sum #1" in str(e.value)
     assert "No rank was restarted" in str(e.value)
-    assert run_bench(cluster, "1KB", ops="all_sum", warmup=0, iters=1, progress=False).rows[0].correct
+    assert run_bench(two_ranks, "1KB", ops="all_sum", warmup=0, iters=1, progress=False).rows[0].correct
 
 
-def test_sharding_lab_matches_the_unsharded_model(cluster):
+def test_sharding_lab_matches_the_unsharded_model(two_ranks):
     from mlx_nb.sharding import sharding_lab
 
     for method in ("shard_linear", "shard_inplace"):
-        mlp = sharding_lab(cluster, (64, 128, 32), method, iters=2)
+        mlp = sharding_lab(two_ranks, (64, 128, 32), method, iters=2)
         assert mlp.max_error < 1e-5
-        shapes = {name: shape for rank, name, shape, _, _ in mlp.params if rank == 1}
+        shapes = {p.name: p.shape for p in mlp.params if p.rank == 1}
         assert shapes["up.weight"] == (64, 64) and shapes["down.weight"] == (32, 64)
         assert shapes["down.bias"] == (32,)  # sharded-to-all keeps the whole bias
-    s2a = sharding_lab(cluster, (64, 32), "shard_inplace", "sharded-to-all", iters=2)
+    s2a = sharding_lab(two_ranks, (64, 32), "shard_inplace", "sharded-to-all", iters=2)
     assert s2a.max_error < 1e-5 and s2a.bytes_per_rank() == [(32 * 32 + 32) * 4] * 2
     with pytest.raises(ValueError, match="multiple of 2"):
-        sharding_lab(cluster, (64, 33), "shard_linear", "all-to-sharded")
+        sharding_lab(two_ranks, (64, 33), "shard_linear", "all-to-sharded")
 
 
+@pytest.mark.cluster
 def test_cli_writes_a_png(tmp_path, capsys):
     out = tmp_path / "plot.png"
     code = bench_main(
@@ -173,16 +168,8 @@ def test_cli_writes_a_png(tmp_path, capsys):
     assert bench_main(["--sizes", "nonsense"]) == 2
 
 
-def test_notebook_executes_with_its_figures():
-    nbformat = pytest.importorskip("nbformat")
-    from nbclient import NotebookClient
-
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    params = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
-    params.source = TINY
-    NotebookClient(
-        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}
-    ).execute()
+def test_notebook_executes_with_its_figures(execute_notebook):
+    nb = execute_notebook(NOTEBOOK, parameters=TINY)
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     figures = [o for o in outputs if "image/png" in o.get("data", {})]

@@ -10,13 +10,14 @@ import sys
 import pytest
 
 from mlx_nb import Cluster
+from mlx_nb.display import status_table
 from mlx_nb.finetune import finetune
 from mlx_nb.generate import generate, load_model
-from mlx_nb.magics import status_table
 from mlx_nb.models import bundled_model
 from mlx_nb.rank import blas
 
 pytestmark = [
+    pytest.mark.cluster,
     pytest.mark.skipif(sys.platform != "linux", reason="mlx_nb loads a BLAS on Linux only"),
     pytest.mark.skipif(
         sys.platform == "linux" and not blas.probe()["optimized"],
@@ -28,7 +29,7 @@ TOKENS = 16
 # what a rank reports about itself: the library holding the cblas_sgemm that MLX calls
 WHICH = """
 from mlx_nb.rank import blas
-_which = {"current": blas.current().to_dict(), "cblas_sgemm": blas._global_symbol_library("cblas_sgemm"),
+_which = {"current": blas.current(), "cblas_sgemm": blas._global_symbol_library("cblas_sgemm"),
           "mapped": blas._mapped()}
 """
 
@@ -71,8 +72,8 @@ def test_every_rank_runs_openblas_with_the_cores_shared_out_and_says_so(fast):
     cluster, lines = fast
     threads = max(1, len(os.sched_getaffinity(0)) // 2)
     for rank, seen in zip(cluster.ranks, ranks_report(cluster)):
-        assert rank.blas["name"].startswith("OpenBLAS") and rank.blas["threads"] == threads
-        assert seen["cblas_sgemm"] == rank.blas["path"] == blas.probe()["path"] and rank.blas["path"] in seen["mapped"]
+        assert rank.blas.name.startswith("OpenBLAS") and rank.blas.threads == threads
+        assert seen["cblas_sgemm"] == rank.blas.path == blas.probe()["path"] and rank.blas.path in seen["mapped"]
         assert seen["current"] == rank.blas
     table = repr(status_table(cluster))
     assert "blas" in table.splitlines()[1].split()
@@ -87,7 +88,7 @@ def test_every_rank_runs_openblas_with_the_cores_shared_out_and_says_so(fast):
 def test_blas_off_keeps_the_reference_blas_without_a_note(reference):
     cluster, lines = reference
     for rank, seen in zip(cluster.ranks, ranks_report(cluster)):
-        assert rank.blas["name"] == blas.REFERENCE and not rank.blas["optimized"]
+        assert rank.blas.name == blas.REFERENCE and not rank.blas.optimized
         assert seen["cblas_sgemm"] is None and blas.probe()["path"] not in seen["mapped"]
     assert "reference BLAS (bundled with mlx)" in repr(status_table(cluster))
     assert lines == []
@@ -96,7 +97,7 @@ def test_blas_off_keeps_the_reference_blas_without_a_note(reference):
 def test_a_blas_that_cannot_be_loaded_is_named_in_one_line_at_start():
     lines: list[str] = []
     with cluster_with({"MLX_NB_BLAS": "/nonexistent/libblas.so.3"}, lines, n=1) as cluster:
-        assert cluster.ranks[0].blas["name"] == blas.REFERENCE
+        assert cluster.ranks[0].blas.name == blas.REFERENCE
         assert cluster.run("mx.distributed.all_sum(mx.array(rank + 1)).item()").value["text/plain"] == "1"
     (line,) = lines
     assert line.startswith("rank(s) 0 on ") and "run MLX's bundled reference BLAS" in line

@@ -27,6 +27,7 @@ ARTIFACTS = HERE / "browser-artifacts"
 DOCS = HERE.parent / "docs" if os.environ.get("MLX_NB_SCREENSHOTS") == "docs" else None
 SOURCES = ["".join(c["source"]) for c in json.loads(NOTEBOOK.read_text())["cells"]]
 MAX_TOKENS = 1000  # the chat cell's --max-tokens: a long reply that only Stop ends early
+pytestmark = [pytest.mark.browser, pytest.mark.kernel, pytest.mark.cluster]  # JupyterLab runs the notebook
 
 
 @pytest.fixture(scope="module")

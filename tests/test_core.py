@@ -11,11 +11,9 @@ import time
 import uuid
 from pathlib import Path
 
-import nbclient
-import nbformat
 import psutil
 import pytest
-from conftest import ipython_shell, project_processes
+from conftest import ipython_shell, processes_left, project_processes, wait_until
 from IPython.core.error import UsageError
 
 from mlx_nb import Cluster, DistCellError
@@ -24,8 +22,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 # ------------------------------------------------------------------ Python API
-def test_start_reports_every_rank_and_checks_the_group(cluster):
-    ranks = cluster.status()
+def test_start_reports_every_rank_and_checks_the_group(four_ranks):
+    ranks = four_ranks.status()
     assert [r.rank for r in ranks] == [0, 1, 2, 3]
     assert len({r.pid for r in ranks}) == 4
     assert all(r.device.startswith("Device(cpu") and r.mlx and r.state == "idle" for r in ranks)
@@ -34,28 +32,28 @@ def test_start_reports_every_rank_and_checks_the_group(cluster):
     assert ranks[0].mlx == mx.__version__
 
 
-def test_all_sum_value_is_the_cell_result(cluster):
-    result = cluster.run("mx.distributed.all_sum(mx.array([float(rank)]), group=world)")
+def test_all_sum_value_is_the_cell_result(four_ranks):
+    result = four_ranks.run("mx.distributed.all_sum(mx.array([float(rank)]), group=world)")
     assert result.value["text/plain"] == "array([6], dtype=float32)"
 
 
-def test_ranks_listen_only_on_loopback(cluster):
-    procs = cluster.processes()  # the controller and its schedulers, ranks and spares
+def test_ranks_listen_only_on_loopback(four_ranks):
+    procs = four_ranks.processes()  # the controller and its schedulers, ranks and spares
     listening = [c.laddr for q in procs for c in q.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
     assert listening, "expected the controller and the ring to listen somewhere"
     assert {addr.ip for addr in listening} == {"127.0.0.1"}
 
 
-def test_push_and_pull_move_values_both_ways(cluster):
-    cluster.push({"scale": 10})
-    cluster.run("y = (rank + 1) * scale")
-    assert cluster.pull("y") == 10
-    assert cluster.pull("y", "all") == [10, 20, 30, 40]
-    result = cluster.run("z = mx.array([rank, size])", pull="z", ranks="all")
+def test_push_and_pull_move_values_both_ways(four_ranks):
+    four_ranks.push({"scale": 10})
+    four_ranks.run("y = (rank + 1) * scale")
+    assert four_ranks.pull("y") == 10
+    assert four_ranks.pull("y", "all") == [10, 20, 30, 40]
+    result = four_ranks.run("z = mx.array([rank, size])", pull="z", ranks="all")
     assert [a.tolist() for a in result.pulled] == [[0, 4], [1, 4], [2, 4], [3, 4]]
 
 
-def test_first_line_arrives_while_the_cell_still_runs(cluster, capsys):
+def test_first_line_arrives_while_the_cell_still_runs(four_ranks, capsys):
     # rank 0 prints, then all ranks wait on a collective that rank 0 only enters
     # once the notebook has seen the line: the cell cannot end before it arrives
     arrived = threading.Event()
@@ -72,7 +70,7 @@ def test_first_line_arrives_while_the_cell_still_runs(cluster, capsys):
     try:
         t = threading.Thread(
             target=lambda: (
-                cluster.run("print('first line', flush=True)\nimport time\ntime.sleep(2)"),
+                four_ranks.run("print('first line', flush=True)\nimport time\ntime.sleep(2)"),
                 done_at.append(time.monotonic()),
             )
         )
@@ -85,39 +83,40 @@ def test_first_line_arrives_while_the_cell_still_runs(cluster, capsys):
     assert done_at and seen_at < done_at[0]
 
 
-def test_ranks_all_labels_lines_and_merges_identical_ones(cluster, capsys):
-    cluster.run("print('same everywhere')\nprint(f'mine is {rank}')", ranks="all")
+def test_ranks_all_labels_lines_and_merges_identical_ones(four_ranks, capsys):
+    four_ranks.run("print('same everywhere')\nprint(f'mine is {rank}')", ranks="all")
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "[ranks 0-3] same everywhere"
     assert out[1:] == [f"[rank {r}] mine is {r}" for r in range(4)]
 
 
-def test_a_rank_error_shows_its_traceback_at_the_cell_line(cluster):
+def test_a_rank_error_shows_its_traceback_at_the_cell_line(four_ranks):
     with pytest.raises(DistCellError) as info:
-        cluster.run("x = 1\ny = [1, 2][rank]\n")
+        four_ranks.run("x = 1\ny = [1, 2][rank]\n")
     text = "\n".join(info.value._render_traceback_())
     assert "Root cause: ranks 2-3 raised IndexError: list index out of range, line 2: y = [1, 2][rank]" in text
     assert "<mlx_dist cell" in text and "ipyparallel" not in text and "mlx_nb/rank" not in text
     # the ranks that finished say so, and the group is still usable
     assert "rank 0: finished" in text
-    assert cluster.run("mx.distributed.all_sum(mx.array([1.0]))").value["text/plain"] == "array([4], dtype=float32)"
+    assert four_ranks.run("mx.distributed.all_sum(mx.array([1.0]))").value["text/plain"] == "array([4], dtype=float32)"
 
 
-def test_timeout_gives_the_prompt_back_and_the_cluster_works_after(cluster):
+def test_timeout_gives_the_prompt_back_and_the_cluster_works_after(four_ranks):
     t0 = time.monotonic()
     with pytest.raises(DistCellError) as info:
-        cluster.run("if rank == 0:\n    mx.eval(mx.distributed.all_sum(mx.ones(2)))", timeout=2)
+        four_ranks.run("if rank == 0:\n    mx.eval(mx.distributed.all_sum(mx.ones(2)))", timeout=2)
     assert time.monotonic() - t0 < 15
     assert "--timeout 2 s expired" in str(info.value)
     assert "rank 0: cancelled; it waited in all_sum #1 (shape (2,), float32)" in str(info.value)
     assert "Released: rank(s) 1-3 made the collectives the others waited in" in str(info.value)
-    assert cluster.run("mx.distributed.all_sum(mx.array([2.0]))").value["text/plain"] == "array([8], dtype=float32)"
+    assert four_ranks.run("mx.distributed.all_sum(mx.array([2.0]))").value["text/plain"] == "array([8], dtype=float32)"
 
 
 def _hostfiles(c: Cluster) -> list[str]:
     return c.run("import os\nhf = os.environ['MLX_HOSTFILE']", ranks="all", pull="hf").pulled
 
 
+@pytest.mark.cluster
 def test_stop_leaves_no_process_or_file_behind():
     c = Cluster(n=2).start()
     try:
@@ -147,12 +146,12 @@ def test_bad_arguments_are_clear():
 
 # ---------------------------------------------------------------------- magics
 @pytest.fixture(scope="module")
-def ip(cluster):
+def ip(four_ranks):
     from mlx_nb import magics
 
     shell = ipython_shell()
     shell.run_line_magic("load_ext", "mlx_nb")
-    magics.use(cluster)  # the magics drive the module's cluster
+    magics.use(four_ranks)  # the magics drive the module's cluster
     yield shell
     magics.use(None)
 
@@ -207,14 +206,6 @@ def test_magic_help_is_complete(ip):
 
 
 # ------------------------------------------------------- notebook, demo, tutorial
-def _execute(path: Path) -> nbformat.NotebookNode:
-    nb = nbformat.read(path, as_version=4)
-    nbclient.NotebookClient(
-        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
-    ).execute()
-    return nb
-
-
 def _outputs(cell) -> tuple[str, dict]:
     text = "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream")
     data = {}
@@ -223,8 +214,8 @@ def _outputs(cell) -> tuple[str, dict]:
     return text, data
 
 
-def test_a_real_notebook_runs_end_to_end():
-    nb = _execute(ROOT / "tests" / "notebooks" / "core.ipynb")
+def test_a_real_notebook_runs_end_to_end(execute_notebook):
+    nb = execute_notebook(ROOT / "tests" / "notebooks" / "core.ipynb")
     cells = nb.cells
     assert "Cluster ready" in _outputs(cells[0])[0]
     assert _outputs(cells[1])[0] == "hello from rank 0 of 2\n"
@@ -234,8 +225,8 @@ def test_a_real_notebook_runs_end_to_end():
     assert "Cluster stopped." in _outputs(cells[5])[0]
 
 
-def test_quickstart_tutorial_runs():
-    nb = _execute(ROOT / "notebooks" / "01_quickstart.ipynb")
+def test_quickstart_tutorial_runs(execute_notebook):
+    nb = execute_notebook(ROOT / "notebooks" / "01_quickstart.ipynb")
     code = [c for c in nb.cells if c.cell_type == "code"]
     text = "\n".join(_outputs(c)[0] for c in code)
     assert "rank 0 sees array([6, 6, 6, 6], dtype=float32)" in text
@@ -244,6 +235,7 @@ def test_quickstart_tutorial_runs():
     assert any(_outputs(c)[1].get("text/plain") == "[10, 20, 30, 40]" for c in code)
 
 
+@pytest.mark.cluster
 def test_demo_command_runs_and_stops_cleanly():
     mark = uuid.uuid4().hex
     out = subprocess.run(
@@ -287,21 +279,19 @@ def test_profile_shows_per_rank_timeline_and_memory(ip):
     assert any("in collectives (ms)" in d.get("text/plain", "") for d in shown)
 
 
-def test_status_widget_shows_live_state_while_a_cell_runs(cluster):
+def test_status_widget_shows_live_state_while_a_cell_runs(four_ranks):
     from mlx_nb.widgets import StatusWidget
 
-    panel = StatusWidget(cluster, interval=0.1)
+    panel = StatusWidget(four_ranks, interval=0.1)
     done = threading.Event()
     worker = threading.Thread(
         target=lambda: (
-            cluster.run("import time\nbig = mx.ones((1024, 1024)); mx.eval(big)\ntime.sleep(3)"),
+            four_ranks.run("import time\nbig = mx.ones((1024, 1024)); mx.eval(big)\ntime.sleep(3)"),
             done.set(),
         )
     )
     worker.start()
-    deadline = time.monotonic() + 20
-    while "busy" not in panel.value and not done.is_set() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: "busy" in panel.value or done.is_set(), 20, every=0.05)
     assert "busy" in panel.value, panel.value
     worker.join(60)
     panel.refresh()
@@ -320,15 +310,14 @@ def test_a_status_panel_run_again_replaces_the_last_whose_watcher_ends(ip):
 
     before = watchers()
     panels = [ip.run_line_magic("mlx_cluster", "status --watch") for _ in range(10)]
-    deadline = time.monotonic() + 10
-    while len(watchers()) > len(before) + 1 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: len(watchers()) <= len(before) + 1, 10, every=0.05)
     assert len(watchers()) == len(before) + 1  # ten runs of the cell, one watcher
     assert all("replaced by a newer panel" in p.value for p in panels[:-1])
     assert "idle" in panels[-1].value
     panels[-1].close()
 
 
+@pytest.mark.cluster
 def test_interpreter_exit_without_stop_leaves_nothing_running():
     mark = uuid.uuid4().hex
     script = (
@@ -345,11 +334,12 @@ def test_interpreter_exit_without_stop_leaves_nothing_running():
     assert out.returncode == 0, out.stderr
     rank, hostfile = out.stdout.split()
     assert rank == "0"
-    _, alive = psutil.wait_procs(project_processes(mark), timeout=10)
+    alive = processes_left(mark)
     assert alive == []
     assert not os.path.exists(hostfile)
 
 
+@pytest.mark.cluster
 def test_a_cluster_of_one_rank_works():
     with Cluster(n=1) as c:
         assert (

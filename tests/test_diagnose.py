@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from mlx_nb import diagnose
-from mlx_nb.diagnose import RANK_FAILED, Recovery
+from mlx_nb.diagnose import Recovery, Stop, Stopped
 from mlx_nb.output import Printer, visible
-from mlx_nb.results import Call, Outcome, RankError, Trace
+from mlx_nb.results import Call, InitStep, Outcome, RankError, Trace
 
 
 def _err(type_="ValueError", message="no", at=1.0, **kw) -> RankError:
@@ -50,7 +50,9 @@ def test_report_leads_with_the_root_cause_and_gives_every_other_rank_one_line():
         Outcome(1, error=_err(lineno=2, line="raise ValueError('no')")),
         Outcome(2),
     ]
-    text, root = diagnose.cell_report(outcomes, RANK_FAILED, Recovery(restarted=True, seconds=3.1, ranks=3))
+    text, root = diagnose.cell_report(
+        outcomes, Stopped(Stop.RANK_FAILED), Recovery(restarted=True, seconds=3.1, ranks=3)
+    )
     lines = text.splitlines()
     assert root == 1
     assert lines[0] == "Root cause: rank 1 raised ValueError: no, line 2: raise ValueError('no')"
@@ -68,13 +70,13 @@ def test_the_same_error_everywhere_is_one_line_and_nothing_restarts():
 
 def test_a_timeout_names_itself_first_and_a_failed_restart_says_what_to_do():
     outcomes = [Outcome(0, blocked=True, trace=_waiting()), Outcome(1)]
-    text, _ = diagnose.cell_report(outcomes, "--timeout 2 s expired", Recovery(error="port in use", ranks=2))
+    text, _ = diagnose.cell_report(outcomes, Stopped(Stop.TIMEOUT, 2), Recovery(error="port in use", ranks=2))
     assert text.startswith("%%mlx_dist: --timeout 2 s expired.\n")
     assert "Restarting the cluster failed: port in use\nThe next cell tries again" in text
 
 
 def test_init_messages_name_the_ranks_and_the_port():
-    stuck = diagnose.init_stuck("ring", 5, {1: None, 2: "joining"}, ["a", "b", "c"])
+    stuck = diagnose.init_stuck("ring", 5, {1: None, 2: InitStep.JOINING}, ["a", "b", "c"])
     assert stuck == (
         "mx.distributed.init(backend='ring') did not complete within 5 s: rank(s) 1 never called it "
         "(its engine is not responding); rank(s) 2 waited for it in the ring."

@@ -18,14 +18,13 @@ import threading
 import time
 from pathlib import Path
 
-import nbclient
-import nbformat
 import pytest
-from conftest import project_processes
+from conftest import processes_left, project_processes, wait_until
 
 from mlx_nb import Cluster, ClusterError, DistCellError
 from mlx_nb.hostfile import free_ports
 
+pytestmark = pytest.mark.cluster
 ROOT = Path(__file__).resolve().parent.parent
 BOUND = 10.0  # seconds from a fault to the prompt back
 SUM = "mx.distributed.all_sum(mx.array([rank + 1.0])).item()"
@@ -41,16 +40,6 @@ def _load_soak():
 
 
 # ------------------------------------------------------------------ helpers
-def _strays(keep: set[int], timeout: float = 10.0) -> list[str]:
-    """Project processes outside ``keep`` still running after up to ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        extra = [p for p in project_processes() if p.pid not in keep]
-        if not extra or time.monotonic() > deadline:
-            return [f"{p.pid} {' '.join(p.cmdline())}" for p in extra if p.is_running()]
-        time.sleep(0.2)
-
-
 def _fail(cluster: Cluster, code: str, **kwargs) -> tuple[str, float]:
     t0 = time.perf_counter()
     with pytest.raises(DistCellError) as info:
@@ -120,7 +109,7 @@ def _assert_healthy(cluster: Cluster, restarted: bool, before: list[int]) -> Non
     assert cluster.pull("base", "all") == [100, 101, 102, 103]
     pids = [r.pid for r in cluster.ranks]
     assert (set(pids).isdisjoint(before)) if restarted else (pids == before)
-    assert not _strays({p.pid for p in cluster.processes()})
+    assert not processes_left(keep={p.pid for p in cluster.processes()})
 
 
 def _assert_quiet(capfd) -> None:
@@ -129,12 +118,12 @@ def _assert_quiet(capfd) -> None:
 
 
 @pytest.fixture(scope="module")
-def faulty(cluster):
-    """The module's cluster, with one --setup cell registered."""
-    cluster.setup_cells.clear()
-    cluster.run(SETUP, setup=True)
-    assert [c.code for c in cluster.setup_cells] == [SETUP]
-    return cluster
+def faulty(four_ranks):
+    """The module's four ranks, with one --setup cell registered."""
+    four_ranks.setup_cells.clear()
+    four_ranks.run(SETUP, setup=True)
+    assert [c.code for c in four_ranks.setup_cells] == [SETUP]
+    return four_ranks
 
 
 # ------------------------------------------------------- start-up faults (own clusters)
@@ -149,7 +138,7 @@ def test_port_taken_names_the_rank_and_leaves_nothing_running():
     text = str(info.value)
     assert text.startswith("mx.distributed.init failed on rank 2: RuntimeError: [ring] Couldn't bind socket")
     assert f"port {ports[2]} on 127.0.0.1, rank 2's address in the ring, is in use" in text
-    assert not _strays(keep)
+    assert not processes_left(keep=keep)
 
 
 def _start_failure(tmp_path: Path, sitecustomize: str, **kwargs) -> str:
@@ -161,7 +150,7 @@ def _start_failure(tmp_path: Path, sitecustomize: str, **kwargs) -> str:
     with pytest.raises(ClusterError) as info:
         Cluster(n=4, env={"PYTHONPATH": path}, spares=False, **kwargs).start()
     assert time.perf_counter() - t0 < 60
-    assert not _strays(keep)
+    assert not processes_left(keep=keep)
     return str(info.value)
 
 
@@ -316,7 +305,7 @@ def test_rank_exit_mid_cell_is_reported_lost_and_recovers(faulty, capfd):
 def test_engine_killed_while_idle_is_replaced_by_the_next_cell(faulty, capsys):
     before = [r.pid for r in faulty.ranks]
     os.kill(before[1], signal.SIGKILL)
-    time.sleep(0.5)
+    wait_until(lambda: 1 in faulty.group.dead_ranks(), 5)  # the launcher's wait thread sees the exit
     t0 = time.perf_counter()
     value = faulty.run(SUM).value
     took = time.perf_counter() - t0
@@ -441,10 +430,8 @@ def test_interrupt_during_the_recovery_restart_keeps_the_report(faulty, capsys):
 
     def interrupt_the_restart() -> None:
         cell_started.wait()
-        deadline = time.monotonic() + 30
         # new rank processes are in place, their group is being formed
-        while time.monotonic() < deadline and not (faulty.ranks and faulty.ranks[0].pid not in before):
-            time.sleep(0.002)
+        wait_until(lambda: faulty.ranks and faulty.ranks[0].pid not in before, 30, every=0.002)
         os.kill(os.getpid(), signal.SIGINT)
 
     watcher = threading.Thread(target=interrupt_the_restart)
@@ -482,14 +469,11 @@ def magics_on(faulty):
 
 
 def _kill_idle_rank(cluster: Cluster, rank: int = 2) -> list[int]:
-    deadline = time.monotonic() + 60
-    while not cluster.group.spares_ready() and time.monotonic() < deadline:
-        time.sleep(0.1)  # idle a while, as a notebook is: the spares that the last restart started are up
+    # idle a while, as a notebook is: the spares that the last restart started are up
+    wait_until(cluster.group.spares_ready, 60)
     before = [r.pid for r in cluster.ranks]
     os.kill(before[rank], signal.SIGKILL)
-    deadline = time.monotonic() + 5
-    while rank not in cluster.group.dead_ranks() and time.monotonic() < deadline:
-        time.sleep(0.05)  # the launcher's wait thread sees the exit a moment later
+    wait_until(lambda: rank in cluster.group.dead_ranks(), 5, every=0.05)  # the launcher's wait thread sees the exit
     return before
 
 
@@ -598,14 +582,10 @@ def test_twenty_drained_faults_in_a_row_keep_answers_right_and_counts_flat(fault
 
 
 # ------------------------------------------------------------------ tutorial
-def test_tutorial_notebook_shows_each_fault_and_recovers():
+def test_tutorial_notebook_shows_each_fault_and_recovers(execute_notebook):
     keep = {p.pid for p in project_processes()}
-    path = ROOT / "notebooks" / "02_when_a_rank_fails.ipynb"
-    nb = nbformat.read(path, as_version=4)
     # cells tagged raises-exception fail on purpose; any other error fails the test
-    nbclient.NotebookClient(
-        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
-    ).execute()
+    nb = execute_notebook(ROOT / "notebooks" / "02_when_a_rank_fails.ipynb")
     errors = [
         "\n".join(o.get("traceback", []))
         for c in nb.cells
@@ -625,4 +605,4 @@ def test_tutorial_notebook_shows_each_fault_and_recovers():
     assert "Replayed 1 setup cell(s)" in "\n".join(errors)
     assert "lost: engine process exited" in text
     assert "the kernel is the same process, and its variables are intact" in text
-    assert not _strays(keep)
+    assert not processes_left(keep=keep)

@@ -38,16 +38,10 @@ ADAPTERS = {adapters!r}
 """
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    with Cluster(n=2) as c:
-        yield c
-
-
-def test_one_rank_with_the_full_batch_and_two_with_half_batches_train_identically(cluster, tiny_model, tmp_path):
+def test_one_rank_with_the_full_batch_and_two_with_half_batches_train_identically(two_ranks, tiny_model, tmp_path):
     # on every token, not only the answers, so each rank's questions count
     options = dict(model=str(tiny_model), iters=3, learning_rate=1e-2, num_layers=2, mask_prompt=False, seed=3)
-    two = finetune(cluster, batch_size=2, adapter_path=str(tmp_path / "two"), **options).wait()
+    two = finetune(two_ranks, batch_size=2, adapter_path=str(tmp_path / "two"), **options).wait()
     with Cluster(n=1) as single:
         one = finetune(single, batch_size=4, adapter_path=str(tmp_path / "one"), **options).wait()
     assert (one.ranks, one.global_batch, two.ranks, two.global_batch) == (1, 4, 2, 4)
@@ -56,11 +50,11 @@ def test_one_rank_with_the_full_batch_and_two_with_half_batches_train_identicall
     assert len(set(two.losses)) == 3  # the curve moves: the updates are what is compared
 
 
-def test_too_little_data_for_a_global_batch_is_named(cluster, tmp_path):
+def test_too_little_data_for_a_global_batch_is_named(two_ranks, tmp_path):
     rows = load_rows(None)[:3]
     with pytest.raises(DistCellError, match=r"3 training rows cannot fill a global batch of 4 \(2 x 2 ranks\)"):
-        finetune(cluster, data=rows, batch_size=2, adapter_path=str(tmp_path)).wait()
-    assert cluster.run("mx.distributed.all_sum(mx.array(rank + 1)).item()").value["text/plain"] == "3"
+        finetune(two_ranks, data=rows, batch_size=2, adapter_path=str(tmp_path)).wait()
+    assert two_ranks.run("mx.distributed.all_sum(mx.array(rank + 1)).item()").value["text/plain"] == "3"
 
 
 def loads_whole(data: bytes, tmp_path: Path) -> dict:
@@ -71,14 +65,14 @@ def loads_whole(data: bytes, tmp_path: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def stopped(cluster, tmp_path_factory):
+def stopped(two_ranks, tmp_path_factory):
     """Base answer; a long run checkpointing every 2 steps, looked at as its step 2 comes in
     (a reader opens its adapters then), stopped from the notebook once 4 steps are in; then
     the answer of the adapters fused into the model and split as a pipeline over 2 ranks."""
-    load_model(cluster, pipeline=True)  # SmolLM2's 9 heads do not split over 2 ranks
-    base = generate(cluster, QUESTION, 16, quiet=True).text
+    load_model(two_ranks, pipeline=True)  # SmolLM2's 9 heads do not split over 2 ranks
+    base = generate(two_ranks, QUESTION, 16, quiet=True).text
     folder = tmp_path_factory.mktemp("adapters") / "run"
-    run = finetune(cluster, iters=100, adapter_path=str(folder), save_every=2, **LEARN)
+    run = finetune(two_ranks, iters=100, adapter_path=str(folder), save_every=2, **LEARN)
     steps_in(run, 2)
     reader = open(folder / "adapters.safetensors", "rb")
     early = {
@@ -90,13 +84,13 @@ def stopped(cluster, tmp_path_factory):
     run.stop()
     result = run.wait(timeout=120)
     assert result is not None, f"training did not end: {run.label.value}"
-    loaded = load_model(cluster, adapter_path=result.adapter_path, pipeline=True)
-    tuned = generate(cluster, QUESTION, 16, quiet=True).text
+    loaded = load_model(two_ranks, adapter_path=result.adapter_path, pipeline=True)
+    tuned = generate(two_ranks, QUESTION, 16, quiet=True).text
     yield SimpleNamespace(base=base, run=run, result=result, tuned=tuned, early=early, reader=reader, loaded=loaded)
     reader.close()
 
 
-def test_stop_ends_training_on_every_rank_at_the_same_step_and_saves_it(cluster, stopped):
+def test_stop_ends_training_on_every_rank_at_the_same_step_and_saves_it(two_ranks, stopped):
     run, result = stopped.run, stopped.result
     assert result.stopped_at is not None and 4 <= result.stopped_at < 100
     assert [r.stopped_at for r in run.per_rank] == [result.stopped_at] * 2
@@ -142,8 +136,8 @@ def test_a_reader_of_the_adapters_never_sees_them_change_under_it(stopped, tmp_p
     assert (Path(stopped.result.adapter_path) / "adapters.safetensors").read_bytes() != again
 
 
-def test_the_cluster_is_usable_after_a_stop(cluster, stopped):
-    assert cluster.run("mx.distributed.all_sum(mx.array(rank + 1)).item()").value["text/plain"] == "3"
+def test_the_cluster_is_usable_after_a_stop(two_ranks, stopped):
+    assert two_ranks.run("mx.distributed.all_sum(mx.array(rank + 1)).item()").value["text/plain"] == "3"
 
 
 def test_the_live_curve_is_drawn_from_every_step(stopped):
@@ -164,7 +158,7 @@ def test_the_loss_falls_and_the_answer_changes(stopped):
     )
 
 
-def test_fused_adapters_split_as_a_pipeline_give_the_fine_tuned_answer(cluster, stopped):
+def test_fused_adapters_split_as_a_pipeline_give_the_fine_tuned_answer(two_ranks, stopped):
     from mlx_lm import generate as one_process
     from mlx_lm import load
 
@@ -173,7 +167,7 @@ def test_fused_adapters_split_as_a_pipeline_give_the_fine_tuned_answer(cluster, 
     fused = Path(stopped.loaded["model"])
     assert fused.parent == cache_dir() / "fused"
     # the answer of mlx-lm's own unfused adapters, in one process, on the base the ranks load
-    model, tokenizer = load(str(prepare_bundled(cluster.ranks)), adapter_path=stopped.result.adapter_path)
+    model, tokenizer = load(str(prepare_bundled(two_ranks.ranks)), adapter_path=stopped.result.adapter_path)
     prompt = tokenizer.apply_chat_template(QUESTION, add_generation_prompt=True)
     assert stopped.tuned == one_process(model, tokenizer, prompt, max_tokens=16)
     # each rank holds its share of the weights, not the whole model
@@ -181,12 +175,12 @@ def test_fused_adapters_split_as_a_pipeline_give_the_fine_tuned_answer(cluster, 
     assert all(10 * 2**20 < m < 0.8 * whole for m in stopped.loaded["active_memory"]), (stopped.loaded, whole)
 
 
-def test_the_fused_model_is_made_once_per_adapters_and_base(cluster, stopped):
+def test_the_fused_model_is_made_once_per_adapters_and_base(two_ranks, stopped):
     from mlx_nb.models import fused_model, prepare_bundled
 
     fused = Path(stopped.loaded["model"])
     made = (fused / "config.json").stat().st_mtime_ns
-    assert fused_model(prepare_bundled(cluster.ranks), stopped.result.adapter_path) == fused
+    assert fused_model(prepare_bundled(two_ranks.ranks), stopped.result.adapter_path) == fused
     assert (fused / "config.json").stat().st_mtime_ns == made
 
 
@@ -202,19 +196,19 @@ def interrupt_at(run, step: int) -> None:
         interrupt_main()  # always: the run would go on for hours
 
 
-def test_an_interrupt_of_a_training_call_stops_every_rank_and_saves_that_step(cluster, tiny_model, tmp_path):
+def test_an_interrupt_of_a_training_call_stops_every_rank_and_saves_that_step(two_ranks, tiny_model, tmp_path):
     folder = tmp_path / "run"
     config = dict(
         model=str(tiny_model), iters=10**5, save_every=10**5, batch_size=1, num_layers=2, adapter_path=str(folder)
     )
     steps = []
 
-    def on_report(rank: int, row: dict) -> None:
-        steps.append(row["iteration"])
+    def on_report(rank: int, step) -> None:
+        steps.append(step.iteration)
         if len(steps) == 3:
             interrupt_main()
 
-    per_rank = cluster.call(train_on_rank, config, on_report=on_report, timeout=300)
+    per_rank = two_ranks.call(train_on_rank, config, on_report=on_report, timeout=300)
     stopped_at = per_rank[0].stopped_at
     assert stopped_at is not None and 3 <= stopped_at < 10**5
     assert [r.stopped_at for r in per_rank] == [stopped_at] * 2
@@ -222,9 +216,9 @@ def test_an_interrupt_of_a_training_call_stops_every_rank_and_saves_that_step(cl
     assert (folder / f"{stopped_at:07d}_adapters.safetensors").exists()
 
 
-def test_an_interrupt_while_waiting_for_a_run_stops_it_and_saves_that_step(cluster, tiny_model, tmp_path):
+def test_an_interrupt_while_waiting_for_a_run_stops_it_and_saves_that_step(two_ranks, tiny_model, tmp_path):
     run = finetune(
-        cluster,
+        two_ranks,
         model=str(tiny_model),
         iters=10**5,
         save_every=10**5,
@@ -241,15 +235,15 @@ def test_an_interrupt_while_waiting_for_a_run_stops_it_and_saves_that_step(clust
 
 
 @pytest.fixture(scope="module")
-def resumed(cluster, tiny_model, tmp_path_factory):
+def resumed(two_ranks, tiny_model, tmp_path_factory):
     """(6 steps in one run, 3 steps then resumed to 6, the FinetuneRun of the resumed part)."""
     root = tmp_path_factory.mktemp("resume")
     options = dict(
         model=str(tiny_model), learning_rate=1e-2, num_layers=2, mask_prompt=False, seed=3, batch_size=2, save_every=3
     )
-    whole = finetune(cluster, iters=6, adapter_path=str(root / "whole"), **options).wait()
-    finetune(cluster, iters=3, adapter_path=str(root / "part"), **options).wait()
-    run = finetune(cluster, resume=str(root / "part"), iters=6)
+    whole = finetune(two_ranks, iters=6, adapter_path=str(root / "whole"), **options).wait()
+    finetune(two_ranks, iters=3, adapter_path=str(root / "part"), **options).wait()
+    run = finetune(two_ranks, resume=str(root / "part"), iters=6)
     return whole, run.wait(), run
 
 
@@ -333,16 +327,8 @@ def test_a_checkpoint_file_is_replaced_whole_never_rewritten_in_place(tmp_path):
     assert os.listdir(tmp_path) == ["adapters.safetensors"]
 
 
-def test_notebook_executes_with_a_loss_figure_and_both_answers(tmp_path):
-    nbformat = pytest.importorskip("nbformat")
-    from nbclient import NotebookClient
-
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    params = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
-    params.source = TINY.format(adapters=str(tmp_path / "adapters"))
-    NotebookClient(
-        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}
-    ).execute()
+def test_notebook_executes_with_a_loss_figure_and_both_answers(execute_notebook, tmp_path):
+    nb = execute_notebook(NOTEBOOK, parameters=TINY.format(adapters=str(tmp_path / "adapters")))
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     assert [o for o in outputs if "image/png" in o.get("data", {})]

@@ -19,6 +19,7 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from conftest import random_model, steps_in
+from lanes import starts
 from mlx.utils import tree_flatten
 
 from mlx_nb import Cluster
@@ -27,6 +28,7 @@ from mlx_nb.generate import generate, load_model
 from mlx_nb.models import bundled_model
 from mlx_nb.train_plan import estimate
 
+pytestmark = pytest.mark.cluster
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "09_full_finetuning.ipynb"
 QUESTION = [{"role": "user", "content": load_rows(None)[0]["messages"][0]["content"]}]
@@ -46,14 +48,9 @@ RUNS = {runs!r}
 
 
 @pytest.fixture(scope="module")
+@starts("cluster")
 def one_rank():
     with Cluster(n=1) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def two_ranks():
-    with Cluster(n=2) as c:
         yield c
 
 
@@ -186,6 +183,7 @@ def test_the_reduce_scatter_gives_fsdp_the_gradients_all_sum_would_on_two_ranks(
 
 
 @pytest.fixture(scope="module")
+@starts("cluster")
 def four_ranks_runs(one_rank, tmp_path_factory):
     """2 steps of the bundled dense model: one rank with a batch of 4, FSDP on 4 ranks with 1 each;
     and the reduce-scatter's check on the 4 ranks."""
@@ -344,16 +342,9 @@ def test_bad_full_finetuning_options_are_refused_before_any_rank_runs(
     assert two_ranks.run("mx.distributed.all_sum(mx.array(rank + 1)).item()").value["text/plain"] == "3"
 
 
-def test_notebook_09_executes_with_memory_stop_resume_consolidate_and_serve(tiny_model, tmp_path):
-    nbformat = pytest.importorskip("nbformat")
-    from nbclient import NotebookClient
-
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    params = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
-    params.source = TINY.format(model=str(tiny_model), runs=str(tmp_path / "runs"))
-    NotebookClient(
-        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}
-    ).execute()
+def test_notebook_09_executes_with_memory_stop_resume_consolidate_and_serve(execute_notebook, tiny_model, tmp_path):
+    parameters = TINY.format(model=str(tiny_model), runs=str(tmp_path / "runs"))
+    nb = execute_notebook(NOTEBOOK, parameters=parameters, timeout=600)
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     assert [o for o in outputs if "image/png" in o.get("data", {})]

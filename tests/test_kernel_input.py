@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import pytest
 from jupyter_client.manager import start_new_kernel
+from lanes import starts
 
 
 @pytest.fixture(scope="module")
+@starts("kernel")
 def kernel():
     km, kc = start_new_kernel(kernel_name="python3", startup_timeout=120)
     try:

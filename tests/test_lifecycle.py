@@ -13,19 +13,13 @@ import uuid
 
 import psutil
 import pytest
-from conftest import Kernel, project_processes
+from conftest import Kernel, processes_left, project_processes, wait_for, wait_until
 
 from mlx_nb import Cluster, ClusterError, clusters
 from mlx_nb.engines import kept
 
+pytestmark = pytest.mark.cluster
 GONE_WITHIN = 10.0  # seconds from a kernel's death to none of its cluster's processes left
-
-
-def _gone(mark: str, within: float = GONE_WITHIN) -> list[psutil.Process]:
-    deadline = time.monotonic() + within
-    while project_processes(mark) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return project_processes(mark)
 
 
 @pytest.fixture
@@ -36,6 +30,7 @@ def mark():
         p.kill()
 
 
+@pytest.mark.kernel
 def test_a_killed_kernel_takes_its_cluster_with_it(mark):
     k = Kernel(mark)
     try:
@@ -43,23 +38,25 @@ def test_a_killed_kernel_takes_its_cluster_with_it(mark):
         assert not err and "Cluster ready" in out
         assert len(project_processes(mark)) >= 4  # controller, ranks, spares
         k.kill()
-        left = _gone(mark)
+        left = processes_left(mark, timeout=GONE_WITHIN)
         assert left == [], [p.cmdline() for p in left]
     finally:
         k.close()
 
 
+@pytest.mark.kernel
 def test_a_kernel_killed_while_its_ranks_wait_in_a_collective_takes_them_with_it(mark):
     k = Kernel(mark)
     try:
         k.run("%load_ext mlx_nb\n%mlx_cluster start -n 2")
         # rank 0 waits in an all_sum rank 1 never makes: blocked in native code
         k.kc.execute(
-            "%%mlx_dist\nif rank == 0:\n    mx.eval(mx.distributed.all_sum(mx.ones(2)))\nelse:\n    import time; time.sleep(600)"
+            "%%mlx_dist\nif rank == 0:\n    print('in all_sum', flush=True)\n    mx.eval(mx.distributed.all_sum(mx.ones(2)))\n"
+            "else:\n    import time; time.sleep(600)"
         )
-        time.sleep(1.0)  # the cell is under way (nothing to wait on from outside)
+        k.wait_for_output("in all_sum")  # rank 0's line, streamed as it enters the collective
         k.km.restart_kernel(now=True)  # what Jupyter does to a kernel whose cell will not stop
-        left = _gone(mark)
+        left = processes_left(mark, timeout=GONE_WITHIN)
         assert left == [], [p.cmdline() for p in left]
     finally:
         k.close()
@@ -75,6 +72,7 @@ def _kill_all_of(mark: str) -> None:
     psutil.wait_procs(procs, timeout=10)
 
 
+@pytest.mark.kernel
 def test_a_kept_cluster_outlives_its_kernel_and_when_every_process_dies_its_name_is_free(mark):
     name = f"t-{mark[:8]}"
     a, b, c = Kernel(mark), Kernel(mark), Kernel(mark)
@@ -111,12 +109,13 @@ def test_a_kept_cluster_outlives_its_kernel_and_when_every_process_dies_its_name
         assert c.run("%%mlx_dist\nprint(mx.distributed.all_sum(mx.array([rank + 1.0])).item())")[0] == "3.0"
         out, err = c.run("%mlx_cluster stop")
         assert "Cluster stopped." in out
-        assert _gone(mark) == [] and name not in [k["name"] for k in clusters()]
+        assert processes_left(mark, timeout=GONE_WITHIN) == [] and name not in [k["name"] for k in clusters()]
     finally:
         for k in (a, b, c):
             k.close()
 
 
+@pytest.mark.kernel
 def test_a_second_kernel_is_refused_until_it_takes_the_cluster_over(mark):
     name = f"t-{mark[:8]}"
     a, b = Kernel(mark), Kernel(mark)
@@ -130,7 +129,7 @@ def test_a_second_kernel_is_refused_until_it_takes_the_cluster_over(mark):
         assert f"cluster {name!r} was taken over by the kernel pid {b.pid}" in err
         assert "Traceback" not in err
         b.run("%mlx_cluster stop")
-        assert _gone(mark) == []
+        assert processes_left(mark, timeout=GONE_WITHIN) == []
     finally:
         a.close()
         b.close()
@@ -143,7 +142,7 @@ def test_a_kept_cluster_idle_past_its_limit_stops_itself(mark):
     finally:
         os.environ["MLX_NB_TEST_SESSION"] = old
     c.run("x = 1")
-    assert _gone(mark, within=3 + GONE_WITHIN) == []
+    assert processes_left(mark, timeout=3 + GONE_WITHIN) == []
     assert f"t-{mark[:8]}" not in [k["name"] for k in clusters()]
 
 
@@ -161,7 +160,7 @@ def _controller(cluster: Cluster) -> psutil.Process:
 
 def test_a_dead_controller_is_found_by_the_next_cell_and_the_cluster_restarts(owned, capsys):
     _controller(owned).kill()
-    time.sleep(0.5)
+    wait_until(lambda: not owned.group.controller_alive(), 10)  # its launcher's wait thread sees it exit
     t0 = time.perf_counter()
     statuses = owned.status()  # answers at once, whatever the hub
     assert time.perf_counter() - t0 < 5 and {r.state for r in statuses} == {"unreachable (controller died)"}
@@ -185,8 +184,7 @@ def test_a_foreground_cell_waits_visibly_for_a_background_job_which_goes_on_unha
 
     job = threading.Thread(target=lambda: done.append(owned.call(slow, what="a chat reply")))
     job.start()
-    while owned.running_job is None:
-        time.sleep(0.01)
+    wait_for(lambda: owned.running_job is not None, 30, "the background job to take the ranks", every=0.01)
     t0 = time.perf_counter()
     value = owned.run("mx.distributed.all_sum(mx.array([1.0])).item()", timeout=2).value
     job.join(30)
@@ -207,8 +205,7 @@ def test_nothing_waits_behind_a_server_it_is_refused_at_once(owned):
 
     job = threading.Thread(target=lambda: owned.call(serve_a_while, what=SERVING))
     job.start()
-    while owned.running_job != SERVING:
-        time.sleep(0.01)
+    wait_for(lambda: owned.running_job == SERVING, 30, "the server to take the ranks", every=0.01)
     t0 = time.perf_counter()
     with pytest.raises(ClusterError, match=r"the ranks are serving \(for 0 s\): stop the server first"):
         owned.run("x = 1")
@@ -216,13 +213,12 @@ def test_nothing_waits_behind_a_server_it_is_refused_at_once(owned):
     job.join(30)
 
 
-def test_the_keep_and_attach_tutorial_answers_at_once_after_a_kernel_restart():
+def test_the_keep_and_attach_tutorial_answers_at_once_after_a_kernel_restart(execute_notebook):
     from pathlib import Path
 
-    from conftest import execute_across_a_restart
-
     keep = {p.pid for p in project_processes()}
-    nb = execute_across_a_restart(Path(__file__).resolve().parent.parent / "notebooks" / "08_keep_and_attach.ipynb")
+    path = Path(__file__).resolve().parent.parent / "notebooks" / "08_keep_and_attach.ipynb"
+    nb = execute_notebook(path, timeout=600, restart_at="new-kernel")
     cells = [c for c in nb.cells if c.cell_type == "code"]
     texts = ["".join(o.get("text", "") for o in c.outputs) for c in cells]
     assert not [o for c in cells for o in c.outputs if o.output_type == "error"]
@@ -230,9 +226,7 @@ def test_the_keep_and_attach_tutorial_answers_at_once_after_a_kernel_restart():
     assert "Paris" in texts[2] and "Attached 'tutorial-llm': 2 ranks" in texts[4]
     assert "Paris" in texts[5] and "without loading anything" in texts[5]
     assert "tutorial-llm" not in [c["name"] for c in clusters()]
-    deadline = time.monotonic() + GONE_WITHIN  # the watchdog leaves half a second after the stop
-    while [p for p in project_processes() if p.pid not in keep] and time.monotonic() < deadline:
-        time.sleep(0.2)
+    processes_left(keep=keep, timeout=GONE_WITHIN)  # the watchdog leaves half a second after the stop
     assert [p.cmdline() for p in project_processes() if p.pid not in keep] == []
 
 
@@ -244,9 +238,7 @@ def test_stopping_the_cluster_during_fine_tuning_stops_it_at_a_step_and_saves_fi
     c = Cluster(n=2, spares=False).start()
     try:
         run = finetune(c, iters=100, batch_size=1, num_layers=1, save_every=1000, adapter_path=str(tmp_path / "run"))
-        deadline = time.monotonic() + 240
-        while len(run.history) < 2 and run.error is None and time.monotonic() < deadline:
-            time.sleep(0.2)
+        wait_until(lambda: len(run.history) >= 2 or run.error is not None, 240, every=0.2)
         assert len(run.history) >= 2, run.label.value
     finally:
         procs = c.processes()
@@ -262,7 +254,7 @@ def test_stopping_the_cluster_during_fine_tuning_stops_it_at_a_step_and_saves_fi
 def test_ending_an_engines_tree_on_a_host_spares_a_pid_that_now_runs_something_else():
     import subprocess
 
-    from mlx_nb.engines.watchdog import tree_command
+    from mlx_nb.engines.procs import tree_command
 
     # an engine (its command names ipyparallel) with a child, a child in a session of its own,
     # and an orphan left in its process group; and a process that took a listed pid since
@@ -276,9 +268,7 @@ def test_ending_an_engines_tree_on_a_host_spares_a_pid_that_now_runs_something_e
         procs = psutil.process_iter(["cmdline", "ppid"])
         return [p for p in procs if p.info["cmdline"] == ["sleep", "300"] and engine.pid in (p.info["ppid"], _pgid(p))]
 
-    deadline = time.monotonic() + 10
-    while len(sleepers()) < 3 and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_until(lambda: len(sleepers()) >= 3, 10, every=0.02)
     started = sleepers()
     assert len(started) == 3
     try:

@@ -9,12 +9,6 @@ import pytest
 from mlx_nb import Cluster, DistCellError
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    with Cluster(n=2) as c:
-        yield c
-
-
 def client_records(cluster: Cluster) -> dict[str, int]:
     client = cluster.client
     return {
@@ -38,9 +32,9 @@ def a_block_of_cells(cluster: Cluster) -> None:
         cluster.run("raise ValueError('every rank fails here')")
 
 
-def test_the_clients_records_do_not_grow_with_the_cells_run(cluster):
-    a_block_of_cells(cluster)
-    before = client_records(cluster)
+def test_the_clients_records_do_not_grow_with_the_cells_run(two_ranks):
+    a_block_of_cells(two_ranks)
+    before = client_records(two_ranks)
     for _ in range(30):
-        a_block_of_cells(cluster)
-    assert client_records(cluster) == before
+        a_block_of_cells(two_ranks)
+    assert client_records(two_ranks) == before

@@ -200,6 +200,7 @@ def test_pipeline_refused_for_models_mlx_lm_cannot_pipeline(bundled, tmp_path):
         models.check_split(tmp_path, 2, pipeline=True)
 
 
+@pytest.mark.cluster
 @pytest.mark.parametrize("mode,n", [("tensor", 3), ("pipeline", 2)])
 def test_sharded_greedy_matches_one_process_and_stops_together(mode, n, tmp_path, single_tokens):
     results = launch(tmp_path, n, mode)

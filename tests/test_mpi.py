@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import time
-
 import psutil
 import pytest
-from conftest import magic_cluster
+from conftest import magic_cluster, wait_until
 from testhosts import TestHostsError, require_mpi
 
 from mlx_nb import magics
 from mlx_nb.engines.launch import mpi_available
+
+pytestmark = pytest.mark.cluster
 
 
 @pytest.fixture(scope="module")
@@ -77,9 +77,7 @@ def test_fsdp_trains_on_mpi_as_data_parallel_full_fine_tuning_does(ip, tiny_mode
 def test_a_dead_mpi_rank_is_noticed_and_the_job_restarts(ip):
     cluster = magics.current()
     psutil.Process(cluster.ranks[1].pid).kill()
-    deadline = time.monotonic() + 20
-    while 1 not in cluster.group.dead_ranks() and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_until(lambda: 1 in cluster.group.dead_ranks(), 20)
     assert 1 in cluster.group.dead_ranks()
     cluster.restart()
     assert _all_sum(ip) == "array([3], dtype=float32)"

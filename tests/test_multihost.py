@@ -16,13 +16,14 @@ import pytest
 from IPython.core.error import UsageError
 
 pytest.register_assert_rewrite("testhosts")
-from conftest import magic_cluster  # noqa: E402
+from conftest import magic_cluster, processes_left  # noqa: E402
 from testhosts import TestHosts  # noqa: E402
 
 from mlx_nb import Cluster, hostfile, magics  # noqa: E402
 from mlx_nb.cluster import ClusterError, controller_ip  # noqa: E402
 
 pytest_plugins = ["testhosts"]
+pytestmark = [pytest.mark.ssh, pytest.mark.cluster]
 PY = sys.executable
 
 
@@ -32,13 +33,6 @@ def ring_hostfile(hosts: TestHosts, path=None, entries=None) -> str:
     path = path or hosts.dir / "cluster.json"
     path.write_text(json.dumps({"backend": "ring", "hosts": entries}))
     return str(path)
-
-
-def left_on(hosts: TestHosts, timeout: float = 10.0) -> list:
-    deadline = time.monotonic() + timeout
-    while hosts.processes() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return [" ".join(p.cmdline()) for p in hosts.processes()]
 
 
 def on_engine(f):
@@ -165,11 +159,11 @@ def test_stop_leaves_nothing_on_the_hosts_not_even_what_the_ranks_started(ip, ho
     assert hosts.processes(), "expected engines on the hosts while the cluster runs"
     ip.run_cell_magic("mlx_dist", "", "import subprocess\nsleeper = subprocess.Popen(['sleep', '1000'])")
     assert len([p for p in hosts.processes() if p.name() == "sleep"]) == 2
-    profile = magics.current().group.dir  # the engines' IPython profile on the hosts
+    profile = magics.current().group.state.folder  # the engines' IPython profile on the hosts
     t = time.monotonic()
     ip.run_line_magic("mlx_cluster", "stop")
     print(f"\nstop of the 2-host cluster: {time.monotonic() - t:.1f} s")
-    assert left_on(hosts) == []
+    assert processes_left(find=hosts.processes) == []
     assert hosts.ssh(0, f"ls -d {profile} 2>/dev/null || true").stdout.strip() == ""
 
 
@@ -196,13 +190,13 @@ def test_unreachable_host_is_named_fast_and_nothing_starts(hosts):
     text, took = _start_fails(hosts, path)
     assert ghost in text and "cannot reach" in text and "nothing was started" in text
     assert took < 20
-    assert left_on(hosts) == []
+    assert processes_left(find=hosts.processes) == []
 
 
 def test_wrong_python_path_is_named(hosts):
     text, took = _start_fails(hosts, ring_hostfile(hosts), python="/opt/nowhere/bin/python3")
     assert "/opt/nowhere/bin/python3" in text and hosts.names[0] in text and took < 20
-    assert left_on(hosts) == []
+    assert processes_left(find=hosts.processes) == []
 
 
 def _fake_mlx_python(hosts, version: str) -> str:
@@ -222,7 +216,7 @@ def test_another_mlx_version_is_refused_with_each_hosts_versions(hosts):
     assert "mlx differs" in text and "0.1.0" in text and took < 20
     for name in hosts.names:
         assert name in text
-    assert left_on(hosts) == []
+    assert processes_left(find=hosts.processes) == []
 
 
 def test_a_host_with_a_known_bad_mlx_is_refused_and_checked_naming_the_version_to_install(shell, hosts):
@@ -234,13 +228,13 @@ def test_a_host_with_a_known_bad_mlx_is_refused_and_checked_naming_the_version_t
     )
     bad = [row for row in table.rows if row[1] == "versions" and row[2] == "fail"]
     assert {row[0] for row in bad} == set(hosts.names) and "install 0.32.2 or later" in bad[0][3]
-    assert left_on(hosts) == []
+    assert processes_left(find=hosts.processes) == []
 
 
 def test_missing_mlx_is_named(hosts):
     text, _ = _start_fails(hosts, ring_hostfile(hosts), python="/usr/bin/python3")
     assert "mlx is not installed" in text or "cannot run" in text
-    assert left_on(hosts) == []
+    assert processes_left(find=hosts.processes) == []
 
 
 def test_a_python_path_with_a_space_works_in_check_and_start(shell, hosts):
@@ -258,7 +252,7 @@ def test_a_python_path_with_a_space_works_in_check_and_start(shell, hosts):
     with Cluster(hostfile=path, ssh_cmd=hosts.ssh_cmd, python=str(spaced), spares=False) as c:
         total = c.run("mx.distributed.all_sum(mx.array([rank + 1.0]), group=world)").value["text/plain"]
         assert total == "array([3], dtype=float32)"
-    assert left_on(hosts) == []
+    assert processes_left(find=hosts.processes) == []
 
 
 def test_bad_hostfile_is_a_one_line_usage_error(shell, hosts):
@@ -272,16 +266,10 @@ def test_bad_hostfile_is_a_one_line_usage_error(shell, hosts):
 
 
 # ------------------------------------------------------------------ tutorial
-def test_multi_mac_tutorial_runs_on_local_addresses():
-    import nbclient
-    import nbformat
-
+def test_multi_mac_tutorial_runs_on_local_addresses(execute_notebook):
     path = Path(__file__).resolve().parent.parent / "notebooks" / "03_multi_mac_cluster.ipynb"
-    nb = nbformat.read(path, as_version=4)
     assert "MLX_NB_HOSTFILE" not in os.environ  # else the notebook uses that hostfile
-    nbclient.NotebookClient(
-        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
-    ).execute()
+    nb = execute_notebook(path)
     text = "\n".join(
         o.get("text", "") or o.get("data", {}).get("text/plain", "")
         for c in nb.cells
@@ -294,6 +282,7 @@ def test_multi_mac_tutorial_runs_on_local_addresses():
     assert "Cluster stopped." in text
 
 
+@pytest.mark.kernel
 def test_a_killed_kernel_takes_its_ranks_on_the_other_hosts_with_it(hosts):
     import uuid
 
@@ -308,10 +297,8 @@ def test_a_killed_kernel_takes_its_ranks_on_the_other_hosts_with_it(hosts):
         k.run("%%mlx_dist\nimport subprocess\nsleeper = subprocess.Popen(['sleep', '1000'])")
         assert len([p for p in hosts.processes() if p.name() == "sleep"]) == 2
         k.kill()
-        assert left_on(hosts) == []  # within 10 s, over ssh
-        deadline = time.monotonic() + 10
-        while project_processes(mark) and time.monotonic() < deadline:
-            time.sleep(0.2)
+        assert processes_left(find=hosts.processes) == []  # within 10 s, over ssh
+        processes_left(mark)
         assert project_processes(mark) == []
     finally:
         k.close()

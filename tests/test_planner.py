@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from conftest import ipython_shell, magics_on, project_processes
 from IPython.core.error import UsageError
+from lanes import starts
 
 from mlx_nb import Cluster, display, footprint, planner
-from mlx_nb.engines import kept
 from mlx_nb.finetune import finetune
 from mlx_nb.footprint import read_model, safetensors_header
 from mlx_nb.generate import generate, load_model, plan, prompt_cache
@@ -39,6 +39,7 @@ def dense() -> Path:
 
 
 @pytest.fixture(scope="module")
+@starts("cluster")
 def mixed():
     """Three local ranks told they have 700 MB, 260 MB and 260 MB: one big machine and two small."""
     with Cluster(n=3, memory=BUDGETS) as c:
@@ -226,7 +227,7 @@ def test_memory_values_are_checked_before_anything_starts():
     assert Cluster(n=2, memory="1GB").memory == [1 << 30, 1 << 30]
     # a kept cluster's spec, as a kernel that attaches reads it back, keeps the budgets
     spec = Cluster(n=3, memory=BUDGETS).spec
-    assert kept.spec_from_state(json.loads(json.dumps(kept.spec_state(spec)))).memory == [700 * MB, 260 * MB, 260 * MB]
+    assert spec.from_json(json.loads(json.dumps(spec.to_json()))).memory == [700 * MB, 260 * MB, 260 * MB]
     shell = ipython_shell()
     shell.run_line_magic("load_ext", "mlx_nb")
     with pytest.raises(UsageError, match="^memory: 2 values for 3 ranks") as info:
@@ -313,6 +314,7 @@ def test_the_plan_agrees_with_what_each_rank_holds(mixed, random_model, which, p
         assert held == [range(loaded.plan.model.layers)] * 3
 
 
+@pytest.mark.cluster
 def test_a_model_over_every_budget_is_refused_before_any_weight_is_read(dense):
     with Cluster(n=2, memory="100MB", spares=False) as c:
         before = rchar(c)

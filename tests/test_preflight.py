@@ -387,6 +387,7 @@ def test_the_package_requires_an_mlx_that_is_not_known_bad():
         assert not r.specifier.contains("0.32.1") and r.specifier.contains("0.32.2"), str(r)
 
 
+@pytest.mark.kernel
 def test_a_notebook_whose_mlx_is_known_bad_starts_no_rank(tmp_path):
     import uuid
 

@@ -15,7 +15,7 @@ from conftest import CHAT_TOKENS as TOKENS
 from conftest import CHAT_TURNS as TURNS
 from conftest import KV_BYTES_PER_TOKEN, conversation, ipython_shell, uncached, wait_for
 
-from mlx_nb import Cluster, magics
+from mlx_nb import magics
 from mlx_nb.batch import generate_batch
 from mlx_nb.generate import generate, load_model, prompt_cache
 from mlx_nb.models import prepare_bundled
@@ -35,20 +35,13 @@ class Tokens:
 
 
 @pytest.fixture(scope="module")
-def pair():
-    with Cluster(n=2) as c:
-        load_model(c, pipeline=True, progress=False)
-        yield c
+def tok(pipeline_pair) -> Tokens:
+    return Tokens(pipeline_pair.ranks)
 
 
-@pytest.fixture(scope="module")
-def tok(pair) -> Tokens:
-    return Tokens(pair.ranks)
-
-
-def test_chat_turns_on_a_pipeline_reuse_the_cache_and_equal_the_uncached_replies(pair):
-    prompt_cache(pair, clear=True)
-    turns, report = conversation(pair)
+def test_chat_turns_on_a_pipeline_reuse_the_cache_and_equal_the_uncached_replies(pipeline_pair):
+    prompt_cache(pipeline_pair, clear=True)
+    turns, report = conversation(pipeline_pair)
     for n, (stats, expected, prompt) in enumerate(turns):
         assert stats.tokens == expected, f"turn {n + 1}"
         assert stats.prompt_tokens == prompt
@@ -67,12 +60,12 @@ def test_chat_turns_on_a_pipeline_reuse_the_cache_and_equal_the_uncached_replies
     assert report.ranks[0].hits >= 2 and "hits in" in repr(report)
 
 
-def test_a_batch_sharing_a_system_prompt_prefills_it_once_and_equals_the_uncached_replies(pair, tok):
+def test_a_batch_sharing_a_system_prompt_prefills_it_once_and_equals_the_uncached_replies(pipeline_pair, tok):
     prompts = [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}] for q in TURNS]
-    expected = [s.tokens for s in uncached(pair, prompts)]
-    prompt_cache(pair, clear=True)
-    first = generate_batch(pair, prompts, TOKENS, quiet=True)
-    again = generate_batch(pair, prompts, TOKENS, quiet=True)
+    expected = [s.tokens for s in uncached(pipeline_pair, prompts)]
+    prompt_cache(pipeline_pair, clear=True)
+    first = generate_batch(pipeline_pair, prompts, TOKENS, quiet=True)
+    again = generate_batch(pipeline_pair, prompts, TOKENS, quiet=True)
     assert [r.tokens for r in first.replies] == expected
     assert [r.tokens for r in again.replies] == expected
     # the first time, one prompt prefills the system prompt and the others wait for its entry
@@ -84,41 +77,41 @@ def test_a_batch_sharing_a_system_prompt_prefills_it_once_and_equals_the_uncache
     assert "cached" in again.summary()
 
 
-def test_eviction_keeps_every_rank_within_a_small_limit(pair, tok):
-    prompt_cache(pair, clear=True)
+def test_eviction_keeps_every_rank_within_a_small_limit(pipeline_pair, tok):
+    prompt_cache(pipeline_pair, clear=True)
     a = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": TURNS[0]}]
     b = [{"role": "system", "content": SYSTEM.replace("lighthouse", "windmill")}, {"role": "user", "content": TURNS[0]}]
-    first = generate(pair, a, TOKENS, quiet=True)
-    held = prompt_cache(pair).ranks
+    first = generate(pipeline_pair, a, TOKENS, quiet=True)
+    held = prompt_cache(pipeline_pair).ranks
     per_entry = max(r.bytes for r in held)
     try:
         # room for one such entry on each rank, not two
-        prompt_cache(pair, limit=int(per_entry * 1.5))
-        generate(pair, b, TOKENS, quiet=True)
-        ranks = prompt_cache(pair).ranks
+        prompt_cache(pipeline_pair, limit=int(per_entry * 1.5))
+        generate(pipeline_pair, b, TOKENS, quiet=True)
+        ranks = prompt_cache(pipeline_pair).ranks
         assert all(r.entries == 1 and r.bytes <= r.limit for r in ranks)
-        assert generate(pair, b, TOKENS, quiet=True).cached_tokens == len(tok.ids(b)) - 1  # b is held
-        back = generate(pair, a, TOKENS, quiet=True)  # a was evicted: only the template's start is shared
+        assert generate(pipeline_pair, b, TOKENS, quiet=True).cached_tokens == len(tok.ids(b)) - 1  # b is held
+        back = generate(pipeline_pair, a, TOKENS, quiet=True)  # a was evicted: only the template's start is shared
         assert back.cached_tokens < 10 and back.tokens == first.tokens
     finally:
-        prompt_cache(pair, limit="auto")
-    assert all(r.limit > 10 * per_entry for r in prompt_cache(pair).ranks)  # the default share again
+        prompt_cache(pipeline_pair, limit="auto")
+    assert all(r.limit > 10 * per_entry for r in prompt_cache(pipeline_pair).ranks)  # the default share again
 
 
-def test_a_limit_that_is_not_a_size_is_refused_before_the_ranks_are_asked(pair):
+def test_a_limit_that_is_not_a_size_is_refused_before_the_ranks_are_asked(pipeline_pair):
     with pytest.raises(ValueError, match=r"limit: not a size: 'lots' \(use bytes or KB / MB / GB, e.g. 2GB\)"):
-        prompt_cache(pair, limit="lots")
+        prompt_cache(pipeline_pair, limit="lots")
     with pytest.raises(ValueError, match="cache_limit must be at least 0 bytes, got -1"):
-        load_model(pair, pipeline=True, cache_limit=-1, progress=False)
+        load_model(pipeline_pair, pipeline=True, cache_limit=-1, progress=False)
 
 
-def test_the_cluster_magic_shows_and_empties_the_cache(pair, capsys):
+def test_the_cluster_magic_shows_and_empties_the_cache(pipeline_pair, capsys):
     ip = ipython_shell()
     if "mlx_nb" not in ip.extension_manager.loaded:
         ip.run_line_magic("load_ext", "mlx_nb")
-    magics.use(pair)
+    magics.use(pipeline_pair)
     try:
-        generate(pair, [{"role": "user", "content": TURNS[0]}], TOKENS, quiet=True)
+        generate(pipeline_pair, [{"role": "user", "content": TURNS[0]}], TOKENS, quiet=True)
         shown = ip.run_line_magic("mlx_cluster", "cache")
         assert shown.ranks[0].entries >= 1 and "entries" in repr(shown)
         emptied = ip.run_line_magic("mlx_cluster", "cache --clear")
@@ -128,35 +121,35 @@ def test_the_cluster_magic_shows_and_empties_the_cache(pair, capsys):
         magics.use(None)
 
 
-def test_the_chat_widget_says_what_came_from_the_cache_and_new_chat_empties_it(pair):
-    chat = ChatWidget(pair, max_tokens=TOKENS, system=SYSTEM)
+def test_the_chat_widget_says_what_came_from_the_cache_and_new_chat_empties_it(pipeline_pair):
+    chat = ChatWidget(pipeline_pair, max_tokens=TOKENS, system=SYSTEM)
     chat.ask(TURNS[0], wait=True)
     chat.ask(TURNS[1], wait=True)
     assert "cached," in chat._turns[-1] and "prefilled" in chat._turns[-1]
     chat.reset()
     assert chat.messages == [{"role": "system", "content": SYSTEM}] and chat._turns == []
-    assert all(r.entries == 0 for r in prompt_cache(pair).ranks)
+    assert all(r.entries == 0 for r in prompt_cache(pipeline_pair).ranks)
 
 
-def test_loading_a_model_empties_the_cache(pair):
+def test_loading_a_model_empties_the_cache(pipeline_pair):
     messages = [{"role": "user", "content": TURNS[2]}]
-    before = generate(pair, messages, TOKENS, quiet=True)
-    assert generate(pair, messages, TOKENS, quiet=True).cached_tokens > 0
-    info = load_model(pair, pipeline=True, progress=False)
+    before = generate(pipeline_pair, messages, TOKENS, quiet=True)
+    assert generate(pipeline_pair, messages, TOKENS, quiet=True).cached_tokens > 0
+    info = load_model(pipeline_pair, pipeline=True, progress=False)
     assert all(s.entries == 0 for s in info["cache"])
-    again = generate(pair, messages, TOKENS, quiet=True)
+    again = generate(pipeline_pair, messages, TOKENS, quiet=True)
     assert again.cached_tokens == 0 and again.tokens == before.tokens
 
 
-def test_a_cache_limit_of_zero_turns_it_off(pair):
+def test_a_cache_limit_of_zero_turns_it_off(pipeline_pair):
     try:
-        load_model(pair, pipeline=True, cache_limit=0, progress=False)
+        load_model(pipeline_pair, pipeline=True, cache_limit=0, progress=False)
         messages = [{"role": "user", "content": TURNS[0]}]
-        generate(pair, messages, TOKENS, quiet=True)
-        assert generate(pair, messages, TOKENS, quiet=True).cached_tokens == 0
-        assert "off: its limit is 0 bytes" in repr(prompt_cache(pair))
+        generate(pipeline_pair, messages, TOKENS, quiet=True)
+        assert generate(pipeline_pair, messages, TOKENS, quiet=True).cached_tokens == 0
+        assert "off: its limit is 0 bytes" in repr(prompt_cache(pipeline_pair))
     finally:
-        load_model(pair, pipeline=True, progress=False)
+        load_model(pipeline_pair, pipeline=True, progress=False)
 
 
 # ------------------------------------------------------------------ served
@@ -166,17 +159,17 @@ STORY = [{"role": "user", "content": "Tell me a very long story about a lighthou
 
 
 @pytest.fixture(scope="module")
-def served_expected(pair) -> dict:
+def served_expected(pipeline_pair) -> dict:
     """The served prompts' replies with the cache off, before the server takes the ranks."""
     prompts = [*SHARED.values(), STORY]
-    return dict(zip([*SHARED, "story"], uncached(pair, prompts)))
+    return dict(zip([*SHARED, "story"], uncached(pipeline_pair, prompts)))
 
 
 @pytest.fixture(scope="module")
-def server(pair, served_expected):
+def server(pipeline_pair, served_expected):
     from mlx_nb.serve import serve
 
-    s = serve(pair, port=0)
+    s = serve(pipeline_pair, port=0)
     yield s
     s.stop()
 

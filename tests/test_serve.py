@@ -42,30 +42,22 @@ def chat(question: str) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def pair():
-    """Two ranks holding the bundled model as a pipeline (its 9 heads do not split over 2)."""
-    with Cluster(n=2) as c:
-        load_model(c, pipeline=True, progress=False)
-        yield c
-
-
-@pytest.fixture(scope="module")
-def alone(pair) -> dict:
+def alone(pipeline_pair) -> dict:
     """Each test prompt's greedy reply generated alone (``generate``), before anything serves."""
     prompts = {q: chat(q) for q in QUESTIONS} | {"system": SYSTEM, "no system": SYSTEM[1:]}
-    return {key: generate(pair, p, TOKENS, quiet=True).text for key, p in prompts.items()}
+    return {key: generate(pipeline_pair, p, TOKENS, quiet=True).text for key, p in prompts.items()}
 
 
 @pytest.fixture(scope="module")
-def server(pair, alone):
-    """``%mlx_serve --port 0`` in the test shell, on the pair; stopped at the end of the module."""
+def server(pipeline_pair, alone):
+    """``%mlx_serve --port 0`` in the test shell, on the pipeline pair; stopped at the end of the module."""
     ip = shell()
-    magics.use(pair)
+    magics.use(pipeline_pair)
     try:
         ip.run_line_magic("mlx_serve", "--port 0")
-        yield magics._server
+        yield magics.instance().server
     finally:
-        magics._stop_server()
+        magics.instance().stop_server()
         magics.use(None)
 
 
@@ -94,10 +86,13 @@ def post(server, path: str, body: bytes, headers: dict | None = None) -> tuple[i
 
 
 # ---------------------------------------------------------------- generate_batch
-def test_a_batch_of_prompts_gives_each_prompt_its_answer_alone_on_a_pipeline(pair, alone):
+def test_a_batch_of_prompts_gives_each_prompt_its_answer_alone_on_a_pipeline(pipeline_pair, alone):
     texts = {}
     result = generate_batch(
-        pair, [chat(q) for q in QUESTIONS[:4]], TOKENS, on_text=lambda i, text: texts.setdefault(i, []).append(text)
+        pipeline_pair,
+        [chat(q) for q in QUESTIONS[:4]],
+        TOKENS,
+        on_text=lambda i, text: texts.setdefault(i, []).append(text),
     )
     assert result.texts == [alone[q] for q in QUESTIONS[:4]]
     assert "Paris" in result.texts[0]
@@ -106,9 +101,9 @@ def test_a_batch_of_prompts_gives_each_prompt_its_answer_alone_on_a_pipeline(pai
     assert result.tokens_per_second > 0 and all(r.finish_reason in ("stop", "length") for r in result.replies)
 
 
-def test_the_batch_magic_answers_one_prompt_per_line(pair, alone, capsys):
+def test_the_batch_magic_answers_one_prompt_per_line(pipeline_pair, alone, capsys):
     ip = shell()
-    magics.use(pair)
+    magics.use(pipeline_pair)
     try:
         result = ip.run_cell_magic("mlx_batch", f"--max-tokens {TOKENS}", f"{QUESTIONS[0]}\n\n{QUESTIONS[2]}\n")
         assert result.texts == [alone[QUESTIONS[0]], alone[QUESTIONS[2]]]
@@ -120,10 +115,10 @@ def test_the_batch_magic_answers_one_prompt_per_line(pair, alone, capsys):
         magics.use(None)
 
 
-def test_seeded_sampling_repeats_and_differs_across_seeds(pair):
+def test_seeded_sampling_repeats_and_differs_across_seeds(pipeline_pair):
     prompts = ["Once upon a time"] * 2
-    first = generate_batch(pair, prompts, TOKENS, temperature=1.0, seed=5, quiet=True).texts
-    again = generate_batch(pair, prompts, TOKENS, temperature=1.0, seed=5, quiet=True).texts
+    first = generate_batch(pipeline_pair, prompts, TOKENS, temperature=1.0, seed=5, quiet=True).texts
+    again = generate_batch(pipeline_pair, prompts, TOKENS, temperature=1.0, seed=5, quiet=True).texts
     assert first == again
     assert first[0] != first[1]  # prompt i draws with seed + i
 
@@ -349,9 +344,9 @@ def test_the_api_checks_are_documented_by_examples():
 
 
 # ---------------------------------------------------------------- one job at a time
-def test_a_cell_while_serving_is_refused_at_once_and_the_server_goes_on(server, pair, client, alone):
+def test_a_cell_while_serving_is_refused_at_once_and_the_server_goes_on(server, pipeline_pair, client, alone):
     ip = shell()
-    magics.use(pair)
+    magics.use(pipeline_pair)
     try:
         t0 = time.monotonic()
         with pytest.raises(ClusterError, match=r"the ranks are serving \(for \d+ s\): stop the server first"):
@@ -365,36 +360,39 @@ def test_a_cell_while_serving_is_refused_at_once_and_the_server_goes_on(server, 
 
 
 # ---------------------------------------------------------------- keys, stop
-def test_stop_closes_the_port_and_frees_the_ranks(server, pair):
+def test_stop_closes_the_port_and_frees_the_ranks(server, pipeline_pair):
     ip = shell()
     port = server.port
     ip.run_line_magic("mlx_serve", "stop")
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=5)
-    assert pair.run("mx.distributed.all_sum(mx.array([1.0]))").value["text/plain"] == "array([2], dtype=float32)"
+    assert (
+        pipeline_pair.run("mx.distributed.all_sum(mx.array([1.0]))").value["text/plain"] == "array([2], dtype=float32)"
+    )
     with pytest.raises(UsageError, match="no server is running"):
         ip.run_line_magic("mlx_serve", "status")
 
 
-def test_a_host_other_machines_reach_needs_a_key_and_every_request_is_checked(pair):
+def test_a_host_other_machines_reach_needs_a_key_and_every_request_is_checked(pipeline_pair):
     ip = shell()
-    magics._stop_server()  # the module's server, if the test before did not stop it
-    magics.use(pair)
+    magics.instance().stop_server()  # the module's server, if the test before did not stop it
+    magics.use(pipeline_pair)
     try:
         with pytest.raises(UsageError, match="give an --api-key"):
             ip.run_line_magic("mlx_serve", "--host 0.0.0.0 --port 0")
         ip.run_line_magic("mlx_serve", "--port 0 --api-key s3cret")
-        url = magics._server.url
+        url = magics.instance().server.url
         with pytest.raises(openai.AuthenticationError) as refused:
             openai.OpenAI(base_url=url, api_key="wrong", max_retries=0).models.list()
         assert refused.value.code == "invalid_api_key" and "--api-key" in refused.value.message
         keyed = openai.OpenAI(base_url=url, api_key="s3cret", max_retries=0)
         assert keyed.completions.create(model="bundled", prompt="Hi", max_tokens=2).usage.completion_tokens == 2
     finally:
-        magics._stop_server()
+        magics.instance().stop_server()
         magics.use(None)
 
 
+@pytest.mark.cluster
 def test_stopping_the_cluster_ends_its_server_and_closes_the_port():
     with Cluster(n=1) as c:
         load_model(c, progress=False)
@@ -420,8 +418,7 @@ print(*server.log, sep="\\n")
 """
 
 
-def test_the_serving_tutorial_runs_and_a_client_s_reset_is_a_line_in_the_server_log():
-    import nbclient
+def test_the_serving_tutorial_runs_and_a_client_s_reset_is_a_line_in_the_server_log(execute_notebook):
     import nbformat
 
     path = Path(__file__).resolve().parent.parent / "notebooks" / "07_serving.ipynb"
@@ -433,9 +430,7 @@ def test_the_serving_tutorial_runs_and_a_client_s_reset_is_a_line_in_the_server_
     # killed script's or a closed browser tab's is; the cell waits for the server to see it
     at = next(i for i, c in enumerate(nb.cells) if c.source.startswith("%mlx_serve stop"))
     nb.cells.insert(at, nbformat.v4.new_code_cell(RESET_CLIENT))
-    nbclient.NotebookClient(
-        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
-    ).execute()
+    execute_notebook(path, nb=nb, timeout=600)
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     text = "".join(o.get("text", "") + o.get("data", {}).get("text/plain", "") for o in outputs)
     assert "connection ended (ConnectionResetError" in "".join(o.get("text", "") for o in nb.cells[at].outputs)

@@ -21,6 +21,7 @@ import psutil
 import pytest
 
 pytest.register_assert_rewrite("testhosts")  # it is also a plugin (below), imported here first
+from conftest import processes_left, wait_until  # noqa: E402
 from testhosts import TestHosts, TestHostsError, purge, require_mpi  # noqa: E402
 
 from mlx_nb.engines import launch as launchers  # noqa: E402
@@ -101,6 +102,7 @@ def test_hosts_have_their_own_process_ids(ssh_hosts):
     assert [hosts.ssh(i, "cat /proc/1/comm").stdout.strip() for i in range(2)] == ["sshd", "sshd"]
 
 
+@pytest.mark.ssh
 def test_loopback_fallback_still_gives_working_hosts_and_says_so(capsys):
     with pytest.warns(UserWarning, match="WITHOUT NETWORK NAMESPACES"):
         hosts = TestHosts(1, netns=False).start()
@@ -113,6 +115,7 @@ def test_loopback_fallback_still_gives_working_hosts_and_says_so(capsys):
     assert not any(hosts.dir.parent.glob(hosts.prefix + "-hosts-*"))
 
 
+@pytest.mark.ssh
 def test_purge_removes_what_a_crashed_session_left():
     crash = (
         f"import os, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); from testhosts import TestHosts; "
@@ -146,9 +149,7 @@ def test_ssh_run_is_bounded_on_unreachable_hosts_and_slow_commands(ssh_hosts):
     assert time.monotonic() - t < 10
     rc, out = launchers.ssh_run(hosts.names[0], "echo started; sleep 30", hosts.ssh_cmd, timeout=2)
     assert rc == 124 and out.startswith("started\n") and out.endswith("did not finish within 2 s"), out
-    deadline = time.monotonic() + 5
-    while hosts.processes(0) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    processes_left(find=lambda: hosts.processes(0), timeout=5)
     assert not hosts.processes(0), [p.cmdline() for p in hosts.processes(0)]
 
 
@@ -240,8 +241,7 @@ def test_remote_engine_death_is_noticed_by_the_controller_within_seconds(ssh_eng
     pid = client[rank1].apply_sync(_whoami)[3]
     t = time.monotonic()
     assert hosts.ssh(1, f"kill -9 {pid}").returncode == 0
-    while rank1 in client.ids and time.monotonic() - t < 20:
-        time.sleep(0.05)
+    wait_until(lambda: rank1 not in client.ids, 20, every=0.05)
     noticed = time.monotonic() - t
     print(f"\nssh engine killed: the controller dropped it after {noticed:.1f} s")
     assert rank1 not in client.ids
@@ -253,9 +253,7 @@ def test_stopping_the_ssh_cluster_leaves_nothing_on_the_hosts(ssh_engines):
     t = time.monotonic()
     cluster.stop_cluster_sync()  # one engine is already dead (previous test)
     print(f"\nstop_cluster with ssh engines: {time.monotonic() - t:.1f} s")
-    deadline = time.monotonic() + 10
-    while hosts.processes() and time.monotonic() < deadline:
-        time.sleep(0.1)
+    processes_left(find=hosts.processes)
     assert not hosts.processes(), [p.cmdline() for p in hosts.processes()]
 
 
@@ -280,6 +278,7 @@ def test_mpi_available_says_why_not(monkeypatch):
     )
 
 
+@pytest.mark.cluster
 def test_mpi_ranks_load_versioned_libmpi_without_the_dev_package(monkeypatch):
     try:
         require_mpi()
@@ -296,6 +295,7 @@ def test_mpi_ranks_load_versioned_libmpi_without_the_dev_package(monkeypatch):
     assert p.stdout.strip() == "True", p.stderr
 
 
+@pytest.mark.cluster
 def test_mpi_engines_form_an_mlx_mpi_group():
     try:
         require_mpi()

@@ -35,6 +35,7 @@ from typing import Optional, Union
 
 import psutil
 import pytest
+from lanes import starts
 
 SSHD = "/usr/sbin/sshd"
 # the Debian packages the tests need (scripts/system-packages.sh installs them)
@@ -399,6 +400,7 @@ class TestHosts:
 
 
 @pytest.fixture(scope="session")
+@starts("ssh")
 def ssh_hosts():
     """``ssh_hosts(n)`` gives ``n`` SSH test hosts, made once per session and per ``n``.
 

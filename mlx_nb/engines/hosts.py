@@ -12,7 +12,7 @@ from typing import Optional
 from .. import hostfile as hostfiles
 from ..display import Table
 from ..hostfile import Hostfile, is_local
-from ..preflight import Finding, check_cluster, gather_command
+from ..preflight import Finding, Severity, check_cluster, gather_command
 from ..rank import blas
 from ..rank.session import mlx_version
 from . import ClusterError
@@ -98,7 +98,9 @@ def check_hosts(
 
     with ThreadPoolExecutor(len(names)) as pool:
         results = dict(zip(names, pool.map(gather, names)))
-    unreachable = [Finding(h, "ssh", "fail", out.strip()) for h, (rc, out) in results.items() if rc in (124, 255, 127)]
+    unreachable = [
+        Finding(h, "ssh", Severity.FAIL, out.strip()) for h, (rc, out) in results.items() if rc in (124, 255, 127)
+    ]
     outputs = {h: out for h, (rc, out) in results.items() if rc not in (124, 255, 127)}
     here = {"python": ".".join(map(str, sys.version_info[:3])), "mlx": mlx_version() or "-", "mlx_nb": __version__}
     try:  # what the launch sets per rank (CUDA_VISIBLE_DEVICES for nccl): which GPU each rank gets
@@ -112,11 +114,7 @@ def check_hosts(
 
 def refuse_on(findings: list[Finding]) -> None:
     """Raise ClusterError, with every host's findings, if any host fails or mlx / mlx_nb differ."""
-    bad = [
-        f
-        for f in findings
-        if f.status == "fail" or (f.check == "versions" and f.status == "warn" and not f.message.startswith("python"))
-    ]
+    bad = [f for f in findings if f.status is Severity.FAIL or f.refuses_start]
     if bad:
         hosts = ", ".join(dict.fromkeys(f.host for f in bad))
         table = Table(

@@ -10,55 +10,23 @@ The files are readable by their user only: they hold the controller's keys.
 
 from __future__ import annotations
 
-import base64
 import glob
-import json
 import os
-import re
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Optional
 
-import cloudpickle
 import ipyparallel as ipp
 import psutil
 from ipyparallel.cluster import launcher
 
-from .. import hostfile as hostfiles
-from . import ClusterError, watchdog
-from .watchdog import same_process_runs
+from ..spec import check_name
+from . import ClusterError, launch, watchdog
+from .procs import same_process_runs
+from .state import EngineState, Holder
 
 PREFIX = "mlx_nb-"  # cluster ids of mlx_nb's clusters
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def check_name(name: str) -> str:
-    """A kept cluster's name: letters, digits, ``_ . -``, at most 64 characters."""
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise ValueError(f"cluster name {name!r}: use letters, digits, _ . - (e.g. llama-70b), at most 64")
-    return name
-
-
-def parse_idle(spec) -> Optional[float]:
-    """'2h' / '30m' / '90s' / '1d' / seconds -> seconds; None: no limit.
-
-    >>> parse_idle("2h"), parse_idle(90), parse_idle(None)
-    (7200.0, 90.0, None)
-    """
-    if spec is None:
-        return None
-    if isinstance(spec, (int, float)):
-        seconds = float(spec)
-    else:
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", str(spec).lower())
-        if not m:
-            raise ValueError(f"idle {spec!r}: give a duration like 90s, 30m, 2h or 1d")
-        seconds = float(m.group(1)) * _UNITS[m.group(2) or "s"]
-    if not seconds > 0:
-        raise ValueError(f"idle {spec!r}: give a positive duration like 30m")
-    return seconds
 
 
 class IppCluster(ipp.Cluster):
@@ -93,24 +61,34 @@ class IppCluster(ipp.Cluster):
         super().write_cluster_file()
         os.chmod(self.cluster_file, 0o600)
 
+    @property
+    def controller_pid(self) -> Optional[int]:
+        return self.controller.pid if self.controller is not None else None
 
-def me() -> dict:
-    """This process, as a holder: pid, start time, host."""
-    p = psutil.Process()
-    return {"pid": p.pid, "started": p.create_time(), "host": os.uname().nodename, "since": time.time()}
+    def controller_alive(self) -> bool:
+        """Whether the controller's process still runs (its launcher's wait thread says)."""
+        return self.controller is not None and launch.launcher_alive(self.controller)
+
+    @property
+    def client_file(self) -> str:
+        """The controller's connection file for clients (its keys when encrypted): user-readable only."""
+        return files(self.cluster_file)[1]
 
 
-def holder_alive(holder: Optional[dict]) -> bool:
-    if not holder or holder.get("host") != os.uname().nodename:
-        return bool(holder)  # on another machine: assume it holds on
-    return same_process_runs(holder["pid"], holder["started"])
+def state_of(d: dict) -> Optional[EngineState]:
+    """mlx_nb's part of a cluster file's content ``d``; None before the cluster first wrote it."""
+    try:
+        return EngineState.from_json(d["mlx_nb"])
+    except (KeyError, TypeError):
+        return None
 
 
 def controller_runs(d: dict) -> bool:
     """Whether the controller of a cluster file's content ``d`` still runs (the same process, not
     a zombie): without it nothing reaches the ranks, and the cluster is dead."""
     pid = ((d.get("controller") or {}).get("state") or {}).get("pid")
-    return bool(pid) and same_process_runs(pid, (d.get("mlx_nb") or {}).get("controller_started"))
+    state = state_of(d)
+    return bool(pid) and same_process_runs(pid, state.controller_started if state else None)
 
 
 def files(path: str) -> list[str]:
@@ -126,10 +104,10 @@ def forget(path: str, d: dict) -> None:
 
     Its connection files must go too: a new controller of the same id would otherwise be read
     at the dead one's ports (``TimeoutError: Hub connection request timed out``)."""
-    folder = (d.get("mlx_nb") or {}).get("dir")
-    state = watchdog.read(os.path.join(folder, "watch.json")) if folder else None
-    if state:
-        watchdog.end_everything(state)  # its watchdog exits once the state file is gone
+    state = state_of(d)
+    watched = watchdog.read(watchdog.state_path(state.folder)) if state else None
+    if watched:
+        watchdog.end_everything(watched)  # its watchdog exits once the state file is gone
     for f in files(path):
         try:
             os.remove(f)
@@ -149,53 +127,30 @@ def claim(name: str) -> None:
     forget(path, d or {})
 
 
-def encode(obj) -> str:
-    return base64.b64encode(cloudpickle.dumps(obj)).decode()
-
-
-def decode(text: str):
-    return cloudpickle.loads(base64.b64decode(text))
-
-
-def spec_state(spec) -> dict:
-    d = asdict(spec)
-    d["hostfile"] = spec.hostfile.to_json()
-    return d
-
-
-def spec_from_state(d: dict):
-    from ..spec import ClusterSpec
-
-    d = dict(d)
-    d["hostfile"] = hostfiles.loads(json.dumps(d["hostfile"]))
-    return ClusterSpec(**d)
-
-
 def cluster_files(profile_dir: Optional[str] = None) -> list[str]:
     """Every mlx_nb cluster file of the profile (default: IPython's default profile)."""
     profile_dir = profile_dir or ipp.Cluster().profile_dir
     return sorted(glob.glob(os.path.join(profile_dir, "security", f"cluster-{PREFIX}*.json")))
 
 
-def load(name: str) -> IppCluster:
-    """The kept cluster ``name``, its processes reattached; ClusterError if there is none."""
+def load(name: str) -> tuple[IppCluster, EngineState]:
+    """The kept cluster ``name``, its processes reattached, and its state; ClusterError if there is none."""
     path = IppCluster(cluster_id=PREFIX + check_name(name)).cluster_file
     if not os.path.exists(path):
         names = [os.path.basename(f)[len("cluster-" + PREFIX) : -5] for f in cluster_files()]
         known = f": kept clusters here are {', '.join(names)}" if names else ": none is kept here"
         raise ClusterError(f"no kept cluster named {name!r}{known} (%mlx_cluster list)")
     d = watchdog.read(path) or {}
-    if not controller_runs(d):
+    state = state_of(d)
+    if state is None or not controller_runs(d):
         forget(path, d)
-        spec = (d.get("mlx_nb") or {}).get("spec") or {}
-        local = all(hostfiles.is_local(h["ssh"]) for h in (spec.get("hostfile") or {}).get("hosts", []))
-        how = f"-n {spec['n']}" if local and spec.get("n") else "--hostfile HOSTFILE"
+        how = f"-n {state.spec.n}" if state and not state.spec.remote else "--hostfile HOSTFILE"
         raise ClusterError(
             f"cluster {name!r} is gone: its controller no longer runs (the machine restarted, or its "
             f"processes were killed), and what its ranks held went with it; its files are removed: "
             f"start it anew with %mlx_cluster start {how} --name {name} --keep"
         )
-    return IppCluster.from_dict(d, cluster_file=path, shutdown_atexit=False, log_level=40)
+    return IppCluster.from_dict(d, cluster_file=path, shutdown_atexit=False, log_level=40), state
 
 
 def listing() -> list[dict]:
@@ -203,78 +158,76 @@ def listing() -> list[dict]:
     rows = []
     for path in cluster_files():
         d = watchdog.read(path)
-        state = (d or {}).get("mlx_nb") or {}
-        if not state.get("spec"):
+        state = state_of(d or {})
+        if state is None:
             continue  # gone meanwhile, or starting
         if not controller_runs(d):
             forget(path, d)  # its processes are gone (the machine restarted, say): nothing to attach
             continue
-        pids = [r["pid"] for r in state.get("ranks", [])]
         memory = 0
-        for pid in pids:
+        for r in state.ranks:
             try:
-                memory += psutil.Process(pid).memory_info().rss
+                memory += psutil.Process(r.pid).memory_info().rss
             except psutil.Error:
                 pass
-        try:
-            used = os.stat(os.path.join(state["dir"], "watch.json.used")).st_mtime
-        except OSError:
-            used = state.get("created", time.time())
-        hosts = sorted({h["ssh"] for h in state["spec"]["hostfile"]["hosts"]})
+        used = watchdog.last_used(state.folder) or state.created
         rows.append(
             {
-                "name": state["name"],
-                "ranks": len(state.get("ranks", [])),
-                "hosts": hosts,
-                "backend": state["spec"]["backend"],
-                "age": time.time() - state.get("created", time.time()),
+                "name": state.name,
+                "ranks": len(state.ranks),
+                "hosts": sorted({h.ssh_hostname for h in state.spec.hostfile.hosts}),
+                "backend": state.spec.backend,
+                "age": time.time() - state.created,
                 "idle": time.time() - used,
-                "idle_limit": state.get("idle"),
+                "idle_limit": state.idle,
                 "memory": memory,
-                "holder": state.get("holder") if holder_alive(state.get("holder")) else None,
+                "holder": asdict(state.holder) if state.holder.alive() else None,
             }
         )
     return rows
 
 
-def publish(group) -> None:
+def publish(ipc: IppCluster, state: EngineState) -> None:
     """A kept cluster's part of ipyparallel's cluster file: what a kernel needs to attach."""
-    if not group.keep or group._ipp is None:
-        return
-    group._ipp.mlx_nb = {
-        "name": group.name,
-        "spec": spec_state(group.spec),
-        "ranks": [vars(r) for r in group.ranks],
-        "tag": group._tag,
-        "spare": group._spare,
-        "generation": group._generation,
-        "dir": group.dir,
-        "created": group.created,
-        "idle": group.idle,
-        "holder": group.holder,
-        "setup": group.setup_state,
-        "controller_started": group.controller_started,
-    }
-    group._ipp.update_cluster_file()
+    if state.keep:
+        ipc.mlx_nb = state.to_json()
+        ipc.update_cluster_file()
 
 
-def check_holder(group) -> None:
-    """A kept cluster taken over by another kernel runs no more jobs from this one."""
-    if not group.keep or group._ipp is None:
-        return
-    try:
-        mtime = os.stat(group._ipp.cluster_file).st_mtime
-    except OSError:
-        return
-    if mtime != getattr(group, "_holder_mtime", None):
-        group._holder_mtime = mtime
-        with open(group._ipp.cluster_file) as f:
-            holder = (json.load(f).get("mlx_nb") or {}).get("holder") or {}
-        if holder.get("pid") not in (None, group.holder["pid"]) or holder.get("host") != group.holder["host"]:
-            group._taken = holder
-    if getattr(group, "_taken", None):
-        h = group._taken
+def refuse_held(name: str, holder: Holder, take: bool) -> None:
+    """Attaching is refused (ClusterError, one line) while another live kernel holds the cluster, unless ``take``."""
+    if holder.alive() and not holder.is_me() and not take:
+        since = time.strftime("%H:%M", time.localtime(holder.since))
         raise ClusterError(
-            f"cluster {group.name!r} was taken over by the kernel pid {h['pid']} on {h['host']}: "
-            f"%mlx_cluster attach {group.name} --take to take it back"
+            f"cluster {name!r} is attached to another kernel (pid {holder.pid} on {holder.host}, "
+            f"since {since}): %mlx_cluster attach {name} --take to take it over"
         )
+
+
+@dataclass
+class Holding:
+    """Whether this kernel still holds a kept cluster: another kernel that takes it over
+    (``attach --take``) writes itself into the cluster file, read again only when it changed."""
+
+    path: str  # the cluster file
+    holder: Holder  # this kernel
+    mtime: Optional[float] = None
+    taken_by: Optional[Holder] = None
+
+    def check(self, name: str) -> None:
+        """ClusterError (one line) once another kernel took the cluster over: it runs no more jobs from this one."""
+        try:
+            mtime = os.stat(self.path).st_mtime
+        except OSError:
+            return
+        state = state_of(watchdog.read(self.path) or {}) if mtime != self.mtime else None
+        if state is not None:  # changed, and not being rewritten
+            self.mtime = mtime
+            if (state.holder.pid, state.holder.host) != (self.holder.pid, self.holder.host):
+                self.taken_by = state.holder
+        if self.taken_by is not None:
+            h = self.taken_by
+            raise ClusterError(
+                f"cluster {name!r} was taken over by the kernel pid {h.pid} on {h.host}: "
+                f"%mlx_cluster attach {name} --take to take it back"
+            )

@@ -19,20 +19,15 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional
 
-import psutil
 from ipyparallel.cluster.launcher import SSHLauncher
 
-# defined beside the watchdog, which must start without importing ipyparallel
-from .watchdog import process_tree as process_tree
-from .watchdog import tree_command
+from . import procs
+from .procs import tree_command
 
 # a host that does not answer fails in seconds, not after the TCP timeout
 SSH_OPTIONS = ["-o", "ConnectTimeout=5", "-o", "BatchMode=yes"]
@@ -243,14 +238,7 @@ def launcher_alive(launcher: Any) -> bool:
     if thread is not None:
         return thread.is_alive()
     # not waited on yet: an ssh launcher's pid is on the other host, so only the thread would know
-    return is_ssh(launcher) or alive(launcher.pid)
-
-
-def quietly(f: Callable, *args: Any) -> None:
-    try:
-        f(*args)
-    except Exception:
-        pass
+    return is_ssh(launcher) or procs.alive(launcher.pid)
 
 
 def engine_output(text: str, lines: int = 20) -> str:
@@ -265,31 +253,14 @@ def engine_output(text: str, lines: int = 20) -> str:
     return "\n".join("  " + line for line in keep[-lines:])
 
 
-def end(procs: list, remote: list, gentle: bool = False) -> bool:
+def end(local: list, remote: list, gentle: bool = False) -> bool:
     """End local processes and ssh launchers' remote engines with all they started; True if one
-    had to be SIGKILLed after gentler signals (``gentle``: SIGINT, 1 s, SIGTERM, 2 s; else SIGKILL
-    at once). ``procs`` are whole local trees already; a remote engine's tree is found on its host."""
-    steps = [(signal.SIGINT, 1.0), (signal.SIGTERM, 2.0)] if gentle else []
-    engines, killed = list(remote), gentle
-    for sig, wait in steps:
-        for p in procs:
-            quietly(p.send_signal, sig)
-        for el in remote:
-            quietly(el.signal, sig)
-        procs = wait_exited(procs, timeout=wait)
-        deadline = time.monotonic() + wait
-        while remote and time.monotonic() < deadline:
-            remote = [el for el in remote if launcher_alive(el)]
-            time.sleep(0.05)
-        if not procs and not remote:
-            killed = False
-            break
-    for p in procs:
-        quietly(p.kill)
+    had to be SIGKILLed after gentler signals (``gentle``: procs.GENTLE_STEPS; else SIGKILL at
+    once). ``local`` are whole trees already; a remote engine's tree is found on its host."""
+    killed = procs.end(local, gentle, remote, launcher_alive)
     # what the remote engines started outlives them unless it is ended too (their engines
     # themselves, when a gentler signal ended them already)
-    end_remote(engines)
-    wait_exited(procs, timeout=5)
+    end_remote(remote)
     return killed
 
 
@@ -305,39 +276,3 @@ def end_remote(launchers: list, sig: str = "KILL") -> None:
     with ThreadPoolExecutor(len(by_host)) as pool:
         for (host, *ssh), pids in by_host.items():
             pool.submit(ssh_run, host, tree_command(pids, sig), ssh, 10.0)
-
-
-def wait_exited(procs: list, timeout: float) -> list:
-    """Wait until each process has exited; return those still running after ``timeout``.
-
-    An exited process whose parent died stays a zombie until init reaps it (seconds,
-    on some systems): it holds nothing, so it counts as gone.
-    """
-    deadline = time.monotonic() + timeout
-    left = list(procs)
-    while left:
-        left = [p for p in left if running(p)]
-        if not left or time.monotonic() > deadline:
-            break
-        time.sleep(0.02)
-    return left
-
-
-def alive(pid: Optional[int]) -> bool:
-    try:
-        return bool(pid) and running(psutil.Process(pid))
-    except psutil.Error:
-        return False
-
-
-def running(p: psutil.Process) -> bool:
-    try:
-        if p.status() == psutil.STATUS_ZOMBIE:
-            try:
-                p.wait(0)  # reap our own children
-            except (psutil.Error, ChildProcessError):
-                pass
-            return False
-        return True
-    except psutil.Error:
-        return False

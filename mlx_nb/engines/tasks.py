@@ -1,4 +1,5 @@
-"""One job on the ranks as ipyparallel sees it: per rank, its reply and what it has sent so far."""
+"""One job on the ranks as ipyparallel sees it: per rank, its reply and what it has sent so far;
+and ``Messages``, what the notebook sends the ranks through one ipyparallel Client."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any, Optional
 import ipyparallel as ipp
 
 from ..results import Outcome, RankError
+from . import ClusterError
 
 
 class RankTask:
@@ -21,8 +23,8 @@ class RankTask:
     reacting to callbacks, means output that arrived before anyone listened is not lost.
     """
 
-    def __init__(self, rank: int, future: Any, client: Optional[ipp.Client] = None):
-        self.rank, self._future, self._client = rank, future, client
+    def __init__(self, rank: int, future: Any, messages: Optional[Messages] = None):
+        self.rank, self._future, self._messages = rank, future, messages
         self._md = future.output.metadata
 
     # what the rank has sent so far
@@ -106,52 +108,95 @@ class RankTask:
 
 def forget(tasks: Iterable[RankTask]) -> None:
     """Drop a finished job's messages from the ipyparallel Client's caches (see
-    :func:`forget_messages`); tasks still waiting for a reply are kept.
+    :meth:`Messages.forget`); tasks still waiting for a reply are kept.
 
     Example::
 
-        tasks = dispatch(view, [0, 1], fn)
+        tasks = messages.dispatch({0: 3, 1: 4}, fn)  # rank -> engine id
         ...  # wait for them
         forget(tasks.values())
     """
-    done = [t for t in tasks if t._client is not None and t.replied]
+    done = [t for t in tasks if t._messages is not None and t.replied]
     if done:
-        forget_messages(done[0]._client, [t._future.msg_id for t in done])
+        done[0]._messages.forget([t._future.msg_id for t in done])
 
 
-def forget_messages(client: ipp.Client, msg_ids: Iterable[str]) -> None:
-    """Drop ``msg_ids`` from ``client``'s caches, once their replies came.
+class Messages:
+    """What the notebook sends the ranks through one ipyparallel Client: jobs (dispatched here,
+    forgotten here once done), control messages, and the hub's queues read against them."""
 
-    The Client appends every message id it sends to ``client.history`` and never trims it,
-    and keeps a message's result and metadata until its reply *and* its end of output
-    arrived (the latter never does for a rank whose output was given up on): without this,
-    one entry per rank per job, forever. Messages still outstanding are kept (a reply may
-    still come).
+    def __init__(self, client: ipp.Client):
+        self.client = client
+        # the last messages of ours forgotten: the hub's queue status lags their replies
+        self.forgotten: deque[str] = deque(maxlen=4096)
+        self._views: tuple[list[int], Optional[ipp.DirectView]] = ([], None)
 
-    Example::
+    def dispatch(self, engines: dict[int, int], fn: Callable, *args: Any) -> dict[int, RankTask]:
+        """``fn(*args)`` on every engine of ``engines`` (rank -> engine id) in one apply: the
+        same dispatch cost as a raw DirectView call. :func:`forget` the tasks after."""
+        ar = self._view(list(engines.values())).apply_async(fn, *args)
+        return {r: RankTask(r, child, self) for r, child in zip(engines, ar._children)}
 
-        ar = view.apply_async(fn)
-        ar.get()
-        forget_messages(view.client, ar.msg_ids)
-    """
-    ids = set(msg_ids) - client.outstanding
-    for cache in (client.results, client.metadata, client._futures, client._output_futures):
-        for msg_id in ids:
-            cache.pop(msg_id, None)
-    if ids:
-        client.history[:] = [m for m in client.history if m not in ids]
-        recently_forgotten(client).extend(ids)
+    def _view(self, ids: list[int]) -> ipp.DirectView:
+        """The view jobs go through: one per set of engines (a new DirectView costs ~0.1 ms),
+        private so that nobody retargets it."""
+        if self._views[1] is None or self._views[0] != ids:
+            self._views = (ids, self.client[ids])
+        view = self._views[1]
+        view.history.clear()  # it would grow by a message id per rank per cell
+        return view
 
+    def forget(self, msg_ids: Iterable[str]) -> None:
+        """Drop ``msg_ids`` from the client's caches, once their replies came.
 
-def recently_forgotten(client: ipp.Client) -> deque:
-    """The last messages of ours forgotten: the hub's queue status lags their replies."""
-    if not hasattr(client, "_mlx_nb_forgotten"):
-        client._mlx_nb_forgotten = deque(maxlen=4096)
-    return client._mlx_nb_forgotten
+        The Client appends every message id it sends to ``client.history`` and never trims it,
+        and keeps a message's result and metadata until its reply *and* its end of output
+        arrived (the latter never does for a rank whose output was given up on): without this,
+        one entry per rank per job, forever. Messages still outstanding are kept (a reply may
+        still come).
 
+        Example::
 
-def dispatch(view: ipp.DirectView, ranks: list[int], fn: Callable, *args: Any) -> dict[int, RankTask]:
-    """``fn(*args)`` on every engine of ``view`` (one per rank of ``ranks``, in order) in one
-    apply: the same dispatch cost as a raw DirectView call. :func:`forget` the tasks after."""
-    ar = view.apply_async(fn, *args)
-    return {r: RankTask(r, child, view.client) for r, child in zip(ranks, ar._children)}
+            ar = view.apply_async(fn)
+            ar.get()
+            messages.forget(ar.msg_ids)
+        """
+        client = self.client
+        ids = set(msg_ids) - client.outstanding
+        for cache in (client.results, client.metadata, client._futures, client._output_futures):
+            for msg_id in ids:
+                cache.pop(msg_id, None)
+        if ids:
+            client.history[:] = [m for m in client.history if m not in ids]
+            self.forgotten.extend(ids)
+
+    def send_control(self, engine_ids: Iterable[int], msg_type: str, content: Optional[dict] = None) -> None:
+        """A message on the engines' control channel, which their kernels serve while a cell runs."""
+        for eid in engine_ids:
+            ident = self.client._engines[eid]
+            self.client.session.send(
+                self.client._control_socket, msg_type, content=content or {}, ident=[ident.encode()]
+            )
+
+    def queued(self, engines: dict[int, int], timeout: float = 3.0) -> tuple[set[int], set[int]]:
+        """Of ``engines`` (rank -> engine id): (ranks the hub has work of others queued for,
+        ranks the hub cannot account for). Within ``timeout`` whatever state the hub is in:
+        ClusterError if it does not answer."""
+        from ipyparallel import util
+
+        client = self.client
+        query = client._send(client._query_stream, "queue_request", content={"targets": None, "verbose": True})
+        if not query.wait(timeout):
+            raise ClusterError(f"the controller did not answer within {timeout:g} s")
+        queues = util.int_keys({k: v for k, v in query.result()["content"].items() if k != "status"})
+        ours = set(client.history) | set(self.forgotten)
+        busy, lost = set(), set()
+        for rank, eid in engines.items():
+            q = queues.get(eid, {})
+            if not isinstance(q, dict):
+                lost.add(rank)
+            # the hub's queue lags replies the notebook already has: of our own messages
+            # only those still without a reply count; another client's work counts
+            elif [m for m in q.get("queue", []) if m in client.outstanding or m not in ours]:
+                busy.add(rank)
+        return busy, lost

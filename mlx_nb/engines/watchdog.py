@@ -22,50 +22,20 @@ import json
 import os
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import psutil
 
+from .procs import end, identities, process_tree, quietly, same_process_runs, stopped_gently, tree_command
+
+if TYPE_CHECKING:
+    from .state import EngineState
+
 POLL = 0.5  # seconds between looks
-
-
-def same_process_runs(pid: int, started: Optional[float]) -> bool:
-    """Whether process ``pid``, started at ``started``, still runs: not another process that took
-    its pid, and not a zombie (a killed kernel stays one until its parent reaps it). A start time
-    of None is not checked."""
-    try:
-        p = psutil.Process(pid)
-        same = started is None or abs(p.create_time() - started) < 1.0
-        return same and p.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
-def tree_command(pids: list[int], sig: str = "KILL") -> str:
-    """A shell line (POSIX sh, on Linux and macOS) that sends ``sig`` to each engine of ``pids``,
-    to everything it started (its descendants, found with ``pgrep -P``) and to its process group.
-
-    An engine on another host is the leader of a session of its own (ipyparallel's ssh launcher
-    starts it so): what its children left behind, reparented to init, is still in its group. The
-    descendants are found before anything is signalled, while their parents still run. A pid
-    that runs something other than an ipyparallel engine (the host restarted since) is left
-    alone; a pid that is gone leaves its group, if any is left, to be ended.
-
-    >>> print(tree_command([42]))  # doctest: +ELLIPSIS
-    t=''; g=''; for p in 42; do case "$(ps -o args= -p $p 2>/dev/null)" in *ipyparallel*) ...; true
-    """
-    roots = " ".join(str(int(pid)) for pid in pids)
-    return (
-        f"t=''; g=''; for p in {roots}; do case \"$(ps -o args= -p $p 2>/dev/null)\" in "
-        '*ipyparallel*) t="$t $p"; g="$g $p";; "") g="$g $p";; esac; done; all=$t; '
-        'while [ -n "$t" ]; do t=$(for p in $t; do pgrep -P "$p"; done); all="$all $t"; done; '
-        f'for p in $g; do kill -s {sig} -- -$p 2>/dev/null; done; [ -z "$all" ] || kill -s {sig} $all 2>/dev/null; true'
-    )
 
 
 def owner_alive(state: dict) -> bool:
@@ -74,13 +44,11 @@ def owner_alive(state: dict) -> bool:
     return same_process_runs(pid, started) if pid else True
 
 
-def idle_for(state: dict, path: str) -> float:
+def idle_for(path: str) -> float:
     """Seconds since the cluster was last used (the ``.used`` stamp, touched when it is ready and
     after every job); 0 while it starts."""
-    try:
-        return time.time() - os.stat(path + ".used").st_mtime
-    except OSError:
-        return 0.0
+    used = last_used(os.path.dirname(path))
+    return 0.0 if used is None else time.time() - used
 
 
 def end_everything(state: dict) -> None:
@@ -92,16 +60,7 @@ def end_everything(state: dict) -> None:
     for pid, started in state.get("local", []):
         if same_process_runs(pid, started):
             procs.update((p.pid, p) for p in process_tree(pid))
-    gentle = state.get("gentle", False)
-    steps = [(signal.SIGINT, 1.0), (signal.SIGTERM, 2.0)] if gentle else []
-    left = list(procs.values())
-    for sig, wait in steps:
-        for p in left:
-            _quietly(p.send_signal, sig)
-        _, left = psutil.wait_procs(left, timeout=wait)
-    for p in left:
-        _quietly(p.kill)
-    psutil.wait_procs(left, timeout=5)
+    end(list(procs.values()), state.get("gentle", False))
     on_host: dict[tuple, list[int]] = {}
     for r in state.get("remote", []):
         on_host.setdefault((r["host"], *r["ssh"]), []).append(r["pid"])
@@ -110,38 +69,11 @@ def end_everything(state: dict) -> None:
             cmd = f"{tree_command(pids)}; rm -rf {state['dir']}"
             argv = [*ssh, "--", host, f"exec sh -c {shlex.quote(cmd)}"]  # whatever the login shell is
             quiet = {"stdin": subprocess.DEVNULL, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
-            pool.submit(_quietly, subprocess.run, argv, timeout=10, **quiet)
+            pool.submit(quietly, subprocess.run, argv, timeout=10, **quiet)
     if state.get("dir"):
         shutil.rmtree(state["dir"], ignore_errors=True)
     for path in state.get("files", []):  # ipyparallel's cluster file
-        _quietly(os.remove, path)
-
-
-def process_tree(pid: int) -> list[psutil.Process]:
-    """The process ``pid`` and all its descendants ([] if it is gone)."""
-    try:
-        p = psutil.Process(pid)
-        return [p, *p.children(recursive=True)]
-    except psutil.Error:
-        return []
-
-
-def _identities(pids: list[int]) -> list[tuple[int, float]]:
-    """(pid, start time) of each process that still runs: what ``same_process_runs`` checks."""
-    found = []
-    for pid in pids:
-        try:
-            found.append((pid, psutil.Process(pid).create_time()))
-        except psutil.Error:
-            pass
-    return found
-
-
-def _quietly(f, *args, **kwargs) -> None:
-    try:
-        f(*args, **kwargs)
-    except Exception:
-        pass
+        quietly(os.remove, path)
 
 
 def read(path: str) -> Optional[dict]:
@@ -165,22 +97,28 @@ def watch(path: str) -> str:
         if state:
             if not owner_alive(state):
                 why = "its owner is gone"
-            elif state.get("idle") and idle_for(state, path) > state["idle"]:
+            elif state.get("idle") and idle_for(path) > state["idle"]:
                 why = f"idle for more than {state['idle']:.0f} s"
             else:
                 why = ""
             if why:
                 end_everything(state)
                 for leftover in (path, path + ".used"):
-                    _quietly(os.remove, leftover)
+                    quietly(os.remove, leftover)
                 return why
         time.sleep(POLL)
 
 
-def start(path: str) -> subprocess.Popen:
-    """Start a watchdog for the state file ``path``, in a session of its own."""
+# ------------------------------------------------------------ the notebook's side
+def state_path(folder: str) -> str:
+    """The watchdog's state file of the cluster whose folder is ``folder``."""
+    return os.path.join(folder, "watch.json")
+
+
+def start(folder: str) -> subprocess.Popen:
+    """Start a watchdog for the cluster whose folder is ``folder``, in a session of its own."""
     return subprocess.Popen(
-        [sys.executable, "-m", "mlx_nb.engines.watchdog", path],
+        [sys.executable, "-m", "mlx_nb.engines.watchdog", state_path(folder)],
         start_new_session=True,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
@@ -189,42 +127,45 @@ def start(path: str) -> subprocess.Popen:
     )
 
 
-def write_state(group) -> None:
-    """What the watchdog of ``group`` (a RankGroup) must end, written atomically: every process."""
-    from . import launch  # the notebook's side only: the watchdog itself stays light
-
-    if group._ipp is None or not os.path.isdir(group.dir):
-        return
-    local, remote = [p.pid for p in group._controller_tree], []
-    if group._ipp.controller is not None:
-        local.append(group._ipp.controller.pid)
-    for es in group._ipp.engines.values():
-        for el in launch.set_launchers(es):
-            if launch.is_ssh(el):
-                remote.append({"host": el.location, "pid": el.pid, "ssh": [*el.ssh_cmd, *el.ssh_args]})
-            elif el.pid:
-                local.append(el.pid)
+def write_state(state: EngineState, local: list[int], remote: list[dict], files: list[str]) -> None:
+    """What the watchdog of the cluster ``state`` describes must end, written atomically: every
+    process (``local`` pids here, ``remote`` engines: host, pid and ssh command), its folder and
+    ``files``. A kept cluster has no owner: it outlives its kernel, until its idle limit."""
     me = psutil.Process()
-    state = {
-        # a kept cluster has no owner: it outlives its kernel, until its idle limit
-        "owner_pid": None if group.keep else me.pid,
+    watched = {
+        "owner_pid": None if state.keep else me.pid,
         "owner_started": me.create_time(),
-        "created": group.created,
-        "idle": group.idle,
-        "local": _identities(local),
+        "created": state.created,
+        "idle": state.idle,
+        "local": identities(local),
         "remote": remote,
-        "dir": group.dir,
-        "files": [
-            group._ipp.cluster_file,
-            group.client_file,
-            group.client_file.replace("-client.json", "-engine.json"),
-        ],
-        "gentle": group.spec.backend in ("jaccl", "jaccl-ring"),
+        "dir": state.folder,
+        "files": files,
+        "gentle": stopped_gently(state.spec.backend),
     }
-    tmp = group.state_file + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(state, f)
-    os.replace(tmp, group.state_file)
+    path = state_path(state.folder)
+    with open(path + ".tmp", "w") as f:
+        json.dump(watched, f)
+    os.replace(path + ".tmp", path)
+
+
+def touch(folder: str) -> None:
+    """The cluster was used now (a kept cluster's idle limit counts from here)."""
+    used = state_path(folder) + ".used"
+    try:
+        os.utime(used)
+    except FileNotFoundError:
+        open(used, "w").close()
+    except OSError:
+        pass
+
+
+def last_used(folder: str) -> Optional[float]:
+    """When the cluster was last used (``touch``); None if it never was."""
+    try:
+        return os.stat(state_path(folder) + ".used").st_mtime
+    except OSError:
+        return None
 
 
 if __name__ == "__main__":

@@ -65,6 +65,15 @@ class BenchRow:
         return not self.wrong_ranks
 
 
+@dataclass(frozen=True)
+class SweepProgress:
+    """Rank 0's report of a sweep's progress: ``done`` of ``total`` cases, the next one named."""
+
+    done: int
+    total: int
+    what: str
+
+
 def make_row(
     op: str, size: int, dtype: str, ranks: int, backend: str, times: Sequence[float], wrong_ranks: Sequence[int] = ()
 ) -> BenchRow:
@@ -182,13 +191,14 @@ def time_iters(run: Callable[[], Any], warmup: int, iters: int, group=None) -> t
 
 
 def sweep_on_rank(sizes, ops, dtypes, warmup, iters, backend) -> Optional[list[BenchRow]]:
-    """sweep() on an mlx_nb rank (``Cluster.call``); rank 0 reports progress, and returns the rows."""
+    """sweep() on an mlx_nb rank (``Cluster.call``); rank 0 reports progress (:class:`SweepProgress`),
+    and returns the rows."""
     world = session.world()
     progress = None
     if world.rank() == 0:
 
         def progress(done, total, what):
-            session.report(done=done, total=total, what=what)
+            session.report(SweepProgress(done, total, what))
 
     rows = sweep(world, sizes, ops, dtypes, warmup, iters, backend=backend, progress=progress)
     return rows if world.rank() == 0 else None

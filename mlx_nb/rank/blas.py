@@ -73,6 +73,8 @@ class BlasInfo:
         return asdict(self)
 
 
+# one per process, not per cluster: a library loaded RTLD_GLOBAL stays for the process's life
+# (a restart is a new engine process); and this file runs by path in preflight, importing no mlx_nb
 _used: Optional[BlasInfo] = None
 _lock = threading.Lock()  # the engine's warm thread and its group init may both ask
 

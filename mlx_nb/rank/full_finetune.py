@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from . import checkpoint
-from .finetune import LORA_OPTIONS, FinetuneConfig, Steps, batches_from, global_mean_loss
+from .training import LORA_OPTIONS, FinetuneConfig, Steps, batches_from, global_mean_loss
 
 
 class FullRun(Steps):

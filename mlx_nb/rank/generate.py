@@ -3,7 +3,7 @@
 Every rank calls the same functions with the same arguments, in the same
 order: the model's collectives pair up across ranks, so a rank that skips a
 call or stops iterating early leaves the others waiting. The loaded model is
-kept here, apart from the user's cell namespace.
+kept in the rank's state (:class:`Loaded`), apart from the user's cell namespace.
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ from mlx_lm.utils import load as load_whole
 from ..footprint import LAYER_KEY
 from ..models import check_split, resolve
 from . import memory, prompt_cache, session
+from .prompt_cache import PromptCache
+from .state import state
 
 Prompt = Union[str, list[dict[str, Any]], list[int]]
-_loaded: Optional[tuple] = None  # (model, tokenizer, group) of the last load_on_rank
-_source: dict = {}  # what _loaded was loaded from: model, path, pipeline, adapter_path
 
 
 def load(
@@ -148,23 +148,43 @@ def stream(
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
         prompt = tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
     shared = group is not None and group.size() > 1
-    agreed: Optional[mx.array] = None
+    votes: Optional[mx.array] = None
     for n, response in enumerate(stream_generate(model, tokenizer, prompt, max_tokens=max_tokens, **kwargs), 1):
         yield response
         if response.finish_reason is not None or n % stop_every:
             continue
         stop = should_stop is not None and should_stop()
         if shared:
-            # The previous check's sum is ready by now, so reading it costs no
-            # wait; the new one queues on the generation stream behind the
+            # The previous check's votes are counted by now, so reading them costs
+            # no wait; the new ones queue on the generation stream behind the
             # model's own collectives, in the same order on every rank.
-            if agreed is not None and agreed.item() > 0:
+            if votes is not None and session.stop_agreed(votes):
                 return
-            with mx.stream(generation_stream):
-                agreed = mx.distributed.all_sum(mx.array(int(stop)), group=group)
-            mx.async_eval(agreed)
+            votes = session.vote_to_stop(group, stop, stream=generation_stream)
         elif stop:
             return
+
+
+@dataclass(frozen=True)
+class Origin:
+    """What the model on a rank was loaded from: ``load_model``'s model (None: the bundled one),
+    the path the rank read, and the layout."""
+
+    model: Optional[str]
+    path: str
+    pipeline: bool = False
+    split: Optional[list[int]] = None  # a pipeline's layers per rank (None: an even split)
+
+
+@dataclass
+class Loaded:
+    """The model ``load_model`` left on a rank (``state.loaded``): every call that generates uses it."""
+
+    model: nn.Module
+    tokenizer: TokenizerWrapper
+    group: mx.distributed.Group
+    origin: Origin
+    cache: Optional[PromptCache] = None  # its prompt cache: the entries are this model's
 
 
 @dataclass
@@ -188,7 +208,6 @@ def load_on_rank(
     the rank's budget), and say how long it took and what it holds.
 
     The model loaded before goes first: a rank's budget is for one model, not two side by side."""
-    global _loaded, _source
     t0 = time.perf_counter()
     path = resolve(model)
     if path.startswith("/") and not os.path.exists(path):
@@ -197,46 +216,36 @@ def load_on_rank(
             "on the notebook's machine, and leaves its cache when newer ones come; "
             "load_model(cluster, adapter_path=...) makes it again (on other hosts, share the folder)"
         )
-    prompt_cache.drop()  # the entries are the old model's
-    _loaded, _source = None, {}
+    state.loaded = None  # its prompt cache with it: the entries are the old model's
     gc.collect()
     mx.clear_cache()
     mx.reset_peak_memory()
-    model_, tokenizer = load(path, session.world(), pipeline, split)
-    _loaded = (model_, tokenizer, session.world())
-    _source = {"model": model, "path": path, "pipeline": pipeline, "split": split}
+    group = session.world()
+    model_, tokenizer = load(path, group, pipeline, split)
     inner = model_.model if pipeline else None
     layers = (inner.start_idx, inner.end_idx) if inner is not None else (0, len(model_.layers))
-    cache = prompt_cache.setup(model_, session.world(), cache_limit)
-    active, peak = session.memory()
-    return LoadResult(
-        session.state.rank, time.perf_counter() - t0, active, peak, cache.status(), layers, memory.budget()
-    )
+    cache = prompt_cache.setup(model_, group, cache_limit)
+    state.loaded = Loaded(model_, tokenizer, group, Origin(model, path, pipeline, split), cache)
+    active, peak = memory.in_use()
+    return LoadResult(state.rank, time.perf_counter() - t0, active, peak, cache.status(), layers, memory.budget())
 
 
-def loaded() -> tuple:
-    """The model ``load_model`` left on this rank: (model, tokenizer, group)."""
-    if _loaded is None:
+def loaded() -> Loaded:
+    """The model ``load_model`` left on this rank."""
+    if state.loaded is None:
         raise RuntimeError("no model is loaded on the ranks: call mlx_nb.generate.load_model(cluster) first")
-    return _loaded
-
-
-def loaded_from() -> dict:
-    """What ``loaded()`` was loaded from: ``load_model``'s model, the path, pipeline or not."""
-    loaded()
-    return dict(_source)
+    return state.loaded
 
 
 def cache_on_rank(clear: bool, set_limit: bool, limit: Optional[int]) -> prompt_cache.CacheStatus:
     """The prompt cache's state on this rank; first emptied (``clear``) or given a new ``limit``
     (``set_limit``; None: the default share), alike on every rank (every rank at once)."""
-    _, _, group = loaded()
-    pc = prompt_cache.current()
+    m = loaded()
     if clear:
-        pc.clear()
+        m.cache.clear()
     if set_limit:
-        prompt_cache.set_limit(limit, group)
-    return pc.status()
+        prompt_cache.set_limit(m.cache, limit, m.group)
+    return m.cache.status()
 
 
 def prompt_tokens(tokenizer: TokenizerWrapper, prompt: Prompt) -> list[int]:
@@ -250,47 +259,72 @@ def prompt_tokens(tokenizer: TokenizerWrapper, prompt: Prompt) -> list[int]:
     return list(prompt)
 
 
-def generate_on_rank(prompt: Prompt, max_tokens: int) -> dict:
-    """Generate on every rank; rank 0 reports each piece of text to the notebook as it comes.
+@dataclass(frozen=True)
+class Text:
+    """A piece of a reply's text, reported by rank 0 as it comes (``t``: when, ``time.time``)."""
+
+    text: str
+    t: float
+
+
+@dataclass
+class Generated:
+    """One rank's account of a reply (``generate_on_rank``): the text and tokens as rank 0 saw
+    them, how fast they came, and this rank's peak memory."""
+
+    text: str
+    tokens: list[int]
+    prompt_tokens: int  # the whole prompt, cached_tokens included
+    cached_tokens: int  # of them, those the prompt cache held
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    ttft: float  # seconds to the first token
+    finish_reason: Optional[str]
+    stopped: bool
+    peak_memory: int = 0
+
+
+def generate_on_rank(prompt: Prompt, max_tokens: int) -> Generated:
+    """Generate on every rank; rank 0 reports each piece of text (:class:`Text`) as it comes.
 
     The prompt starts from the prompt cache's longest match (rank 0 decides, every rank takes
     the same entry), and what it leaves in its KV cache becomes an entry for the next turn."""
-    model, tokenizer, group = loaded()
-    rank = session.state.rank
-    ids = prompt_tokens(tokenizer, prompt)
+    m = loaded()
+    rank, pc = state.rank, m.cache
+    ids = prompt_tokens(m.tokenizer, prompt)
     if not ids:
         raise ValueError("the prompt has no tokens")
-    pc = prompt_cache.current()
     hit = None
     if pc is not None:
         pc.forget_pending()  # what an earlier call that failed left pending
-        hit = prompt_cache.broadcast(pc.lookup(ids) if rank == 0 else None, group)
+        hit = prompt_cache.broadcast(pc.lookup(ids) if rank == 0 else None, m.group)
     cached = hit.tokens if hit is not None else 0
-    cache = pc.take(hit, model) if pc is not None else None
+    cache = pc.take(hit, m.model) if pc is not None else None
     t0, ttft, pieces, tokens, last = time.perf_counter(), None, [], [], None
     for r in stream(
-        model, tokenizer, ids[cached:], max_tokens, group, should_stop=session.stop_requested, prompt_cache=cache
+        m.model, m.tokenizer, ids[cached:], max_tokens, m.group, should_stop=session.stop_requested, prompt_cache=cache
     ):
         if ttft is None:
             ttft = time.perf_counter() - t0
         if rank == 0 and r.text:
-            session.report(text=r.text, t=time.time())
+            session.report(Text(r.text, time.time()))
         pieces.append(r.text)
         tokens.append(r.token)
         last = r
     if pc is not None:
         pc.finished("stream", cache, ids + tokens)
-        pc.apply(prompt_cache.broadcast(pc.decide() if rank == 0 else None, group))
-    return {
-        "text": "".join(pieces),
-        "tokens": tokens,
-        "prompt_tokens": len(ids),
-        "cached_tokens": cached,
-        "prompt_tps": last.prompt_tps,
-        "generation_tokens": last.generation_tokens,
-        "generation_tps": last.generation_tps,
-        "ttft": ttft or 0.0,
-        "finish_reason": last.finish_reason,
-        "stopped": session.stop_requested(),
-        "peak_memory": session.memory()[1],
-    }
+        pc.apply(prompt_cache.broadcast(pc.decide() if rank == 0 else None, m.group))
+    return Generated(
+        text="".join(pieces),
+        tokens=tokens,
+        prompt_tokens=len(ids),
+        cached_tokens=cached,
+        prompt_tps=last.prompt_tps,
+        generation_tokens=last.generation_tokens,
+        generation_tps=last.generation_tps,
+        ttft=ttft or 0.0,
+        finish_reason=last.finish_reason,
+        stopped=session.stop_requested(),
+        peak_memory=memory.in_use()[1],
+    )

@@ -11,7 +11,7 @@ activations, prompt cache); ``free()`` is what is left of it now. Measured, a bu
 
 ``Cluster(..., memory=["700MB", "260MB"])`` (``%mlx_cluster start --memory``) overrides it per
 rank: to leave room for other programs, or to try a mixed cluster on one machine. The override
-and the ranks sharing this host live in the rank's session state, set when the group forms.
+and the ranks sharing this host live in the rank's state (:mod:`.state`), set when the group forms.
 
 Example (in a cell)::
 
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Optional
 
-from . import session
+from .state import state
 
 
 class BudgetSource(str, Enum):
@@ -58,8 +58,8 @@ class Budget:
 def configure(given: Optional[list[int]], local_ranks: int = 1) -> None:
     """Set, as the group forms, every rank's override (``given[rank]``; None: measure) and how
     many ranks share this rank's host."""
-    session.state.memory = None if given is None else int(given[session.state.rank])
-    session.state.local_ranks = max(1, int(local_ranks))
+    state.memory = None if given is None else int(given[state.rank])
+    state.local_ranks = max(1, int(local_ranks))
 
 
 def budget() -> Budget:
@@ -71,21 +71,29 @@ def budget() -> Budget:
     """
     import mlx.core as mx
 
-    rank, local = session.state.rank, session.state.local_ranks
+    rank, local = state.rank, state.local_ranks
     gpu = mx.default_device().type == mx.gpu
-    if session.state.memory is not None:
-        return Budget(max(rank, 0), session.state.memory, BudgetSource.GIVEN, gpu=gpu)
+    if state.memory is not None:
+        return Budget(max(rank, 0), state.memory, BudgetSource.GIVEN, gpu=gpu)
     if gpu:
         info = mx.device_info()
         if mx.cuda.is_available():
             total = info.get("total_memory") or info.get("memory_size") or 0
             # nccl gives each rank a GPU of its own; otherwise a host's ranks all run on its GPU 0
-            shared = 1 if session.state.backend == "nccl" else local
+            shared = 1 if state.backend == "nccl" else local
             return Budget(rank, int(total) // shared, BudgetSource.GPU, shared, gpu=True)
         total = info.get("max_recommended_working_set_size") or info.get("memory_size") or 0
         return Budget(rank, int(total) // local, BudgetSource.WORKING_SET, local, gpu=True)
     held = mx.get_active_memory() + mx.get_cache_memory()
     return Budget(rank, host_available() // local + held, BudgetSource.HOST, local)
+
+
+def in_use() -> tuple[int, int]:
+    """(in use, peak) bytes; the peak since the cell began, which counts what it started with."""
+    import mlx.core as mx
+
+    active = mx.get_active_memory()
+    return active, max(active, mx.get_peak_memory())
 
 
 def free() -> int:

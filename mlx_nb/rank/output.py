@@ -16,27 +16,29 @@ from ..results import CR_MARK
 
 
 class Cut:
-    """How many bytes of a cell's output a rank did not send."""
+    """A cell's output on a rank: the characters it may still send (stdout and stderr together;
+    -1 once it ran out), and how many bytes it did not send."""
 
-    def __init__(self) -> None:
+    def __init__(self, left: int) -> None:
+        self.left = left
         self.bytes = 0
 
 
 class _Limited:
-    """A stream that forwards until ``budget`` characters are spent, then only counts."""
+    """A stream that forwards until ``cut.left`` characters are spent, then only counts."""
 
-    def __init__(self, stream: TextIO, budget: list[int], cut: Cut):
-        self._stream, self._budget, self._cut = stream, budget, cut
+    def __init__(self, stream: TextIO, cut: Cut):
+        self._stream, self._cut = stream, cut
 
     def write(self, text: str) -> int:
         n = len(text)
         text = text.replace("\r", CR_MARK)
-        if self._budget[0] >= n:
-            self._budget[0] -= n
+        if self._cut.left >= n:
+            self._cut.left -= n
             self._stream.write(text)
             return n
-        keep = max(self._budget[0], 0)
-        self._budget[0] = -1
+        keep = max(self._cut.left, 0)
+        self._cut.left = -1
         if keep:
             # end on a whole line where there is one, so the note after it starts a line
             head = text[:keep]
@@ -57,10 +59,9 @@ class _Limited:
 def limited_output(show: bool, limit: int) -> Iterator[Cut]:
     """While the cell runs: stdout and stderr limited to ``limit`` characters (0: no limit), or
     silenced when the rank is not shown; carriage returns travel as ``CR_MARK``."""
-    cut = Cut()
-    budget = [(limit or 1 << 62) if show else 0]
+    cut = Cut((limit or 1 << 62) if show else 0)
     saved = sys.stdout, sys.stderr
-    sys.stdout, sys.stderr = _Limited(saved[0], budget, cut), _Limited(saved[1], budget, cut)
+    sys.stdout, sys.stderr = _Limited(saved[0], cut), _Limited(saved[1], cut)
     try:
         yield cut
     finally:

@@ -311,26 +311,12 @@ def _entry_tokens(entry: list) -> int:
     return max((kv[0].shape[2] for kv in entry if kv is not None), default=0)
 
 
-# ------------------------------------------------------------------ one per rank
-_cache: Optional[PromptCache] = None
-
-
-def current() -> Optional[PromptCache]:
-    """This rank's prompt cache (None before a model is loaded)."""
-    return _cache
-
-
-def drop() -> None:
-    """Forget every entry (another model is being loaded)."""
-    global _cache
-    _cache = None
-
-
+# ------------------------------------------------------------------ one per loaded model
 def setup(model: Any, group: Optional[mx.distributed.Group], limit: Optional[int] = None) -> PromptCache:
     """A new, empty cache for ``model`` on every rank of ``group`` (a collective: every rank calls
     it, right after the load). ``limit``: bytes per rank (None: 1/4 of what is left of the rank's
-    memory budget, :func:`mlx_nb.rank.memory.free`; 0: no cache). It runs the model on one token to measure the rank's KV bytes per token."""
-    global _cache
+    memory budget, :func:`mlx_nb.rank.memory.free`; 0: no cache). It runs the model on one token to measure the rank's KV bytes per token.
+    The cache lives with the model it holds entries of (``rank.generate.Loaded``)."""
     rank, size = (group.rank(), group.size()) if group is not None else (0, 1)
     probe = make_prompt_cache(model)
     why_off = None
@@ -355,17 +341,14 @@ def setup(model: Any, group: Optional[mx.distributed.Group], limit: Optional[int
     limits = [r[1] << 20 for r in rows]
     if why_off is None and any(r[2] for r in rows):
         why_off = "another rank cannot cache this model"
-    _cache = PromptCache(rank, per_tokens, limits, why_off)
-    _cache.limit = limit  # this rank's own, in bytes
-    return _cache
+    cache = PromptCache(rank, per_tokens, limits, why_off)
+    cache.limit = limit  # this rank's own, in bytes
+    return cache
 
 
-def set_limit(limit: Optional[int], group: Optional[mx.distributed.Group]) -> None:
+def set_limit(pc: PromptCache, limit: Optional[int], group: Optional[mx.distributed.Group]) -> None:
     """A new limit in bytes for every rank (None: the default share); rank 0 evicts what no longer
     fits, on every rank alike (a collective: every rank calls it)."""
-    pc = _cache
-    if pc is None:
-        return
     rank, size = (group.rank(), group.size()) if group is not None else (0, 1)
     if limit is None:
         limit = memory.free() // DEFAULT_SHARE

@@ -4,42 +4,85 @@ Requests reach rank 0's inbox (``Cluster.send``) as ``{"serve": id, "add": [Requ
 cancellations as ``{"serve": id, "cancel": [request ids]}`` and the end as ``{"serve": id,
 "stop": true}``. Each step rank 0 turns what arrived into a plan that every rank applies
 (:mod:`mlx_nb.rank.batch`): a request that arrives while others run joins at the next step.
-Rank 0 reports the steps' tokens and the time they took (several steps' in one ``report``
-when steps come faster than every ``REPORT_EVERY`` s; a reply's first and last token at once),
-with the prompt tokens each newly admitted request found in the prompt cache
-(:mod:`mlx_nb.rank.prompt_cache`). With nothing to do, rank 0 waits on its
+Rank 0 reports the steps' tokens and the time they took (:class:`~mlx_nb.rank.batch.Tokens`;
+several steps' in one report when steps come faster than every ``REPORT_EVERY`` s; a reply's
+first and last token at once), with the prompt tokens each newly admitted request found in the
+prompt cache (:mod:`mlx_nb.rank.prompt_cache`). With nothing to do, rank 0 waits on its
 inbox for a moment between agreements, so an idle server costs a few small collectives a second.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from . import session
-from .batch import Batch, Outbox, Plan, Request, Token, run
-from .generate import loaded, loaded_from
+from .batch import Batch, Outbox, Plan, Request, Token, Tokens, run
+from .generate import Origin, loaded
 
 GATHER_GAP, GATHER_MOST = 0.01, 0.05  # seconds: see gathered()
 REPORT_EVERY = 0.02  # seconds a served token may wait to share a report (first and last tokens never wait)
 
 
-def source() -> dict:
+@dataclass(frozen=True)
+class Source:
+    """What the model on a rank was loaded from, with what a server needs to know of it."""
+
+    origin: Origin
+    context: Optional[int]  # max_position_embeddings (None: the config does not say)
+    vocab: Optional[int]
+    eos: list[int]  # the tokenizer's end-of-sequence tokens
+    ranks: int
+
+
+@dataclass(frozen=True)
+class Ready:
+    """Rank 0's first report: the ranks serve."""
+
+    t: float
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A request the batch cannot take, and why (the client's 400)."""
+
+    id: int
+    message: str
+
+
+@dataclass(frozen=True)
+class Refused:
+    """Rank 0's report of the requests it refused."""
+
+    t: float
+    refusals: tuple[Refusal, ...]
+
+
+@dataclass(frozen=True)
+class Served:
+    """What a server's job did, on one rank (``serve_on_rank``)."""
+
+    steps: int
+    tokens: int
+
+
+def source() -> Source:
     """What the model on this rank was loaded from (``load_model``'s arguments, and the path),
     with its context length, vocabulary size and end-of-sequence tokens."""
     from mlx_lm.utils import load_config
 
-    _, tokenizer, group = loaded()
-    origin = loaded_from()
-    config = load_config(Path(origin["path"]))
+    m = loaded()
+    config = load_config(Path(m.origin.path))
     config = {**config.get("text_config", {}), **config}
-    return {
-        **origin,
-        "context": config.get("max_position_embeddings"),
-        "vocab": config.get("vocab_size"),
-        "eos": sorted(tokenizer.eos_token_ids),
-        "ranks": group.size() if group else 1,
-    }
+    return Source(
+        m.origin,
+        config.get("max_position_embeddings"),
+        config.get("vocab_size"),
+        sorted(m.tokenizer.eos_token_ids),
+        m.group.size() if m.group else 1,
+    )
 
 
 def gathered(gap: float = GATHER_GAP, most: float = GATHER_MOST) -> list[dict]:
@@ -58,26 +101,37 @@ def gathered(gap: float = GATHER_GAP, most: float = GATHER_MOST) -> list[dict]:
     return out
 
 
-def serve_on_rank(serve_id: str, max_batch: int, prefill_step: int, idle_wait: float = 0.1) -> dict:
+class _Job:
+    """Rank 0's account of a server's job: tokens made, what the notebook last heard, busy time."""
+
+    def __init__(self, batch: Batch) -> None:
+        self.batch = batch
+        self.made = 0  # tokens made
+        self.shown = 0  # the batch size the notebook last heard of
+        self.planned = 0.0  # when the last plan was made: a step's time runs from there to its tokens
+        self.busy = 0.0  # seconds the steps not yet reported took (prefill and decode: the server's busy time)
+        self.outbox = Outbox(self.send, REPORT_EVERY)
+
+    def send(self, tokens: list[Token]) -> None:
+        self.shown = len(self.batch)
+        session.report(Tokens(time.time(), tuple(tokens), len(self.batch), self.busy, tuple(self.batch.admitted())))
+        self.busy = 0.0
+
+    def emit(self, tokens: list[Token]) -> None:
+        self.made += len(tokens)
+        self.busy += time.perf_counter() - self.planned
+        self.outbox.add(tokens)
+
+
+def serve_on_rank(serve_id: str, max_batch: int, prefill_step: int, idle_wait: float = 0.1) -> Served:
     """Serve until told to stop (every rank at once); return the steps and tokens made."""
-    model, tokenizer, group = loaded()
-    batch = Batch(model, tokenizer, group, max_batch=max_batch, prefill_step=prefill_step)
-    made, shown = [0], [0]  # tokens made; the batch size the notebook last heard of
-    planned = [0.0]  # when the last plan was made: a step's time runs from there to its tokens
-    busy = [0.0]  # seconds the steps not yet reported took (prefill and decode: the server's busy time)
-
-    def send(tokens: list[Token]) -> None:
-        shown[0] = len(batch)
-        report = {"cached": cached} if (cached := batch.admitted()) else {}
-        rows = [(t.id, t.token, t.text, t.finish) for t in tokens]
-        session.report(t=time.time(), batch=len(batch), tokens=rows, seconds=busy[0], **report)
-        busy[0] = 0.0
-
-    outbox = Outbox(send, REPORT_EVERY)
+    m = loaded()
+    batch = Batch(m.model, m.tokenizer, m.group, cache=m.cache, max_batch=max_batch, prefill_step=prefill_step)
+    job = _Job(batch)
 
     def decide(batch: Batch) -> Plan:
-        if len(batch) != shown[0]:  # the last plan changed it: the notebook hears of it now
-            outbox.flush()
+        if len(batch) != job.shown:  # the last plan changed it: the notebook hears of it now
+            job.outbox.flush()
         plan = Plan(remove=batch.ended())
         cancelled: set[int] = set()
         messages = session.inbox(wait=0.0 if len(batch) else idle_wait)
@@ -89,25 +143,20 @@ def serve_on_rank(serve_id: str, max_batch: int, prefill_step: int, idle_wait: f
             plan.add += [Request(**r) for r in message.get("add", ())]
             cancelled.update(message.get("cancel", ()))
             plan.stop = plan.stop or bool(message.get("stop"))
-        rejected = [(r.id, p) for r in plan.add if (p := r.problem())]
+        refused = tuple(Refusal(r.id, p) for r in plan.add if (p := r.problem()))
         plan.add = [r for r in plan.add if r.id not in cancelled and not r.problem()]
         plan.remove += sorted(cancelled)
         plan.stop = plan.stop or session.stop_requested()
-        if rejected:
-            session.report(t=time.time(), rejected=rejected)
-        planned[0] = time.perf_counter()  # the wait for work, above, is not generating
+        if refused:
+            session.report(Refused(time.time(), refused))
+        job.planned = time.perf_counter()  # the wait for work, above, is not generating
         return plan
 
-    def emit(tokens: list[Token]) -> None:
-        made[0] += len(tokens)
-        busy[0] += time.perf_counter() - planned[0]
-        outbox.add(tokens)
-
-    session.report(t=time.time(), ready=True)
+    session.report(Ready(time.time()))
     try:
-        steps = run(batch, decide, emit)
+        steps = run(batch, decide, job.emit)
     finally:
         batch.close()
-        if batch.rank == 0 and outbox.tokens:
-            outbox.flush()
-    return {"steps": steps, "tokens": made[0]}
+        if batch.rank == 0 and job.outbox.tokens:
+            job.outbox.flush()
+    return Served(steps, job.made)

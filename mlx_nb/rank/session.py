@@ -1,9 +1,9 @@
 """One rank's session: its identity, the group, the cell namespace, and running a cell or a call.
 
 Every function here runs inside an engine (called through ipyparallel's ``apply``). mlx_nb's own
-state (rank, group, files) lives in ``state``, apart from the user's cell namespace: a cell may
-set ``rank = 8`` or ``import numpy as mx`` without breaking mlx_nb. In the namespace, ``mx``,
-``nn``, ``world``, ``rank`` and ``size`` are only conveniences.
+state (rank, group, files, the notebook's signals) lives in ``state`` (:mod:`.state`), apart from
+the user's cell namespace: a cell may set ``rank = 8`` or ``import numpy as mx`` without breaking
+mlx_nb. In the namespace, ``mx``, ``nn``, ``world``, ``rank`` and ``size`` are only conveniences.
 
 Cells can use ``stop_requested()`` and ``report()`` (``from mlx_nb.rank import ...``).
 """
@@ -21,9 +21,7 @@ import tempfile
 import threading
 import time
 import traceback
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from importlib.metadata import version
 from typing import Any, Optional
 
@@ -37,32 +35,15 @@ from ..results import (
     STOP_MESSAGE,
     Call,
     Identity,
+    InitStep,
     Outcome,
     RankError,
 )
-from . import blas, trace
+from . import blas, memory, trace
 from .output import limited_output
+from .state import state
 
 namespace: dict[str, Any] = {}  # the user's cell namespace
-
-
-@dataclass
-class State:
-    rank: int = -1
-    size: int = 0
-    backend: str = ""
-    world: Any = None
-    files: list[str] = field(default_factory=list)
-    cells: deque = field(default_factory=lambda: deque(maxlen=16))  # linecache names kept
-    memory: Optional[int] = None  # the budget this rank was given, bytes (None: measured; rank.memory)
-    local_ranks: int = 1  # ranks on this rank's host, which share its measured memory
-
-
-state = State()
-_stop = threading.Event()
-_inbox: queue.SimpleQueue = queue.SimpleQueue()  # Cluster.send's messages, oldest first
-_reports = [0]
-_cancelled: dict[int, str] = {}  # cell id -> why the notebook cancelled it
 
 
 class CellCancelled(Exception):
@@ -134,20 +115,20 @@ def init_group(
     """
     from ipyparallel.datapub import publish_data
 
-    def progress(step: str) -> None:
+    def progress(step: InitStep) -> None:
         # so the notebook can name a rank that never gets to the call; flush waits until
         # the IOPub thread has sent it, since init holds the GIL
         publish_data({INIT_KEY: step})
         sys.stdout.flush()
 
-    progress("started")
+    progress(InitStep.STARTED)
     blas.use()  # before anything imports mlx.core (a no-op once the warm thread did it)
     if size > 1:  # a group of one reads no hostfile (and MLX rejects an empty one)
         _write_files(files, files_dir)
     import mlx.core as mx
     import mlx.nn as nn
 
-    progress("joining")
+    progress(InitStep.JOINING)
     try:
         group = _join(mx, backend, size)
     except Exception as exc:
@@ -156,12 +137,10 @@ def init_group(
         return ident
     trace.install(mx)
     state.rank, state.size, state.backend, state.world = group.rank(), group.size(), backend, group
-    from . import memory as rank_memory
-
-    rank_memory.configure(budgets, local_ranks)
+    memory.configure(budgets, local_ranks)
     namespace.update(mx=mx, nn=nn, world=group, rank=state.rank, size=state.size)
     _install_control_handlers()
-    threading.Thread(target=trace.watch, args=(memory,), name="mlx_nb-watch", daemon=True).start()
+    threading.Thread(target=trace.watch, args=(memory.in_use,), name="mlx_nb-watch", daemon=True).start()
     return describe()
 
 
@@ -183,16 +162,14 @@ def describe() -> Identity:
     """Identity, group, device, memory and memory budget of this rank (after init_group)."""
     import mlx.core as mx
 
-    from . import memory as rank_memory
-
     ident = identify()
     ident.rank, ident.size, ident.backend = state.rank, state.size, state.backend
     ident.device, ident.device_name, ident.device_memory = device(mx)
-    ident.blas = blas.current().to_dict()
-    ident.active_memory, ident.peak_memory = memory()
+    ident.blas = blas.current()
+    ident.active_memory, ident.peak_memory = memory.in_use()
     ident.cache_memory = mx.get_cache_memory()
-    budget = rank_memory.budget()
-    ident.memory_budget, ident.memory_given = budget.bytes, budget.source == rank_memory.BudgetSource.GIVEN
+    budget = memory.budget()
+    ident.memory_budget, ident.memory_given = budget.bytes, budget.source == memory.BudgetSource.GIVEN
     return ident
 
 
@@ -218,14 +195,6 @@ def check_group() -> float:
     import mlx.core as mx
 
     return mx.distributed.all_sum(mx.array([state.rank + 1.0]), group=state.world).item()
-
-
-def memory() -> tuple[int, int]:
-    """(in use, peak) bytes; the peak since the cell began, which counts what it started with."""
-    import mlx.core as mx
-
-    active = mx.get_active_memory()
-    return active, max(active, mx.get_peak_memory())
 
 
 def _write_files(files: dict[str, str], where: Optional[str] = None) -> None:
@@ -342,7 +311,7 @@ def _execute(
     out = Outcome(rank=state.rank)
     mx.reset_peak_memory()
     trace.recorder.begin(name, cell_id)
-    _stop.clear()
+    state.stop.clear()
     t0 = time.perf_counter()
     with limited_output(show, output_limit) as cut:
         try:
@@ -357,7 +326,7 @@ def _execute(
             # each flush is a round trip to the IOPub thread
             trace.recorder.end()
     out.output_cut = cut.bytes
-    out.active_memory, out.peak_memory = memory()
+    out.active_memory, out.peak_memory = memory.in_use()
     if profile:
         out.timeline = trace.recorder.timeline(out.wall)
     return out
@@ -430,9 +399,9 @@ def _install_control_handlers() -> None:
     from IPython import get_ipython
 
     kernel = get_ipython().kernel
-    kernel.control_handlers[STOP_MESSAGE] = lambda stream, ident, parent: _stop.set()
+    kernel.control_handlers[STOP_MESSAGE] = lambda stream, ident, parent: state.stop.set()
     kernel.control_handlers[CANCEL_MESSAGE] = _on_cancel
-    kernel.control_handlers[INBOX_MESSAGE] = lambda stream, ident, parent: _inbox.put(parent["content"])
+    kernel.control_handlers[INBOX_MESSAGE] = lambda stream, ident, parent: state.inbox.put(parent["content"])
     trace.recorder.before_call = _refuse_if_cancelled
 
 
@@ -440,14 +409,14 @@ def _on_cancel(stream, ident, parent) -> None:
     from ipyparallel.datapub import publish_data
 
     content = parent["content"]
-    _cancelled.clear()  # only the latest cell can be running
-    _cancelled[content["cell"]] = content["why"]
+    state.cancelled.clear()  # only the latest cell can be running
+    state.cancelled[content["cell"]] = content["why"]
     publish_data({CANCEL_KEY: content["cell"]})  # the notebook drains only once every rank knows
 
 
 def _refuse_if_cancelled(op: str = "") -> None:
     """A cancelled cell goes no further: its next distributed call (or its end) raises."""
-    why = _cancelled.get(trace.recorder.cell_id)
+    why = state.cancelled.get(trace.recorder.cell_id)
     if why is not None and trace.recorder.cell is not None:
         raise CellCancelled(f"the cell was cancelled: {why}")
 
@@ -487,12 +456,12 @@ def inbox(wait: float = 0.0) -> list[dict]:
             print(message["text"])
     """
     try:
-        messages = [_inbox.get(timeout=wait)] if wait > 0 else []
+        messages = [state.inbox.get(timeout=wait)] if wait > 0 else []
     except queue.Empty:
         return []
     while True:
         try:
-            messages.append(_inbox.get_nowait())
+            messages.append(state.inbox.get_nowait())
         except queue.Empty:
             return messages
 
@@ -500,8 +469,8 @@ def inbox(wait: float = 0.0) -> list[dict]:
 def stop_requested() -> bool:
     """True once the notebook asked this cell to stop (Cluster.request_stop, the stop buttons).
 
-    Only a flag: ranks must agree on when to stop (e.g. an all_sum of it every
-    step), since a rank that stops alone leaves the others in a collective.
+    Only a flag: ranks must agree on when to stop (:func:`vote_to_stop` every step), since a
+    rank that stops alone leaves the others in a collective.
 
     Example (in a cell)::
 
@@ -514,12 +483,55 @@ def stop_requested() -> bool:
     if not trace.recorder.polls_stop:
         trace.recorder.polls_stop = True
         trace.recorder.version += 1
-    return _stop.is_set()
+    return state.stop.is_set()
 
 
-def report(**data: Any) -> None:
-    """Send ``data`` to the notebook now, while the cell runs (``Cluster.run(on_report=...)``)."""
+def vote_to_stop(group: Any, stop: bool, share: Optional[int] = None, stream: Any = None) -> Any:
+    """The one way ranks agree on stopping: every rank's ``stop`` summed over ``group``. A
+    collective (every rank calls it at the same point), queued on ``stream`` (default the CPU)
+    and started, not waited for. Every rank reads the same count (:func:`stop_agreed`), so once
+    any rank says stop, all stop at the same step: a rank that stopped alone would leave the
+    others waiting in the next collective.
+
+    ``share``: a number each rank adds in a slot of its own (its peak memory), carried by the same
+    collective: ``votes[1 + r]`` is rank r's.
+
+    Example (every step, on every rank)::
+
+        votes = vote_to_stop(world(), stop_requested())
+        if stop_agreed(votes):
+            break
+    """
+    import mlx.core as mx
+
+    if share is None:
+        mine = mx.array([int(stop)])
+    else:
+        values = [int(stop)] + [0] * group.size()
+        values[1 + group.rank()] = int(share)
+        mine = mx.array(values, dtype=mx.int64)
+    with mx.stream(stream if stream is not None else mx.cpu):
+        votes = mx.distributed.all_sum(mine, group=group)
+    mx.async_eval(votes)
+    return votes
+
+
+def stop_agreed(votes: Any) -> bool:
+    """Whether any rank voted to stop (``votes``: :func:`vote_to_stop`'s; it waits for the sum)."""
+    return votes[0].item() > 0
+
+
+def report(payload: Any = None, /, **data: Any) -> None:
+    """Send ``data`` to the notebook now, while the cell runs (``Cluster.run(on_report=...)``
+    gets it as a dict); or ``payload``, an object as it is (mlx_nb's own reports are frozen
+    dataclasses, read in the notebook by attribute).
+
+    Example (in a cell)::
+
+        from mlx_nb.rank import report
+        report(step=3, loss=0.25)
+    """
     from ipyparallel.datapub import publish_data
 
-    _reports[0] += 1
-    publish_data({f"{REPORT_PREFIX}{_reports[0]:09d}": data})
+    state.reports += 1
+    publish_data({f"{REPORT_PREFIX}{state.reports:09d}": data if payload is None else payload})

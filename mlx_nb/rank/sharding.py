@@ -9,6 +9,7 @@ against the unsharded reference, and the forward time (slowest rank per iteratio
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Optional
 
 import mlx.core as mx
@@ -100,6 +101,29 @@ def shard(model: nn.Module, method: str, strategy: str, group):
     return layer, lambda x: mx.distributed.all_sum(_part(x, r, n) @ layer.weight.T, group=group) + layer.bias, whole
 
 
+@dataclass(frozen=True)
+class Param:
+    """One sharded parameter on one rank."""
+
+    rank: int
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    bytes: int
+
+
+@dataclass(frozen=True)
+class LabResult:
+    """One rank's part of the lab: its parameters, the output's error, the forward's times."""
+
+    rank: int
+    params: tuple[Param, ...]
+    error: float  # max |sharded - unsharded| on this rank
+    errors: list[float]  # every rank's
+    times: list[float]  # seconds per iteration, the slowest rank's
+    strategy: str
+
+
 def lab(
     group,
     dims: Sequence[int] = (1024, 4096, 1024),
@@ -110,12 +134,8 @@ def lab(
     iters: int = 20,
     seed: int = 0,
     dtype: str = "float32",
-) -> dict:
-    """This rank's part of the lab (collective: every rank calls it with the same arguments).
-
-    Returns {rank, params: [(name, shape, dtype, bytes)], error, errors (every rank's), times
-    (slowest rank per iteration)}.
-    """
+) -> LabResult:
+    """This rank's part of the lab (collective: every rank calls it with the same arguments)."""
     strategy = check(dims, group.size(), method, strategy)
     model = build(dims, seed, dtype)
     x = mx.random.normal((batch, dims[0])).astype(getattr(mx, dtype))
@@ -127,20 +147,13 @@ def lab(
     error = mx.max(mx.abs(y.astype(mx.float32) - part(reference).astype(mx.float32))).item()
     worst, _ = slowest(group, times)
     errors = mx.distributed.all_gather(mx.array([error]), group=group)
-    params = [
-        (name, tuple(p.shape), str(p.dtype).replace("mlx.core.", ""), p.nbytes)
+    params = tuple(
+        Param(group.rank(), name, tuple(p.shape), str(p.dtype).replace("mlx.core.", ""), p.nbytes)
         for name, p in tree_flatten(module.parameters())
-    ]
-    return {
-        "rank": group.rank(),
-        "params": params,
-        "error": error,
-        "errors": errors.tolist(),
-        "times": worst,
-        "strategy": strategy,
-    }
+    )
+    return LabResult(group.rank(), params, error, errors.tolist(), worst, strategy)
 
 
-def lab_on_rank(*args) -> dict:
+def lab_on_rank(*args) -> LabResult:
     """lab() on an mlx_nb rank (``Cluster.call``)."""
     return lab(session.world(), *args)

@@ -54,6 +54,7 @@ class Recorder:
         self.evals: list[tuple[float, float, int]] = []
         self.version = 0  # bumped on every change, so the watch thread publishes only news
         self.before_call: Optional[Callable[[str], None]] = None  # raises to refuse a call
+        self.installed = False  # MLX's functions are wrapped (install)
 
     def begin(self, cell: str, cell_id: int = 0) -> None:
         self.cell, self.cell_id, self.started = cell, cell_id, time.time()
@@ -112,15 +113,15 @@ recorder = Recorder()
 
 def install(mx) -> None:
     """Wrap mx.distributed's collectives, mx.eval and the evaluating array methods (once)."""
-    dist = mx.distributed
-    if getattr(dist, "_mlx_nb_recorded", False):
+    if recorder.installed:
         return
+    dist = mx.distributed
     for op in COLLECTIVES:
         setattr(dist, op, _recorded(op, getattr(dist, op)))
     mx.eval = _timed_eval(mx.eval)
     for name in EVALUATING:
         setattr(mx.array, name, _evaluating(getattr(mx.array, name)))
-    dist._mlx_nb_recorded = True
+    recorder.installed = True
 
 
 def _recorded(op: str, fn):
