@@ -22,7 +22,7 @@ from pathlib import Path
 import ipyparallel as ipp
 from IPython.testing.globalipapp import start_ipython
 
-from mlx_nb import Cluster, hostfile
+from mlx_nb import Cluster, hostfile, rank_env
 from mlx_nb.display import Table
 
 ALL_REDUCE = "import mlx.core as mx\ng = mx.distributed.init(strict=True, backend='ring')\nmx.eval(mx.distributed.all_sum(mx.ones(4), group=g))\n"
@@ -44,7 +44,7 @@ def raw_ipyparallel_start(n: int) -> tuple[float, ipp.Cluster, ipp.Client]:
     t0 = time.perf_counter()
     cluster = ipp.Cluster(n=n, log_level=40)
     client = cluster.start_and_connect_sync()
-    launches = hostfile.rank_launch(hostfile.local(n), "ring", ports=hostfile.free_ports(n))
+    launches = rank_env.rank_launch(hostfile.local(n), "ring", ports=rank_env.free_ports(n))
     files = []
     ars = []
     for eid, launch in zip(sorted(client.ids), launches):

@@ -79,8 +79,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def check_hostfile(path: str, backend: Optional[str] = None) -> int:
     """``mlx-nb hostfile check PATH``: print the cluster and warnings and return 0, or the error and 2."""
-    from .hostfile import HostfileError, describe, load
+    from .hostfile import HostfileError, load
     from .preflight import warnings
+    from .rank_env import describe
 
     try:
         hf = load(path)

@@ -22,7 +22,7 @@ import pytest
 from conftest import processes_left, project_processes, wait_until
 
 from mlx_nb import Cluster, ClusterError, DistCellError
-from mlx_nb.hostfile import free_ports
+from mlx_nb.rank_env import free_ports
 
 pytestmark = pytest.mark.cluster
 ROOT = Path(__file__).resolve().parent.parent

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from mlx_nb import hostfile as hf
+from mlx_nb import rank_env
 from mlx_nb.hostfile import HostfileError
 
 MLX_LAUNCH = str(Path(sys.executable).parent / "mlx.launch")
@@ -106,7 +107,7 @@ def launch(tmp_path):
     return run
 
 
-def as_dumped(launches: list[hf.RankLaunch]) -> dict[int, dict]:
+def as_dumped(launches: list[rank_env.RankLaunch]) -> dict[int, dict]:
     """What the dump script would see for each RankLaunch (files as mlx.launch writes them)."""
     return {
         l.rank: {
@@ -127,7 +128,7 @@ def normalised(dumps: dict[int, dict]) -> dict[int, dict]:
 
 def free_run(n: int) -> int:
     """A port p with p .. p+n-1 all free now: mlx.launch counts ring ports up from one."""
-    for p in hf.free_ports(20):
+    for p in rank_env.free_ports(20):
         socks = [socket.socket() for _ in range(n)]
         try:
             for i, sock in enumerate(socks):
@@ -164,7 +165,7 @@ def test_ring_env_from_hosts_matches_mlx_launch_and_connects(launch):
         init=True,
     )
     assert r.returncode == 0, r.stderr
-    ours = hf.rank_launch(
+    ours = rank_env.rank_launch(
         hf.from_hosts("127.0.0.1", 3),
         "ring",
         starting_port=port,
@@ -187,7 +188,7 @@ def test_ring_hostfile_with_connections_and_envs_matches_mlx_launch(launch):
     }
     dumps, ssh, r = launch("--connections-per-ip", "2", "--env", "MLX_TEST_OVER=cli", hostfile=hosts)
     assert r.returncode == 0, r.stderr
-    ours = hf.rank_launch(hf.loads(json.dumps(hosts)), connections_per_ip=2, env={"MLX_TEST_OVER": "cli"})
+    ours = rank_env.rank_launch(hf.loads(json.dumps(hosts)), connections_per_ip=2, env={"MLX_TEST_OVER": "cli"})
     assert ssh == ["mac1", "mac2"] == [l.host for l in ours]
     assert normalised(dumps) == as_dumped(ours)
     assert ours[0].env["MLX_TEST_OVER"] == "cli"
@@ -202,7 +203,7 @@ def test_ring_hostfile_with_connections_and_envs_matches_mlx_launch(launch):
 def test_single_rank_ring_gets_an_empty_hostfile_like_mlx_launch(launch):
     dumps, _, r = launch()
     assert r.returncode == 0, r.stderr
-    ours = hf.rank_launch(hf.from_hosts("127.0.0.1"), "ring")
+    ours = rank_env.rank_launch(hf.from_hosts("127.0.0.1"), "ring")
     assert normalised(dumps) == as_dumped(ours) == {0: {"env": {"MLX_RANK": "0"}, "files": {"MLX_HOSTFILE": "\n"}}}
 
 
@@ -210,7 +211,7 @@ def test_single_rank_ring_gets_an_empty_hostfile_like_mlx_launch(launch):
 def test_jaccl_env_matches_mlx_launch(launch, hosts):
     dumps, ssh, r = launch("-p", "40404", hostfile=hosts)
     assert r.returncode == 0, r.stderr
-    ours = hf.rank_launch(hf.loads(json.dumps(hosts)), starting_port=40404)
+    ours = rank_env.rank_launch(hf.loads(json.dumps(hosts)), starting_port=40404)
     assert ssh == sorted(h["ssh"] for h in hosts["hosts"])
     assert normalised(dumps) == as_dumped(ours)
     assert ours[2].env["MLX_JACCL_COORDINATOR"] == f"{hosts['hosts'][0]['ips'][0]}:40404"
@@ -221,7 +222,7 @@ def test_nccl_env_with_repeated_hosts_matches_mlx_launch(launch):
     hosts = [{"ssh": "gpu1", "ips": ["10.1.0.1"]}] * 2 + [{"ssh": "gpu2"}] * 2
     dumps, ssh, r = launch("--backend", "nccl", "-n", "2", "--nccl-port", "23456", hostfile=hosts)
     assert r.returncode == 0, r.stderr
-    ours = hf.rank_launch(hf.loads(json.dumps(hosts)), "nccl", repeat_hosts=2, nccl_port=23456)
+    ours = rank_env.rank_launch(hf.loads(json.dumps(hosts)), "nccl", repeat_hosts=2, nccl_port=23456)
     assert normalised(dumps) == as_dumped(ours)
     assert [l.env["CUDA_VISIBLE_DEVICES"] for l in ours] == ["0", "1", "0", "1"]
     assert ours[3].env | {"MLX_RANK": "0", "CUDA_VISIBLE_DEVICES": "0"} == {
@@ -235,6 +236,7 @@ def test_nccl_env_with_repeated_hosts_matches_mlx_launch(launch):
 
 def test_docstring_examples_run():
     assert doctest.testmod(hf).failed == 0
+    assert doctest.testmod(rank_env).failed == 0
 
 
 def test_defaults_match_mlx_launch_argparse():
@@ -242,7 +244,7 @@ def test_defaults_match_mlx_launch_argparse():
 
     text = Path(ml.__file__).read_text()
     assert f"default={hf.STARTING_PORT}," in text and f"default={hf.NCCL_PORT}," in text
-    ring = hf.rank_launch(hf.from_hosts("127.0.0.1", 2), "ring")
+    ring = rank_env.rank_launch(hf.from_hosts("127.0.0.1", 2), "ring")
     assert ring[0].files["MLX_HOSTFILE"] == '[["127.0.0.1:32323"], ["127.0.0.1:32324"]]'
 
 
@@ -473,18 +475,20 @@ def test_from_hosts_mirrors_mlx_launch_hosts_and_n():
 
 # ------------------------------------------------------------ launches
 def test_ring_launch_puts_each_port_in_the_hostfile():
-    ls = hf.rank_launch(hf.local(2), "ring", ports=[5001, 5002], env={"A": "1"})
+    ls = rank_env.rank_launch(hf.local(2), "ring", ports=[5001, 5002], env={"A": "1"})
     assert [(l.rank, l.host, l.env) for l in ls] == [
         (0, "localhost", {"A": "1", "MLX_RANK": "0"}),
         (1, "localhost", {"A": "1", "MLX_RANK": "1"}),
     ]
     assert ls[0].files == {"MLX_HOSTFILE": '[["127.0.0.1:5001"], ["127.0.0.1:5002"]]'}
     with pytest.raises(HostfileError, match="needs 2"):
-        hf.rank_launch(hf.local(2), "ring", ports=[5001])
+        rank_env.rank_launch(hf.local(2), "ring", ports=[5001])
 
 
 def test_launch_vars_override_user_env_as_mlx_launch_does():
-    ls = hf.rank_launch(hf.loads(json.dumps(JACCL)), env={"MLX_RANK": "9", "MLX_IBV_DEVICES": "x", "MLX_TEST": "1"})
+    ls = rank_env.rank_launch(
+        hf.loads(json.dumps(JACCL)), env={"MLX_RANK": "9", "MLX_IBV_DEVICES": "x", "MLX_TEST": "1"}
+    )
     assert ls[1].env["MLX_RANK"] == "1" and "MLX_IBV_DEVICES" not in ls[1].env
     assert ls[1].env["MLX_METAL_FAST_SYNCH"] == "1" and ls[1].env["MLX_TEST"] == "1"
     assert json.loads(ls[0].files["MLX_IBV_DEVICES"]) == [h["rdma"] for h in JACCL["hosts"]]
@@ -492,27 +496,27 @@ def test_launch_vars_override_user_env_as_mlx_launch_does():
 
 def test_mpi_ranks_follow_mpirun_slots():
     h = hf.loads(json.dumps({"envs": ["MLX_TEST=1"], "hosts": [{"ssh": "a"}, {"ssh": "b"}, {"ssh": "a"}]}))
-    assert hf.mpirun_hostfile(h) == "a slots=2\nb slots=1\n"
-    assert "ranks as mpirun numbers them: 0 a, 1 a, 2 b" in hf.describe(h, "mpi")
-    ls = hf.rank_launch(h, "mpi")
+    assert rank_env.mpirun_hostfile(h) == "a slots=2\nb slots=1\n"
+    assert "ranks as mpirun numbers them: 0 a, 1 a, 2 b" in rank_env.describe(h, "mpi")
+    ls = rank_env.rank_launch(h, "mpi")
     assert [(l.rank, l.host) for l in ls] == [(0, "a"), (1, "a"), (2, "b")]
     assert all(l.env == {"MLX_TEST": "1"} and not l.files for l in ls)
 
 
 # -------------------------------------------------------------- describe
 def test_describe_shows_ranks_ring_order_and_links():
-    ring = hf.describe(hf.from_hosts("127.0.0.1", 2), "ring")
+    ring = rank_env.describe(hf.from_hosts("127.0.0.1", 2), "ring")
     assert ring.splitlines()[0] == "2 ranks on 1 host, backend ring"
     assert "ring order: 127.0.0.1 (127.0.0.1:32323) -> 127.0.0.1 (127.0.0.1:32324) -> 127.0.0.1" in ring
-    jaccl = hf.describe(hf.loads(json.dumps(JACCL)))
+    jaccl = rank_env.describe(hf.loads(json.dumps(JACCL)))
     assert "backend jaccl (from the hostfile)" in jaccl
     assert "mac1 rdma_en4,rdma_en5 <-> rdma_en4,rdma_en2 mac3" in jaccl
     assert "coordinator: 192.168.1.11:32323" in jaccl and "envs: MLX_METAL_FAST_SYNCH=1" in jaccl
-    jring = hf.describe(hf.loads(json.dumps(JACCL_RING)))
+    jring = rank_env.describe(hf.loads(json.dumps(JACCL_RING)))
     assert (
         "ring order: mac0 -> mac1 -> mac2 -> mac3 -> mac0" in jring and "mac0 rdma_en3 <-> rdma_en2 mac2" not in jring
     )
-    nccl = hf.describe(hf.loads('[{"ssh": "gpu1", "ips": ["10.1.0.1"]}, {"ssh": "gpu2"}]'), "nccl")
+    nccl = rank_env.describe(hf.loads('[{"ssh": "gpu1", "ips": ["10.1.0.1"]}, {"ssh": "gpu2"}]'), "nccl")
     assert "rank 1 CUDA_VISIBLE_DEVICES=0" in nccl
 
 

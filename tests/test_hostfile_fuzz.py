@@ -11,6 +11,7 @@ import time
 import pytest
 
 from mlx_nb import hostfile as hf
+from mlx_nb import rank_env
 from mlx_nb.hostfile import HostfileError
 from mlx_nb.preflight import warnings
 
@@ -144,7 +145,7 @@ def _outcome(source, backend) -> str:
     """
     try:
         hostfile = hf.loads(source, "fuzz.json")
-        described = hf.describe(hostfile, backend)
+        described = rank_env.describe(hostfile, backend)
         warnings(hostfile)
     except HostfileError as e:
         assert "\n" not in str(e), f"a multi-line error for {source!r}: {e}"

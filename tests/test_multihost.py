@@ -19,7 +19,7 @@ pytest.register_assert_rewrite("testhosts")
 from conftest import magic_cluster, processes_left  # noqa: E402
 from testhosts import TestHosts  # noqa: E402
 
-from mlx_nb import Cluster, hostfile, magics  # noqa: E402
+from mlx_nb import Cluster, hostfile, magics, rank_env  # noqa: E402
 from mlx_nb.cluster import ClusterError, controller_ip  # noqa: E402
 
 pytest_plugins = ["testhosts"]
@@ -137,7 +137,7 @@ def test_engines_get_the_environment_mlx_launch_would_give_them(ip, hosts):
     cluster = magics.current()
     got = cluster.view.apply_sync(_mlx_env)
     ports = [int(a.split(":")[1]) for a in cluster.group.addresses]
-    want = hostfile.rank_launch(cluster.hostfile, "ring", ports=ports, env={"MLXNB_CHECK": "yes"})
+    want = rank_env.rank_launch(cluster.hostfile, "ring", ports=ports, env={"MLXNB_CHECK": "yes"})
     assert got == [
         {**{k: v for k, v in w.env.items() if k.startswith("MLX_")}, **{k: v + "\n" for k, v in w.files.items()}}
         for w in want

@@ -17,8 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import ipyparallel as ipp
 
-from .. import diagnose
-from .. import hostfile as hostfiles
+from .. import diagnose, rank_env
 from ..display import Table
 from ..rank import session
 from ..results import INIT_KEY, Identity
@@ -50,7 +49,7 @@ def form_group(
     found = _wait_for_set(spec, client, sets, tag, known)
     ranks = [RankInfo(r, found[r].engine_id, found[r].host, found[r].pid) for r in range(spec.n)]
     _check_versions(found)
-    addresses, files = _rank_files(spec, spec.ports or hostfiles.free_ports(spec.addresses_needed))
+    addresses, files = _rank_files(spec, spec.ports or rank_env.free_ports(spec.addresses_needed))
     joining = _Joining(spec, client, sets, tag, ranks, addresses)
     joining.init(files, folder)
     values = client[[r.engine_id for r in ranks]].apply_async(session.check_group).get(timeout=spec.init_timeout)
@@ -109,7 +108,7 @@ def _rank_files(spec: ClusterSpec, ports: list[int]) -> tuple[list[str], list[di
     """The ranks' addresses, and what each rank's init writes to files (MLX_HOSTFILE...)."""
     if spec.backend == "mpi":
         return ["mpi"] * spec.n, [{} for _ in range(spec.n)]
-    launches = hostfiles.rank_launch(
+    launches = rank_env.rank_launch(
         spec.hostfile, spec.backend, env=spec.env, ports=ports if spec.backend == "ring" else spec.ports
     )
     if spec.backend == "ring" and spec.n > 1:

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
-from .. import hostfile as hostfiles
+from .. import rank_env
 from ..display import Table
 from ..hostfile import Hostfile, is_local
 from ..preflight import Finding, Severity, check_cluster, gather_command
@@ -104,10 +104,10 @@ def check_hosts(
     outputs = {h: out for h, (rc, out) in results.items() if rc not in (124, 255, 127)}
     here = {"python": ".".join(map(str, sys.version_info[:3])), "mlx": mlx_version() or "-", "mlx_nb": __version__}
     try:  # what the launch sets per rank (CUDA_VISIBLE_DEVICES for nccl): which GPU each rank gets
-        rank_env = {r.rank: r.env for r in hostfiles.rank_launch(hostfile, backend, env=env)}
+        envs = {r.rank: r.env for r in rank_env.rank_launch(hostfile, backend, env=env)}
     except ValueError:  # HostfileError too
-        rank_env = {}
-    found = check_cluster(hostfile, outputs, backend, here, rank_env)
+        envs = {}
+    found = check_cluster(hostfile, outputs, backend, here, envs)
     failed = {f.host for f in unreachable}
     return unreachable + [f for f in found if f.host not in failed]
 

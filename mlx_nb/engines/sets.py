@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Optional
 import ipyparallel as ipp
 import psutil
 
-from .. import hostfile as hostfiles
+from .. import rank_env
 from ..rank import blas
 from . import ClusterError, launch, procs
 
@@ -67,7 +67,7 @@ class EngineSets:
             return
         # the ports of the ring are in MLX_HOSTFILE, written at init; jaccl's and nccl's are in env
         ports = None if spec.backend == "ring" else spec.ports
-        for rank in hostfiles.rank_launch(spec.hostfile, spec.backend, env=spec.env, ports=ports):
+        for rank in rank_env.rank_launch(spec.hostfile, spec.backend, env=spec.env, ports=ports):
             env = {**ENGINE_ENV, **rank.env, "MLX_NB_SET": tag, blas.RANKS_ENV: str(on_host[spec.host(rank.rank)])}
             if rank.rank in spec.remote:
                 ssh = [*spec.ssh_cmd, *launch.SSH_OPTIONS]
