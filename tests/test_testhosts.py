@@ -22,6 +22,7 @@ import pytest
 
 pytest.register_assert_rewrite("testhosts")  # it is also a plugin (below), imported here first
 from conftest import processes_left, wait_until  # noqa: E402
+from lanes import starts  # noqa: E402
 from testhosts import TestHosts, TestHostsError, purge, require_mpi  # noqa: E402
 
 from mlx_nb.engines import launch as launchers  # noqa: E402
@@ -192,6 +193,7 @@ def _ring_all_sum(hostfile: str) -> float:
 
 
 @pytest.fixture(scope="module")
+@starts("cluster")
 def ssh_engines(ssh_hosts):
     """Controller on the bridge, one engine per host over ssh, started as the Cluster would."""
     hosts = ssh_hosts(2)
