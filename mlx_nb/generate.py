@@ -112,6 +112,30 @@ def _plan(cluster, path: str, context: int) -> Plan:
     return make_plan(read_model(path), budgets, context)
 
 
+def _checked_load(
+    pipeline: bool, split: Any, context: int, adapter_path: Optional[str], cache_limit: Any
+) -> Optional[int]:
+    """``load_model``'s arguments checked before anything runs; the cache limit in bytes."""
+    limit = None if cache_limit is None else parse_bytes(cache_limit, "cache_limit")
+    if split is not None and not pipeline:
+        raise ValueError("split= gives the layers of each pipeline stage: add pipeline=True (%mlx_generate --pipeline)")
+    check_context(context)
+    if adapter_path is not None:
+        check_adapters(adapter_path)
+    return limit
+
+
+def _load_on_ranks(cluster, args: tuple, layout: Optional[str]) -> list:
+    """``load_on_rank(*args)`` on every rank, as a setup step; with ``layout``, said and timed."""
+    if layout is not None:
+        print(f"loading on {cluster.n} ranks ({layout})...", end="", flush=True)
+    t0 = time.perf_counter()
+    loads = cluster.call(load_on_rank, *args, setup="load_model", what="a model load")
+    if layout is not None:
+        print(f" done in {time.perf_counter() - t0:.1f} s")
+    return loads
+
+
 def load_model(
     cluster,
     model: Optional[str] = None,
@@ -154,12 +178,8 @@ def load_model(
         load_model(cluster, pipeline=True, split="auto", context=1024)
         load_model(cluster, adapter_path=run.wait().adapter_path, pipeline=True)
     """
-    limit = None if cache_limit is None else parse_bytes(cache_limit, "cache_limit")
-    if split is not None and not pipeline:
-        raise ValueError("split= gives the layers of each pipeline stage: add pipeline=True (%mlx_generate --pipeline)")
-    check_context(context)
+    limit = _checked_load(pipeline, split, context, adapter_path, cache_limit)
     if adapter_path is not None:
-        check_adapters(adapter_path)
         model = _trained_on(adapter_path) if model is None else model
     path = _base_path(cluster, model, progress)
     check_split(path, cluster.n, pipeline)
@@ -169,12 +189,7 @@ def load_model(
     target = model  # each rank resolves it (a host of its own finds its own bundled copy)
     if adapter_path is not None:
         path = target = _fused(path, adapter_path, progress)
-    if progress:
-        print(f"loading on {cluster.n} ranks ({layout.describe()})...", end="", flush=True)
-    t0 = time.perf_counter()
-    loads = cluster.call(load_on_rank, target, pipeline, limit, stages, setup="load_model", what="a model load")
-    if progress:
-        print(f" done in {time.perf_counter() - t0:.1f} s")
+    loads = _load_on_ranks(cluster, (target, pipeline, limit, stages), layout.describe() if progress else None)
     if pipeline:  # every layer on exactly one rank, as the plan split them
         check_ownership([range(*r.layers) for r in loads], planned.model.layers, layout.split)
     return LoadedModel(path, layout, planned, loads)
