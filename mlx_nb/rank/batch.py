@@ -136,7 +136,8 @@ def share(plan: Optional[Plan], group: Optional[mx.distributed.Group], stream: A
     return prompt_cache.broadcast(plan or None, group, stream) or Plan()
 
 
-REPORT_EVERY = 0.1  # seconds between a batch's reports to the notebook (its live table redraws at 4 Hz)
+REPORT_EVERY = 0.25  # seconds between a batch's reports to the notebook: its live table redraws at 4 Hz, and
+# each report costs the cores the step runs on (the engine's IO thread, the notebook); see benchmarks/batch.py
 # A prompt that prefills at least this many tokens past the cache becomes an entry as soon as it is
 # prefilled (a shorter one only when its reply ends: copying a long cached prefix for a few new
 # tokens would cost more than it saves); a request waits for such a prompt's entry when it shares
