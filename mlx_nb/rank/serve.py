@@ -8,7 +8,8 @@ Rank 0 reports the steps' tokens and the time they took (:class:`~mlx_nb.rank.ba
 several steps' in one report when steps come faster than every ``REPORT_EVERY`` s; a reply's
 first and last token at once), with the prompt tokens each newly admitted request found in the
 prompt cache (:mod:`mlx_nb.rank.prompt_cache`). With nothing to do, rank 0 waits on its
-inbox for a moment between agreements, so an idle server costs a few small collectives a second.
+inbox for a moment between agreements, so an idle server costs a few small collectives a second;
+woken by a request, it takes those that follow it closely into the same plan (``gathered``).
 """
 
 from __future__ import annotations
@@ -135,7 +136,7 @@ def serve_on_rank(serve_id: str, max_batch: int, prefill_step: int, idle_wait: f
         plan = Plan(remove=batch.ended())
         cancelled: set[int] = set()
         messages = session.inbox(wait=0.0 if len(batch) else idle_wait)
-        if messages and not len(batch):
+        if not len(batch) and any(m.get("serve") == serve_id and m.get("add") for m in messages):
             messages += gathered()
         for message in messages:
             if message.get("serve") != serve_id:
