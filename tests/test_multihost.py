@@ -156,13 +156,17 @@ def test_restart_brings_back_ranks_on_their_hosts(ip, hosts):
 
 
 def test_stop_leaves_nothing_on_the_hosts_not_even_what_the_ranks_started(ip, hosts):
-    assert hosts.processes(), "expected engines on the hosts while the cluster runs"
-    ip.run_cell_magic("mlx_dist", "", "import subprocess\nsleeper = subprocess.Popen(['sleep', '1000'])")
-    assert len([p for p in hosts.processes() if p.name() == "sleep"]) == 2
     profile = magics.current().group.state.folder  # the engines' IPython profile on the hosts
-    t = time.monotonic()
-    ip.run_line_magic("mlx_cluster", "stop")
-    print(f"\nstop of the 2-host cluster: {time.monotonic() - t:.1f} s")
+    try:
+        engines = hosts.processes()
+        ip.run_cell_magic("mlx_dist", "", "import subprocess\nsleeper = subprocess.Popen(['sleep', '1000'])")
+        sleepers = hosts.named("sleep")
+    finally:  # stopped whatever happened, so that the tests after this one find quiet hosts
+        t = time.monotonic()
+        ip.run_line_magic("mlx_cluster", "stop")
+        print(f"\nstop of the 2-host cluster: {time.monotonic() - t:.1f} s")
+    assert engines, "expected engines on the hosts while the cluster runs"
+    assert len(sleepers) == 2
     assert processes_left(find=hosts.processes) == []
     assert hosts.ssh(0, f"ls -d {profile} 2>/dev/null || true").stdout.strip() == ""
 
@@ -295,7 +299,7 @@ def test_a_killed_kernel_takes_its_ranks_on_the_other_hosts_with_it(hosts):
         out, err = k.run(f"%load_ext mlx_nb\n%mlx_cluster start --hostfile {path} --ssh '{' '.join(hosts.ssh_cmd)}'")
         assert "Cluster ready" in out, err
         k.run("%%mlx_dist\nimport subprocess\nsleeper = subprocess.Popen(['sleep', '1000'])")
-        assert len([p for p in hosts.processes() if p.name() == "sleep"]) == 2
+        assert len(hosts.named("sleep")) == 2
         k.kill()
         assert processes_left(find=hosts.processes) == []  # within 10 s, over ssh
         processes_left(mark)

@@ -395,6 +395,11 @@ class TestHosts:
         inside = set(_run("ip", "netns", "pids", self.namespaces[host], check=False).stdout.split())
         return [p for p in procs if str(p.pid) in inside]
 
+    def named(self, name: str) -> list[psutil.Process]:
+        """The processes on the test hosts called ``name`` when listed: one that ends meanwhile
+        (the shell of a passing ssh command) is skipped, not read after it is gone."""
+        return [p for p in self.processes() if p.info["name"] == name]
+
     def __repr__(self) -> str:
         return f"<TestHosts {self.mode} {dict(zip(self.names, self.ips))} bridge {self.bridge_ip}>"
 
