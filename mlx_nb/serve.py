@@ -168,6 +168,7 @@ class Server:
         self.model: Optional[ServedModel] = None
         self.error: Optional[BaseException] = None  # why the ranks stopped serving, if not asked to
         self._pending: dict[int, _Pending] = {}
+        self._arriving = 0  # requests being read and tokenized by the HTTP threads, not yet submitted
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self._ready, self._ended = threading.Event(), threading.Event()
@@ -274,33 +275,40 @@ class Server:
             self._ended.set()
 
     # ---------------------------------------------------------------- requests
-    def submit(self, request: Completion) -> _Pending:
-        """Hand ``request`` to the ranks; it joins the batch at their next step."""
-        if self._ended.is_set() or self._stopping:
-            why = "it is stopping" if self._stopping else f"the ranks stopped serving ({self.error})"
-            raise ApiError(
-                503, f"This server cannot take requests: {why}. Start it again (%mlx_serve).", kind="server_error"
-            )
-        p = _Pending(next(self._ids), request)
+    def arrive(self) -> None:
+        """A request began to arrive (its handler reads it): ``submit`` tells the ranks it comes."""
         with self._lock:
-            self._pending[p.id] = p
+            self._arriving += 1
+
+    def leave(self) -> None:
+        """A request that arrived will not be submitted (its body was refused)."""
+        with self._lock:
+            self._arriving -= 1
+
+    def submit(self, request: Completion) -> _Pending:
+        """Hand ``request`` (announced by ``arrive``) to the ranks; it joins the batch at their
+        next step. It tells them how many others are still arriving ("more"): rank 0, idle,
+        waits for those to plan them together, and for a lone request waits for nothing."""
+        p = _Pending(next(self._ids), request)
         seed = request.seed % (1 << 63) if request.seed is not None else random.getrandbits(63)
-        self.cluster.send(
-            {
-                "serve": self.id,
-                "add": [
-                    {
-                        "id": p.id,
-                        "prompt": request.prompt,
-                        "max_tokens": request.max_tokens,
-                        "temperature": request.temperature,
-                        "top_p": request.top_p,
-                        "seed": seed,
-                    }
-                ],
-            }
+        add = {
+            "id": p.id,
+            "prompt": request.prompt,
+            "max_tokens": request.max_tokens,
+            "temperature": request.temperature,
+            "top_p": request.top_p,
+            "seed": seed,
+        }
+        with self._lock:  # counted and sent in one order: the last one sent says 0
+            self._arriving -= 1
+            if not (self._ended.is_set() or self._stopping):
+                self._pending[p.id] = p
+                self.cluster.send({"serve": self.id, "add": [add], "more": self._arriving})
+                return p
+        why = "it is stopping" if self._stopping else f"the ranks stopped serving ({self.error})"
+        raise ApiError(
+            503, f"This server cannot take requests: {why}. Start it again (%mlx_serve).", kind="server_error"
         )
-        return p
 
     def events(self, p: _Pending, gone: Callable[[], bool]) -> Iterator[Piece]:
         """A :class:`Piece` per token of ``p`` as the ranks make it, until its finish; it ends early

@@ -56,6 +56,10 @@ class Owner(Protocol):
     default_max_tokens: int
     serving: bool
 
+    def arrive(self) -> None: ...
+
+    def leave(self) -> None: ...
+
     def submit(self, request: Completion) -> Pending: ...
 
     def events(self, p: Pending, gone: Callable[[], bool]) -> Iterator[Piece]: ...
@@ -179,7 +183,12 @@ class _Handler(BaseHTTPRequestHandler):
             self._unknown(("/v1/models", "/health"))
         owner = self.server.owner
         chat = path == "/v1/chat/completions"
-        request = completion(parse_json(self._body()), owner.model, chat, owner.default_max_tokens)
+        owner.arrive()  # from here to submit (which counts it gone) or leave, it is on its way to the ranks
+        try:
+            request = completion(parse_json(self._body()), owner.model, chat, owner.default_max_tokens)
+        except BaseException:
+            owner.leave()
+            raise
         p = owner.submit(request)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         ending = Ending.FAILED

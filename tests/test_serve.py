@@ -205,6 +205,25 @@ def test_eight_concurrent_requests_each_get_their_answer_alone(client, server, a
     assert server.status().batch_max >= 4  # they ran together, not one after another
 
 
+def test_rank_0_waits_for_the_requests_announced_and_for_nothing_else():
+    from mlx_nb.rank import serve as rank_serve
+    from mlx_nb.rank.session import state
+
+    def add(rid: int, more: int) -> dict:
+        return {"serve": "s", "add": [{"id": rid}], "more": more}
+
+    for message in (add(1, 1), add(2, 0)):  # two announced, both already there
+        state.inbox.put(message)
+    assert rank_serve.gathered(1, most=60) == [add(1, 1), add(2, 0)]
+
+    late = threading.Timer(0.3, state.inbox.put, [add(3, 0)])  # one announced, still being tokenized
+    late.start()
+    t = time.monotonic()
+    assert rank_serve.gathered(1, most=60) == [add(3, 0)]
+    assert time.monotonic() - t < 30  # it came: the wait ended then, not at the 60 s bound
+    late.join()
+
+
 def test_a_burst_of_64_clients_connecting_at_once_is_answered(client, server):
     errors: list[str] = []
     start = threading.Barrier(64)
@@ -312,6 +331,7 @@ CHAT, TEXT = "/v1/chat/completions", "/v1/completions"
 def test_a_bad_request_gets_an_openai_error_and_the_server_goes_on(server, client, path, body, status, match):
     got, error = post(server, path, body)
     assert got == status and match in error["error"]["message"]
+    assert server._arriving == 0  # a refused body is not still on its way: a lone request would wait for it
     assert client.completions.create(model=server.model.id, prompt="Hi", max_tokens=1).choices[0].text is not None
 
 
