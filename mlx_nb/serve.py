@@ -41,7 +41,7 @@ from .rank.batch import Tokens
 from .rank.serve import Ready, Refused, serve_on_rank, source
 from .serve_http import Ending, HTTPServer, Piece
 
-__all__ = ["ServeError", "ServeStatus", "Server", "serve"]
+__all__ = ["FirstToken", "ServeError", "ServeStatus", "Server", "serve"]
 
 BUNDLED_ID = "SmolLM2-135M-Instruct"
 MAX_BODY = 8 << 20  # bytes of a request body (413 above)
@@ -52,6 +52,36 @@ LOG_LINES = 1000  # the server's log keeps the last ones
 
 class ServeError(RuntimeError):
     """The server could not start (or go on): what happened and what to do."""
+
+
+@dataclass(frozen=True)
+class FirstToken:
+    """Where a request's time to its first token went, in seconds (``Server.first_tokens``).
+
+    With rank 0 on another host, ``to_ranks`` and ``back`` also hold the two clocks' difference
+    (one more, the other less): their sum is right."""
+
+    read: float  # its HTTP thread reading and tokenizing it
+    to_ranks: float  # from there to rank 0 taking it into the batch: the inbox, the step in flight, the others gathered
+    prefill: float  # on rank 0, from there to its first token: the prefill past the cached prefix, and one step
+    back: float  # that token's way back to the notebook (rank 0's report)
+
+    @property
+    def total(self) -> float:
+        return self.read + self.to_ranks + self.prefill + self.back
+
+    @staticmethod
+    def median(parts: list[FirstToken]) -> Optional[FirstToken]:
+        """Each part's median over ``parts`` (None for none)."""
+        if not parts:
+            return None
+        return FirstToken(
+            *(statistics.median(getattr(p, f) for p in parts) for f in ("read", "to_ranks", "prefill", "back"))
+        )
+
+    def __str__(self) -> str:
+        ms = lambda x: f"{x * 1000:.0f}"
+        return f"{ms(self.read)} / {ms(self.to_ranks)} / {ms(self.prefill)} / {ms(self.back)} ms"
 
 
 @dataclass
@@ -75,6 +105,7 @@ class ServeStatus:
     uptime: float
     prompt_tokens: int = 0  # of the requests the ranks took, since the start
     cached_tokens: int = 0  # of those, the tokens the prompt cache held (not prefilled)
+    ttft_parts: Optional[FirstToken] = None  # each part's median over the same requests as ttft_median
 
     def table(self) -> Table:
         def s(x: Optional[float]) -> str:
@@ -88,6 +119,7 @@ class ServeStatus:
             ["completed / cancelled / failed", f"{self.completed} / {self.cancelled} / {self.failed}"],
             [f"tokens/s while generating (last {WINDOW:g} s)", f"{self.tokens_per_second:.1f}"],
             ["first token: median / last", f"{s(self.ttft_median)} / {s(self.ttft_last)}"],
+            ["first token, median: read / to the ranks / prefill / back", str(self.ttft_parts or "-")],
             ["batch now / largest", f"{self.batch} / {self.batch_max}"],
             ["tokens generated", self.generated],
             ["prompt tokens: from the cache / all", f"{self.cached_tokens} / {self.prompt_tokens}{share}"],
@@ -126,10 +158,11 @@ class _Tally:
 class _Pending:
     """A request handed to the ranks: what came back for it so far."""
 
-    def __init__(self, rid: int, request: Completion) -> None:
+    def __init__(self, rid: int, request: Completion, arrived: float) -> None:
         self.id, self.request = rid, request
         self.events: queue.SimpleQueue[Union[Piece, _Failure]] = queue.SimpleQueue()
-        self.arrived = time.monotonic()
+        self.arrived, self.submitted = arrived, time.time()  # its handler began to read it; it went to the ranks
+        self.admitted: Optional[float] = None  # rank 0 took it into the batch (rank 0's clock)
         self.first: Optional[float] = None
         self.cached = 0  # prompt tokens the ranks' prompt cache held for it
         self.on_ranks = True  # until its last token came, or it was cancelled
@@ -176,6 +209,7 @@ class Server:
         self._tally = _Tally()
         self._recent: deque = deque()  # (monotonic time, tokens, seconds the ranks took) per step
         self._ttfts: deque = deque(maxlen=100)
+        self.first_tokens: deque[FirstToken] = deque(maxlen=100)  # the last requests' first token, in parts
         self._batch, self._batch_max, self._started = 0, 0, 0.0
         self._httpd: Optional[HTTPServer] = None
         self._http: Optional[threading.Thread] = None  # the thread serving HTTP, once started
@@ -275,21 +309,23 @@ class Server:
             self._ended.set()
 
     # ---------------------------------------------------------------- requests
-    def arrive(self) -> None:
-        """A request began to arrive (its handler reads it): ``submit`` tells the ranks it comes."""
+    def arrive(self) -> float:
+        """A request began to arrive (its handler reads it): ``submit`` tells the ranks it comes.
+        Its arrival time (time.time), for ``submit``."""
         with self._lock:
             self._arriving += 1
+        return time.time()
 
     def leave(self) -> None:
         """A request that arrived will not be submitted (its body was refused)."""
         with self._lock:
             self._arriving -= 1
 
-    def submit(self, request: Completion) -> _Pending:
+    def submit(self, request: Completion, arrived: float) -> _Pending:
         """Hand ``request`` (announced by ``arrive``) to the ranks; it joins the batch at their
         next step. It tells them how many others are still arriving ("more"): rank 0, idle,
         waits for those to plan them together, and for a lone request waits for nothing."""
-        p = _Pending(next(self._ids), request)
+        p = _Pending(next(self._ids), request, arrived)
         seed = request.seed % (1 << 63) if request.seed is not None else random.getrandbits(63)
         add = {
             "id": p.id,
@@ -362,7 +398,7 @@ class Server:
         now = time.monotonic()
         for a in report.admitted:
             if (p := self._pending.get(a.id)) is not None:
-                p.cached = a.cached
+                p.cached, p.admitted = a.cached, a.at
                 with self._lock:
                     self._tally.prompt_tokens += len(p.request.prompt)
                     self._tally.cached_tokens += a.cached
@@ -376,8 +412,14 @@ class Server:
             if p is None:
                 continue  # its client is gone; the ranks drop it at their next step
             if p.first is None:
-                p.first = now
-                self._ttfts.append(now - p.arrived)
+                p.first = time.time()
+                self._ttfts.append(p.first - p.arrived)
+                if p.admitted is not None:
+                    self.first_tokens.append(
+                        FirstToken(
+                            p.submitted - p.arrived, p.admitted - p.submitted, report.t - p.admitted, p.first - report.t
+                        )
+                    )
             if t.finish is not None:
                 p.on_ranks = False
             p.events.put(Piece(t.text, t.finish))
@@ -423,6 +465,7 @@ class Server:
             uptime=now - self._started if self._started else 0.0,
             prompt_tokens=tally.prompt_tokens,
             cached_tokens=tally.cached_tokens,
+            ttft_parts=FirstToken.median(list(self.first_tokens)),
         )
 
     def __repr__(self) -> str:

@@ -56,11 +56,11 @@ class Owner(Protocol):
     default_max_tokens: int
     serving: bool
 
-    def arrive(self) -> None: ...
+    def arrive(self) -> float: ...
 
     def leave(self) -> None: ...
 
-    def submit(self, request: Completion) -> Pending: ...
+    def submit(self, request: Completion, arrived: float) -> Pending: ...
 
     def events(self, p: Pending, gone: Callable[[], bool]) -> Iterator[Piece]: ...
 
@@ -183,13 +183,13 @@ class _Handler(BaseHTTPRequestHandler):
             self._unknown(("/v1/models", "/health"))
         owner = self.server.owner
         chat = path == "/v1/chat/completions"
-        owner.arrive()  # from here to submit (which counts it gone) or leave, it is on its way to the ranks
+        arrived = owner.arrive()  # from here to submit (which counts it gone) or leave, it is on its way to the ranks
         try:
             request = completion(parse_json(self._body()), owner.model, chat, owner.default_max_tokens)
         except BaseException:
             owner.leave()
             raise
-        p = owner.submit(request)
+        p = owner.submit(request, arrived)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         ending = Ending.FAILED
         try:

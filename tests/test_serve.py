@@ -147,6 +147,9 @@ def test_status_shows_requests_rates_and_first_token_and_counts_no_idle_seconds(
     assert status.tokens_per_second >= reply.usage.completion_tokens / took, (status, took)
     text = repr(status)
     assert "requests running / queued" in text and "tokens/s while generating" in text and server.url in text
+    last = server.first_tokens[-1]  # the reply's first token in parts: each a real span of this one machine
+    assert min(last.read, last.to_ranks, last.prefill, last.back) >= 0 and 0 < last.total <= took
+    assert abs(last.total - server._ttfts[-1]) < 1e-6 and str(status.ttft_parts) in text
 
 
 def test_a_chat_completion_is_the_answer_alone(client, server, alone):
