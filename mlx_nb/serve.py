@@ -324,7 +324,7 @@ class Server:
     def submit(self, request: Completion, arrived: float) -> _Pending:
         """Hand ``request`` (announced by ``arrive``) to the ranks; it joins the batch at their
         next step. It tells them how many others are still arriving ("more"): rank 0, idle,
-        waits for those to plan them together, and for a lone request waits for nothing."""
+        waits for those to plan them together (:func:`mlx_nb.rank.serve.gathered`)."""
         p = _Pending(next(self._ids), request, arrived)
         seed = request.seed % (1 << 63) if request.seed is not None else random.getrandbits(63)
         add = {

@@ -208,7 +208,7 @@ def test_eight_concurrent_requests_each_get_their_answer_alone(client, server, a
     assert server.status().batch_max >= 4  # they ran together, not one after another
 
 
-def test_rank_0_waits_for_the_requests_announced_and_for_nothing_else():
+def test_rank_0_waits_for_the_requests_announced_and_for_those_close_behind():
     from mlx_nb.rank import serve as rank_serve
     from mlx_nb.rank.session import state
 
@@ -225,6 +225,9 @@ def test_rank_0_waits_for_the_requests_announced_and_for_nothing_else():
     assert rank_serve.gathered(1, most=60) == [add(3, 0)]
     assert time.monotonic() - t < 30  # it came: the wait ended then, not at the 60 s bound
     late.join()
+
+    state.inbox.put(add(4, 0))  # none announced: what follows within the gap still joins
+    assert rank_serve.gathered(0) == [add(4, 0)]
 
 
 def test_a_burst_of_64_clients_connecting_at_once_is_answered(client, server):
