@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 
+import ipyparallel as ipp
 import openai
 import pytest
 from conftest import CHAT_SYSTEM as SYSTEM
@@ -75,6 +76,59 @@ def test_a_batch_sharing_a_system_prompt_prefills_it_once_and_equals_the_uncache
     # the second time each prompt finds itself (its whole prompt but its last token)
     assert [r.cached_tokens for r in again.replies] == [r.prompt_tokens - 1 for r in again.replies]
     assert "cached" in again.summary()
+
+
+@ipp.interactive  # run in the engine's namespace: this test module is not importable there
+def count_forward_passes(on: bool):
+    """On a rank, from ``on=True`` to ``on=False``: the length of each input its model was called with."""
+    from mlx_nb.rank.generate import loaded
+
+    model = type(loaded().model)
+    if on:
+        original, calls = model.__call__, []
+
+        def counted(self, inputs, *args, **kwargs):
+            calls.append(inputs.shape[1])
+            return original(self, inputs, *args, **kwargs)
+
+        model.__call__, model._counted = counted, (original, calls)
+        return None
+    (model.__call__, calls), model._counted = model._counted, None
+    return calls
+
+
+def test_a_batch_ending_at_max_tokens_runs_no_step_past_its_last_tokens(pipeline_pair):
+    prompts = [[{"role": "user", "content": q}] for q in TURNS[:2]]
+    pipeline_pair.call(count_forward_passes, True)
+    try:
+        result = generate_batch(pipeline_pair, prompts, 6, quiet=True)
+    finally:
+        calls = pipeline_pair.call(count_forward_passes, False)
+    assert [(len(r.tokens), r.finish_reason) for r in result.replies] == [(6, "length")] * 2
+    # both prompts prefilled at once, then one step per token: the one from the prompts' last
+    # token and one for each token but the last (mlx-lm's generator would start a 7th, its
+    # tokens thrown away, that the next request waits for); each rank its own layers of each
+    for rank in calls:
+        assert [n for n in rank if n > 1] != [] and [n for n in rank if n == 1] == [1] * 6
+
+
+def test_rank_0_tells_a_conversations_next_turn_from_a_new_one_sharing_its_system_prompt(pipeline_pair, tok):
+    system = {"role": "system", "content": SYSTEM}
+    asked = [system, {"role": "user", "content": TURNS[0]}]
+    prompt_cache(pipeline_pair, clear=True)
+    reply = generate_batch(pipeline_pair, [asked], TOKENS, quiet=True).replies[0]
+    turn = tok.ids([*asked, {"role": "assistant", "content": reply.text}, {"role": "user", "content": TURNS[1]}])
+    other = tok.ids([system, {"role": "user", "content": TURNS[2]}])
+
+    @ipp.interactive
+    def continues(prompts):
+        from mlx_nb.rank.generate import loaded
+
+        return [loaded().cache.continues(p) for p in prompts]
+
+    # the next turn goes on from the reply the cache holds: rank 0 takes it in at once; another
+    # user's first question after the same system prompt may have company coming (it waits 10 ms)
+    assert pipeline_pair.call(continues, [turn, other], ranks=0) == [True, False]
 
 
 def test_eviction_keeps_every_rank_within_a_small_limit(pipeline_pair, tok):

@@ -229,6 +229,13 @@ def test_rank_0_waits_for_the_requests_announced_and_for_those_close_behind():
     state.inbox.put(add(4, 0))  # none announced: what follows within the gap still joins
     assert rank_serve.gathered(0) == [add(4, 0)]
 
+    state.inbox.put(add(5, 0))  # a conversation's next turn (gap 0): what is there, no wait for more
+    late = threading.Timer(0.5, state.inbox.put, [add(6, 0)])
+    late.start()
+    assert rank_serve.gathered(0, gap=0.0, most=60) == [add(5, 0)]
+    late.join()
+    assert rank_serve.gathered(0) == [add(6, 0)]
+
 
 def test_a_burst_of_64_clients_connecting_at_once_is_answered(client, server):
     errors: list[str] = []

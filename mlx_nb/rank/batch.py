@@ -152,6 +152,36 @@ def _prefills_an_entry(r: Request) -> bool:
     return len(r.prompt) - (r.hit.tokens if r.hit is not None else 0) >= SHARE_AT_LEAST
 
 
+def _last_tokens(gen: BatchGenerator) -> Optional[list]:
+    """mlx-lm's generator, when each sequence it generates takes its last token (``max_tokens``)
+    at this step and no prompt waits for a prefill: those tokens, without the step past them.
+
+    ``gen.next()`` starts computing every sequence's next token before it reads this step's, so a
+    batch that has just finished leaves one more step running: its results thrown away, and the
+    next request (a chat's next turn, sent once the reply ended) waiting for it (20-30 ms on this
+    CPU, a step of the model on a GPU). The caches of sequences finished here hold every token
+    but the last (the next turn prefills it). Every rank decides alike: it counts steps, not
+    tokens. None: an ordinary step (also for an mlx-lm whose generator keeps other fields)."""
+    g = gen._generation_batch if hasattr(gen, "_generation_batch") else None
+    if not all(
+        hasattr(g, a) for a in ("uids", "tokens", "max_tokens", "_num_tokens", "_next_tokens", "_next_logprobs")
+    ):
+        return None
+    if not g.uids or getattr(gen, "_unprocessed_sequences", True) or getattr(gen, "_currently_processing", True):
+        return None
+    if any(n + 1 < most for n, most in zip(g._num_tokens, g.max_tokens)):
+        return None
+    with mx.stream(gen.stream):
+        mx.eval(g._next_tokens, g._next_logprobs)
+        tokens = g._next_tokens.tolist()
+        out = [
+            type(g).Response(uid, token, logprobs, "length", g.extract_cache(i), g.tokens[i])
+            for i, (uid, token, logprobs) in enumerate(zip(g.uids, tokens, g._next_logprobs))
+        ]
+        g.filter([])
+    return out
+
+
 def _common(a: list[int], b: list[int]) -> int:
     n = 0
     for x, y in zip(a, b):
@@ -199,6 +229,7 @@ class Batch:
         self.eos = set(tokenizer.eos_token_ids)
         self._ids: dict[int, int] = {}  # BatchGenerator uid -> request id
         self._uids: dict[int, int] = {}  # request id -> uid
+        self._asked: dict[int, int] = {}  # request id -> its prompt's tokens (a reply follows them)
         self._ended: set[int] = set()  # requests rank 0 ended, in the batch until the next plan
         self._detokenizers: dict[int, Any] = {}
         self._fresh: set[int] = set()  # rank 0: requests that have no token yet
@@ -258,6 +289,15 @@ class Batch:
             plan.add.append(r)
         return plan
 
+    def settling(self) -> bool:
+        """Rank 0: sequences that finished wait for a plan to become prompt-cache entries (or go)."""
+        return self.cache is not None and bool(self.cache.pending)
+
+    def continues(self, prompt: list[int]) -> bool:
+        """Rank 0: whether ``prompt`` goes on from a reply the prompt cache holds (a conversation's
+        next turn)."""
+        return self.cache is not None and self.cache.continues(prompt)
+
     def admitted(self) -> list[Admitted]:
         """Rank 0: the requests added since the last call, with their prompt tokens from the cache."""
         out, self._admitted = self._admitted, []
@@ -271,10 +311,12 @@ class Batch:
         if gone:
             caches = self.gen.remove(gone, return_prompt_caches=keeping)
             for uid, (cache, tokens) in caches.items():
-                self.cache.finished(self._ids[uid], cache, tokens)
+                rid = self._ids[uid]
+                self.cache.finished(rid, cache, tokens, self._asked.get(rid))
         for uid in gone:
             self._entries_at_prefill.discard(uid)
             rid = self._ids.pop(uid)
+            self._asked.pop(rid, None)
             if rid in self._ended:  # an end of sequence: its cache holds the whole reply
                 self._complete.add(rid)
             self._ended.discard(rid)
@@ -291,7 +333,7 @@ class Batch:
                 samplers=[sampler(r.temperature, r.top_p, r.seed) for r in plan.add],
             )
             for uid, r, n in zip(uids, plan.add, start):
-                self._ids[uid], self._uids[r.id] = r.id, uid
+                self._ids[uid], self._uids[r.id], self._asked[r.id] = r.id, uid, len(r.prompt)
                 if keeping and _prefills_an_entry(r):
                     self._entries_at_prefill.add(uid)
                 if self.rank == 0:
@@ -301,7 +343,8 @@ class Batch:
 
     def step(self) -> list[Token]:
         """Every sequence one step on (a collective on a sharded model); rank 0 gets the new tokens."""
-        prefills, responses = self.gen.next()
+        last = _last_tokens(self.gen)
+        prefills, responses = ([], last) if last is not None else self.gen.next()
         if self.cache is not None and self.cache.enabled:
             # a prompt prefilled but for its last token: an entry that later prompts can start from
             done = [r.uid for r in prefills if r.end_of_segment and not r.end_of_prompt and r.uid in self._ids]
@@ -319,8 +362,9 @@ class Batch:
             if dropped:
                 del self._ids[r.uid], self._uids[rid]
                 self._entries_at_prefill.discard(r.uid)
+                asked = self._asked.pop(rid, None)
                 if self.cache is not None:
-                    self.cache.finished(rid, r.prompt_cache, r.all_tokens)
+                    self.cache.finished(rid, r.prompt_cache, r.all_tokens, asked)
                     if self.rank == 0:
                         self._complete.add(rid)
             if self.rank == 0 and rid not in self._ended:

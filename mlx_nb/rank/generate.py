@@ -313,7 +313,7 @@ def generate_on_rank(prompt: Prompt, max_tokens: int) -> Generated:
         tokens.append(r.token)
         last = r
     if pc is not None:
-        pc.finished("stream", cache, ids + tokens)
+        pc.finished("stream", cache, ids + tokens, asked=len(ids))
         pc.apply(prompt_cache.broadcast(pc.decide() if rank == 0 else None, m.group))
     return Generated(
         text="".join(pieces),

@@ -118,11 +118,16 @@ class Index:
         (1, [0])
         >>> index.add(list(range(20)))  # 20 tokens x 10 bytes: over either rank's 100
         (None, [])
+        >>> index.add([1, 2, 3, 4, 5, 6, 7, 8, 9, 10], asked=9)  # a reply of 1 token to a prompt of 9
+        (2, [1])
+        >>> index.continues([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]), index.continues([1, 2, 3, 4, 5, 9])
+        (True, False)
     """
 
     def __init__(self, per_token: list[int], limits: list[int]) -> None:
         self.per_token, self.limits = per_token, limits
         self.entries: OrderedDict[int, np.ndarray] = OrderedDict()  # id -> tokens; oldest first
+        self.asked: dict[int, int] = {}  # id of an entry that holds a reply -> its prompt's tokens
         self._next = 0
         self.lookups = self.hits = self.cached_tokens = self.prompt_tokens = 0
 
@@ -157,10 +162,17 @@ class Index:
             self.cached_tokens += reuse
         return Hit(best, reuse)
 
-    def add(self, tokens: list[int]) -> tuple[Optional[int], list[int]]:
-        """Enter ``tokens`` (a finished sequence): (its new id, or None if it is not kept, and the
-        ids evicted). An entry that ``tokens`` extends goes; ``tokens`` that an entry already holds
-        (a prefix of it) only make that entry the most recent."""
+    def continues(self, tokens: list[int]) -> bool:
+        """Whether ``tokens`` go on from a reply an entry holds, past its prompt: a conversation's
+        next turn, sent by a client that waited for that reply."""
+        want = np.asarray(tokens, dtype=np.int64)
+        return any(_common_prefix(self.entries[eid], want) > n for eid, n in self.asked.items())
+
+    def add(self, tokens: list[int], asked: Optional[int] = None) -> tuple[Optional[int], list[int]]:
+        """Enter ``tokens`` (a finished sequence; ``asked``: its prompt's tokens, a reply after
+        them): (its new id, or None if it is not kept, and the ids evicted). An entry that
+        ``tokens`` extends goes; ``tokens`` that an entry already holds (a prefix of it) only make
+        that entry the most recent."""
         new = np.asarray(tokens, dtype=np.int64)
         if not len(new):
             return None, []
@@ -173,24 +185,32 @@ class Index:
             if n == len(have):
                 evict.append(eid)
         for eid in evict:
-            del self.entries[eid]
+            self._drop(eid)
         if any(len(new) * p > limit for p, limit in zip(self.per_token, self.limits)):
             return None, evict  # alone over a rank's limit
         eid, self._next = self._next, self._next + 1
         self.entries[eid] = new
+        if asked is not None and asked < len(new):
+            self.asked[eid] = asked
         while len(self.entries) > MAX_ENTRIES or any(b > lim for b, lim in zip(self.bytes(), self.limits)):
-            evict.append(self.entries.popitem(last=False)[0])
+            evict.append(self._drop(next(iter(self.entries))))
         return eid, evict
 
     def fit(self) -> list[int]:
         """Evict the oldest entries until every rank is within its limit; the ids evicted."""
         evict = []
         while self.entries and any(b > lim for b, lim in zip(self.bytes(), self.limits)):
-            evict.append(self.entries.popitem(last=False)[0])
+            evict.append(self._drop(next(iter(self.entries))))
         return evict
+
+    def _drop(self, eid: int) -> int:
+        del self.entries[eid]
+        self.asked.pop(eid, None)
+        return eid
 
     def clear(self) -> None:
         self.entries.clear()
+        self.asked.clear()
 
 
 def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
@@ -216,7 +236,7 @@ class PromptCache:
         self.limit = limits[rank]
         self.index = Index(per_token, limits) if rank == 0 else None
         self.entries: dict[int, list[Optional[tuple[mx.array, mx.array]]]] = {}
-        self.pending: dict[Any, tuple[list[Any], list[int]]] = {}  # key -> (cache, tokens it holds)
+        self.pending: dict[Any, tuple[list[Any], list[int], Optional[int]]] = {}  # key -> (cache, tokens, asked)
 
     @property
     def enabled(self) -> bool:
@@ -227,16 +247,20 @@ class PromptCache:
         """Rank 0: which entry ``tokens`` starts from (None: none, or the cache is off)."""
         return self.index.lookup(tokens, count) if self.enabled and self.index is not None else None
 
+    def continues(self, tokens: list[int]) -> bool:
+        """Rank 0: whether ``tokens`` go on from a reply the cache holds (:meth:`Index.continues`)."""
+        return self.enabled and self.index is not None and self.index.continues(tokens)
+
     def decide(self, keep: Any = None) -> Changes:
         """Rank 0: which pending sequences become entries (``keep``: their keys; None: all)."""
         changes = Changes()
         if not self.enabled or self.index is None:
             return changes
-        for key, (cache, tokens) in self.pending.items():
+        for key, (cache, tokens, asked) in self.pending.items():
             changes.decided.append(key)
             if keep is not None and key not in keep:
                 continue
-            eid, evicted = self.index.add(tokens[: _offset(cache)])
+            eid, evicted = self.index.add(tokens[: _offset(cache)], asked)
             changes.evict += evicted
             if eid is not None:
                 changes.keep[key] = eid
@@ -255,7 +279,7 @@ class PromptCache:
         for eid in changes.evict:
             self.entries.pop(eid, None)
         for key, eid in changes.keep.items():
-            cache, tokens = self.pending[key]
+            cache, tokens, _ = self.pending[key]
             self._put(eid, cache, len(tokens[: _offset(cache)]))
         for key in changes.decided:
             self.pending.pop(key, None)
@@ -264,10 +288,11 @@ class PromptCache:
         """Drop what an earlier batch or call that failed left pending (every rank alike)."""
         self.pending.clear()
 
-    def finished(self, key: Any, cache: list[Any], tokens: list[int]) -> None:
-        """A sequence ended, ``cache`` holding (a prefix of) ``tokens``: rank 0 decides next about it."""
+    def finished(self, key: Any, cache: list[Any], tokens: list[int], asked: Optional[int] = None) -> None:
+        """A sequence ended, ``cache`` holding (a prefix of) ``tokens`` (``asked``: its prompt's
+        tokens, a reply after them): rank 0 decides next about it."""
         if self.enabled:
-            self.pending[key] = (cache, list(tokens))
+            self.pending[key] = (cache, list(tokens), asked)
 
     def take(self, hit: Optional[Hit], model: Any) -> list[Any]:
         """A fresh prompt cache for a new sequence: ``hit``'s tokens of its entry (they stay in the

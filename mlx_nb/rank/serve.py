@@ -10,7 +10,7 @@ first and last token at once), with the prompt tokens each newly admitted reques
 prompt cache (:mod:`mlx_nb.rank.prompt_cache`). With nothing to do, rank 0 waits on its
 inbox for a moment between agreements, so an idle server costs a few small collectives a second;
 woken by a request, it takes those announced with it and those that follow closely into the same
-plan (``gathered``).
+plan (``gathered``), but for a conversation's next turn, which goes at once.
 """
 
 from __future__ import annotations
@@ -97,7 +97,8 @@ def gathered(more: int, gap: float = GATHER_GAP, most: float = GATHER_MOST) -> l
     arriving yet). Planned as they come, the first would be prefilled alone and the rest a step
     later, each prefill and each join of the running batch copying every sequence's KV cache;
     mlx_lm.server, busy tokenizing in its generation loop, takes what queued meanwhile in one
-    step. A lone request waits ``gap`` s."""
+    step. A lone request waits ``gap`` s; the next turn of a conversation does not (``gap`` 0:
+    its client waited for the last reply, it was not sent together with others)."""
     out: list[dict] = []
     end = time.monotonic() + most
     while (left := end - time.monotonic()) > 0:
@@ -142,10 +143,14 @@ def serve_on_rank(serve_id: str, max_batch: int, prefill_step: int, idle_wait: f
             job.outbox.flush()
         plan = Plan(remove=batch.ended())
         cancelled: set[int] = set()
-        messages = session.inbox(wait=0.0 if len(batch) else idle_wait)
-        coming = [m.get("more", 0) for m in messages if m.get("serve") == serve_id and m.get("add")]
-        if not len(batch) and coming:
-            messages += gathered(coming[-1])
+        # idle, but for finished replies to store in the prompt cache: stored now, while their
+        # clients read them, not when the next turn comes
+        idle = not len(batch) and not batch.settling()
+        messages = session.inbox(wait=idle_wait if idle else 0.0)
+        adds = [m for m in messages if m.get("serve") == serve_id and m.get("add")]
+        if not len(batch) and adds:
+            turns = all(batch.continues(r["prompt"]) for m in adds for r in m["add"])
+            messages += gathered(adds[-1].get("more", 0), gap=0.0 if turns else GATHER_GAP)
         for message in messages:
             if message.get("serve") != serve_id:
                 continue  # left from an earlier server
