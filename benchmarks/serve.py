@@ -1,7 +1,8 @@
 """Serving: %mlx_serve against mlx_lm.server, same model, ranks, prompts and BLAS, one server at a time.
 
     python benchmarks/serve.py [-n 1] [--model PATH] [--tokens 32] [--levels 1,8,32]
-                               [--system-words 3000] [--turns 6] [--rounds 2] [--only distinct,shared,chat]
+                               [--system-words 3000] [--turns 6] [--chats 3] [--rounds 2]
+                               [--only distinct,shared,chat]
 
 Equal footing: by default both run on one rank (mlx_nb: a 1-rank cluster; mlx_lm.server: one
 process), so that neither pays for the other's processes; ``-n N`` runs mlx_nb on N ranks and
@@ -19,7 +20,10 @@ Scenarios, each with the official openai client, streamed chat requests, greedy:
   with its own question, sent at once; then a second wave of 8 new questions after the same
   system prompt. Median first token of each wave: the second is where a prompt cache shows.
 - ``chat``: one client's ``--turns``-turn conversation (a ~300-word system prompt), each turn
-  sending the whole conversation so far; first token at turn 1 and at the last turn.
+  sending the whole conversation so far, the next turn sent as soon as the reply ended;
+  ``--chats`` such conversations one after the other (each its own system prompt): the median
+  first token of each turn over them, at turn 1 and at the last turn (one request's time
+  swings by 1.3x on a 2-core machine).
 
 Before timing, each server runs every scenario once with other words of the same lengths
 (every shape compiled, on a GPU every kernel built), so that no timed request pays for a
@@ -150,12 +154,17 @@ def scenarios(client, model: str, args, seed: int, server=None) -> dict:
             ]
             out["shared", wave] = at_once(client, model, prompts, args.tokens)
     if "chat" in args.only:
-        messages = [{"role": "system", "content": text(300, seed + 1)}]
-        for turn in range(1, args.turns + 1):
-            messages.append({"role": "user", "content": f"Tell me about the {WORDS[turn + seed % 7]} ({turn})."})
-            r = ask(client, model, messages, args.tokens)
-            messages.append({"role": "assistant", "content": r["text"]})
-            out["chat", turn] = {"tps": float("nan"), "ttft": r["ttft"], "errors": []}
+        turns: dict[int, list] = {turn: [] for turn in range(1, args.turns + 1)}
+        for c in range(args.chats):
+            messages = [{"role": "system", "content": text(300, seed + 1 + 100 * c)}]
+            for turn in turns:
+                messages.append({"role": "user", "content": f"Tell me about the {WORDS[turn + seed % 7]} ({turn})."})
+                r = ask(client, model, messages, args.tokens)
+                messages.append({"role": "assistant", "content": r["text"]})
+                turns[turn].append((r["ttft"], server.first_tokens[-1] if server is not None else None))
+        for turn, got in turns.items():
+            ttft, parts = statistics.median(t for t, _ in got), [p for _, p in got if p is not None]
+            out["chat", turn] = {"tps": float("nan"), "ttft": ttft, "errors": [], "parts": FirstToken.median(parts)}
     return dict(out)
 
 
@@ -170,7 +179,7 @@ class Parted(dict):
             server.first_tokens.clear()
 
     def __setitem__(self, key, result: dict) -> None:
-        if self.server is not None:
+        if self.server is not None and "parts" not in result:
             result["parts"] = FirstToken.median(list(self.server.first_tokens))
             self.server.first_tokens.clear()
         super().__setitem__(key, result)
@@ -222,6 +231,7 @@ def main() -> None:
     parser.add_argument("--levels", default="1,8,32", help="concurrent distinct requests")
     parser.add_argument("--system-words", type=int, default=3000, help="the shared system prompt's words")
     parser.add_argument("--turns", type=int, default=6)
+    parser.add_argument("--chats", type=int, default=3, help="conversations, one after the other (median of each turn)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--only", default="distinct,shared,chat", help="scenarios to run")
     args = parser.parse_args()

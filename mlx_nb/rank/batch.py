@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
 import mlx.core as mx
@@ -25,6 +25,16 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from . import memory, prompt_cache, session
 from .generate import Prompt, loaded, prompt_tokens
 from .prompt_cache import Changes, Hit, PromptCache
+
+try:  # the finished sequences' report of mlx-lm's generator, as _last_tokens makes it (0.32)
+    from mlx_lm.generate import GenerationBatch
+
+    _RESPONSE = GenerationBatch.Response
+    _RESPONSE_FIELDS = ("uid", "token", "logprobs", "finish_reason", "prompt_cache", "all_tokens")
+    if tuple(f.name for f in fields(_RESPONSE)) != _RESPONSE_FIELDS:
+        _RESPONSE = None
+except (ImportError, AttributeError, TypeError):
+    _RESPONSE = None  # another mlx-lm: ordinary steps only
 
 
 @dataclass
@@ -163,7 +173,7 @@ def _last_tokens(gen: BatchGenerator) -> Optional[list]:
     but the last (the next turn prefills it). Every rank decides alike: it counts steps, not
     tokens. None: an ordinary step (also for an mlx-lm whose generator keeps other fields)."""
     g = gen._generation_batch if hasattr(gen, "_generation_batch") else None
-    if not all(
+    if _RESPONSE is None or not all(
         hasattr(g, a) for a in ("uids", "tokens", "max_tokens", "_num_tokens", "_next_tokens", "_next_logprobs")
     ):
         return None
@@ -175,7 +185,7 @@ def _last_tokens(gen: BatchGenerator) -> Optional[list]:
         mx.eval(g._next_tokens, g._next_logprobs)
         tokens = g._next_tokens.tolist()
         out = [
-            type(g).Response(uid, token, logprobs, "length", g.extract_cache(i), g.tokens[i])
+            _RESPONSE(uid, token, logprobs, "length", g.extract_cache(i), g.tokens[i])
             for i, (uid, token, logprobs) in enumerate(zip(g.uids, tokens, g._next_logprobs))
         ]
         g.filter([])
