@@ -193,10 +193,12 @@ def launch_mlx_lm(n: int, model: str, pipeline: bool, port: int) -> subprocess.P
     if n > 1:
         launcher = str(Path(sys.executable).parent / "mlx.launch")
         server = [launcher, "-n", str(n), "--backend", "ring", "--", *server] + (["--pipeline"] if pipeline else [])
+    # its log to a file: a pipe no one reads fills (64 KB of progress lines) and blocks its handlers
+    log = tempfile.NamedTemporaryFile("w+", prefix="mlx_lm-server-", suffix=".log", delete=False)
     proc = subprocess.Popen(
         server,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stderr=log,
         text=True,
         start_new_session=True,
         env={**os.environ, blas.RANKS_ENV: str(n), "HF_HUB_CACHE": hub},
@@ -204,7 +206,7 @@ def launch_mlx_lm(n: int, model: str, pipeline: bool, port: int) -> subprocess.P
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"mlx_lm.server exited: {proc.stderr.read()[-2000:]}")
+            raise RuntimeError(f"mlx_lm.server exited: {Path(log.name).read_text()[-2000:]} (whole log: {log.name})")
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2)
             return proc
