@@ -168,7 +168,7 @@ def _last_tokens(gen: BatchGenerator) -> Optional[list]:
 
     ``gen.next()`` starts computing every sequence's next token before it reads this step's, so a
     batch that has just finished leaves one more step running: its results thrown away, and the
-    next request (a chat's next turn, sent once the reply ended) waiting for it (20-30 ms on this
+    next request (a chat's next turn, sent once the reply ended) waiting for it (tens of ms on this
     CPU, a step of the model on a GPU). The caches of sequences finished here hold every token
     but the last (the next turn prefills it). Every rank decides alike: it counts steps, not
     tokens. None: an ordinary step (also for an mlx-lm whose generator keeps other fields)."""
