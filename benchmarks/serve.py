@@ -2,7 +2,7 @@
 
     python benchmarks/serve.py [-n 1] [--model PATH] [--tokens 32] [--levels 1,8,32]
                                [--system-words 3000] [--turns 6] [--chats 3] [--rounds 2]
-                               [--only distinct,shared,chat]
+                               [--only distinct,shared,chat] [--no-line]
 
 Equal footing: by default both run on one rank (mlx_nb: a 1-rank cluster; mlx_lm.server: one
 process), so that neither pays for the other's processes; ``-n N`` runs mlx_nb on N ranks and
@@ -236,6 +236,9 @@ def main() -> None:
     parser.add_argument("--chats", type=int, default=3, help="conversations, one after the other (median of each turn)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--only", default="distinct,shared,chat", help="scenarios to run")
+    parser.add_argument(
+        "--no-line", dest="line", action="store_false", help="mlx_nb through ipyparallel's channels, not its direct line"
+    )
     args = parser.parse_args()
     args.levels = [int(x) for x in args.levels.split(",")]
     args.only = set(args.only.split(","))
@@ -270,7 +273,7 @@ def main() -> None:
             for name in ("mlx_nb", "mlx_lm") if i % 2 == 0 else ("mlx_lm", "mlx_nb"):
                 if name == "mlx_nb":
                     load_model(cluster, args.model, pipeline=args.pipeline and args.n > 1, progress=False)  # cold cache
-                    server = serve(cluster, port=0)
+                    server = serve(cluster, port=0, line=args.line)
                     try:
                         run(name, server.url, server.model.id, server)
                     finally:
@@ -310,6 +313,7 @@ def main() -> None:
     title = (
         f"{Path(model).name}, {layout}; {args.tokens} tokens per reply, shared system prompt of "
         f"{args.system_words} words; best of {args.rounds} rounds; {blas.what_computes()}"
+        + ("" if args.line else "; mlx_nb through ipyparallel's channels (--no-line)")
     )
     header = ["scenario", "mlx_nb tok/s", "mlx_lm.server tok/s", "tok/s ratio", "mlx_nb first token (s)"]
     print(Table(header + ["mlx_lm first token (s)", "first token ratio"], rows, title))

@@ -10,7 +10,9 @@ The ranks run one long job (:mod:`mlx_nb.rank.serve`) from a thread of this proc
 request is checked and tokenized here (:mod:`mlx_nb.openai_api`), handed to rank 0's inbox,
 and joins the batch at the next step; rank 0 reports each step's tokens, which go to the
 request's handler, which streams them (server-sent events) or answers when the reply is done.
-A client that leaves is noticed within a step or a quarter of a second and leaves the batch.
+Where rank 0 runs on this machine, requests and reports take a direct line to it
+(:mod:`mlx_nb.rank.line`), else ipyparallel's channels. A client that leaves is noticed within a
+step or a quarter of a second and leaves the batch.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional, Union
 
+import zmq
+
 from .batch import check_max_batch
 from .cell import DistCellError
 from .display import Table
@@ -38,6 +42,7 @@ from .jobs import SERVING
 from .models import BUNDLED_NAMES
 from .openai_api import ApiError, Completion, ServedModel
 from .rank.batch import Tokens
+from .rank.line import NotebookEnd
 from .rank.serve import Ready, Refused, serve_on_rank, source
 from .serve_http import Ending, HTTPServer, Piece
 
@@ -106,6 +111,7 @@ class ServeStatus:
     prompt_tokens: int = 0  # of the requests the ranks took, since the start
     cached_tokens: int = 0  # of those, the tokens the prompt cache held (not prefilled)
     ttft_parts: Optional[FirstToken] = None  # each part's median over the same requests as ttft_median
+    channel: str = ""  # how requests reach rank 0: "direct line" (rank 0 on this machine) or "ipyparallel"
 
     def table(self) -> Table:
         def s(x: Optional[float]) -> str:
@@ -120,6 +126,7 @@ class ServeStatus:
             [f"tokens/s while generating (last {WINDOW:g} s)", f"{self.tokens_per_second:.1f}"],
             ["first token: median / last", f"{s(self.ttft_median)} / {s(self.ttft_last)}"],
             ["first token, median: read / to the ranks / prefill / back", str(self.ttft_parts or "-")],
+            ["requests to rank 0 and tokens back", self.channel],
             ["batch now / largest", f"{self.batch} / {self.batch_max}"],
             ["tokens generated", self.generated],
             ["prompt tokens: from the cache / all", f"{self.cached_tokens} / {self.prompt_tokens}{share}"],
@@ -184,6 +191,7 @@ class Server:
         prefill_step: int = 512,
         max_body: int = MAX_BODY,
         default_max_tokens: int = 512,
+        line: bool = True,
     ) -> None:
         if api_key is None and not is_local(host):
             raise ValueError(
@@ -197,6 +205,7 @@ class Server:
         self.cluster, self.host, self.port, self.api_key = cluster, host, port, api_key
         self.model_name, self.max_batch, self.prefill_step = model_name, max_batch, prefill_step
         self.max_body, self.default_max_tokens = max_body, default_max_tokens
+        self.use_line = line
         self.id = uuid.uuid4().hex
         self.model: Optional[ServedModel] = None
         self.error: Optional[BaseException] = None  # why the ranks stopped serving, if not asked to
@@ -212,6 +221,7 @@ class Server:
         self.first_tokens: deque[FirstToken] = deque(maxlen=100)  # the last requests' first token, in parts
         self._batch, self._batch_max, self._started = 0, 0, 0.0
         self._httpd: Optional[HTTPServer] = None
+        self._line: Optional[NotebookEnd] = None  # the direct line to rank 0, where it runs on this machine
         self._http: Optional[threading.Thread] = None  # the thread serving HTTP, once started
         self.log: deque[str] = deque(maxlen=LOG_LINES)  # what the notebook is not shown: connections ended badly
 
@@ -239,6 +249,8 @@ class Server:
                 "choose another --port (0 takes any free one)"
             ) from None
         self.port = self._httpd.server_address[1]
+        if self.use_line and 0 not in self.cluster.spec.remote:
+            self._line = NotebookEnd(lambda report: self._on_report(0, report), name="mlx_nb-serve-line")
         self._started = time.monotonic()
         threading.Thread(target=self._job, name="mlx_nb-serve-ranks", daemon=True).start()
         while not (self._ready.wait(0.1) or self._ended.is_set()):
@@ -265,7 +277,7 @@ class Server:
             self._httpd.shutdown()
             self._httpd.server_close()  # the port is closed from here on
         if not self._ended.is_set():
-            self.cluster.send({"serve": self.id, "stop": True})
+            self._send({"serve": self.id, "stop": True}, fallback=True)
             if not self._ended.wait(timeout):
                 self.cluster.request_stop()
                 self._ended.wait(timeout)
@@ -288,13 +300,22 @@ class Server:
         return ServedModel(name, tokenizer, src.context, src.vocab, names)
 
     def _job(self) -> None:
+        line = self._line.address if self._line is not None else None
         try:
             self.cluster.call(
-                serve_on_rank, self.id, self.max_batch, self.prefill_step, on_report=self._on_report, what=SERVING
+                serve_on_rank,
+                self.id,
+                self.max_batch,
+                self.prefill_step,
+                kwargs={"line": line},
+                on_report=self._on_report,
+                what=SERVING,
             )
         except BaseException as e:  # a thread has no cell to raise into: kept, shown by status()
             self.error = e
         finally:
+            if self._line is not None:  # what rank 0 sent before it ended arrives first
+                self._line.close(wait=2.0 if self.error is None else 0.0)
             asked = self._stopping
             if self.error is None and not asked:
                 self.error = ClusterError("the ranks' job ended: the cluster was stopped")
@@ -339,8 +360,10 @@ class Server:
             self._arriving -= 1
             if not (self._ended.is_set() or self._stopping):
                 self._pending[p.id] = p
-                self.cluster.send({"serve": self.id, "add": [add], "more": self._arriving})
-                return p
+                if self._send({"serve": self.id, "add": [add], "more": self._arriving}):
+                    return p
+                del self._pending[p.id]
+                raise ApiError(503, "This server cannot take requests: rank 0 does not take them in.", kind="server_error")
         why = "it is stopping" if self._stopping else f"the ranks stopped serving ({self.error})"
         raise ApiError(
             503, f"This server cannot take requests: {why}. Start it again (%mlx_serve).", kind="server_error"
@@ -377,15 +400,32 @@ class Server:
             self._tally.endings[ending] += 1
         if p.on_ranks and not self._ended.is_set():
             p.on_ranks = False
-            self.cluster.send({"serve": self.id, "cancel": [p.id]})
+            self._send({"serve": self.id, "cancel": [p.id]})
 
     def note(self, line: str) -> None:
         """A line in the server's log (``server.log``), with the time."""
         self.log.append(f"{time.strftime('%H:%M:%S')} {line}")
 
+    def _send(self, content: dict, fallback: bool = False) -> bool:
+        """Hand ``content`` to rank 0's job: over the line where there is one, else
+        ``Cluster.send``. False if the line's other end was not there (``fallback``: then
+        through ipyparallel, for the stop, which the job also reads there)."""
+        if self._line is None:
+            self.cluster.send(content)
+            return True
+        try:
+            self._line.send(content)
+            return True
+        except (zmq.ZMQError, TimeoutError, ConnectionError) as e:
+            self.note(f"rank 0's end of the line did not take a message ({e}): {content}")
+            if fallback:
+                self.cluster.send(content)
+            return False
+
     def _on_report(self, rank: int, report: Union[Ready, Refused, Tokens]) -> None:
         if isinstance(report, Ready):
-            self._ready.set()
+            if rank == 0:  # with a line, rank 0's comes over it: the line is there both ways
+                self._ready.set()
         elif isinstance(report, Refused):
             for r in report.refusals:
                 if (p := self._pending.get(r.id)) is not None:
@@ -466,6 +506,7 @@ class Server:
             prompt_tokens=tally.prompt_tokens,
             cached_tokens=tally.cached_tokens,
             ttft_parts=FirstToken.median(list(self.first_tokens)),
+            channel="a direct line (rank 0 runs here)" if self._line is not None else "ipyparallel's channels",
         )
 
     def __repr__(self) -> str:
@@ -482,7 +523,9 @@ def serve(cluster, port: int = 8000, host: str = "127.0.0.1", api_key: Optional[
     reachable from other machines needs ``api_key`` (checked on every request). ``port=0``
     takes a free port. Options: ``model_name`` (the id clients use; default the model's
     name), ``max_batch`` (sequences decoded together, 32), ``prefill_step``, ``max_body``,
-    ``default_max_tokens``. The notebook stays free; ``stop()`` ends it. ``server.log`` keeps
+    ``default_max_tokens``, ``line`` (True: where rank 0 runs on this machine, requests and
+    tokens take a direct line to it, :mod:`mlx_nb.rank.line`; False: ipyparallel's channels, as
+    for a rank 0 on another machine). The notebook stays free; ``stop()`` ends it. ``server.log`` keeps
     what the notebook is not shown: connections that ended badly (a client's reset, say).
 
     Example::

@@ -5,21 +5,31 @@ parallel ranks. Every reply is checked against the same prompt generated alone."
 from __future__ import annotations
 
 import doctest
+import hashlib
+import hmac
 import http.client
 import json
+import pickle
+import queue
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import openai
 import pytest
+import zmq
 from conftest import ipython_shell, wait_for
 from IPython.core.error import UsageError
 
 from mlx_nb import Cluster, ClusterError, magics, openai_api
 from mlx_nb.batch import generate_batch
 from mlx_nb.generate import generate, load_model
+from mlx_nb.rank import line
+from mlx_nb.rank.line import NotebookEnd, RankEnd
+from mlx_nb.rank.serve import Ready
+from mlx_nb.rank.session import inbox
 from mlx_nb.serve import serve
 
 TOKENS = 8
@@ -150,6 +160,7 @@ def test_status_shows_requests_rates_and_first_token_and_counts_no_idle_seconds(
     last = server.first_tokens[-1]  # the reply's first token in parts: each a real span of this one machine
     assert min(last.read, last.to_ranks, last.prefill, last.back) >= 0 and 0 < last.total <= took
     assert abs(last.total - server._ttfts[-1]) < 1e-6 and str(status.ttft_parts) in text
+    assert "a direct line (rank 0 runs here)" in text  # the ranks are local: no ipyparallel relay
 
 
 def test_a_chat_completion_is_the_answer_alone(client, server, alone):
@@ -423,6 +434,70 @@ def test_a_host_other_machines_reach_needs_a_key_and_every_request_is_checked(pi
     finally:
         magics.instance().stop_server()
         magics.use(None)
+
+
+def test_without_the_line_requests_and_tokens_go_through_ipyparallel_with_the_same_answers(pipeline_pair, alone):
+    magics.instance().stop_server()  # the module's server, if a test before did not stop it
+    server = serve(pipeline_pair, port=0, line=False)
+    try:
+        client = openai.OpenAI(base_url=server.url, api_key="-", max_retries=0, timeout=600)
+        questions = QUESTIONS[:3]
+        with ThreadPoolExecutor(len(questions)) as pool:
+            replies = list(pool.map(lambda q: client.chat.completions.create(
+                model=server.model.id, messages=chat(q), max_tokens=TOKENS
+            ).choices[0].message.content, questions))
+        assert replies == [alone[q] for q in questions]
+        assert server.status().channel == "ipyparallel's channels"
+    finally:
+        server.stop()
+
+
+def test_the_line_to_rank_0_carries_signed_messages_in_order_and_drops_anyone_else_s(tmp_path):
+    reports: queue.SimpleQueue = queue.SimpleQueue()
+    notebook = NotebookEnd(reports.put)
+    rank = RankEnd(notebook.address)
+    key = bytes.fromhex(notebook.address.key)
+    strangers = []
+    try:
+        assert notebook.opened.wait(10) and notebook.peer.startswith("tcp://127.0.0.1:")
+        # another process on this machine reaches both ports but has no key: what it sends is
+        # never opened (this pickle would create a file), never taken as a request
+        opened = tmp_path / "opened"
+
+        class Payload:
+            def __reduce__(self):
+                return (Path.touch, (opened,))
+
+        for url, data, after in [
+            (notebook.address.url, pickle.dumps(Payload()), pickle.dumps("after")),
+            (notebook.peer, json.dumps({"serve": "x", "stop": True}).encode(), json.dumps("after").encode()),
+        ]:
+            stranger = zmq.Context.instance().socket(zmq.PUSH)
+            strangers.append(stranger)
+            stranger.connect(url)
+            stranger.send(data)
+            stranger.send_multipart([b"0" * 32, data])
+            stranger.send_multipart([hmac.new(b"guess", data, hashlib.sha256).digest(), data])
+            stranger.send_multipart(line._sign(key, after))  # in order on its connection: the others went first
+        assert reports.get(timeout=10) == "after" and not opened.exists()
+        assert wait_for(lambda: inbox(wait=0.5), 10, "rank 0's inbox") == ["after"]
+        # the notebook's messages reach rank 0's inbox in order, and rank 0's reports the notebook
+        for i in range(200):
+            notebook.send({"i": i})
+        got: list = []
+        wait_for(lambda: got.extend(inbox(wait=0.1)) or len(got) >= 200, 10, "200 messages")
+        assert [m["i"] for m in got] == list(range(200))
+        for i in range(200):
+            rank.report(Ready(float(i)))
+        assert [reports.get(timeout=10).t for _ in range(200)] == list(range(200))
+    finally:
+        for s in strangers:
+            s.close(linger=0)
+        rank.close()
+        notebook.close(wait=10)
+    assert notebook.closed.is_set() and reports.empty()  # Closed came last, and is not a report
+    with pytest.raises(ConnectionError, match="closed"):
+        notebook.send({"late": True})
 
 
 @pytest.mark.cluster

@@ -16,13 +16,15 @@ plan (``gathered``), but for a conversation's next turn, which goes at once.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from . import session
 from .batch import Batch, Outbox, Plan, Request, Token, Tokens, run
 from .generate import Origin, loaded
+from .line import Address, RankEnd
 
 GATHER_GAP, GATHER_MOST = 0.01, 0.05  # seconds: see gathered()
 REPORT_EVERY = 0.02  # seconds a served token may wait to share a report (first and last tokens never wait)
@@ -113,8 +115,8 @@ def gathered(more: int, gap: float = GATHER_GAP, most: float = GATHER_MOST) -> l
 class _Job:
     """Rank 0's account of a server's job: tokens made, what the notebook last heard, busy time."""
 
-    def __init__(self, batch: Batch) -> None:
-        self.batch = batch
+    def __init__(self, batch: Batch, report: Callable[[Any], None]) -> None:
+        self.batch, self.report = batch, report
         self.made = 0  # tokens made
         self.shown = 0  # the batch size the notebook last heard of
         self.planned = 0.0  # when the last plan was made: a step's time runs from there to its tokens
@@ -123,7 +125,7 @@ class _Job:
 
     def send(self, tokens: list[Token]) -> None:
         self.shown = len(self.batch)
-        session.report(Tokens(time.time(), tuple(tokens), len(self.batch), self.busy, tuple(self.batch.admitted())))
+        self.report(Tokens(time.time(), tuple(tokens), len(self.batch), self.busy, tuple(self.batch.admitted())))
         self.busy = 0.0
 
     def emit(self, tokens: list[Token]) -> None:
@@ -132,11 +134,16 @@ class _Job:
         self.outbox.add(tokens)
 
 
-def serve_on_rank(serve_id: str, max_batch: int, prefill_step: int, idle_wait: float = 0.1) -> Served:
-    """Serve until told to stop (every rank at once); return the steps and tokens made."""
+def serve_on_rank(
+    serve_id: str, max_batch: int, prefill_step: int, idle_wait: float = 0.1, line: Optional[Address] = None
+) -> Served:
+    """Serve until told to stop (every rank at once); return the steps and tokens made. ``line``:
+    the notebook's end of a direct line (:mod:`mlx_nb.rank.line`), which rank 0 then takes for
+    the requests and its reports in place of ipyparallel's channels."""
     m = loaded()
     batch = Batch(m.model, m.tokenizer, m.group, cache=m.cache, max_batch=max_batch, prefill_step=prefill_step)
-    job = _Job(batch)
+    end = RankEnd(line) if line is not None and batch.rank == 0 else None
+    job = _Job(batch, end.report if end is not None else session.report)
 
     def decide(batch: Batch) -> Plan:
         if len(batch) != job.shown:  # the last plan changed it: the notebook hears of it now
@@ -162,15 +169,17 @@ def serve_on_rank(serve_id: str, max_batch: int, prefill_step: int, idle_wait: f
         plan.remove += sorted(cancelled)
         plan.stop = plan.stop or session.stop_requested()
         if refused:
-            session.report(Refused(time.time(), refused))
+            job.report(Refused(time.time(), refused))
         job.planned = time.perf_counter()  # the wait for work, above, is not generating
         return plan
 
-    session.report(Ready(time.time()))
+    job.report(Ready(time.time()))
     try:
         steps = run(batch, decide, job.emit)
     finally:
         batch.close()
         if batch.rank == 0 and job.outbox.tokens:
             job.outbox.flush()
+        if end is not None:
+            end.close()
     return Served(steps, job.made)
