@@ -293,6 +293,37 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
+def test_a_new_entry_lets_go_of_its_batch_s_buffers_once_copied():
+    """An entry is first a view of a finished sequence's KV cache, which holds its whole batch's
+    buffers; once copied (the ranks copy while idle or after a step), only its own tokens."""
+    import gc
+
+    import mlx.core as mx
+    from mlx_lm.models.cache import KVCache
+
+    from mlx_nb.rank.prompt_cache import PromptCache
+
+    shape = (8, 2, 4096, 64)  # a batch of 8 sequences' keys (and values) of one layer
+    keys, values = mx.ones(shape), mx.ones(shape)
+    mx.eval(keys, values)
+    batch_bytes = keys.nbytes + values.nbytes  # 32 MiB
+    layer = KVCache()
+    layer.state = (keys[:1, :, :100, :], values[:1, :, :100, :], 100)  # one sequence's 100 tokens
+    del keys, values
+    pc = PromptCache(0, per_token=[2 * 2 * 64 * 4], limits=[1 << 30])
+    pc.finished("seq", [layer], list(range(100)))
+    pc.apply(pc.decide())
+    del layer
+    gc.collect()
+    held = mx.get_active_memory()
+    assert list(pc.loose) == [0] and held >= batch_bytes  # the view keeps the batch's buffers
+    assert pc.compact() == 1 and not pc.loose
+    entry_bytes = 2 * 2 * 100 * 64 * 4
+    assert held - mx.get_active_memory() >= batch_bytes - entry_bytes
+    assert pc.status().bytes == entry_bytes and pc.status().tokens == 100
+    assert mx.array_equal(pc.entries[0][0][0], mx.ones((1, 2, 100, 64))).item()
+
+
 def test_rank_zeros_decisions_are_documented_by_examples():
     import doctest
 

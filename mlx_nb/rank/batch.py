@@ -300,8 +300,16 @@ class Batch:
         return plan
 
     def settling(self) -> bool:
-        """Rank 0: sequences that finished wait for a plan to become prompt-cache entries (or go)."""
-        return self.cache is not None and bool(self.cache.pending)
+        """Rank 0: sequences that finished wait for a plan to become prompt-cache entries (or go),
+        or new entries to be copied (``PromptCache.compact``)."""
+        return self.cache is not None and bool(self.cache.pending or self.cache.loose)
+
+    def tidy(self, stepped: bool) -> None:
+        """After a step (``stepped``), copy the prompt cache's new entries (its tokens are out:
+        nobody waits for these copies); idle, one of them, so that a request arriving meanwhile
+        waits for one copy at most."""
+        if self.cache is not None and self.cache.loose:
+            self.cache.compact(None if stepped else 1)
 
     def continues(self, prompt: list[int]) -> bool:
         """Rank 0: whether ``prompt`` goes on from a reply the prompt cache holds (a conversation's
@@ -400,6 +408,8 @@ class Batch:
 
     def close(self) -> None:
         self.gen.close()
+        if self.cache is not None:
+            self.cache.compact()
 
 
 class Outbox:
@@ -458,11 +468,13 @@ def run(batch: Batch, decide: Callable[[Batch], Plan], emit: Callable[[list[Toke
             batch.apply(plan)
             if plan.stop:
                 return steps
-        if len(batch):
+        stepped = bool(len(batch))
+        if stepped:
             tokens = batch.step()
             steps += 1
             if batch.rank == 0:
                 emit(tokens)
+        batch.tidy(stepped)
 
 
 @dataclass

@@ -315,6 +315,7 @@ def generate_on_rank(prompt: Prompt, max_tokens: int) -> Generated:
     if pc is not None:
         pc.finished("stream", cache, ids + tokens, asked=len(ids))
         pc.apply(prompt_cache.broadcast(pc.decide() if rank == 0 else None, m.group))
+        pc.compact()
     return Generated(
         text="".join(pieces),
         tokens=tokens,

@@ -28,6 +28,7 @@ import json
 import pickle
 import secrets
 import threading
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -78,8 +79,12 @@ def _reader(sock: zmq.Socket, key: bytes, done: threading.Event, take: Callable[
         while not done.is_set():
             if sock.poll(POLL_MS):
                 data = _check(key, sock.recv_multipart())
-                if data is not None:
+                if data is None:
+                    continue
+                try:
                     take(data)
+                except Exception:  # one message's failure must not end the line: shown, and on
+                    traceback.print_exc()
     finally:
         sock.close(linger=0)
 
