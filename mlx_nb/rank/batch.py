@@ -155,6 +155,9 @@ REPORT_EVERY = 0.25  # seconds between a batch's reports to the notebook: its li
 # tokens would cost more than it saves); a request waits for such a prompt's entry when it shares
 # at least this many more tokens with it than the cache holds, and half of what it would prefill.
 SHARE_AT_LEAST = 64
+# New prompt-cache entries are views of their batch's buffers until copied (PromptCache.compact);
+# while sequences wait for their first token the copies wait too, but never for more than this many
+LOOSE_AT_MOST = 16
 
 
 def _prefills_an_entry(r: Request) -> bool:
@@ -243,6 +246,7 @@ class Batch:
         self._ended: set[int] = set()  # requests rank 0 ended, in the batch until the next plan
         self._detokenizers: dict[int, Any] = {}
         self._fresh: set[int] = set()  # rank 0: requests that have no token yet
+        self._unanswered: set[int] = set()  # uids that have no token yet (every rank)
         self._entries_at_prefill: set[int] = set()  # uids whose prompt becomes an entry once prefilled
         self.model = model
         self.cache = cache
@@ -305,11 +309,16 @@ class Batch:
         return self.cache is not None and bool(self.cache.pending or self.cache.loose)
 
     def tidy(self, stepped: bool) -> None:
-        """After a step (``stepped``), copy the prompt cache's new entries (its tokens are out:
-        nobody waits for these copies); idle, one of them, so that a request arriving meanwhile
-        waits for one copy at most."""
-        if self.cache is not None and self.cache.loose:
-            self.cache.compact(None if stepped else 1)
+        """Copy the prompt cache's new entries where no one waits for the copies: after a step
+        that left no sequence waiting for its first token (mlx-lm's generator takes three steps
+        from a prompt to its first token), or once more than ``LOOSE_AT_MOST`` wait; idle, one
+        of them, so that a request arriving meanwhile waits for one copy at most."""
+        if self.cache is None or not self.cache.loose:
+            return
+        if not stepped:
+            self.cache.compact(1)
+        elif not self._unanswered or len(self.cache.loose) > LOOSE_AT_MOST:
+            self.cache.compact()
 
     def continues(self, prompt: list[int]) -> bool:
         """Rank 0: whether ``prompt`` goes on from a reply the prompt cache holds (a conversation's
@@ -333,6 +342,7 @@ class Batch:
                 self.cache.finished(rid, cache, tokens, self._asked.get(rid))
         for uid in gone:
             self._entries_at_prefill.discard(uid)
+            self._unanswered.discard(uid)
             rid = self._ids.pop(uid)
             self._asked.pop(rid, None)
             if rid in self._ended:  # an end of sequence: its cache holds the whole reply
@@ -350,6 +360,7 @@ class Batch:
                 all_tokens=[r.prompt[:n] for r, n in zip(plan.add, start)],
                 samplers=[sampler(r.temperature, r.top_p, r.seed) for r in plan.add],
             )
+            self._unanswered.update(uids)
             for uid, r, n in zip(uids, plan.add, start):
                 self._ids[uid], self._uids[r.id], self._asked[r.id] = r.id, uid, len(r.prompt)
                 if keeping and _prefills_an_entry(r):
@@ -375,6 +386,7 @@ class Batch:
                     self._complete.add(key)
         out = []
         for r in responses:
+            self._unanswered.discard(r.uid)
             rid = self._ids[r.uid]
             dropped = r.finish_reason is not None  # max_tokens: every rank's generator dropped it already
             if dropped:
