@@ -237,7 +237,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--only", default="distinct,shared,chat", help="scenarios to run")
     parser.add_argument(
-        "--no-line", dest="line", action="store_false", help="mlx_nb through ipyparallel's channels, not its direct line"
+        "--no-line",
+        dest="line",
+        action="store_false",
+        help="mlx_nb through ipyparallel's channels, not its direct line",
     )
     args = parser.parse_args()
     args.levels = [int(x) for x in args.levels.split(",")]

@@ -363,7 +363,9 @@ class Server:
                 if self._send({"serve": self.id, "add": [add], "more": self._arriving}):
                     return p
                 del self._pending[p.id]
-                raise ApiError(503, "This server cannot take requests: rank 0 does not take them in.", kind="server_error")
+                raise ApiError(
+                    503, "This server cannot take requests: rank 0 does not take them in.", kind="server_error"
+                )
         why = "it is stopping" if self._stopping else f"the ranks stopped serving ({self.error})"
         raise ApiError(
             503, f"This server cannot take requests: {why}. Start it again (%mlx_serve).", kind="server_error"

@@ -442,10 +442,13 @@ def test_without_the_line_requests_and_tokens_go_through_ipyparallel_with_the_sa
     try:
         client = openai.OpenAI(base_url=server.url, api_key="-", max_retries=0, timeout=600)
         questions = QUESTIONS[:3]
+
+        def ask(question: str) -> str:
+            r = client.chat.completions.create(model=server.model.id, messages=chat(question), max_tokens=TOKENS)
+            return r.choices[0].message.content
+
         with ThreadPoolExecutor(len(questions)) as pool:
-            replies = list(pool.map(lambda q: client.chat.completions.create(
-                model=server.model.id, messages=chat(q), max_tokens=TOKENS
-            ).choices[0].message.content, questions))
+            replies = list(pool.map(ask, questions))
         assert replies == [alone[q] for q in questions]
         assert server.status().channel == "ipyparallel's channels"
     finally:
