@@ -250,7 +250,9 @@ class Server:
             ) from None
         self.port = self._httpd.server_address[1]
         if self.use_line and 0 not in self.cluster.spec.remote:
-            self._line = NotebookEnd(lambda report: self._on_report(0, report), name="mlx_nb-serve-line")
+            self._line = NotebookEnd(
+                lambda report: self._on_report(0, report), on_broken=self._line_broke, name="mlx_nb-serve-line"
+            )
         self._started = time.monotonic()
         threading.Thread(target=self._job, name="mlx_nb-serve-ranks", daemon=True).start()
         while not (self._ready.wait(0.1) or self._ended.is_set()):
@@ -402,7 +404,7 @@ class Server:
             self._tally.endings[ending] += 1
         if p.on_ranks and not self._ended.is_set():
             p.on_ranks = False
-            self._send({"serve": self.id, "cancel": [p.id]})
+            self._send({"serve": self.id, "cancel": [p.id]}, fallback=True)
 
     def note(self, line: str) -> None:
         """A line in the server's log (``server.log``), with the time."""
@@ -411,8 +413,8 @@ class Server:
     def _send(self, content: dict, fallback: bool = False) -> bool:
         """Hand ``content`` to rank 0's job: over the line where there is one, else
         ``Cluster.send``. False if the line's other end was not there (``fallback``: then
-        through ipyparallel, for the stop, which the job also reads there)."""
-        if self._line is None:
+        through ipyparallel, which the job also reads: a stop, a cancellation)."""
+        if self._line is None or (fallback and not self._line.opened.is_set()):
             self.cluster.send(content)
             return True
         try:
@@ -423,6 +425,16 @@ class Server:
             if fallback:
                 self.cluster.send(content)
             return False
+
+    def _line_broke(self, error: BaseException) -> None:
+        # no token comes back any more: what waits is answered now, and the ranks are stopped
+        self.note(f"the line from rank 0 failed ({error}): the server stops")
+        self.error = ServeError(f"the line from rank 0 failed ({error})")
+        with self._lock:
+            pending = list(self._pending.values())
+        for p in pending:
+            p.events.put(_Failure(503, f"This reply could not be finished: {self.error}."))
+        self.cluster.send({"serve": self.id, "stop": True})
 
     def _on_report(self, rank: int, report: Union[Ready, Refused, Tokens]) -> None:
         if isinstance(report, Ready):

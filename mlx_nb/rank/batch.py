@@ -157,7 +157,9 @@ REPORT_EVERY = 0.25  # seconds between a batch's reports to the notebook: its li
 SHARE_AT_LEAST = 64
 # New prompt-cache entries are views of their batch's buffers until copied (PromptCache.compact);
 # while sequences wait for their first token the copies wait too, but never for more than this many
-LOOSE_AT_MOST = 16
+# steps (mlx-lm's generator takes 3 from a prompt that fits one prefill step to its first token), so
+# that the buffers views hold are at most those of the last few steps
+LOOSE_STEPS = 3
 
 
 def _prefills_an_entry(r: Request) -> bool:
@@ -310,15 +312,15 @@ class Batch:
 
     def tidy(self, stepped: bool) -> None:
         """Copy the prompt cache's new entries where no one waits for the copies: after a step
-        that left no sequence waiting for its first token (mlx-lm's generator takes three steps
-        from a prompt to its first token), or once more than ``LOOSE_AT_MOST`` wait; idle, one
-        of them, so that a request arriving meanwhile waits for one copy at most."""
+        that left no sequence waiting for its first token (else those held ``LOOSE_STEPS``
+        steps); idle, one of them, so that a request arriving meanwhile waits for one copy at most."""
         if self.cache is None or not self.cache.loose:
             return
         if not stepped:
             self.cache.compact(1)
-        elif not self._unanswered or len(self.cache.loose) > LOOSE_AT_MOST:
-            self.cache.compact()
+            return
+        self.cache.stepped()
+        self.cache.compact(aged=0 if not self._unanswered else LOOSE_STEPS)
 
     def continues(self, prompt: list[int]) -> bool:
         """Rank 0: whether ``prompt`` goes on from a reply the prompt cache holds (a conversation's

@@ -38,6 +38,7 @@ import zmq
 from .state import state
 
 POLL_MS = 100  # a reader thread looks whether its end closed this often
+MAX_MESSAGE = 64 << 20  # bytes: a longer message (a request is at most 8 MB of JSON) is dropped unread
 OPEN_TIMEOUT = 10.0  # seconds the notebook's send waits for rank 0's end to open
 
 
@@ -74,43 +75,69 @@ def _check(key: bytes, frames: list[bytes]) -> Optional[bytes]:
     return data if hmac.compare_digest(mac, hmac.new(key, data, hashlib.sha256).digest()) else None
 
 
-def _reader(sock: zmq.Socket, key: bytes, done: threading.Event, take: Callable[[bytes], None]) -> None:
+def _reader(
+    sock: zmq.Socket,
+    key: bytes,
+    done: threading.Event,
+    take: Callable[[bytes], None],
+    broken: Callable[[BaseException], None],
+) -> None:
     try:
         while not done.is_set():
-            if sock.poll(POLL_MS):
-                data = _check(key, sock.recv_multipart())
-                if data is None:
-                    continue
-                try:
-                    take(data)
-                except Exception:  # one message's failure must not end the line: shown, and on
-                    traceback.print_exc()
+            try:
+                frames = sock.recv_multipart() if sock.poll(POLL_MS) else None
+            except zmq.ZMQError as e:  # the socket itself failed: nothing more comes this way
+                broken(e)
+                return
+            data = _check(key, frames) if frames is not None else None
+            if data is None:
+                continue
+            try:
+                take(data)
+            except Exception:  # one message's failure must not end the line: shown, and on
+                traceback.print_exc()
     finally:
         sock.close(linger=0)
 
 
+def _listening() -> tuple[zmq.Socket, str]:
+    """A PULL socket on a free port of 127.0.0.1 (in the process's shared context) and its URL."""
+    sock = zmq.Context.instance().socket(zmq.PULL)
+    sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE)
+    return sock, f"tcp://127.0.0.1:{sock.bind_to_random_port('tcp://127.0.0.1')}"
+
+
 class NotebookEnd:
     """The notebook's end: ``send`` a JSON-able message to rank 0's job; rank 0's reports go to
-    ``on_report`` on this end's reader thread. ``close`` when the job has ended."""
+    ``on_report`` on this end's reader thread, and ``on_broken(error)`` is called there if its
+    socket fails (no report comes after). ``close`` when the job has ended."""
 
-    def __init__(self, on_report: Callable[[Any], None], name: str = "mlx_nb-line") -> None:
+    def __init__(
+        self,
+        on_report: Callable[[Any], None],
+        on_broken: Callable[[BaseException], None] = lambda e: None,
+        name: str = "mlx_nb-line",
+    ) -> None:
         self._key = secrets.token_bytes(32)
-        self._ctx = zmq.Context()
-        self._out = self._ctx.socket(zmq.PUSH)
+        self._out = zmq.Context.instance().socket(zmq.PUSH)
         self._out.setsockopt(zmq.LINGER, 0)
-        inbound = self._ctx.socket(zmq.PULL)
-        port = inbound.bind_to_random_port("tcp://127.0.0.1")
-        self.address = Address(f"tcp://127.0.0.1:{port}", self._key.hex())
+        inbound, url = _listening()
+        self.address = Address(url, self._key.hex())
+        self.broken: Optional[BaseException] = None  # why this end's reader stopped, if it failed
         self.opened = threading.Event()  # rank 0's end listens, and this end's sends go to it
         self.peer: Optional[str] = None  # where rank 0's end listens, once opened
         self.closed = threading.Event()  # rank 0 said its last (``Closed``)
         self._lock = threading.Lock()
         self._done = threading.Event()
-        self._on_report = on_report
+        self._on_report, self._on_broken = on_report, on_broken
         self._thread = threading.Thread(
-            target=_reader, args=(inbound, self._key, self._done, self._take), name=name, daemon=True
+            target=_reader, args=(inbound, self._key, self._done, self._take, self._broke), name=name, daemon=True
         )
         self._thread.start()
+
+    def _broke(self, error: BaseException) -> None:
+        self.broken = error
+        self._on_broken(error)
 
     def _take(self, data: bytes) -> None:
         report = pickle.loads(data)  # signed by rank 0's end: the key came from here
@@ -133,8 +160,8 @@ class NotebookEnd:
             raise TimeoutError(f"rank 0's end of the line did not open within {OPEN_TIMEOUT:g} s")
         data = json.dumps(content).encode()
         with self._lock:
-            if self._done.is_set():
-                raise ConnectionError("the line to rank 0 is closed")
+            if self._done.is_set() or self.broken is not None:
+                raise ConnectionError(f"the line to rank 0 is closed{f' ({self.broken})' if self.broken else ''}")
             self._out.send_multipart(_sign(self._key, data), flags=zmq.NOBLOCK)
 
     def close(self, wait: float = 0.0) -> None:
@@ -147,26 +174,27 @@ class NotebookEnd:
         self._thread.join()
         with self._lock:
             self._out.close(linger=0)
-        self._ctx.term()
 
 
 class RankEnd:
     """Rank 0's end: the notebook's messages go to ``session.inbox`` (as ``Cluster.send``'s do),
     ``report`` sends one back. Never blocks the rank: a report waits in zmq's queue for the
-    notebook's end, however long."""
+    notebook's end, however long. ``on_broken(error)``: its socket failed, no message comes
+    after (the job should end, so that the notebook's requests do not wait for nothing)."""
 
-    def __init__(self, address: Address) -> None:
+    def __init__(self, address: Address, on_broken: Callable[[BaseException], None] = lambda e: None) -> None:
         self._key = bytes.fromhex(address.key)
-        ctx = zmq.Context.instance()
-        inbound = ctx.socket(zmq.PULL)
-        port = inbound.bind_to_random_port("tcp://127.0.0.1")
-        self._out = ctx.socket(zmq.PUSH)
+        inbound, url = _listening()
+        self._out = zmq.Context.instance().socket(zmq.PUSH)
         self._out.setsockopt(zmq.SNDHWM, 0)  # no limit: a report is never dropped nor waited for
         self._out.connect(address.url)
-        self.report(Opened(f"tcp://127.0.0.1:{port}"))
+        self.report(Opened(url))
         self._done = threading.Event()
         self._thread = threading.Thread(
-            target=_reader, args=(inbound, self._key, self._done, self._take), name="mlx_nb-line", daemon=True
+            target=_reader,
+            args=(inbound, self._key, self._done, self._take, on_broken),
+            name="mlx_nb-line",
+            daemon=True,
         )
         self._thread.start()
 
@@ -178,8 +206,9 @@ class RankEnd:
         self._out.send_multipart(_sign(self._key, pickle.dumps(payload)), flags=zmq.NOBLOCK)
 
     def close(self) -> None:
-        """Say ``Closed`` and close; what was sent still goes (the socket lingers, 10 s at most)."""
+        """Say ``Closed`` and close; what was sent still goes (the socket lingers, 2 s at most:
+        the engine's exit waits that long for a notebook that is gone)."""
         self.report(Closed())
         self._done.set()
         self._thread.join()
-        self._out.close(linger=10_000)
+        self._out.close(linger=2000)

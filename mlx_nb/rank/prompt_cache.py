@@ -237,7 +237,7 @@ class PromptCache:
         self.index = Index(per_token, limits) if rank == 0 else None
         self.entries: dict[int, list[Optional[tuple[mx.array, mx.array]]]] = {}
         self.pending: dict[Any, tuple[list[Any], list[int], Optional[int]]] = {}  # key -> (cache, tokens, asked)
-        self.loose: dict[int, None] = {}  # entries still views of a batch's buffers, oldest first (compact)
+        self.loose: dict[int, int] = {}  # entries still views of a batch's buffers -> steps since; oldest first
 
     @property
     def enabled(self) -> bool:
@@ -311,10 +311,16 @@ class PromptCache:
     def _put(self, eid: int, cache: list[Any], n: int) -> None:
         # a view of the sequence's n tokens for now; :meth:`compact` copies it
         self.entries[eid] = [None if c.keys is None else (c.keys[..., :n, :], c.values[..., :n, :]) for c in cache]
-        self.loose[eid] = None
+        self.loose[eid] = 0
 
-    def compact(self, most: Optional[int] = None) -> int:
-        """Copy the oldest ``most`` loose entries (None: all) to exactly their tokens; how many.
+    def stepped(self) -> None:
+        """A step went by: the loose entries are a step older (``compact``'s ``aged``)."""
+        for eid in self.loose:
+            self.loose[eid] += 1
+
+    def compact(self, most: Optional[int] = None, aged: int = 0) -> int:
+        """Copy the oldest ``most`` loose entries (None: all) held at least ``aged`` steps to
+        exactly their tokens; how many.
 
         A new entry is first a view of the finished sequence's KV cache, which keeps the whole
         buffer it lies in alive (a batch's, every sequence's tokens, rounded up to mlx-lm's step)
@@ -324,15 +330,14 @@ class PromptCache:
         waited for before its prefill (``run`` copies one at a time while the batch is idle, and
         the rest after a step, once its tokens are out). Each rank copies its own slice in its
         own time: no collective is involved."""
-        eids = list(self.loose)[:most] if most is not None else list(self.loose)
+        eids = [eid for eid, steps in self.loose.items() if steps >= aged][:most]
         for eid in eids:
-            del self.loose[eid]
             entry = self.entries.get(eid)
-            if entry is None:
-                continue
-            kept = [None if kv is None else (mx.contiguous(kv[0]), mx.contiguous(kv[1])) for kv in entry]
-            mx.eval([kv for kv in kept if kv is not None])
-            self.entries[eid] = kept
+            if entry is not None:
+                kept = [None if kv is None else (mx.contiguous(kv[0]), mx.contiguous(kv[1])) for kv in entry]
+                mx.eval([kv for kv in kept if kv is not None])
+                self.entries[eid] = kept
+            del self.loose[eid]
         return len(eids)
 
     def clear(self) -> None:

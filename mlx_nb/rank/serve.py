@@ -15,6 +15,7 @@ plan (``gathered``), but for a conversation's next turn, which goes at once.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -134,6 +135,12 @@ class _Job:
         self.outbox.add(tokens)
 
 
+def _line_broke(error: BaseException) -> None:
+    # no request comes this way any more: the ranks stop serving, and the notebook says so
+    print(f"rank 0: the line from the notebook failed ({error}); the server stops", file=sys.stderr)
+    session.state.stop.set()
+
+
 def serve_on_rank(
     serve_id: str, max_batch: int, prefill_step: int, idle_wait: float = 0.1, line: Optional[Address] = None
 ) -> Served:
@@ -142,7 +149,7 @@ def serve_on_rank(
     the requests and its reports in place of ipyparallel's channels."""
     m = loaded()
     batch = Batch(m.model, m.tokenizer, m.group, cache=m.cache, max_batch=max_batch, prefill_step=prefill_step)
-    end = RankEnd(line) if line is not None and batch.rank == 0 else None
+    end = RankEnd(line, on_broken=_line_broke) if line is not None and batch.rank == 0 else None
     job = _Job(batch, end.report if end is not None else session.report)
 
     def decide(batch: Batch) -> Plan:
@@ -173,13 +180,15 @@ def serve_on_rank(
         job.planned = time.perf_counter()  # the wait for work, above, is not generating
         return plan
 
-    job.report(Ready(time.time()))
     try:
+        job.report(Ready(time.time()))
         steps = run(batch, decide, job.emit)
     finally:
-        batch.close()
-        if batch.rank == 0 and job.outbox.tokens:
-            job.outbox.flush()
-        if end is not None:
-            end.close()
+        try:
+            if batch.rank == 0 and job.outbox.tokens:
+                job.outbox.flush()
+            batch.close()
+        finally:
+            if end is not None:
+                end.close()
     return Served(steps, job.made)
