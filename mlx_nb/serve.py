@@ -316,9 +316,9 @@ class Server:
         except BaseException as e:  # a thread has no cell to raise into: kept, shown by status()
             self.error = e
         finally:
-            if self._line is not None:  # what rank 0 sent before it ended arrives first
-                self._line.close(wait=2.0 if self.error is None else 0.0)
             asked = self._stopping
+            if self._line is not None and asked and self.error is None:
+                self._line.closed.wait(2.0)  # what rank 0 sent before it ended arrives first
             if self.error is None and not asked:
                 self.error = ClusterError("the ranks' job ended: the cluster was stopped")
             why = "the server stopped" if asked else f"the ranks stopped serving: {self.error}"
@@ -330,6 +330,8 @@ class Server:
                 self._httpd.shutdown()
                 self._httpd.server_close()
             self._ended.set()
+            if self._line is not None:
+                self._line.close()
 
     # ---------------------------------------------------------------- requests
     def arrive(self) -> float:

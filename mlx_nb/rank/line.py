@@ -87,7 +87,8 @@ def _reader(
             try:
                 frames = sock.recv_multipart() if sock.poll(POLL_MS) else None
             except zmq.ZMQError as e:  # the socket itself failed: nothing more comes this way
-                broken(e)
+                if e.errno != zmq.ETERM:  # (not the process ending)
+                    broken(e)
                 return
             data = _check(key, frames) if frames is not None else None
             if data is None:
@@ -100,9 +101,9 @@ def _reader(
         sock.close(linger=0)
 
 
-def _listening() -> tuple[zmq.Socket, str]:
-    """A PULL socket on a free port of 127.0.0.1 (in the process's shared context) and its URL."""
-    sock = zmq.Context.instance().socket(zmq.PULL)
+def _listening(ctx: zmq.Context) -> tuple[zmq.Socket, str]:
+    """A PULL socket on a free port of 127.0.0.1 and its URL."""
+    sock = ctx.socket(zmq.PULL)
     sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE)
     return sock, f"tcp://127.0.0.1:{sock.bind_to_random_port('tcp://127.0.0.1')}"
 
@@ -119,9 +120,11 @@ class NotebookEnd:
         name: str = "mlx_nb-line",
     ) -> None:
         self._key = secrets.token_bytes(32)
-        self._out = zmq.Context.instance().socket(zmq.PUSH)
+        # a context of its own: ipyparallel's client ends the shared one when its cluster stops
+        self._ctx = zmq.Context()
+        self._out = self._ctx.socket(zmq.PUSH)
         self._out.setsockopt(zmq.LINGER, 0)
-        inbound, url = _listening()
+        inbound, url = _listening(self._ctx)
         self.address = Address(url, self._key.hex())
         self.broken: Optional[BaseException] = None  # why this end's reader stopped, if it failed
         self.opened = threading.Event()  # rank 0's end listens, and this end's sends go to it
@@ -174,6 +177,7 @@ class NotebookEnd:
         self._thread.join()
         with self._lock:
             self._out.close(linger=0)
+        self._ctx.term()
 
 
 class RankEnd:
@@ -184,7 +188,7 @@ class RankEnd:
 
     def __init__(self, address: Address, on_broken: Callable[[BaseException], None] = lambda e: None) -> None:
         self._key = bytes.fromhex(address.key)
-        inbound, url = _listening()
+        inbound, url = _listening(zmq.Context.instance())
         self._out = zmq.Context.instance().socket(zmq.PUSH)
         self._out.setsockopt(zmq.SNDHWM, 0)  # no limit: a report is never dropped nor waited for
         self._out.connect(address.url)
