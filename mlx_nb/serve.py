@@ -111,7 +111,7 @@ class ServeStatus:
     prompt_tokens: int = 0  # of the requests the ranks took, since the start
     cached_tokens: int = 0  # of those, the tokens the prompt cache held (not prefilled)
     ttft_parts: Optional[FirstToken] = None  # each part's median over the same requests as ttft_median
-    channel: str = ""  # how requests reach rank 0: "direct line" (rank 0 on this machine) or "ipyparallel"
+    channel: str = ""  # how requests reach rank 0: a direct line (rank 0 on this machine) or ipyparallel's channels
 
     def table(self) -> Table:
         def s(x: Optional[float]) -> str:
@@ -321,11 +321,7 @@ class Server:
                 self._line.closed.wait(2.0)  # what rank 0 sent before it ended arrives first
             if self.error is None and not asked:
                 self.error = ClusterError("the ranks' job ended: the cluster was stopped")
-            why = "the server stopped" if asked else f"the ranks stopped serving: {self.error}"
-            with self._lock:
-                pending = list(self._pending.values())
-            for p in pending:
-                p.events.put(_Failure(503, f"This reply could not be finished: {why}."))
+            self._fail_pending("the server stopped" if asked else f"the ranks stopped serving: {self.error}")
             if not asked and self._http is not None:  # nothing is left listening
                 self._httpd.shutdown()
                 self._httpd.server_close()
@@ -432,11 +428,15 @@ class Server:
         # no token comes back any more: what waits is answered now, and the ranks are stopped
         self.note(f"the line from rank 0 failed ({error}): the server stops")
         self.error = ServeError(f"the line from rank 0 failed ({error})")
+        self._fail_pending(str(self.error))
+        self.cluster.send({"serve": self.id, "stop": True})
+
+    def _fail_pending(self, why: str) -> None:
+        """Answer every request still waiting with a 503 saying ``why``."""
         with self._lock:
             pending = list(self._pending.values())
         for p in pending:
-            p.events.put(_Failure(503, f"This reply could not be finished: {self.error}."))
-        self.cluster.send({"serve": self.id, "stop": True})
+            p.events.put(_Failure(503, f"This reply could not be finished: {why}."))
 
     def _on_report(self, rank: int, report: Union[Ready, Refused, Tokens]) -> None:
         if isinstance(report, Ready):
