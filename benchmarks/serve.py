@@ -1,6 +1,6 @@
 """Serving: %mlx_serve against mlx_lm.server, same model, ranks, prompts and BLAS, one server at a time.
 
-    python benchmarks/serve.py [-n 1] [--model PATH] [--tokens 32] [--levels 1,8,32]
+    python benchmarks/serve.py [-n 1] [--model PATH] [--tokens 32] [--levels 1,8,32] [--requests 3]
                                [--system-words 3000] [--turns 6] [--chats 3] [--rounds 2]
                                [--only distinct,shared,chat] [--no-line]
 
@@ -13,9 +13,11 @@ round (first token: its lowest).
 
 Scenarios, each with the official openai client, streamed chat requests, greedy:
 
-- ``distinct``: N concurrent requests with N different prompts, N in ``--levels``: aggregate
-  tokens/s (completion tokens of every stream over the wall time from the first request sent
-  to the last token) and the median time to the first content token.
+- ``distinct``: N clients at once, N in ``--levels``, each sending ``--requests`` different
+  prompts one after another (its next as soon as its last reply ended; so N requests in flight):
+  aggregate tokens/s (completion tokens of every stream over the wall time from the first
+  request sent to the last token) and the median time to the first content token. One request
+  alone swings by 1.3x on a 2-core machine: several make the level-1 figure a measurement.
 - ``shared``: 8 clients whose requests share a system prompt of ``--system-words`` words, each
   with its own question, sent at once; then a second wave of 8 new questions after the same
   system prompt. Median first token of each wave: the second is where a prompt cache shows.
@@ -109,18 +111,20 @@ def ask(client, model: str, messages: list[dict], tokens: int) -> dict:
     return {"ttft": first if first is not None else float("nan"), "tokens": used, "text": "".join(parts)}
 
 
-def at_once(client, model: str, prompts: list[list[dict]], tokens: int) -> dict:
-    """Every prompt sent at once: aggregate tok/s, median first token, errors."""
+def at_once(client, model: str, prompts: list[list[list[dict]]], tokens: int) -> dict:
+    """One client per entry of ``prompts``, all starting at once, each sending its prompts one
+    after another (the next when the last reply ended): aggregate tok/s, median first token, errors."""
     results: list[dict] = []
     errors: list[str] = []
     start = threading.Barrier(len(prompts) + 1)
 
-    def one(messages: list[dict]) -> None:
+    def one(queue: list[list[dict]]) -> None:
         start.wait()
-        try:
-            results.append(ask(client, model, messages, tokens))
-        except Exception as e:  # counted, and shown under the table
-            errors.append(f"{type(e).__name__}: {e}")
+        for messages in queue:
+            try:
+                results.append(ask(client, model, messages, tokens))
+            except Exception as e:  # counted, and shown under the table
+                errors.append(f"{type(e).__name__}: {e}")
 
     threads = [threading.Thread(target=one, args=(p,)) for p in prompts]
     for t in threads:
@@ -134,14 +138,19 @@ def at_once(client, model: str, prompts: list[list[dict]], tokens: int) -> dict:
     return {"tps": sum(r["tokens"] for r in results) / wall, "ttft": statistics.median(ttfts), "errors": errors}
 
 
-def scenarios(client, model: str, args, seed: int, server=None) -> dict:
+def scenarios(client, model: str, args, seed: int, server=None, requests: int = 1) -> dict:
     """Every scenario once; ``seed`` picks the words (the warm-up uses others of the same lengths).
-    With mlx_nb's ``server``, each result has its requests' first token in parts ("parts")."""
+    ``requests``: each distinct-prompt client's, one after another. With mlx_nb's ``server``,
+    each result has its requests' first token in parts ("parts")."""
     out = Parted(server)
     if "distinct" in args.only:
         for n in args.levels:
+            story = "Write a long story about {} ({}-{}-{})."
             prompts = [
-                [{"role": "user", "content": f"Write a long story about {TOPICS[i % len(TOPICS)]} ({seed}-{i})."}]
+                [
+                    [{"role": "user", "content": story.format(TOPICS[i % len(TOPICS)], seed, i, k)}]
+                    for k in range(requests)
+                ]
                 for i in range(n)
             ]
             out["distinct", n] = at_once(client, model, prompts, args.tokens)
@@ -152,7 +161,7 @@ def scenarios(client, model: str, args, seed: int, server=None) -> dict:
                 [system, {"role": "user", "content": f"Question {wave}.{i}: what does the {WORDS[i + 8 * wave]} do?"}]
                 for i in range(8)
             ]
-            out["shared", wave] = at_once(client, model, prompts, args.tokens)
+            out["shared", wave] = at_once(client, model, [[p] for p in prompts], args.tokens)
     if "chat" in args.only:
         turns: dict[int, list] = {turn: [] for turn in range(1, args.turns + 1)}
         for c in range(args.chats):
@@ -231,6 +240,12 @@ def main() -> None:
     parser.add_argument("--tensor", dest="pipeline", action="store_false", help="with -n: tensor parallel")
     parser.add_argument("--tokens", type=int, default=32, help="tokens per reply")
     parser.add_argument("--levels", default="1,8,32", help="concurrent distinct requests")
+    parser.add_argument(
+        "--requests",
+        type=int,
+        default=3,
+        help="requests each distinct-prompt client sends, one after another (a timed round's)",
+    )
     parser.add_argument("--system-words", type=int, default=3000, help="the shared system prompt's words")
     parser.add_argument("--turns", type=int, default=6)
     parser.add_argument("--chats", type=int, default=3, help="conversations, one after the other (median of each turn)")
@@ -258,7 +273,7 @@ def main() -> None:
         t0 = time.perf_counter()
         scenarios(client, served, args, seed=1000 + len(best))  # warm-up: other words, same shapes
         print(f"{name}: warmed up in {time.perf_counter() - t0:.0f} s", flush=True)
-        for key, r in scenarios(client, served, args, seed=len(best), server=server).items():
+        for key, r in scenarios(client, served, args, seed=len(best), server=server, requests=args.requests).items():
             errors.extend(f"{name} {key}: {e}" for e in r["errors"])
             have = best.get((name, *key))
             if have is None:
@@ -314,7 +329,8 @@ def main() -> None:
         )
     layout = ("pipeline" if args.pipeline else "tensor") + f" parallel on {args.n} ranks" if args.n > 1 else "1 rank"
     title = (
-        f"{Path(model).name}, {layout}; {args.tokens} tokens per reply, shared system prompt of "
+        f"{Path(model).name}, {layout}; {args.tokens} tokens per reply, {args.requests} after another "
+        f"from each distinct-prompt client, shared system prompt of "
         f"{args.system_words} words; best of {args.rounds} rounds; {blas.what_computes()}"
         + ("" if args.line else "; mlx_nb through ipyparallel's channels (--no-line)")
     )

@@ -155,7 +155,9 @@ def touch(folder: str) -> None:
     try:
         os.utime(used)
     except FileNotFoundError:
-        open(used, "w").close()
+        # never touched yet; or the folder is gone (removed by hand): the stamp is not worth
+        # failing the user's cell for
+        quietly(lambda: open(used, "w").close())
     except OSError:
         pass
 

@@ -247,7 +247,6 @@ class Batch:
         self._asked: dict[int, int] = {}  # request id -> its prompt's tokens (a reply follows them)
         self._ended: set[int] = set()  # requests rank 0 ended, in the batch until the next plan
         self._detokenizers: dict[int, Any] = {}
-        self._fresh: set[int] = set()  # rank 0: requests that have no token yet
         self._unanswered: set[int] = set()  # uids that have no token yet (every rank)
         self._entries_at_prefill: set[int] = set()  # uids whose prompt becomes an entry once prefilled
         self.model = model
@@ -351,7 +350,6 @@ class Batch:
                 self._complete.add(rid)
             self._ended.discard(rid)
             self._detokenizers.pop(rid, None)
-            self._fresh.discard(rid)
         if plan.add:
             hits = [r.hit if keeping else None for r in plan.add]
             start = [h.tokens if h is not None else 0 for h in hits]
@@ -370,7 +368,6 @@ class Batch:
                 if self.rank == 0:
                     self._detokenizers[r.id] = self.tokenizer.detokenizer
                     self._admitted.append(Admitted(r.id, n, time.time()))
-                    self._fresh.add(r.id)
 
     def step(self) -> list[Token]:
         """Every sequence one step on (a collective on a sharded model); rank 0 gets the new tokens."""
@@ -388,6 +385,7 @@ class Batch:
                     self._complete.add(key)
         out = []
         for r in responses:
+            first = r.uid in self._unanswered
             self._unanswered.discard(r.uid)
             rid = self._ids[r.uid]
             dropped = r.finish_reason is not None  # max_tokens: every rank's generator dropped it already
@@ -400,14 +398,13 @@ class Batch:
                     if self.rank == 0:
                         self._complete.add(rid)
             if self.rank == 0 and rid not in self._ended:
-                out.append(self._token(rid, r.token, r.finish_reason))
+                out.append(self._token(rid, r.token, r.finish_reason, first))
             if dropped:
                 self._ended.discard(rid)
                 self._detokenizers.pop(rid, None)
-                self._fresh.discard(rid)
         return out
 
-    def _token(self, rid: int, token: int, finish: Optional[str]) -> Token:
+    def _token(self, rid: int, token: int, finish: Optional[str], first: bool) -> Token:
         detokenizer = self._detokenizers[rid]
         if token in self.eos:
             finish = "stop"
@@ -416,8 +413,6 @@ class Batch:
             detokenizer.add_token(token)
         if finish is not None:
             detokenizer.finalize()
-        first = rid in self._fresh
-        self._fresh.discard(rid)
         return Token(rid, token, detokenizer.last_segment, finish, first)
 
     def close(self) -> None:
