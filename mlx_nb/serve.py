@@ -61,14 +61,16 @@ class ServeError(RuntimeError):
 
 @dataclass(frozen=True)
 class FirstToken:
-    """Where a request's time to its first token went, in seconds (``Server.first_tokens``).
+    """Where a request's time to its first token went, in seconds (``Server.first_tokens``): the
+    first with text, what its client sees first (a streaming detokenizer holds back a token that
+    begins a character of several bytes).
 
     With rank 0 on another host, ``to_ranks`` and ``back`` also hold the two clocks' difference
     (one more, the other less): their sum is right."""
 
     read: float  # its HTTP thread reading and tokenizing it
     to_ranks: float  # from there to rank 0 taking it into the batch: the inbox, the step in flight, the others gathered
-    prefill: float  # on rank 0, from there to its first token: the prefill past the cached prefix, and one step
+    prefill: float  # on rank 0, from there to its first token: the prefill past the cached prefix, and a step or more
     back: float  # that token's way back to the notebook (rank 0's report)
 
     @property
@@ -467,7 +469,7 @@ class Server:
             p = self._pending.get(t.id)
             if p is None:
                 continue  # its client is gone; the ranks drop it at their next step
-            if p.first is None:
+            if p.first is None and (t.text or t.finish is not None):
                 p.first = time.time()
                 self._ttfts.append(p.first - p.arrived)
                 if p.admitted is not None:

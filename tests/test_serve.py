@@ -248,6 +248,33 @@ def test_rank_0_waits_for_the_requests_announced_and_for_those_close_behind():
     assert rank_serve.gathered(0) == [add(6, 0)]
 
 
+def test_a_reply_s_first_text_leaves_rank_0_at_the_step_that_made_it():
+    """A streaming detokenizer holds a token's text until the next completes it (an emoji's bytes
+    come in several tokens): the report that may wait for more steps must not hold the first text
+    a client can show. This prompt's greedy reply starts with two tokens of no text."""
+    from mlx_lm import load
+
+    from mlx_nb.models import bundled_model
+    from mlx_nb.rank.batch import Batch, Outbox, Plan, Request
+
+    model, tokenizer = load(str(bundled_model()))
+    prompt = tokenizer.apply_chat_template(chat("Write a smiley emoji."), add_generation_prompt=True)
+    batch = Batch(model, tokenizer, None)
+    sent: list[tuple[int, list]] = []  # (step, tokens) of each report
+    outbox = Outbox(lambda tokens: sent.append((step, tokens)), every=3600)  # only what may not wait
+    batch.apply(Plan(add=[Request(1, prompt, 6)]))
+    made: list[tuple[int, str]] = []  # (step, text) of each token
+    for step in range(1, 7):
+        tokens = batch.step()
+        made += [(step, t.text) for t in tokens]
+        outbox.add(tokens)
+    batch.close()
+    assert made[0][1] == "" and made[1][1] == ""  # what makes this test one
+    shown_at = next(step for step, text in made if text)
+    assert [step for step, tokens in sent if any(t.text for t in tokens)][0] == shown_at
+    assert "".join(t.text for _, tokens in sent for t in tokens) == "".join(text for _, text in made)
+
+
 def test_a_burst_of_64_clients_connecting_at_once_is_answered(client, server):
     errors: list[str] = []
     start = threading.Barrier(64)

@@ -79,7 +79,7 @@ class Token:
     token: int
     text: str  # the text it completes (empty for an end-of-sequence token)
     finish: Optional[str] = None  # "stop" (end of sequence), "length" (max_tokens), None: more to come
-    first: bool = False  # the request's first token
+    first: bool = False  # the first with text of the request's reply (what its client sees first)
 
 
 @dataclass(frozen=True)
@@ -248,6 +248,7 @@ class Batch:
         self._ended: set[int] = set()  # requests rank 0 ended, in the batch until the next plan
         self._detokenizers: dict[int, Any] = {}
         self._unanswered: set[int] = set()  # uids that have no token yet (every rank)
+        self._unseen: set[int] = set()  # rank 0: requests whose reply has no text yet
         self._entries_at_prefill: set[int] = set()  # uids whose prompt becomes an entry once prefilled
         self.model = model
         self.cache = cache
@@ -350,6 +351,7 @@ class Batch:
                 self._complete.add(rid)
             self._ended.discard(rid)
             self._detokenizers.pop(rid, None)
+            self._unseen.discard(rid)
         if plan.add:
             hits = [r.hit if keeping else None for r in plan.add]
             start = [h.tokens if h is not None else 0 for h in hits]
@@ -368,6 +370,7 @@ class Batch:
                 if self.rank == 0:
                     self._detokenizers[r.id] = self.tokenizer.detokenizer
                     self._admitted.append(Admitted(r.id, n, time.time()))
+                    self._unseen.add(r.id)
 
     def step(self) -> list[Token]:
         """Every sequence one step on (a collective on a sharded model); rank 0 gets the new tokens."""
@@ -385,7 +388,6 @@ class Batch:
                     self._complete.add(key)
         out = []
         for r in responses:
-            first = r.uid in self._unanswered
             self._unanswered.discard(r.uid)
             rid = self._ids[r.uid]
             dropped = r.finish_reason is not None  # max_tokens: every rank's generator dropped it already
@@ -398,13 +400,14 @@ class Batch:
                     if self.rank == 0:
                         self._complete.add(rid)
             if self.rank == 0 and rid not in self._ended:
-                out.append(self._token(rid, r.token, r.finish_reason, first))
+                out.append(self._token(rid, r.token, r.finish_reason))
             if dropped:
                 self._ended.discard(rid)
                 self._detokenizers.pop(rid, None)
+                self._unseen.discard(rid)
         return out
 
-    def _token(self, rid: int, token: int, finish: Optional[str], first: bool) -> Token:
+    def _token(self, rid: int, token: int, finish: Optional[str]) -> Token:
         detokenizer = self._detokenizers[rid]
         if token in self.eos:
             finish = "stop"
@@ -413,7 +416,13 @@ class Batch:
             detokenizer.add_token(token)
         if finish is not None:
             detokenizer.finalize()
-        return Token(rid, token, detokenizer.last_segment, finish, first)
+        text = detokenizer.last_segment
+        # a streaming detokenizer holds a token's text back until the next completes it (a word,
+        # a character of several bytes): the first token a client sees is the first with text
+        first = bool(text) and rid in self._unseen
+        if first:
+            self._unseen.discard(rid)
+        return Token(rid, token, text, finish, first)
 
     def close(self) -> None:
         self.gen.close()
@@ -423,7 +432,7 @@ class Batch:
 
 class Outbox:
     """Rank 0's tokens on their way to the notebook: one ``session.report`` carries every step's
-    tokens since the last, sent when a reply begins or ends (its first token, its end: what a
+    tokens since the last, sent when a reply begins or ends (its first text, its end: what a
     client waits for) and otherwise at most every ``every`` seconds. A report costs the rank
     about 0.1 ms of Python and a message; a step of a small batch on a GPU takes a few ms.
 
