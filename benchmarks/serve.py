@@ -268,12 +268,14 @@ def main() -> None:
     best: dict = {}
     errors: list[str] = []
 
-    def run(name: str, url: str, served: str, server=None) -> None:
+    def run(name: str, url: str, served: str, nth: int, server=None) -> None:
+        # both servers of a round get the same words (a random-weight model's first tokens with
+        # text come after as many steps as its prompt makes); each round and warm-up others
         client = OpenAI(base_url=url, api_key="-", max_retries=0, timeout=3600)
         t0 = time.perf_counter()
-        scenarios(client, served, args, seed=1000 + len(best))  # warm-up: other words, same shapes
+        scenarios(client, served, args, seed=1000 + nth)  # warm-up: other words, same shapes
         print(f"{name}: warmed up in {time.perf_counter() - t0:.0f} s", flush=True)
-        for key, r in scenarios(client, served, args, seed=len(best), server=server, requests=args.requests).items():
+        for key, r in scenarios(client, served, args, seed=nth, server=server, requests=args.requests).items():
             errors.extend(f"{name} {key}: {e}" for e in r["errors"])
             have = best.get((name, *key))
             if have is None:
@@ -282,7 +284,7 @@ def main() -> None:
                 have["tps"] = max(have["tps"], r["tps"])
                 if r["ttft"] < have["ttft"]:
                     have["ttft"], have["parts"] = r["ttft"], r.get("parts")
-            print(f"{name:6s} {key}: {r['tps']:7.1f} tok/s, first token {r['ttft']:.2f} s", flush=True)
+            print(f"{name:6s} {key}: {r['tps']:7.1f} tok/s, first token {r['ttft']:.3f} s", flush=True)
 
     with Cluster(n=args.n) as cluster:
         # the folder the ranks load (for the bundled model, its copy for this machine's BLAS) is mlx_lm's too
@@ -293,14 +295,14 @@ def main() -> None:
                     load_model(cluster, args.model, pipeline=args.pipeline and args.n > 1, progress=False)  # cold cache
                     server = serve(cluster, port=0, line=args.line)
                     try:
-                        run(name, server.url, server.model.id, server)
+                        run(name, server.url, server.model.id, i, server)
                     finally:
                         server.stop()
                     continue
                 port = free_port()
                 theirs = launch_mlx_lm(args.n, model, args.pipeline, port)  # never beside ours
                 try:
-                    run(name, f"http://127.0.0.1:{port}/v1", "default_model")
+                    run(name, f"http://127.0.0.1:{port}/v1", "default_model", i)
                 finally:
                     os.killpg(theirs.pid, 15)
                     theirs.wait(30)
@@ -322,8 +324,8 @@ def main() -> None:
                 f"{ours['tps']:.1f}" if tps else "-",
                 f"{theirs['tps']:.1f}" if tps else "-",
                 f"{ours['tps'] / theirs['tps']:.2f}x" if tps else "-",
-                f"{ours['ttft']:.2f}",
-                f"{theirs['ttft']:.2f}",
+                f"{ours['ttft']:.3f}",
+                f"{theirs['ttft']:.3f}",
                 f"{ours['ttft'] / theirs['ttft']:.2f}x",
             ]
         )
