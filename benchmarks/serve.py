@@ -11,7 +11,8 @@ rank has cores or a GPU of its own). Only one server runs at a time; rounds alte
 first, so that drift in the machine's load falls on both; the table keeps each figure's best
 round (first token: its lowest).
 
-Scenarios, each with the official openai client, streamed chat requests, greedy:
+Scenarios, each with the official openai client (in a process of its own: mlx_nb's server runs
+in this one, as in a notebook), streamed chat requests, greedy:
 
 - ``distinct``: N clients at once, N in ``--levels``, each sending ``--requests`` different
   prompts one after another (its next as soon as its last reply ended; so N requests in flight):
@@ -36,6 +37,7 @@ load (OpenBLAS on Linux where installed); on such a CPU, the bundled model's den
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import random
 import signal
@@ -46,6 +48,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from mlx_nb.rank import blas
@@ -138,7 +141,7 @@ def at_once(client, model: str, prompts: list[list[list[dict]]], tokens: int) ->
     return {"tps": sum(r["tokens"] for r in results) / wall, "ttft": statistics.median(ttfts), "errors": errors}
 
 
-def scenarios(client, model: str, args, seed: int, server=None, requests: int = 1) -> dict:
+def scenarios(clients: Clients, model: str, args, seed: int, server=None, requests: int = 1) -> dict:
     """Every scenario once; ``seed`` picks the words (the warm-up uses others of the same lengths).
     ``requests``: each distinct-prompt client's, one after another. With mlx_nb's ``server``,
     each result has its requests' first token in parts ("parts")."""
@@ -153,7 +156,7 @@ def scenarios(client, model: str, args, seed: int, server=None, requests: int = 
                 ]
                 for i in range(n)
             ]
-            out["distinct", n] = at_once(client, model, prompts, args.tokens)
+            out["distinct", n] = clients.at_once(model, prompts, args.tokens)
     if "shared" in args.only:
         system = {"role": "system", "content": text(args.system_words, seed)}
         for wave in (1, 2):
@@ -161,14 +164,14 @@ def scenarios(client, model: str, args, seed: int, server=None, requests: int = 
                 [system, {"role": "user", "content": f"Question {wave}.{i}: what does the {WORDS[i + 8 * wave]} do?"}]
                 for i in range(8)
             ]
-            out["shared", wave] = at_once(client, model, [[p] for p in prompts], args.tokens)
+            out["shared", wave] = clients.at_once(model, [[p] for p in prompts], args.tokens)
     if "chat" in args.only:
         turns: dict[int, list] = {turn: [] for turn in range(1, args.turns + 1)}
         for c in range(args.chats):
             messages = [{"role": "system", "content": text(300, seed + 1 + 100 * c)}]
             for turn in turns:
                 messages.append({"role": "user", "content": f"Tell me about the {WORDS[turn + seed % 7]} ({turn})."})
-                r = ask(client, model, messages, args.tokens)
+                r = clients.ask(model, messages, args.tokens)
                 messages.append({"role": "assistant", "content": r["text"]})
                 turns[turn].append((r["ttft"], server.first_tokens[-1] if server is not None else None))
         for turn, got in turns.items():
@@ -225,6 +228,41 @@ def launch_mlx_lm(n: int, model: str, pipeline: bool, port: int) -> subprocess.P
     raise RuntimeError("mlx_lm.server did not answer within 600 s")
 
 
+class Clients:
+    """The load: the openai clients, in a process of their own whichever server they ask.
+
+    mlx_nb's server runs in this process (as in a notebook), mlx_lm.server in its own: clients
+    here would share this process's interpreter lock with mlx_nb's HTTP threads and direct line
+    (32 streams parsed in Python at the top level), and with no thread of mlx_lm.server."""
+
+    def __init__(self) -> None:
+        self.pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        self.url = ""
+
+    def at_once(self, model: str, prompts: list[list[list[dict]]], tokens: int) -> dict:
+        return self.pool.submit(_in_clients, "at_once", self.url, model, prompts, tokens).result()
+
+    def ask(self, model: str, messages: list[dict], tokens: int) -> dict:
+        return self.pool.submit(_in_clients, "ask", self.url, model, messages, tokens).result()
+
+    def __enter__(self) -> Clients:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.pool.shutdown()
+
+
+_openai: dict = {}  # in the clients' process: base URL -> client
+
+
+def _in_clients(what: str, url: str, *args):
+    from openai import OpenAI
+
+    if url not in _openai:
+        _openai[url] = OpenAI(base_url=url, api_key="-", max_retries=0, timeout=3600)
+    return {"at_once": at_once, "ask": ask}[what](_openai[url], *args)
+
+
 def free_port() -> int:
     import socket
 
@@ -260,8 +298,7 @@ def main() -> None:
     args = parser.parse_args()
     args.levels = [int(x) for x in args.levels.split(",")]
     args.only = set(args.only.split(","))
-    from openai import OpenAI
-
+    clients = Clients()
     # killed (timeout, kill PID), the finally blocks below still stop mlx_lm.server, which runs
     # in a session of its own and would otherwise keep its port and cores
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -271,11 +308,11 @@ def main() -> None:
     def run(name: str, url: str, served: str, nth: int, server=None) -> None:
         # both servers of a round get the same words (a random-weight model's first tokens with
         # text come after as many steps as its prompt makes); each round and warm-up others
-        client = OpenAI(base_url=url, api_key="-", max_retries=0, timeout=3600)
+        clients.url = url
         t0 = time.perf_counter()
-        scenarios(client, served, args, seed=1000 + nth)  # warm-up: other words, same shapes
+        scenarios(clients, served, args, seed=1000 + nth)  # warm-up: other words, same shapes
         print(f"{name}: warmed up in {time.perf_counter() - t0:.0f} s", flush=True)
-        for key, r in scenarios(client, served, args, seed=nth, server=server, requests=args.requests).items():
+        for key, r in scenarios(clients, served, args, seed=nth, server=server, requests=args.requests).items():
             errors.extend(f"{name} {key}: {e}" for e in r["errors"])
             have = best.get((name, *key))
             if have is None:
@@ -286,7 +323,7 @@ def main() -> None:
                     have["ttft"], have["parts"] = r["ttft"], r.get("parts")
             print(f"{name:6s} {key}: {r['tps']:7.1f} tok/s, first token {r['ttft']:.3f} s", flush=True)
 
-    with Cluster(n=args.n) as cluster:
+    with Cluster(n=args.n) as cluster, clients:
         # the folder the ranks load (for the bundled model, its copy for this machine's BLAS) is mlx_lm's too
         model = load_model(cluster, args.model, pipeline=args.pipeline and args.n > 1, progress=False)["model"]
         for i in range(args.rounds):
