@@ -172,7 +172,8 @@ class _Pending:
         self.events: queue.SimpleQueue[Union[Piece, _Failure]] = queue.SimpleQueue()
         self.arrived, self.submitted = arrived, time.time()  # its handler began to read it; it went to the ranks
         self.admitted: Optional[float] = None  # rank 0 took it into the batch (rank 0's clock)
-        self.first: Optional[float] = None
+        self.first: Optional[float] = None  # its first token with text came (what its client sees first)
+        self.answering = False  # a token came (perhaps one whose text waits for the next)
         self.cached = 0  # prompt tokens the ranks' prompt cache held for it
         self.on_ranks = True  # until its last token came, or it was cancelled
         self.gone = False  # its client left
@@ -469,6 +470,7 @@ class Server:
             p = self._pending.get(t.id)
             if p is None:
                 continue  # its client is gone; the ranks drop it at their next step
+            p.answering = True
             if p.first is None and (t.text or t.finish is not None):
                 p.first = time.time()
                 self._ttfts.append(p.first - p.arrived)
@@ -509,8 +511,8 @@ class Server:
             self.url,
             self.model.id if self.model else "-",
             state,
-            running=sum(p.first is not None for p in pending),
-            queued=sum(p.first is None for p in pending),
+            running=sum(p.answering for p in pending),
+            queued=sum(not p.answering for p in pending),
             completed=tally.endings[Ending.COMPLETED],
             cancelled=tally.endings[Ending.CANCELLED],
             failed=tally.endings[Ending.FAILED],
