@@ -240,10 +240,10 @@ class Clients:
         self.url = ""
 
     def at_once(self, model: str, prompts: list[list[list[dict]]], tokens: int) -> dict:
-        return self.pool.submit(_in_clients, "at_once", self.url, model, prompts, tokens).result()
+        return self.pool.submit(_in_clients, at_once, self.url, model, prompts, tokens).result()
 
     def ask(self, model: str, messages: list[dict], tokens: int) -> dict:
-        return self.pool.submit(_in_clients, "ask", self.url, model, messages, tokens).result()
+        return self.pool.submit(_in_clients, ask, self.url, model, messages, tokens).result()
 
     def __enter__(self) -> Clients:
         return self
@@ -255,12 +255,13 @@ class Clients:
 _openai: dict = {}  # in the clients' process: base URL -> client
 
 
-def _in_clients(what: str, url: str, *args):
+def _in_clients(load, url: str, *args):
+    """``load(client, *args)`` (``at_once`` or ``ask``) in the clients' process."""
     from openai import OpenAI
 
     if url not in _openai:
         _openai[url] = OpenAI(base_url=url, api_key="-", max_retries=0, timeout=3600)
-    return {"at_once": at_once, "ask": ask}[what](_openai[url], *args)
+    return load(_openai[url], *args)
 
 
 def free_port() -> int:
