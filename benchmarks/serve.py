@@ -37,6 +37,7 @@ load (OpenBLAS on Linux where installed); on such a CPU, the bundled model's den
 from __future__ import annotations
 
 import argparse
+import ast
 import multiprocessing
 import os
 import random
@@ -73,9 +74,13 @@ WORDS = (
 
 # mlx_lm.server with the BLAS mlx_nb's ranks load (alone, or on every rank under mlx.launch)
 LAUNCHED = """
-import sys
+import os, sys
 from mlx_nb.rank import blas
 blas.use()
+if os.environ.get("MLX_NB_STEPS"):  # --steps: its BatchGenerator's steps recorded, as on mlx_nb's ranks
+    sys.path.insert(0, os.environ["MLX_NB_STEPS_FROM"])
+    import steps
+    steps.install(os.environ["MLX_NB_STEPS"])
 sys.argv = ["mlx_lm.server"] + sys.argv[1:]
 from mlx_lm.server import main  # its classes must live in mlx_lm.server: ranks share requests pickled
 main()
@@ -133,12 +138,17 @@ def at_once(client, model: str, prompts: list[list[list[dict]]], tokens: int) ->
     for t in threads:
         t.start()
     start.wait()
-    t0 = time.perf_counter()
+    t0, began = time.perf_counter(), time.time()
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
     ttfts = [r["ttft"] for r in results] or [float("nan")]
-    return {"tps": sum(r["tokens"] for r in results) / wall, "ttft": statistics.median(ttfts), "errors": errors}
+    return {
+        "tps": sum(r["tokens"] for r in results) / wall,
+        "ttft": statistics.median(ttfts),
+        "errors": errors,
+        "window": (began, time.time()),
+    }
 
 
 def scenarios(clients: Clients, model: str, args, seed: int, server=None, requests: int = 1) -> dict:
@@ -197,7 +207,7 @@ class Parted(dict):
         super().__setitem__(key, result)
 
 
-def launch_mlx_lm(n: int, model: str, pipeline: bool, port: int) -> subprocess.Popen:
+def launch_mlx_lm(n: int, model: str, pipeline: bool, port: int, steps_to: str = "") -> subprocess.Popen:
     hub = tempfile.mkdtemp(prefix="hf-hub-")  # its /v1/models lists a Hugging Face cache, which must exist
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
         f.write(LAUNCHED)
@@ -213,7 +223,13 @@ def launch_mlx_lm(n: int, model: str, pipeline: bool, port: int) -> subprocess.P
         stderr=log,
         text=True,
         start_new_session=True,
-        env={**os.environ, blas.RANKS_ENV: str(n), "HF_HUB_CACHE": hub},
+        env={
+            **os.environ,
+            blas.RANKS_ENV: str(n),
+            "HF_HUB_CACHE": hub,
+            "MLX_NB_STEPS": steps_to,
+            "MLX_NB_STEPS_FROM": str(Path(__file__).parent),
+        },
     )
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
@@ -291,6 +307,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--only", default="distinct,shared,chat", help="scenarios to run")
     parser.add_argument(
+        "--steps",
+        action="store_true",
+        help="record both servers' generator steps (benchmarks/steps.py): a table of each scenario's",
+    )
+    parser.add_argument(
+        "--ours",
+        default="",
+        help="options for mlx_nb's serve(), as name=value,... (say, prefill_batch=16)",
+    )
+    parser.add_argument(
         "--no-line",
         dest="line",
         action="store_false",
@@ -299,6 +325,8 @@ def main() -> None:
     args = parser.parse_args()
     args.levels = [int(x) for x in args.levels.split(",")]
     args.only = set(args.only.split(","))
+    ours = {k: ast.literal_eval(v) for k, v in (o.split("=", 1) for o in args.ours.split(",") if o)}
+    records = tempfile.mkdtemp(prefix="serve-steps-") if args.steps else ""
     clients = Clients()
     # killed (timeout, kill PID), the finally blocks below still stop mlx_lm.server, which runs
     # in a session of its own and would otherwise keep its port and cores
@@ -313,7 +341,8 @@ def main() -> None:
         t0 = time.perf_counter()
         scenarios(clients, served, args, seed=1000 + nth)  # warm-up: other words, same shapes
         print(f"{name}: warmed up in {time.perf_counter() - t0:.0f} s", flush=True)
-        for key, r in scenarios(clients, served, args, seed=nth, server=server, requests=args.requests).items():
+        timed = scenarios(clients, served, args, seed=nth, server=server, requests=args.requests)
+        for key, r in timed.items():
             errors.extend(f"{name} {key}: {e}" for e in r["errors"])
             have = best.get((name, *key))
             if have is None:
@@ -323,6 +352,8 @@ def main() -> None:
                 if r["ttft"] < have["ttft"]:
                     have["ttft"], have["parts"] = r["ttft"], r.get("parts")
             print(f"{name:6s} {key}: {r['tps']:7.1f} tok/s, first token {r['ttft']:.3f} s", flush=True)
+        if records:
+            print(steps_table(name, nth, records, timed), flush=True)
 
     with Cluster(n=args.n) as cluster, clients:
         # the folder the ranks load (for the bundled model, its copy for this machine's BLAS) is mlx_lm's too
@@ -331,14 +362,17 @@ def main() -> None:
             for name in ("mlx_nb", "mlx_lm") if i % 2 == 0 else ("mlx_lm", "mlx_nb"):
                 if name == "mlx_nb":
                     load_model(cluster, args.model, pipeline=args.pipeline and args.n > 1, progress=False)  # cold cache
-                    server = serve(cluster, port=0, line=args.line)
+                    if records:
+                        cluster.call(_record_steps, str(Path(__file__).parent), f"{records}/{name}-{i}")
+                    server = serve(cluster, port=0, line=args.line, **ours)
                     try:
                         run(name, server.url, server.model.id, i, server)
                     finally:
                         server.stop()
                     continue
                 port = free_port()
-                theirs = launch_mlx_lm(args.n, model, args.pipeline, port)  # never beside ours
+                steps_to = f"{records}/{name}-{i}" if records else ""
+                theirs = launch_mlx_lm(args.n, model, args.pipeline, port, steps_to)  # never beside ours
                 try:
                     run(name, f"http://127.0.0.1:{port}/v1", "default_model", i)
                 finally:
@@ -373,6 +407,7 @@ def main() -> None:
         f"from each distinct-prompt client, shared system prompt of "
         f"{args.system_words} words; best of {args.rounds} rounds; {blas.what_computes()}"
         + ("" if args.line else "; mlx_nb through ipyparallel's channels (--no-line)")
+        + (f"; mlx_nb with {args.ours}" if ours else "")
     )
     header = ["scenario", "mlx_nb tok/s", "mlx_lm.server tok/s", "tok/s ratio", "mlx_nb first token (s)"]
     print(Table(header + ["mlx_lm first token (s)", "first token ratio"], rows, title))
@@ -380,6 +415,45 @@ def main() -> None:
     print(parts_table(best, args))
     for e in errors:
         print("error:", e)
+
+
+def _record_steps(where: str, path: str) -> None:
+    """On each rank: its generator's steps recorded to ``path`` (rank 0's; the others' to
+    ``path.rankN``)."""
+    import sys
+
+    import mlx.core as mx
+
+    sys.path.insert(0, where)
+    import steps
+
+    rank = mx.distributed.init().rank()
+    steps.install(path if rank == 0 else f"{path}.rank{rank}")
+
+
+def steps_table(name: str, nth: int, records: str, timed: dict) -> Table:
+    """What the generator of ``name``'s rank 0 did in each of round ``nth``'s timed scenarios."""
+    from steps import read, summary
+
+    rows = read(f"{records}/{name}-{nth}")
+    fields = ["steps", "prefilling", "prompt tokens", "tokens", "batch", "step ms", "decode-only ms"]
+    fields += ["with prefill ms", "stepping s"]
+    out = []
+    for key, r in timed.items():
+        if "window" in r:
+            got = summary(rows, *r["window"])
+            out.append(
+                [
+                    " ".join(map(str, key)),
+                    *(f"{got[f]:.1f}" if isinstance(got[f], float) else str(got[f]) for f in fields),
+                ]
+            )
+    title = (
+        f"{name}'s generator steps, round {nth + 1} (rank 0): steps begun in each scenario, those that "
+        f"also prefilled, the tokens prefilled and made, sequences decoding after a step (mean), the time "
+        f"from a step's start to the next's (median; everything between steps included), and the seconds stepping"
+    )
+    return Table(["scenario", *fields], out, title)
 
 
 def parts_table(best: dict, args) -> Table:

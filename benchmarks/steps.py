@@ -1,0 +1,66 @@
+"""Where a server's steps go: a recorder of mlx-lm's ``BatchGenerator`` steps, the same in both servers.
+
+Both mlx_nb's ranks and mlx_lm.server generate with mlx-lm's ``BatchGenerator``; ``install(path)``
+wraps its step (``_next``) in this process so that each step appends one line to ``path``: when
+it began (time.time), the sequences decoding after it, the prompt tokens it prefilled and the
+tokens it returned. ``table(path, windows)`` reads them back for each scenario's time window:
+how many steps, how often a step also prefilled, and the time from one step's start to the
+next (everything the server does between steps included), with and without a prefill.
+
+    python benchmarks/serve.py --steps ...   installs it in both servers and prints the table
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+IDLE = 0.5  # seconds between two steps past which the server was waiting for work, not stepping
+
+
+def install(path: str) -> None:
+    """Record every ``BatchGenerator`` step of this process to ``path`` (appended, a line each)."""
+    from mlx_lm.generate import BatchGenerator
+
+    out = open(path, "a", buffering=1)  # noqa: SIM115 (open for the process's life)
+    step = getattr(BatchGenerator._next, "__wrapped__", BatchGenerator._next)
+
+    def _next(self):
+        t = time.time()
+        before = self._counters.prompt_tokens
+        prompts, tokens = step(self)
+        prefilled = self._counters.prompt_tokens - before
+        out.write(f"{t:.6f} {len(self._generation_batch)} {prefilled} {len(tokens)}\n")
+        return prompts, tokens
+
+    _next.__wrapped__ = step
+    BatchGenerator._next = _next
+
+
+def read(path: str) -> list[tuple[float, int, int, int]]:
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        t, batch, prefilled, tokens = line.split()
+        rows.append((float(t), int(batch), int(prefilled), int(tokens)))
+    return rows
+
+
+def summary(rows: list[tuple[float, int, int, int]], start: float, end: float) -> dict:
+    """The steps begun in [start, end): counts, and the median time from each to the next."""
+    inside = [r for r in rows if start <= r[0] < end]
+    gaps = [(b[0] - a[0], a) for a, b in zip(inside, inside[1:]) if b[0] - a[0] < IDLE]
+    prefilling = [g for g, r in gaps if r[2] > 0]
+    decoding = [g for g, r in gaps if r[2] == 0]
+    med = lambda xs: statistics.median(xs) * 1000 if xs else float("nan")
+    return {
+        "steps": len(inside),
+        "prefilling": len([r for r in inside if r[2] > 0]),
+        "prompt tokens": sum(r[2] for r in inside),
+        "tokens": sum(r[3] for r in inside),
+        "batch": statistics.mean(r[1] for r in inside) if inside else float("nan"),
+        "step ms": med([g for g, _ in gaps]),
+        "decode-only ms": med(decoding),
+        "with prefill ms": med(prefilling),
+        "stepping s": sum(g for g, _ in gaps),
+    }
