@@ -153,8 +153,8 @@ def _checked(prompts: list, max_tokens: Any, temperature: Any, top_p: Any, seed:
     return prompts
 
 
-def check_max_batch(max_batch: Any) -> None:
-    """How many sequences decode together (``generate_batch``, the server): 1 or more.
+def check_max_batch(max_batch: Any, name: str = "max_batch") -> None:
+    """How many sequences decode (or prefill) together (``generate_batch``, the server): 1 or more.
 
     >>> check_max_batch(0)
     Traceback (most recent call last):
@@ -162,7 +162,7 @@ def check_max_batch(max_batch: Any) -> None:
     ValueError: max_batch must be at least 1, got 0
     """
     if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
-        raise ValueError(f"max_batch must be at least 1, got {max_batch!r}")
+        raise ValueError(f"{name} must be at least 1, got {max_batch!r}")
 
 
 def check_sampling(temperature: Any, top_p: Any = 1.0, seed: Any = None) -> None:

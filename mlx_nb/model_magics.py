@@ -150,6 +150,19 @@ class ModelMagics(Magics):
     )
     @argument("--name", default=None, help="the model's id in the API (default: the model's name)")
     @argument("--max-batch", type=int, default=32, help="most sequences decoded together (default 32)")
+    @argument(
+        "--prefill-batch",
+        type=int,
+        default=None,
+        help="most prompts in one prefill pass (default: --max-batch on a GPU, 8 on a CPU)",
+    )
+    @argument(
+        "--gather",
+        type=float,
+        default=None,
+        help="seconds a request arriving while others generate may wait for more to share its "
+        "prefill (default: 0.05 on a GPU, 0 on a CPU)",
+    )
     @line_magic
     def mlx_serve(self, line: str):
         """Serve the model loaded on the ranks as an OpenAI-compatible API, batching requests.
@@ -182,6 +195,8 @@ class ModelMagics(Magics):
                 unquoted(args.api_key),
                 model_name=unquoted(args.name),
                 max_batch=args.max_batch,
+                prefill_batch=args.prefill_batch,
+                gather=args.gather,
             )
             magics.server = server.start()
         print(f"Serving {server.model.id} at {server.url} (OpenAI API; %mlx_serve status, %mlx_serve stop).")

@@ -179,6 +179,21 @@ class _Pending:
         self.gone = False  # its client left
 
 
+def check_gather(gather: Any) -> None:
+    """Seconds a request arriving while others generate may wait for more to share its prefill:
+    0 or more (None: the default for the ranks' device).
+
+    >>> check_gather(-0.5)
+    Traceback (most recent call last):
+    ...
+    ValueError: --gather must be 0 or more seconds, got -0.5
+    """
+    if gather is None:
+        return
+    if isinstance(gather, bool) or not isinstance(gather, (int, float)) or not gather >= 0:
+        raise ValueError(f"--gather must be 0 or more seconds, got {gather!r}")
+
+
 class Server:
     """An OpenAI-compatible API for the model loaded on ``cluster`` (``load_model``); see :func:`serve`."""
 
@@ -191,6 +206,8 @@ class Server:
         *,
         model_name: Optional[str] = None,
         max_batch: int = 32,
+        prefill_batch: Optional[int] = None,
+        gather: Optional[float] = None,
         prefill_step: int = 512,
         max_body: int = MAX_BODY,
         default_max_tokens: int = 512,
@@ -204,9 +221,13 @@ class Server:
         if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port < 65536:
             raise ValueError(f"--port must be 0-65535, got {port}")
         check_max_batch(max_batch)
+        if prefill_batch is not None:
+            check_max_batch(prefill_batch, "--prefill-batch")
+        check_gather(gather)
         check_max_tokens(default_max_tokens, "default_max_tokens")
         self.cluster, self.host, self.port, self.api_key = cluster, host, port, api_key
         self.model_name, self.max_batch, self.prefill_step = model_name, max_batch, prefill_step
+        self.prefill_batch, self.gather = prefill_batch, gather
         self.max_body, self.default_max_tokens = max_body, default_max_tokens
         self.use_line = line
         self.id = uuid.uuid4().hex
@@ -312,7 +333,7 @@ class Server:
                 self.id,
                 self.max_batch,
                 self.prefill_step,
-                kwargs={"line": line},
+                kwargs={"line": line, "prefill_batch": self.prefill_batch, "gather": self.gather},
                 on_report=self._on_report,
                 what=SERVING,
             )
@@ -542,7 +563,10 @@ def serve(cluster, port: int = 8000, host: str = "127.0.0.1", api_key: Optional[
     joins at the next step. It listens on 127.0.0.1 unless ``host`` says otherwise, and a host
     reachable from other machines needs ``api_key`` (checked on every request). ``port=0``
     takes a free port. Options: ``model_name`` (the id clients use; default the model's
-    name), ``max_batch`` (sequences decoded together, 32), ``prefill_step``, ``max_body``,
+    name), ``max_batch`` (sequences decoded together, 32), ``prefill_batch`` (most prompts in one
+    prefill pass) and ``gather`` (seconds a request arriving while others generate may wait for
+    more to share its pass): by default on a GPU ``max_batch`` and 0.05, on a CPU 8 and 0 (see
+    :class:`mlx_nb.rank.serve.Scheduling` for why), ``prefill_step``, ``max_body``,
     ``default_max_tokens``, ``line`` (True: where rank 0 runs on this machine, requests and
     tokens take a direct line to it, :mod:`mlx_nb.rank.line`; False: ipyparallel's channels, as
     for a rank 0 on another machine). The notebook stays free; ``stop()`` ends it. ``server.log`` keeps

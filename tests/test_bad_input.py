@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import doctest
+import importlib
 import math
 
 import pytest
@@ -40,7 +41,8 @@ def _usage_error(shell, magic: str, line: str, cell: str = "") -> str:
 
 
 def test_the_docstring_examples_of_the_checks_run():
-    for module in (spec, bench, launchers, magics, model_magics, watchdog, procs, generation, batch):
+    serving = importlib.import_module("mlx_nb.serve")  # the module (mlx_nb.serve is also its function)
+    for module in (spec, bench, launchers, magics, model_magics, watchdog, procs, generation, batch, serving):
         assert doctest.testmod(module, optionflags=doctest.ELLIPSIS).failed == 0, module.__name__
 
 
@@ -169,6 +171,16 @@ def test_a_sweep_larger_than_memory_is_refused_naming_size_and_memory(shell, run
             "--max-tokens must be at least 1, got -3",
         ),
         (lambda c: serve(c, port=70000), ("mlx_serve", "--port 70000", ""), "--port must be 0-65535, got 70000"),
+        (
+            lambda c: serve(c, port=0, prefill_batch=0),
+            ("mlx_serve", "--port 0 --prefill-batch 0", ""),
+            "--prefill-batch must be at least 1, got 0",
+        ),
+        (
+            lambda c: serve(c, port=0, gather=-0.5),
+            ("mlx_serve", "--port 0 --gather -0.5", ""),
+            "--gather must be 0 or more seconds, got -0.5",
+        ),
         (
             lambda c: load_model(c, adapter_path="/nowhere/run"),
             ("mlx_generate", "--load bundled --adapter /nowhere/run", ""),
