@@ -2,7 +2,7 @@
 
     python benchmarks/serve.py [-n 1] [--model PATH] [--tokens 32] [--levels 1,8,32] [--requests 3]
                                [--system-words 3000] [--turns 6] [--chats 3] [--rounds 2]
-                               [--only distinct,shared,chat] [--no-line]
+                               [--only distinct,shared,chat] [--no-line] [--steps] [--ours name=value,...]
 
 Equal footing: by default both run on one rank (mlx_nb: a 1-rank cluster; mlx_lm.server: one
 process), so that neither pays for the other's processes; ``-n N`` runs mlx_nb on N ranks and
@@ -325,7 +325,7 @@ def main() -> None:
     args = parser.parse_args()
     args.levels = [int(x) for x in args.levels.split(",")]
     args.only = set(args.only.split(","))
-    ours = {k: ast.literal_eval(v) for k, v in (o.split("=", 1) for o in args.ours.split(",") if o)}
+    options = {k: ast.literal_eval(v) for k, v in (o.split("=", 1) for o in args.ours.split(",") if o)}
     records = tempfile.mkdtemp(prefix="serve-steps-") if args.steps else ""
     clients = Clients()
     # killed (timeout, kill PID), the finally blocks below still stop mlx_lm.server, which runs
@@ -364,7 +364,7 @@ def main() -> None:
                     load_model(cluster, args.model, pipeline=args.pipeline and args.n > 1, progress=False)  # cold cache
                     if records:
                         cluster.call(_record_steps, str(Path(__file__).parent), f"{records}/{name}-{i}")
-                    server = serve(cluster, port=0, line=args.line, **ours)
+                    server = serve(cluster, port=0, line=args.line, **options)
                     try:
                         run(name, server.url, server.model.id, i, server)
                     finally:
@@ -407,7 +407,7 @@ def main() -> None:
         f"from each distinct-prompt client, shared system prompt of "
         f"{args.system_words} words; best of {args.rounds} rounds; {blas.what_computes()}"
         + ("" if args.line else "; mlx_nb through ipyparallel's channels (--no-line)")
-        + (f"; mlx_nb with {args.ours}" if ours else "")
+        + (f"; mlx_nb with {args.ours}" if options else "")
     )
     header = ["scenario", "mlx_nb tok/s", "mlx_lm.server tok/s", "tok/s ratio", "mlx_nb first token (s)"]
     print(Table(header + ["mlx_lm first token (s)", "first token ratio"], rows, title))
