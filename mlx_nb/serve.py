@@ -43,7 +43,7 @@ from .models import BUNDLED_NAMES
 from .openai_api import ApiError, Completion, ServedModel
 from .rank.batch import Tokens
 from .rank.line import NotebookEnd
-from .rank.serve import Ready, Refused, serve_on_rank, source
+from .rank.serve import Ready, Refused, Scheduling, serve_on_rank, source
 from .serve_http import Ending, HTTPServer, Piece
 
 __all__ = ["FirstToken", "ServeError", "ServeStatus", "Server", "serve"]
@@ -114,6 +114,7 @@ class ServeStatus:
     cached_tokens: int = 0  # of those, the tokens the prompt cache held (not prefilled)
     ttft_parts: Optional[FirstToken] = None  # each part's median over the same requests as ttft_median
     channel: str = ""  # how requests reach rank 0: a direct line (rank 0 on this machine) or ipyparallel's channels
+    prefill: str = ""  # how rank 0 groups prompts into prefill passes (its device's defaults, or what was asked)
 
     def table(self) -> Table:
         def s(x: Optional[float]) -> str:
@@ -129,6 +130,7 @@ class ServeStatus:
             ["first token: median / last", f"{s(self.ttft_median)} / {s(self.ttft_last)}"],
             ["first token, median: read / to the ranks / prefill / back", str(self.ttft_parts or "-")],
             ["requests to rank 0 and tokens back", self.channel],
+            ["prefill", self.prefill or "-"],
             ["batch now / largest", f"{self.batch} / {self.batch_max}"],
             ["tokens generated", self.generated],
             ["prompt tokens: from the cache / all", f"{self.cached_tokens} / {self.prompt_tokens}{share}"],
@@ -233,6 +235,7 @@ class Server:
         self.id = uuid.uuid4().hex
         self.model: Optional[ServedModel] = None
         self.error: Optional[BaseException] = None  # why the ranks stopped serving, if not asked to
+        self.scheduling: Optional[Scheduling] = None  # how rank 0 groups prompts into passes, once it serves
         self._pending: dict[int, _Pending] = {}
         self._arriving = 0  # requests being read and tokenized by the HTTP threads, not yet submitted
         self._ids = itertools.count()
@@ -465,6 +468,7 @@ class Server:
     def _on_report(self, rank: int, report: Union[Ready, Refused, Tokens]) -> None:
         if isinstance(report, Ready):
             if rank == 0:  # with a line, rank 0's comes over it: the line is there both ways
+                self.scheduling = report.scheduling
                 self._ready.set()
         elif isinstance(report, Refused):
             for r in report.refusals:
@@ -548,6 +552,7 @@ class Server:
             cached_tokens=tally.cached_tokens,
             ttft_parts=FirstToken.median(list(self.first_tokens)),
             channel="a direct line (rank 0 runs here)" if self._line is not None else "ipyparallel's channels",
+            prefill=str(self.scheduling or ""),
         )
 
     def __repr__(self) -> str:

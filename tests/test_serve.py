@@ -161,6 +161,8 @@ def test_status_shows_requests_rates_and_first_token_and_counts_no_idle_seconds(
     assert min(last.read, last.to_ranks, last.prefill, last.back) >= 0 and 0 < last.total <= took
     assert abs(last.total - server._ttfts[-1]) < 1e-6 and str(status.ttft_parts) in text
     assert "a direct line (rank 0 runs here)" in text  # the ranks are local: no ipyparallel relay
+    # CPU ranks: prompts go as they come, 8 a pass (a GPU's would wait 50 ms for up to --max-batch)
+    assert "up to 8 prompts a pass; arrivals while others generate go at the next step" in text
 
 
 def test_a_chat_completion_is_the_answer_alone(client, server, alone):
@@ -316,39 +318,6 @@ def test_a_client_that_disconnects_mid_stream_leaves_the_batch_while_another_goe
     assert other["text"] == alone[QUESTIONS[0]]
     status = wait_for(lambda: (s := server.status()).batch == 0 and s, what="the ranks' batch to empty")
     assert status.cancelled == before + 1 and status.running == status.queued == 0
-
-
-def test_while_others_generate_an_arrival_waits_for_company_and_goes_when_the_prefill_batch_fills(pipeline_pair, alone):
-    # gather 60 s, prefill batch 2: a request arriving while a story generates waits on rank 0
-    # for a second to share its prefill, and both go as soon as that one arrives
-    shell()
-    magics.instance().stop_server()  # the module's server, if a test before did not stop it
-    server = serve(pipeline_pair, port=0, gather=60.0, prefill_batch=2)
-    try:
-        client = openai.OpenAI(base_url=server.url, api_key="-", max_retries=0, timeout=600)
-        story = client.chat.completions.create(model=server.model.id, messages=STORY, max_tokens=4000, stream=True)
-        pieces = iter(story)
-        wait_for(lambda: next(pieces).choices[0].delta.content, what="the story's first words")
-        server.first_tokens.clear()
-
-        def ask(question: str) -> str:
-            r = client.chat.completions.create(model=server.model.id, messages=chat(question), max_tokens=TOKENS)
-            return r.choices[0].message.content
-
-        with ThreadPoolExecutor(2) as pool:
-            first = pool.submit(ask, QUESTIONS[0])
-            wait_for(lambda: server.status().queued == 1, what="the first question on rank 0")
-            time.sleep(1.0)  # the second comes a second later: the first waits for it, not for 60 s
-            assert not first.done() and server.status().queued == 1
-            second = pool.submit(ask, QUESTIONS[1])
-            answers = [first.result(600), second.result(600)]
-        assert answers == [alone[q] for q in QUESTIONS[:2]]
-        assert server.status().running == 1  # the story generated all along
-        waited = sorted(p.to_ranks for p in server.first_tokens)
-        assert len(waited) == 2 and 1.0 <= waited[1] < 60, waited  # the first: the second's second, not 60 s
-        story.close()
-    finally:
-        server.stop()
 
 
 def test_stop_strings_end_the_reply_before_them(client, server):
@@ -511,6 +480,42 @@ def test_without_the_line_requests_and_tokens_go_through_ipyparallel_with_the_sa
             replies = list(pool.map(ask, questions))
         assert replies == [alone[q] for q in questions]
         assert server.status().channel == "ipyparallel's channels"
+    finally:
+        server.stop()
+
+
+def test_while_others_generate_an_arrival_waits_for_company_and_goes_when_the_prefill_batch_fills(pipeline_pair, alone):
+    # gather 60 s, prefill batch 2: a request arriving while a story generates waits on rank 0
+    # for a second to share its prefill, and both go as soon as that one arrives
+    shell()
+    magics.instance().stop_server()  # the module's server, if a test before did not stop it
+    server = serve(pipeline_pair, port=0, gather=60.0, prefill_batch=2)
+    try:
+        client = openai.OpenAI(base_url=server.url, api_key="-", max_retries=0, timeout=600)
+        story = client.chat.completions.create(model=server.model.id, messages=STORY, max_tokens=4000, stream=True)
+        pieces = iter(story)
+        wait_for(lambda: next(pieces).choices[0].delta.content, what="the story's first words")
+        server.first_tokens.clear()
+
+        def ask(question: str) -> str:
+            r = client.chat.completions.create(model=server.model.id, messages=chat(question), max_tokens=TOKENS)
+            return r.choices[0].message.content
+
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(ask, QUESTIONS[0])
+            wait_for(lambda: server.status().queued == 1, what="the first question on rank 0")
+            time.sleep(1.0)  # the second comes a second later: the first waits for it, not for 60 s
+            assert not first.done() and server.status().queued == 1
+            second = pool.submit(ask, QUESTIONS[1])
+            answers = [first.result(600), second.result(600)]
+        assert answers == [alone[q] for q in QUESTIONS[:2]]
+        assert server.status().running == 1  # the story generated all along
+        waited = sorted(p.to_ranks for p in server.first_tokens)
+        assert len(waited) == 2 and 1.0 <= waited[1] < 60, waited  # the first: the second's second, not 60 s
+        assert "up to 2 prompts a pass; arrivals while others generate wait up to 60 s for others" in repr(
+            server.status()
+        )
+        story.close()
     finally:
         server.stop()
 

@@ -47,9 +47,10 @@ class Source:
 
 @dataclass(frozen=True)
 class Ready:
-    """Rank 0's first report: the ranks serve."""
+    """Rank 0's first report: the ranks serve, and how they take requests in."""
 
     t: float
+    scheduling: Optional[Scheduling] = None
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,11 @@ class Scheduling:
 
     prefill_batch: int
     gather: float
+
+    def __str__(self) -> str:
+        most = f"{self.gather * 1000:.0f} ms" if self.gather < 1 else f"{self.gather:g} s"
+        wait = f"wait up to {most} for others" if self.gather > 0 else "go at the next step"
+        return f"up to {self.prefill_batch} prompts a pass; arrivals while others generate {wait}"
 
     @staticmethod
     def default(max_batch: int, prefill_batch: Optional[int], gather: Optional[float]) -> Scheduling:
@@ -244,7 +250,7 @@ def serve_on_rank(
         return plan
 
     try:
-        job.report(Ready(time.time()))
+        job.report(Ready(time.time(), how))
         steps = run(batch, decide, job.emit)
     finally:
         try:
