@@ -437,7 +437,7 @@ def steps_table(name: str, nth: int, records: str, timed: dict) -> Table:
 
     rows = read(f"{records}/{name}-{nth}")
     fields = ["steps", "prefilling", "prompt tokens", "tokens", "batch", "step ms", "decode-only ms"]
-    fields += ["with prefill ms", "stepping s"]
+    fields += ["with prefill ms", "between ms", "stepping s"]
     out = []
     for key, r in timed.items():
         if "window" in r:
@@ -451,7 +451,8 @@ def steps_table(name: str, nth: int, records: str, timed: dict) -> Table:
     title = (
         f"{name}'s generator steps, round {nth + 1} (rank 0): steps begun in each scenario, those that "
         f"also prefilled, the tokens prefilled and made, sequences decoding after a step (mean), the time "
-        f"from a step's start to the next's (median; everything between steps included), and the seconds stepping"
+        f"from a step's start to the next's (median; everything between steps included), of that the time outside "
+        f"the generator's call (median: the server's own loop), and the seconds stepping"
     )
     return Table(["scenario", *fields], out, title)
 

@@ -2,8 +2,8 @@
 
 Both mlx_nb's ranks and mlx_lm.server generate with mlx-lm's ``BatchGenerator``; ``install(path)``
 wraps its step (``_next``) in this process so that each step appends one line to ``path``: when
-it began (time.time), the sequences decoding after it, the prompt tokens it prefilled and the
-tokens it returned. ``table(path, windows)`` reads them back for each scenario's time window:
+it began (time.time), the sequences decoding after it, the prompt tokens it prefilled, the
+tokens it returned and the seconds the call took. ``table(path, windows)`` reads them back for each scenario's time window:
 how many steps, how often a step also prefilled, and the time from one step's start to the
 next (everything the server does between steps included), with and without a prefill.
 
@@ -31,22 +31,22 @@ def install(path: str) -> None:
         before = self._counters.prompt_tokens
         prompts, tokens = step(self)
         prefilled = self._counters.prompt_tokens - before
-        out.write(f"{t:.6f} {len(self._generation_batch)} {prefilled} {len(tokens)}\n")
+        out.write(f"{t:.6f} {len(self._generation_batch)} {prefilled} {len(tokens)} {time.time() - t:.6f}\n")
         return prompts, tokens
 
     _next.__wrapped__ = step
     BatchGenerator._next = _next
 
 
-def read(path: str) -> list[tuple[float, int, int, int]]:
+def read(path: str) -> list[tuple[float, int, int, int, float]]:
     rows = []
     for line in Path(path).read_text().splitlines():
-        t, batch, prefilled, tokens = line.split()
-        rows.append((float(t), int(batch), int(prefilled), int(tokens)))
+        t, batch, prefilled, tokens, inside = line.split()
+        rows.append((float(t), int(batch), int(prefilled), int(tokens), float(inside)))
     return rows
 
 
-def summary(rows: list[tuple[float, int, int, int]], start: float, end: float) -> dict:
+def summary(rows: list[tuple[float, int, int, int, float]], start: float, end: float) -> dict:
     """The steps begun in [start, end): counts, and the median time from each to the next."""
     inside = [r for r in rows if start <= r[0] < end]
     gaps = [(b[0] - a[0], a) for a, b in zip(inside, inside[1:]) if b[0] - a[0] < IDLE]
@@ -62,5 +62,8 @@ def summary(rows: list[tuple[float, int, int, int]], start: float, end: float) -
         "step ms": med([g for g, _ in gaps]),
         "decode-only ms": med(decoding),
         "with prefill ms": med(prefilling),
+        # the server's own time between two steps (its loop, its threads): the step's start to the
+        # next's, less the time inside the generator's call (which waits for the step before)
+        "between ms": med([g - r[4] for g, r in gaps]),
         "stepping s": sum(g for g, _ in gaps),
     }
