@@ -80,7 +80,8 @@ blas.use()
 if os.environ.get("MLX_NB_STEPS"):  # --steps: its BatchGenerator's steps recorded, as on mlx_nb's ranks
     sys.path.insert(0, os.environ["MLX_NB_STEPS_FROM"])
     import steps
-    steps.install(os.environ["MLX_NB_STEPS"])
+    rank = os.environ.get("MLX_RANK", "0")  # under mlx.launch, each rank its own file
+    steps.install(os.environ["MLX_NB_STEPS"] + ("" if rank == "0" else f".rank{rank}"))
 sys.argv = ["mlx_lm.server"] + sys.argv[1:]
 from mlx_lm.server import main  # its classes must live in mlx_lm.server: ranks share requests pickled
 main()
@@ -309,7 +310,7 @@ def main() -> None:
     parser.add_argument(
         "--steps",
         action="store_true",
-        help="record both servers' generator steps (benchmarks/steps.py): a table of each scenario's",
+        help="record both servers' generator steps (benchmarks/steps.py) and print each scenario's",
     )
     parser.add_argument(
         "--ours",
@@ -325,6 +326,8 @@ def main() -> None:
     args = parser.parse_args()
     args.levels = [int(x) for x in args.levels.split(",")]
     args.only = set(args.only.split(","))
+    if any("=" not in o or o.startswith("line=") for o in args.ours.split(",") if o):
+        parser.error(f"--ours takes serve() options as name=value,... (line: --no-line), got {args.ours!r}")
     options = {k: ast.literal_eval(v) for k, v in (o.split("=", 1) for o in args.ours.split(",") if o)}
     records = tempfile.mkdtemp(prefix="serve-steps-") if args.steps else ""
     clients = Clients()

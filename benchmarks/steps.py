@@ -3,9 +3,12 @@
 Both mlx_nb's ranks and mlx_lm.server generate with mlx-lm's ``BatchGenerator``; ``install(path)``
 wraps its step (``_next``) in this process so that each step appends one line to ``path``: when
 it began (time.time), the sequences decoding after it, the prompt tokens it prefilled, the
-tokens it returned and the seconds the call took. ``table(path, windows)`` reads them back for each scenario's time window:
-how many steps, how often a step also prefilled, and the time from one step's start to the
-next (everything the server does between steps included), with and without a prefill.
+tokens it returned and the seconds the call took. ``summary(read(path), start, end)`` reads
+them back for a scenario's time window: how many steps, how often a step also prefilled, the
+time from one step's start to the next (everything the server does between steps included),
+with and without a prefill, and the server's own time between steps. One step goes unrecorded
+in mlx_nb: the last of a batch whose sequences all end at ``max_tokens``, which it takes
+without the generator's call (``mlx_nb.rank.batch._last_tokens``).
 
     python benchmarks/serve.py --steps ...   installs it in both servers and prints the table
 """

@@ -181,19 +181,25 @@ class _Pending:
         self.gone = False  # its client left
 
 
+MAX_GATHER = 10.0  # seconds: a longer wait is a mistake (milliseconds meant?), not a setting
+
+
 def check_gather(gather: Any) -> None:
     """Seconds a request arriving while others generate may wait for more to share its prefill:
-    0 or more (None: the default for the ranks' device).
+    0 to ``MAX_GATHER`` (None: the default for the ranks' device).
 
-    >>> check_gather(-0.5)
+    >>> check_gather(50)
     Traceback (most recent call last):
     ...
-    ValueError: --gather must be 0 or more seconds, got -0.5
+    ValueError: --gather must be 0-10 seconds (a request's longest wait for others to share its prefill), got 50
     """
     if gather is None:
         return
-    if isinstance(gather, bool) or not isinstance(gather, (int, float)) or not gather >= 0:
-        raise ValueError(f"--gather must be 0 or more seconds, got {gather!r}")
+    if isinstance(gather, bool) or not isinstance(gather, (int, float)) or not 0 <= gather <= MAX_GATHER:
+        raise ValueError(
+            f"--gather must be 0-{MAX_GATHER:g} seconds (a request's longest wait for others to share "
+            f"its prefill), got {gather!r}"
+        )
 
 
 class Server:

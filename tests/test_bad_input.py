@@ -179,7 +179,7 @@ def test_a_sweep_larger_than_memory_is_refused_naming_size_and_memory(shell, run
         (
             lambda c: serve(c, port=0, gather=-0.5),
             ("mlx_serve", "--port 0 --gather -0.5", ""),
-            "--gather must be 0 or more seconds, got -0.5",
+            "--gather must be 0-10 seconds (a request's longest wait for others to share its prefill), got -0.5",
         ),
         (
             lambda c: load_model(c, adapter_path="/nowhere/run"),

@@ -326,6 +326,26 @@ def test_a_new_entry_lets_go_of_its_batch_s_buffers_once_copied():
     assert mx.array_equal(pc.entries[0][0][0], mx.ones((1, 2, 100, 64))).item()
 
 
+def test_a_next_turn_that_arrives_before_rank_0_stored_the_reply_goes_on_from_it():
+    """A reply that ended at an end-of-sequence token is stored two plans later; its client's next
+    turn may reach rank 0 first, and is a conversation going on all the same (a server takes such
+    a turn in at once, not held for others)."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import KVCache
+
+    from mlx_nb.rank.prompt_cache import PromptCache
+
+    prompt, reply = list(range(8)), [50, 51, 52, 53]
+    layer = KVCache()
+    layer.state = (mx.ones((1, 2, 12, 64)), mx.ones((1, 2, 12, 64)), 12)
+    pc = PromptCache(0, per_token=[2 * 2 * 64 * 4], limits=[1 << 30])
+    pc.finished(7, [layer], prompt + reply, len(prompt))  # finished, not yet decided on
+    turn = prompt + reply + [60, 61]
+    assert pc.continues(turn) and not pc.continues(prompt + [99]) and not pc.continues(prompt)
+    pc.apply(pc.decide())
+    assert not pc.pending and pc.continues(turn)
+
+
 def test_rank_zeros_decisions_are_documented_by_examples():
     import doctest
 

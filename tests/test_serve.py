@@ -485,11 +485,11 @@ def test_without_the_line_requests_and_tokens_go_through_ipyparallel_with_the_sa
 
 
 def test_while_others_generate_an_arrival_waits_for_company_and_goes_when_the_prefill_batch_fills(pipeline_pair, alone):
-    # gather 60 s, prefill batch 2: a request arriving while a story generates waits on rank 0
+    # gather 10 s, prefill batch 2: a request arriving while a story generates waits on rank 0
     # for a second to share its prefill, and both go as soon as that one arrives
     shell()
     magics.instance().stop_server()  # the module's server, if a test before did not stop it
-    server = serve(pipeline_pair, port=0, gather=60.0, prefill_batch=2)
+    server = serve(pipeline_pair, port=0, gather=10.0, prefill_batch=2)
     try:
         client = openai.OpenAI(base_url=server.url, api_key="-", max_retries=0, timeout=600)
         story = client.chat.completions.create(model=server.model.id, messages=STORY, max_tokens=4000, stream=True)
@@ -503,18 +503,23 @@ def test_while_others_generate_an_arrival_waits_for_company_and_goes_when_the_pr
 
         with ThreadPoolExecutor(2) as pool:
             first = pool.submit(ask, QUESTIONS[0])
-            wait_for(lambda: server.status().queued == 1, what="the first question on rank 0")
-            time.sleep(1.0)  # the second comes a second later: the first waits for it, not for 60 s
+            wait_for(lambda: server.status().queued == 1, what="the first question handed to rank 0")
+            time.sleep(1.0)  # the second comes a second later: the first waits for it, not for 10 s
             assert not first.done() and server.status().queued == 1
             second = pool.submit(ask, QUESTIONS[1])
             answers = [first.result(600), second.result(600)]
         assert answers == [alone[q] for q in QUESTIONS[:2]]
         assert server.status().running == 1  # the story generated all along
         waited = sorted(p.to_ranks for p in server.first_tokens)
-        assert len(waited) == 2 and 1.0 <= waited[1] < 60, waited  # the first: the second's second, not 60 s
-        assert "up to 2 prompts a pass; arrivals while others generate wait up to 60 s for others" in repr(
+        assert len(waited) == 2 and 1.0 <= waited[1] < 10, waited  # the first: the second's second, not 10 s
+        assert "up to 2 prompts a pass; arrivals while others generate wait up to 10 s for others" in repr(
             server.status()
         )
+        # the second's next turn, while the story still generates: a conversation goes on at once
+        server.first_tokens.clear()
+        turn = chat(QUESTIONS[1]) + [{"role": "assistant", "content": answers[1]}, {"role": "user", "content": "Why?"}]
+        client.chat.completions.create(model=server.model.id, messages=turn, max_tokens=TOKENS)
+        assert server.status().running == 1 and server.first_tokens[-1].to_ranks < 5, server.first_tokens[-1]
         story.close()
     finally:
         server.stop()

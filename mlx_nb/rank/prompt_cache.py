@@ -249,8 +249,17 @@ class PromptCache:
         return self.index.lookup(tokens, count) if self.enabled and self.index is not None else None
 
     def continues(self, tokens: list[int]) -> bool:
-        """Rank 0: whether ``tokens`` go on from a reply the cache holds (:meth:`Index.continues`)."""
-        return self.enabled and self.index is not None and self.index.continues(tokens)
+        """Rank 0: whether ``tokens`` go on from a reply the cache holds (:meth:`Index.continues`)
+        or one that finished since rank 0 last decided (a next turn can arrive first)."""
+        if not self.enabled or self.index is None:
+            return False
+        if self.index.continues(tokens):
+            return True
+        want = np.asarray(tokens, dtype=np.int64)
+        return any(
+            asked is not None and _common_prefix(np.asarray(held[: _offset(cache)], dtype=np.int64), want) > asked
+            for cache, held, asked in self.pending.values()
+        )
 
     def decide(self, keep: Any = None) -> Changes:
         """Rank 0: which pending sequences become entries (``keep``: their keys; None: all)."""

@@ -81,7 +81,8 @@ class Served:
 class Scheduling:
     """How a server takes requests in while its batch generates: ``prefill_batch`` prompts at most
     in one prefill pass, and ``gather`` seconds a request that arrives meanwhile may wait for others
-    to share its pass (it goes once ``prefill_batch`` wait; with nothing generating, at once).
+    to share its pass, counted from the step that first sees it (it goes once ``prefill_batch``
+    wait; with nothing generating, or as a conversation's next turn, at once).
 
     The defaults depend on what a prefill pass costs. On a GPU it costs about the same however
     many prompts it takes (the weights are read once; on CUDA each new shape also pays 60-120 ms
@@ -96,7 +97,7 @@ class Scheduling:
     gather: float
 
     def __str__(self) -> str:
-        most = f"{self.gather * 1000:.0f} ms" if self.gather < 1 else f"{self.gather:g} s"
+        most = f"{self.gather * 1000:.3g} ms" if self.gather < 1 else f"{self.gather:g} s"
         wait = f"wait up to {most} for others" if self.gather > 0 else "go at the next step"
         return f"up to {self.prefill_batch} prompts a pass; arrivals while others generate {wait}"
 
@@ -237,6 +238,8 @@ def serve_on_rank(
             now = time.monotonic()
             waiting[:] = [(t, r) for t, r in [*waiting, *((now, r) for r in plan.add)] if r.id not in cancelled]
             go = not len(batch) or plan.stop or len(waiting) >= how.prefill_batch
+            # a conversation's next turn goes at once, as from idle: its client waited for the reply
+            go = go or any(batch.continues(r.prompt) for r in plan.add)
             if waiting and (go or now - waiting[0][0] >= how.gather):
                 plan.add = [r for _, r in waiting]
                 waiting.clear()
