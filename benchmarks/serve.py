@@ -28,9 +28,11 @@ in this one, as in a notebook), streamed chat requests, greedy:
   first token of each turn over them, at turn 1 and at the last turn (one request's time
   swings by 1.3x on a 2-core machine).
 
-Before timing, each server runs every scenario once with other words of the same lengths
-(every shape compiled, on a GPU every kernel built), so that no timed request pays for a
-first use and none finds the warm-up's prompts in a cache. Both load the BLAS mlx_nb's ranks
+Before timing, each server runs every scenario once with other words of about the same lengths
+(every kernel built, on a GPU every operation's first use paid), so that no timed request finds
+the warm-up's prompts in a cache. Each round starts both anew (a new cluster, a new
+mlx_lm.server process): on CUDA each new prompt shape pays 60-120 ms its first time in a
+process, and the timed words' exact shapes are new to both alike. Both load the BLAS mlx_nb's ranks
 load (OpenBLAS on Linux where installed); on such a CPU, the bundled model's dense float32 copy.
 """
 
@@ -80,8 +82,7 @@ blas.use()
 if os.environ.get("MLX_NB_STEPS"):  # --steps: its BatchGenerator's steps recorded, as on mlx_nb's ranks
     sys.path.insert(0, os.environ["MLX_NB_STEPS_FROM"])
     import steps
-    rank = os.environ.get("MLX_RANK", "0")  # under mlx.launch, each rank its own file
-    steps.install(os.environ["MLX_NB_STEPS"] + ("" if rank == "0" else f".rank{rank}"))
+    steps.install(os.environ["MLX_NB_STEPS"], int(os.environ.get("MLX_RANK", "0")))  # under mlx.launch, a file a rank
 sys.argv = ["mlx_lm.server"] + sys.argv[1:]
 from mlx_lm.server import main  # its classes must live in mlx_lm.server: ranks share requests pickled
 main()
@@ -358,20 +359,23 @@ def main() -> None:
         if records:
             print(steps_table(name, nth, records, timed), flush=True)
 
-    with Cluster(n=args.n) as cluster, clients:
-        # the folder the ranks load (for the bundled model, its copy for this machine's BLAS) is mlx_lm's too
-        model = load_model(cluster, args.model, pipeline=args.pipeline and args.n > 1, progress=False)["model"]
+    with clients:
+        model = None  # the folder mlx_nb's ranks load (the bundled model: its copy for this BLAS) is mlx_lm's too
         for i in range(args.rounds):
             for name in ("mlx_nb", "mlx_lm") if i % 2 == 0 else ("mlx_lm", "mlx_nb"):
                 if name == "mlx_nb":
-                    load_model(cluster, args.model, pipeline=args.pipeline and args.n > 1, progress=False)  # cold cache
-                    if records:
-                        cluster.call(_record_steps, str(Path(__file__).parent), f"{records}/{name}-{i}")
-                    server = serve(cluster, port=0, line=args.line, **options)
-                    try:
-                        run(name, server.url, server.model.id, i, server)
-                    finally:
-                        server.stop()
+                    # a new cluster each round, as mlx_lm.server is a new process: on CUDA a process
+                    # keeps what it built for each prompt shape, which a kept rank would carry over
+                    with Cluster(n=args.n) as cluster:
+                        model = load_model(cluster, args.model, pipeline=args.pipeline and args.n > 1, progress=False)
+                        model = model["model"]
+                        if records:
+                            cluster.call(_record_steps, str(Path(__file__).parent), f"{records}/{name}-{i}")
+                        server = serve(cluster, port=0, line=args.line, **options)
+                        try:
+                            run(name, server.url, server.model.id, i, server)
+                        finally:
+                            server.stop()
                     continue
                 port = free_port()
                 steps_to = f"{records}/{name}-{i}" if records else ""
@@ -421,17 +425,16 @@ def main() -> None:
 
 
 def _record_steps(where: str, path: str) -> None:
-    """On each rank: its generator's steps recorded to ``path`` (rank 0's; the others' to
-    ``path.rankN``)."""
+    """On each rank: its generator's steps recorded to ``path`` (``steps.install``)."""
     import sys
 
-    import mlx.core as mx
+    from mlx_nb.rank.session import world
 
     sys.path.insert(0, where)
     import steps
 
-    rank = mx.distributed.init().rank()
-    steps.install(path if rank == 0 else f"{path}.rank{rank}")
+    group = world()
+    steps.install(path, group.rank() if group is not None else 0)
 
 
 def steps_table(name: str, nth: int, records: str, timed: dict) -> Table:

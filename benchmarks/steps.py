@@ -22,11 +22,12 @@ from pathlib import Path
 IDLE = 0.5  # seconds between two steps past which the server was waiting for work, not stepping
 
 
-def install(path: str) -> None:
-    """Record every ``BatchGenerator`` step of this process to ``path`` (appended, a line each)."""
+def install(path: str, rank: int = 0) -> None:
+    """Record every ``BatchGenerator`` step of this process to ``path`` (appended, a line each;
+    a rank other than 0 to ``path.rankN``)."""
     from mlx_lm.generate import BatchGenerator
 
-    out = open(path, "a", buffering=1)  # noqa: SIM115 (open for the process's life)
+    out = open(path if rank == 0 else f"{path}.rank{rank}", "a", buffering=1)  # noqa: SIM115 (open for the process's life)
     step = getattr(BatchGenerator._next, "__wrapped__", BatchGenerator._next)
 
     def _next(self):

@@ -8,7 +8,8 @@
 
 The ranks run one long job (:mod:`mlx_nb.rank.serve`) from a thread of this process. Each HTTP
 request is checked and tokenized here (:mod:`mlx_nb.openai_api`), handed to rank 0's inbox,
-and joins the batch at the next step; rank 0 reports each step's tokens, which go to the
+and joins the batch at the next step (on a GPU after up to 50 ms for others to share its
+prefill); rank 0 reports each step's tokens, which go to the
 request's handler, which streams them (server-sent events) or answers when the reply is done.
 Where rank 0 runs on this machine, requests and reports take a direct line to it
 (:mod:`mlx_nb.rank.line`), else ipyparallel's channels. A client that leaves is noticed within a
@@ -571,7 +572,8 @@ def serve(cluster, port: int = 8000, host: str = "127.0.0.1", api_key: Optional[
     ``GET /v1/models``, ``POST /v1/chat/completions`` and ``POST /v1/completions``, streamed or
     not, with ``max_tokens``, ``temperature`` (default 0: greedy, as mlx_lm.server), ``top_p``,
     ``stop`` and ``seed``. Requests are batched continuously: one that arrives while others run
-    joins at the next step. It listens on 127.0.0.1 unless ``host`` says otherwise, and a host
+    joins at the next step (on a GPU after waiting up to ``gather`` s for others to share its
+    prefill). It listens on 127.0.0.1 unless ``host`` says otherwise, and a host
     reachable from other machines needs ``api_key`` (checked on every request). ``port=0``
     takes a free port. Options: ``model_name`` (the id clients use; default the model's
     name), ``max_batch`` (sequences decoded together, 32), ``prefill_batch`` (most prompts in one

@@ -3,7 +3,8 @@
 Requests reach rank 0's inbox (``Cluster.send``) as ``{"serve": id, "add": [Request fields]}``,
 cancellations as ``{"serve": id, "cancel": [request ids]}`` and the end as ``{"serve": id,
 "stop": true}``. Each step rank 0 turns what arrived into a plan that every rank applies
-(:mod:`mlx_nb.rank.batch`): a request that arrives while others run joins at the next step.
+(:mod:`mlx_nb.rank.batch`): a request that arrives while others run joins at the next step (on
+a GPU after waiting up to 50 ms for others to share its prefill: :class:`Scheduling`).
 Rank 0 reports the steps' tokens and the time they took (:class:`~mlx_nb.rank.batch.Tokens`;
 several steps' in one report when steps come faster than every ``REPORT_EVERY`` s; a reply's
 first and last token at once), with the prompt tokens each newly admitted request found in the
@@ -21,6 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
+
+import mlx.core as mx
 
 from . import prompt_cache, session
 from .batch import Batch, Outbox, Plan, Request, Token, Tokens, run
@@ -84,14 +87,15 @@ class Scheduling:
     to share its pass, counted from the step that first sees it (it goes once ``prefill_batch``
     wait; with nothing generating, or as a conversation's next turn, at once).
 
-    The defaults depend on what a prefill pass costs. On a GPU it costs about the same however
-    many prompts it takes (the weights are read once; on CUDA each new shape also pays 60-120 ms
-    the first time, a 3B model's on an H100): a server of 32 streams that prefilled each arrival
-    as it came spent half its time in passes of one or two prompts (16-24 of 110 steps, 150 ms
-    each against 10 ms for a step without), so there a pass takes up to ``max_batch`` prompts,
-    and arrivals wait up to 50 ms (5 steps of that model) for others (5 such passes). On a CPU a pass costs what its tokens cost: grouping saves little
-    and would hold first tokens back, so prompts go as they come, up to 8 a pass (mlx_lm.server's
-    ``--prompt-concurrency``)."""
+    The defaults depend on what a prefill pass costs. On a GPU a pass of many prompts costs little
+    more than a pass of one (the weights are read once; a 3B model's on an H100: 49 ms for 8
+    prompts, 25 ms for one), and on CUDA each new shape also pays 60-120 ms its first time: a
+    server of 32 streams that prefilled each arrival as it came spent half its time in passes of
+    one or two prompts (16-24 of 110 steps, 150 ms each against 10 ms for a step without; 5 such
+    passes once grouped). So there a pass takes up to ``max_batch`` prompts, and arrivals wait up
+    to 50 ms (5 steps of that model) for others. On a CPU a pass costs what its tokens cost:
+    grouping saves little and would hold first tokens back, so prompts go as they come, up to 8
+    a pass (mlx_lm.server's ``--prompt-concurrency``)."""
 
     prefill_batch: int
     gather: float
@@ -104,8 +108,6 @@ class Scheduling:
     @staticmethod
     def default(max_batch: int, prefill_batch: Optional[int], gather: Optional[float]) -> Scheduling:
         """Rank 0's: what was asked, the rest from this rank's device."""
-        import mlx.core as mx
-
         gpu = mx.default_device().type == mx.gpu
         if prefill_batch is None:
             prefill_batch = max_batch if gpu else min(8, max_batch)
