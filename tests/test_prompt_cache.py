@@ -326,6 +326,45 @@ def test_a_new_entry_lets_go_of_its_batch_s_buffers_once_copied():
     assert mx.array_equal(pc.entries[0][0][0], mx.ones((1, 2, 100, 64))).item()
 
 
+def test_copies_of_new_entries_go_a_bounded_amount_at_a_time():
+    """The ranks copy new entries a few MiB at a time (a request arriving meanwhile waits for no
+    more): a call copies whole layers until its budget is spent, each layer's copy letting go of
+    that layer's batch buffers, and the entry stays loose until its last layer is copied."""
+    import gc
+
+    import mlx.core as mx
+    from mlx_lm.models.cache import KVCache
+
+    from mlx_nb.rank.prompt_cache import PromptCache
+
+    shape = (8, 2, 4096, 64)  # each layer: a batch of 8 sequences' keys (and values)
+    layers = []
+    for _ in range(3):
+        keys, values = mx.ones(shape), mx.ones(shape)
+        mx.eval(keys, values)
+        layer = KVCache()
+        layer.state = (keys[:1, :, :100, :], values[:1, :, :100, :], 100)
+        layers.append(layer)
+    del keys, values
+    batch_bytes = 2 * 8 * 2 * 4096 * 64 * 4  # one layer's batch: 32 MiB
+    pc = PromptCache(0, per_token=[3 * 2 * 2 * 64 * 4], limits=[1 << 30])
+    pc.finished("seq", layers, list(range(100)))
+    pc.apply(pc.decide())
+    del layers, layer
+    gc.collect()
+    held = [mx.get_active_memory()]
+    for budget in (1, 1):  # the first layer's copy spends the budget: one layer a call
+        assert pc.compact(budget=budget) == 0 and list(pc.loose) == [0]
+        held.append(mx.get_active_memory())
+    assert pc.compact(budget=1) == 1 and not pc.loose
+    held.append(mx.get_active_memory())
+    freed = [a - b for a, b in zip(held, held[1:])]
+    copy = 2 * 2 * 100 * 64 * 4  # a layer's 100 tokens
+    assert all(f >= batch_bytes - copy - (64 << 10) for f in freed), freed  # a layer's batch, each call
+    assert pc.status().bytes == 3 * copy
+    assert all(mx.array_equal(kv[0], mx.ones((1, 2, 100, 64))).item() for kv in pc.entries[0])
+
+
 def test_a_next_turn_that_arrives_before_rank_0_stored_the_reply_goes_on_from_it():
     """A reply that ended at an end-of-sequence token is stored two plans later; its client's next
     turn may reach rank 0 first, and is a conversation going on all the same (a server takes such

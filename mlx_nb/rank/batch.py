@@ -160,6 +160,10 @@ SHARE_AT_LEAST = 64
 # steps (mlx-lm's generator takes 3 from a prompt that fits one prefill step to its first token), so
 # that the buffers views hold are at most those of the last few steps
 LOOSE_STEPS = 3
+# Bytes of such copies at most: while the batch is idle, between two looks at the inbox (a request
+# that arrives meanwhile waits for that much: a few ms on a 2-core CPU), and after a step (a burst
+# of 8 entries of a long shared prompt, copied at once, held the next token back by 0.5 s there)
+IDLE_COPY, STEP_COPY = 4 << 20, 32 << 20
 
 
 def _prefills_an_entry(r: Request) -> bool:
@@ -311,16 +315,16 @@ class Batch:
         return self.cache is not None and bool(self.cache.pending or self.cache.loose)
 
     def tidy(self, stepped: bool) -> None:
-        """Copy the prompt cache's new entries where no one waits for the copies: after a step
-        that left no sequence waiting for its first token (else those held ``LOOSE_STEPS``
-        steps); idle, one of them, so that a request arriving meanwhile waits for one copy at most."""
+        """Copy the prompt cache's new entries where no one waits for the copies, a bounded amount
+        at a time: after a step that left no sequence waiting for its first token (else those held
+        ``LOOSE_STEPS`` steps); idle, a few MiB between two looks at the inbox."""
         if self.cache is None or not self.cache.loose:
             return
         if not stepped:
-            self.cache.compact(1)
+            self.cache.compact(budget=IDLE_COPY)
             return
         self.cache.stepped()
-        self.cache.compact(aged=0 if not self._unanswered else LOOSE_STEPS)
+        self.cache.compact(aged=0 if not self._unanswered else LOOSE_STEPS, budget=STEP_COPY)
 
     def continues(self, prompt: list[int]) -> bool:
         """Rank 0: whether ``prompt`` goes on from a reply the prompt cache holds (a conversation's

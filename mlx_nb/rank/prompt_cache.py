@@ -238,6 +238,7 @@ class PromptCache:
         self.entries: dict[int, list[Optional[tuple[mx.array, mx.array]]]] = {}
         self.pending: dict[Any, tuple[list[Any], list[int], Optional[int]]] = {}  # key -> (cache, tokens, asked)
         self.loose: dict[int, int] = {}  # entries still views of a batch's buffers -> steps since; oldest first
+        self._copied: dict[int, int] = {}  # a loose entry partly copied -> the layers copied
 
     @property
     def enabled(self) -> bool:
@@ -285,11 +286,13 @@ class PromptCache:
         if changes.clear:
             self.entries.clear()
             self.loose.clear()
+            self._copied.clear()
             if self.index is not None:
                 self.index.clear()
         for eid in changes.evict:
             self.entries.pop(eid, None)
             self.loose.pop(eid, None)
+            self._copied.pop(eid, None)
         for key, eid in changes.keep.items():
             cache, tokens, _ = self.pending[key]
             self._put(eid, cache, len(tokens[: _offset(cache)]))
@@ -327,27 +330,41 @@ class PromptCache:
         for eid in self.loose:
             self.loose[eid] += 1
 
-    def compact(self, most: Optional[int] = None, aged: int = 0) -> int:
+    def compact(self, most: Optional[int] = None, aged: int = 0, budget: Optional[int] = None) -> int:
         """Copy the oldest ``most`` loose entries (None: all) held at least ``aged`` steps to
-        exactly their tokens; how many.
+        exactly their tokens, layer by layer, until ``budget`` bytes are copied (None: no bound; at
+        least one layer a call); how many entries are whole copies now.
 
-        A new entry is first a view of the finished sequence's KV cache, which keeps the whole
-        buffer it lies in alive (a batch's, every sequence's tokens, rounded up to mlx-lm's step)
-        and would make the byte limit untrue; its copy is what the limit counts. The copies wait
-        so that no request waits for them: 8 entries of 1,400 tokens of the bundled model are
-        ~0.5 GB to copy, ~150 ms on a 2-core CPU, which a request arriving as a batch ended had
-        waited for before its prefill (``run`` copies one at a time while the batch is idle, and
-        the rest after a step, once its tokens are out). Each rank copies its own slice in its
+        A new entry is first mlx-lm's extraction of the finished sequence's KV cache from its
+        batch's: not yet computed, it keeps the whole batch's buffers alive (every sequence's
+        tokens, rounded up to mlx-lm's step) and would make the byte limit untrue; its copy is
+        what the limit counts. The copies wait so that no request waits for them: 8 entries of
+        1,400 tokens of the bundled model are ~0.5 GB, ~0.5 s on a 2-core CPU (most of it the
+        kernel handing out fresh pages), which a request arriving as a batch ended had waited
+        for before its prefill, one entry at a time (0.2 s). So ``run`` copies a few MiB while
+        the batch is idle and a bounded amount after each step (a request that arrives meanwhile
+        waits for that much at most: a prompt that starts from an entry not yet copied computes
+        the copy in its prefill, as mlx_lm.server's do). Each rank copies its own slice in its
         own time: no collective is involved."""
-        eids = [eid for eid, steps in self.loose.items() if steps >= aged][:most]
-        for eid in eids:
+        done = spent = 0
+        copies: list[mx.array] = []
+        for eid in [eid for eid, steps in self.loose.items() if steps >= aged][:most]:
             entry = self.entries.get(eid)
-            if entry is not None:
-                kept = [None if kv is None else (mx.contiguous(kv[0]), mx.contiguous(kv[1])) for kv in entry]
-                mx.eval([kv for kv in kept if kv is not None])
-                self.entries[eid] = kept
+            layer = self._copied.pop(eid, 0)
+            while entry is not None and layer < len(entry) and (budget is None or not copies or spent < budget):
+                kv = entry[layer]
+                if kv is not None:
+                    entry[layer] = (mx.contiguous(kv[0]), mx.contiguous(kv[1]))
+                    copies += entry[layer]
+                    spent += kv[0].nbytes + kv[1].nbytes
+                layer += 1
+            if entry is not None and layer < len(entry):
+                self._copied[eid] = layer  # the budget is spent: the rest at the next call
+                break
             del self.loose[eid]
-        return len(eids)
+            done += 1
+        mx.eval(copies)
+        return done
 
     def clear(self) -> None:
         self.apply(Changes(clear=True, decided=list(self.pending)))
