@@ -76,6 +76,17 @@ def test_a_batch_sharing_a_system_prompt_prefills_it_once_and_equals_the_uncache
     # the second time each prompt finds itself (its whole prompt but its last token)
     assert [r.cached_tokens for r in again.replies] == [r.prompt_tokens - 1 for r in again.replies]
     assert "cached" in again.summary()
+    # the entries of the prompts that began from the first one's system prompt hold it once: each
+    # rank's bytes are those of fewer tokens than its entries hold (every rank holds its own layers)
+    prompt_cache(pipeline_pair, clear=True)
+    one = generate(pipeline_pair, prompts[0], TOKENS, quiet=True)  # a reply's entry, alone
+    assert one.tokens == expected[0]
+    alone = prompt_cache(pipeline_pair).ranks
+    prompt_cache(pipeline_pair, clear=True)
+    generate_batch(pipeline_pair, prompts, TOKENS, quiet=True)
+    for held, single in zip(prompt_cache(pipeline_pair).ranks, alone):
+        per_token = single.bytes / single.tokens
+        assert held.bytes <= (held.tokens - (len(prompts) - 2) * system_tokens * 0.9) * per_token, (held, single)
 
 
 @ipp.interactive  # run in the engine's namespace: this test module is not importable there
@@ -323,7 +334,7 @@ def test_a_new_entry_lets_go_of_its_batch_s_buffers_once_copied():
     # after a model has run in this process, a copy also allocates 8 KiB)
     assert held - mx.get_active_memory() >= batch_bytes - entry_bytes - (64 << 10)
     assert pc.status().bytes == entry_bytes and pc.status().tokens == 100
-    assert mx.array_equal(pc.entries[0][0][0], mx.ones((1, 2, 100, 64))).item()
+    assert mx.array_equal(pc.entries[0][0][0].keys, mx.ones((1, 2, 100, 64))).item()
 
 
 def test_copies_of_new_entries_go_a_bounded_amount_at_a_time():
@@ -362,7 +373,74 @@ def test_copies_of_new_entries_go_a_bounded_amount_at_a_time():
     copy = 2 * 2 * 100 * 64 * 4  # a layer's 100 tokens
     assert all(f >= batch_bytes - copy - (64 << 10) for f in freed), freed  # a layer's batch, each call
     assert pc.status().bytes == 3 * copy
-    assert all(mx.array_equal(kv[0], mx.ones((1, 2, 100, 64))).item() for kv in pc.entries[0])
+    assert all(mx.array_equal(layer[0].keys, mx.ones((1, 2, 100, 64))).item() for layer in pc.entries[0])
+
+
+def test_entries_that_began_from_one_entry_hold_the_tokens_they_share_once():
+    """Sequences that began from the first 200 tokens of a 300-token entry (a system prompt and one
+    question; then two other questions) hold those 200 tokens once, with it: their own tokens are
+    copies, the shared ones the same pieces, and each entry still gives back its own tokens."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import KVCache
+
+    from mlx_nb.rank.prompt_cache import Hit, PromptCache
+
+    def layer(x: mx.array) -> KVCache:
+        c = KVCache()
+        c.state = (x, x + 1, x.shape[2])
+        return c
+
+    def seq(tokens: int, seed: int) -> mx.array:
+        return mx.random.normal((1, 2, tokens, 8), key=mx.random.key(seed))
+
+    per_token = 2 * (2 * 2 * 8 * 4)  # 2 layers x keys and values x 2 heads x 8 dims x float32
+    pc = PromptCache(0, per_token=[per_token], limits=[1 << 30])
+    first = [seq(300, 1), seq(300, 2)]  # two layers
+    pc.finished("first", [layer(x) for x in first], list(range(300)))
+    pc.apply(pc.decide())
+    pc.compact()
+    hit = Hit(entry=0, tokens=200)
+    tails, bases = [], []
+    for i in (1, 2):  # each began from entry 0's first 200 tokens, then 30 of its own
+        start = pc.take(hit, _Model(2))
+        bases.append(pc.base(hit))
+        tail = [seq(30, 10 * i + j) for j in range(2)]
+        tails.append(tail)
+        whole = [mx.concatenate([c.keys, t], axis=2) for c, t in zip(start, tail)]
+        tokens = list(range(200)) + [1000 * i + k for k in range(30)]
+        pc.finished(("seq", i), [layer(x) for x in whole], tokens, base=bases[-1])
+    pc.apply(pc.decide())
+    pc.compact()
+    status = pc.status()
+    assert status.entries == 3 and status.tokens == 300 + 2 * 230
+    assert status.bytes == (300 + 2 * 30) * per_token  # not 300 + 2 x 230
+    for eid, tail in ((1, tails[0]), (2, tails[1])):
+        got = pc.take(Hit(entry=eid, tokens=230), _Model(2))
+        for c, x, t in zip(got, first, tail):
+            assert mx.array_equal(c.keys, mx.concatenate([x[..., :200, :], t], axis=2)).item()
+            assert mx.array_equal(c.values, mx.concatenate([x[..., :200, :], t], axis=2) + 1).item()
+    # entry 0 itself is whole still, now in two pieces
+    got = pc.take(Hit(entry=0, tokens=300), _Model(2))
+    assert all(mx.array_equal(c.keys, x).item() for c, x in zip(got, first))
+    # the entry they share from going leaves them whole
+    pc.apply(_evict(pc, 0))
+    assert pc.status().bytes == (200 + 2 * 30) * per_token
+    got = pc.take(Hit(entry=2, tokens=230), _Model(2))
+    assert mx.array_equal(got[1].keys, mx.concatenate([first[1][..., :200, :], tails[1][1]], axis=2)).item()
+
+
+class _Model:
+    """What ``make_prompt_cache`` needs of a model: its layers (a KVCache each)."""
+
+    def __init__(self, n: int) -> None:
+        self.layers = [None] * n
+
+
+def _evict(pc, eid: int):
+    from mlx_nb.rank.prompt_cache import Changes
+
+    pc.index._drop(eid)
+    return Changes(evict=[eid])
 
 
 def test_a_next_turn_that_arrives_before_rank_0_stored_the_reply_goes_on_from_it():

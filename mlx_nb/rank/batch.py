@@ -24,7 +24,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from . import memory, prompt_cache, session
 from .generate import Prompt, loaded, prompt_tokens
-from .prompt_cache import Changes, Hit, PromptCache
+from .prompt_cache import Base, Changes, Hit, PromptCache
 
 try:  # the finished sequences' report of mlx-lm's generator, as _last_tokens makes it (0.32)
     from mlx_lm.generate import GenerationBatch
@@ -249,6 +249,7 @@ class Batch:
         self._ids: dict[int, int] = {}  # BatchGenerator uid -> request id
         self._uids: dict[int, int] = {}  # request id -> uid
         self._asked: dict[int, int] = {}  # request id -> its prompt's tokens (a reply follows them)
+        self._bases: dict[int, Base] = {}  # uid -> the prompt-cache entry its cache began from
         self._ended: set[int] = set()  # requests rank 0 ended, in the batch until the next plan
         self._detokenizers: dict[int, Any] = {}
         self._unanswered: set[int] = set()  # uids that have no token yet (every rank)
@@ -345,9 +346,10 @@ class Batch:
             caches = self.gen.remove(gone, return_prompt_caches=keeping)
             for uid, (cache, tokens) in caches.items():
                 rid = self._ids[uid]
-                self.cache.finished(rid, cache, tokens, self._asked.get(rid))
+                self.cache.finished(rid, cache, tokens, self._asked.get(rid), self._bases.get(uid))
         for uid in gone:
             self._entries_at_prefill.discard(uid)
+            self._bases.pop(uid, None)
             self._unanswered.discard(uid)
             rid = self._ids.pop(uid)
             self._asked.pop(rid, None)
@@ -367,6 +369,9 @@ class Batch:
                 samplers=[sampler(r.temperature, r.top_p, r.seed) for r in plan.add],
             )
             self._unanswered.update(uids)
+            for uid, h in zip(uids, hits):
+                if (base := self.cache.base(h) if keeping else None) is not None:
+                    self._bases[uid] = base
             for uid, r, n in zip(uids, plan.add, start):
                 self._ids[uid], self._uids[r.id], self._asked[r.id] = r.id, uid, len(r.prompt)
                 if keeping and _prefills_an_entry(r):
@@ -387,7 +392,7 @@ class Batch:
             self._entries_at_prefill.difference_update(done)
             for uid, (cache, tokens) in self.gen.extract_cache(done).items() if done else ():
                 key = ("prompt", self._ids[uid])
-                self.cache.finished(key, cache, tokens)
+                self.cache.finished(key, cache, tokens, base=self._bases.get(uid))
                 if self.rank == 0:
                     self._complete.add(key)
         out = []
@@ -399,8 +404,9 @@ class Batch:
                 del self._ids[r.uid], self._uids[rid]
                 self._entries_at_prefill.discard(r.uid)
                 asked = self._asked.pop(rid, None)
+                base = self._bases.pop(r.uid, None)
                 if self.cache is not None:
-                    self.cache.finished(rid, r.prompt_cache, r.all_tokens, asked)
+                    self.cache.finished(rid, r.prompt_cache, r.all_tokens, asked, base)
                     if self.rank == 0:
                         self._complete.add(rid)
             if self.rank == 0 and rid not in self._ended:

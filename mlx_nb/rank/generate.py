@@ -300,6 +300,7 @@ def generate_on_rank(prompt: Prompt, max_tokens: int) -> Generated:
         pc.forget_pending()  # what an earlier call that failed left pending
         hit = prompt_cache.broadcast(pc.lookup(ids) if rank == 0 else None, m.group)
     cached = hit.tokens if hit is not None else 0
+    base = pc.base(hit) if pc is not None else None
     cache = pc.take(hit, m.model) if pc is not None else None
     t0, ttft, pieces, tokens, last = time.perf_counter(), None, [], [], None
     for r in stream(
@@ -313,7 +314,7 @@ def generate_on_rank(prompt: Prompt, max_tokens: int) -> Generated:
         tokens.append(r.token)
         last = r
     if pc is not None:
-        pc.finished("stream", cache, ids + tokens, asked=len(ids))
+        pc.finished("stream", cache, ids + tokens, asked=len(ids), base=base)
         pc.apply(prompt_cache.broadcast(pc.decide() if rank == 0 else None, m.group))
         pc.compact()
     return Generated(

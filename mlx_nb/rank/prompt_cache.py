@@ -12,6 +12,13 @@ entry is trimmed to it, and at least one token is always prefilled, for the logi
 replaces the entries that are its prefixes; the least recently used go first when a rank's
 limit in bytes is passed. Unlike it, the bytes are counted per rank (tokens times each rank's KV
 bytes per token, measured at load), so that rank 0 keeps every rank within its own limit.
+An entry whose sequence began from part of another entry (a conversation that starts with a
+system prompt the cache holds) shares those tokens' keys and values with it: each layer of an entry
+is a list of :class:`Piece` s, and 8 conversations of one system prompt hold it once, not 8 times
+(rank 0's byte count still counts it in each, so the limit errs towards less). Without that, each
+wave of them grew a rank by a copy per conversation, and on a CPU the kernel's fresh pages for
+that growth were most of what the next wave's prefill waited for.
+
 Only models whose every layer keeps a plain ``KVCache`` are cached (a sliding window or a
 recurrent state cannot be trimmed to a prefix); for the others the cache says why it is off.
 """
@@ -33,6 +40,10 @@ from . import memory
 MAX_ENTRIES = 256  # entries rank 0 compares a prompt with, whatever their bytes
 ZERO_LIMIT = "its limit is 0 bytes"
 DEFAULT_SHARE = 4  # the default limit: this fraction (1/4) of what is left of a rank's budget after the load
+# An entry shares the tokens its sequence began from with the entry they came from (one copy of a
+# system prompt for every conversation that starts with it) when they are at least this many, and
+# the pieces of a layer it would take are at most MAX_PIECES (more: it gets a copy of its own)
+SHARE_FROM, MAX_PIECES = 64, 8
 
 
 def broadcast(obj: Any, group: Optional[mx.distributed.Group], stream: Any = generation_stream) -> Any:
@@ -71,6 +82,35 @@ class Hit:
     """Rank 0's word for one prompt: start from ``tokens`` tokens of entry ``entry``."""
 
     entry: int
+    tokens: int
+
+
+class Piece:
+    """Some consecutive tokens of one layer of an entry: their keys and values. ``owned``: a copy
+    the cache made (else a view of a finished sequence's cache, until :meth:`PromptCache.compact`).
+    Entries that begin alike hold the same pieces for those tokens."""
+
+    __slots__ = ("keys", "values", "owned")
+
+    def __init__(self, keys: mx.array, values: mx.array, owned: bool) -> None:
+        self.keys, self.values, self.owned = keys, values, owned
+
+    @property
+    def tokens(self) -> int:
+        return self.keys.shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes
+
+
+@dataclass(frozen=True)
+class Base:
+    """Where a sequence's KV cache began: the first ``tokens`` tokens of entry ``entry``, whose
+    ``layers`` (its own list of each layer's pieces) it holds even if the entry goes meanwhile."""
+
+    entry: int
+    layers: list
     tokens: int
 
 
@@ -235,8 +275,11 @@ class PromptCache:
         self.rank, self.why_off = rank, why_off
         self.limit = limits[rank]
         self.index = Index(per_token, limits) if rank == 0 else None
-        self.entries: dict[int, list[Optional[tuple[mx.array, mx.array]]]] = {}
-        self.pending: dict[Any, tuple[list[Any], list[int], Optional[int]]] = {}  # key -> (cache, tokens, asked)
+        # id -> each layer's pieces, in token order (None: a layer another pipeline rank holds)
+        self.entries: dict[int, list[Optional[list[Piece]]]] = {}
+        # key -> (cache, tokens, asked, where its cache began)
+        self.pending: dict[Any, tuple[list[Any], list[int], Optional[int], Optional[Base]]] = {}
+        self.bases: dict[int, Base] = {}  # a loose entry -> what it will share (see compact)
         self.loose: dict[int, int] = {}  # entries still views of a batch's buffers -> steps since; oldest first
         self._copied: dict[int, int] = {}  # a loose entry partly copied -> the layers copied
 
@@ -259,7 +302,7 @@ class PromptCache:
         want = np.asarray(tokens, dtype=np.int64)
         return any(
             asked is not None and _common_prefix(np.asarray(held[: _offset(cache)], dtype=np.int64), want) > asked
-            for cache, held, asked in self.pending.values()
+            for cache, held, asked, _ in self.pending.values()
         )
 
     def decide(self, keep: Any = None) -> Changes:
@@ -267,7 +310,7 @@ class PromptCache:
         changes = Changes()
         if not self.enabled or self.index is None:
             return changes
-        for key, (cache, tokens, asked) in self.pending.items():
+        for key, (cache, tokens, asked, _) in self.pending.items():
             changes.decided.append(key)
             if keep is not None and key not in keep:
                 continue
@@ -287,15 +330,17 @@ class PromptCache:
             self.entries.clear()
             self.loose.clear()
             self._copied.clear()
+            self.bases.clear()
             if self.index is not None:
                 self.index.clear()
         for eid in changes.evict:
             self.entries.pop(eid, None)
             self.loose.pop(eid, None)
             self._copied.pop(eid, None)
+            self.bases.pop(eid, None)
         for key, eid in changes.keep.items():
-            cache, tokens, _ = self.pending[key]
-            self._put(eid, cache, len(tokens[: _offset(cache)]))
+            cache, tokens, _, base = self.pending[key]
+            self._put(eid, cache, len(tokens[: _offset(cache)]), base)
         for key in changes.decided:
             self.pending.pop(key, None)
 
@@ -303,11 +348,20 @@ class PromptCache:
         """Drop what an earlier batch or call that failed left pending (every rank alike)."""
         self.pending.clear()
 
-    def finished(self, key: Any, cache: list[Any], tokens: list[int], asked: Optional[int] = None) -> None:
+    def finished(
+        self, key: Any, cache: list[Any], tokens: list[int], asked: Optional[int] = None, base: Optional[Base] = None
+    ) -> None:
         """A sequence ended, ``cache`` holding (a prefix of) ``tokens`` (``asked``: its prompt's
-        tokens, a reply after them): rank 0 decides next about it."""
+        tokens, a reply after them; ``base``: where its cache began, :meth:`base`): rank 0
+        decides next about it."""
         if self.enabled:
-            self.pending[key] = (cache, list(tokens), asked)
+            self.pending[key] = (cache, list(tokens), asked, base)
+
+    def base(self, hit: Optional[Hit]) -> Optional[Base]:
+        """Where a sequence that starts at ``hit`` (:meth:`take`) begins, for its entry to share."""
+        if hit is None or hit.entry not in self.entries:
+            return None
+        return Base(hit.entry, self.entries[hit.entry], hit.tokens)
 
     def take(self, hit: Optional[Hit], model: Any) -> list[Any]:
         """A fresh prompt cache for a new sequence: ``hit``'s tokens of its entry (they stay in the
@@ -315,15 +369,21 @@ class PromptCache:
         cache = make_prompt_cache(model)
         if hit is None:
             return cache
-        for c, kv in zip(cache, self.entries[hit.entry]):
-            if kv is not None:
-                c.state = (kv[0][..., : hit.tokens, :], kv[1][..., : hit.tokens, :], hit.tokens)
+        for c, pieces in zip(cache, self.entries[hit.entry]):
+            if pieces is not None:
+                c.state = (*_first(pieces, hit.tokens), hit.tokens)
         return cache
 
-    def _put(self, eid: int, cache: list[Any], n: int) -> None:
+    def _put(self, eid: int, cache: list[Any], n: int, base: Optional[Base]) -> None:
         # a view of the sequence's n tokens for now; :meth:`compact` copies it
-        self.entries[eid] = [None if c.keys is None else (c.keys[..., :n, :], c.values[..., :n, :]) for c in cache]
+        self.entries[eid] = [
+            None if c.keys is None else [Piece(c.keys[..., :n, :], c.values[..., :n, :], False)] for c in cache
+        ]
         self.loose[eid] = 0
+        # it shares the tokens it began from, unless it goes on from the whole of that entry (a
+        # conversation's next turn, which replaces it: nothing would be shared)
+        if base is not None and SHARE_FROM <= base.tokens <= n and base.tokens < _entry_tokens(base.layers) - 1:
+            self.bases[eid] = base
 
     def stepped(self) -> None:
         """A step went by: the loose entries are a step older (``compact``'s ``aged``)."""
@@ -352,25 +412,70 @@ class PromptCache:
             entry = self.entries.get(eid)
             layer = self._copied.pop(eid, 0)
             while entry is not None and layer < len(entry) and (budget is None or not copies or spent < budget):
-                kv = entry[layer]
-                if kv is not None:
-                    entry[layer] = (mx.contiguous(kv[0]), mx.contiguous(kv[1]))
-                    copies += entry[layer]
-                    spent += kv[0].nbytes + kv[1].nbytes
+                if entry[layer] is not None:
+                    entry[layer], made = self._settle(eid, layer, entry[layer][0])
+                    copies += [a for p in made for a in (p.keys, p.values)]
+                    spent += sum(p.nbytes for p in made)
                 layer += 1
             if entry is not None and layer < len(entry):
                 self._copied[eid] = layer  # the budget is spent: the rest at the next call
                 break
             del self.loose[eid]
+            self.bases.pop(eid, None)
             done += 1
         mx.eval(copies)
         return done
+
+    def _settle(self, eid: int, layer: int, view: Piece) -> tuple[list[Piece], list[Piece]]:
+        """One layer of a loose entry as pieces the cache owns: those of the tokens its sequence
+        began from, shared with the entry they came from (cut where they end, once), then a
+        copy of the rest; and the pieces copied."""
+        base = self.bases.get(eid)
+        shared, made = self._share(base, layer) if base is not None else ([], [])
+        start = sum(p.tokens for p in shared)
+        if start >= view.tokens:
+            return shared, made
+        rest = view if not start else Piece(view.keys[..., start:, :], view.values[..., start:, :], False)
+        own = Piece(mx.contiguous(rest.keys), mx.contiguous(rest.values), True)
+        return [*shared, own], [*made, own]
+
+    def _share(self, base: Base, layer: int) -> tuple[list[Piece], list[Piece]]:
+        """The owned pieces of ``base``'s first tokens at ``layer`` (none if some are not owned yet,
+        or too many), the one they end inside cut in two where they end (every entry holding it
+        then holds the two halves), and the pieces that cut made."""
+        pieces = base.layers[layer]
+        out, made, t = [], [], 0
+        for p in list(pieces or ()):  # _replace cuts the list itself
+            if t >= base.tokens or not p.owned or len(out) >= MAX_PIECES - 1:
+                break
+            if t + p.tokens > base.tokens:
+                k = base.tokens - t
+                made = [
+                    Piece(mx.contiguous(p.keys[..., :k, :]), mx.contiguous(p.values[..., :k, :]), True),
+                    Piece(mx.contiguous(p.keys[..., k:, :]), mx.contiguous(p.values[..., k:, :]), True),
+                ]
+                self._replace(layer, p, made, base.layers)
+                p = made[0]
+            out.append(p)
+            t += p.tokens
+        return (out, made) if t == base.tokens else ([], [])
+
+    def _replace(self, layer: int, piece: Piece, halves: list[Piece], *more: list) -> None:
+        """``halves`` for ``piece`` at ``layer`` in every entry (and in ``more`` lists of layers)."""
+        lists = {id(x): x for x in [*self.entries.values(), *(b.layers for b in self.bases.values()), *more]}
+        for layers in lists.values():
+            pieces = layers[layer]
+            for i, p in enumerate(pieces or ()):
+                if p is piece:
+                    pieces[i : i + 1] = halves
+                    break
 
     def clear(self) -> None:
         self.apply(Changes(clear=True, decided=list(self.pending)))
 
     def status(self) -> CacheStatus:
-        held = sum(kv[0].nbytes + kv[1].nbytes for e in self.entries.values() for kv in e if kv is not None)
+        pieces = {id(p): p for e in self.entries.values() for layer in e if layer is not None for p in layer}
+        held = sum(p.nbytes for p in pieces.values())  # a piece entries share, once
         tokens = sum(_entry_tokens(e) for e in self.entries.values())
         s = CacheStatus(self.rank, self.enabled, self.why_off, len(self.entries), tokens, held, self.limit)
         if self.index is not None:
@@ -385,7 +490,23 @@ def _offset(cache: list[Any]) -> int:
 
 
 def _entry_tokens(entry: list) -> int:
-    return max((kv[0].shape[2] for kv in entry if kv is not None), default=0)
+    return max((sum(p.tokens for p in layer) for layer in entry if layer is not None), default=0)
+
+
+def _first(pieces: list[Piece], n: int) -> tuple[mx.array, mx.array]:
+    """The keys and values of a layer's first ``n`` tokens: a view of its first piece, or the
+    pieces joined (a copy; a prompt's prefill copies them again into its batch's cache)."""
+    keys, values, t = [], [], 0
+    for p in pieces:
+        if t >= n:
+            break
+        k = min(p.tokens, n - t)
+        keys.append(p.keys[..., :k, :])
+        values.append(p.values[..., :k, :])
+        t += k
+    if len(keys) == 1:
+        return keys[0], values[0]
+    return mx.concatenate(keys, axis=2), mx.concatenate(values, axis=2)
 
 
 # ------------------------------------------------------------------ one per loaded model
