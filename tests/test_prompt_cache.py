@@ -422,11 +422,30 @@ def test_entries_that_began_from_one_entry_hold_the_tokens_they_share_once():
     # entry 0 itself is whole still, now in two pieces
     got = pc.take(Hit(entry=0, tokens=300), _Model(2))
     assert all(mx.array_equal(c.keys, x).item() for c, x in zip(got, first))
+    # a third began from entry 1's first 100 tokens: the piece the three hold is cut there for
+    # all of them, and each still gives back its own tokens
+    start = pc.take(Hit(entry=1, tokens=100), _Model(2))
+    base = pc.base(Hit(entry=1, tokens=100))
+    third = [seq(20, 30 + j) for j in range(2)]
+    whole = [mx.concatenate([c.keys, t], axis=2) for c, t in zip(start, third)]
+    pc.finished(("seq", 3), [layer(x) for x in whole], list(range(100)) + [3000 + k for k in range(20)], base=base)
+    pc.apply(pc.decide())
+    pc.compact()
+    assert pc.status().bytes == (300 + 2 * 30 + 20) * per_token
+    assert [len(pieces) for pieces in pc.entries[0]] == [3, 3]  # [0:100], [100:200], [200:300]
+    expect = {0: first, 1: [mx.concatenate([x[..., :200, :], t], axis=2) for x, t in zip(first, tails[0])]}
+    expect[2] = [mx.concatenate([x[..., :200, :], t], axis=2) for x, t in zip(first, tails[1])]
+    expect[3] = [mx.concatenate([x[..., :100, :], t], axis=2) for x, t in zip(first, third)]
+    for eid, xs in expect.items():
+        got = pc.take(Hit(entry=eid, tokens=xs[0].shape[2]), _Model(2))
+        assert all(mx.array_equal(c.keys, x).item() for c, x in zip(got, xs)), eid
     # the entry they share from going leaves them whole
     pc.apply(_evict(pc, 0))
-    assert pc.status().bytes == (200 + 2 * 30) * per_token
+    assert pc.status().bytes == (200 + 2 * 30 + 20) * per_token
     got = pc.take(Hit(entry=2, tokens=230), _Model(2))
-    assert mx.array_equal(got[1].keys, mx.concatenate([first[1][..., :200, :], tails[1][1]], axis=2)).item()
+    assert mx.array_equal(got[1].keys, expect[2][1]).item()
+    # a whole entry's tokens (a next turn) or a few share nothing, and hold nothing for it
+    assert pc.base(Hit(entry=2, tokens=229)) is None and pc.base(Hit(entry=2, tokens=10)) is None
 
 
 class _Model:

@@ -358,10 +358,16 @@ class PromptCache:
             self.pending[key] = (cache, list(tokens), asked, base)
 
     def base(self, hit: Optional[Hit]) -> Optional[Base]:
-        """Where a sequence that starts at ``hit`` (:meth:`take`) begins, for its entry to share."""
+        """Where a sequence that starts at ``hit`` (:meth:`take`) begins, for its entry to share;
+        None where it would share nothing: too few tokens, or the whole entry (a conversation's
+        next turn, which replaces it). A base holds the entry's pieces until the sequence's own
+        entry is copied, so only those that will share get one."""
         if hit is None or hit.entry not in self.entries:
             return None
-        return Base(hit.entry, self.entries[hit.entry], hit.tokens)
+        layers = self.entries[hit.entry]
+        if not SHARE_FROM <= hit.tokens < _entry_tokens(layers) - 1:
+            return None
+        return Base(hit.entry, layers, hit.tokens)
 
     def take(self, hit: Optional[Hit], model: Any) -> list[Any]:
         """A fresh prompt cache for a new sequence: ``hit``'s tokens of its entry (they stay in the
@@ -380,9 +386,7 @@ class PromptCache:
             None if c.keys is None else [Piece(c.keys[..., :n, :], c.values[..., :n, :], False)] for c in cache
         ]
         self.loose[eid] = 0
-        # it shares the tokens it began from, unless it goes on from the whole of that entry (a
-        # conversation's next turn, which replaces it: nothing would be shared)
-        if base is not None and SHARE_FROM <= base.tokens <= n and base.tokens < _entry_tokens(base.layers) - 1:
+        if base is not None and base.tokens <= n:  # it shares the tokens it began from (see base())
             self.bases[eid] = base
 
     def stepped(self) -> None:
@@ -450,11 +454,15 @@ class PromptCache:
                 break
             if t + p.tokens > base.tokens:
                 k = base.tokens - t
-                made = [
-                    Piece(mx.contiguous(p.keys[..., :k, :]), mx.contiguous(p.values[..., :k, :]), True),
-                    Piece(mx.contiguous(p.keys[..., k:, :]), mx.contiguous(p.values[..., k:, :]), True),
-                ]
-                self._replace(layer, p, made, base.layers)
+                made = [Piece(mx.contiguous(p.keys[..., :k, :]), mx.contiguous(p.values[..., :k, :]), True)]
+                # the rest: a copy where an entry holds it; where only bases of entries gone do
+                # (they go once their sharers are copied), a view, not worth a copy
+                if any(any(q is p for q in e[layer] or ()) for e in self.entries.values()):
+                    rest = Piece(mx.contiguous(p.keys[..., k:, :]), mx.contiguous(p.values[..., k:, :]), True)
+                else:
+                    rest = Piece(p.keys[..., k:, :], p.values[..., k:, :], False)
+                self._replace(layer, p, [made[0], rest], base.layers)
+                made += [rest] if rest.owned else []
                 p = made[0]
             out.append(p)
             t += p.tokens
