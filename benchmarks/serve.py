@@ -2,7 +2,8 @@
 
     python benchmarks/serve.py [-n 1] [--model PATH] [--tokens 32] [--levels 1,8,32] [--requests 3]
                                [--system-words 3000] [--turns 6] [--chats 3] [--rounds 2]
-                               [--only distinct,shared,chat] [--no-line] [--steps] [--ours name=value,...]
+                               [--only distinct,shared,chat] [--no-line] [--steps] [--faults]
+                               [--ours name=value,...]
 
 Equal footing: by default both run on one rank (mlx_nb: a 1-rank cluster; mlx_lm.server: one
 process), so that neither pays for the other's processes; ``-n N`` runs mlx_nb on N ranks and
@@ -27,6 +28,11 @@ in this one, as in a notebook), streamed chat requests, greedy:
   ``--chats`` such conversations one after the other (each its own system prompt): the median
   first token of each turn over them, at turn 1 and at the last turn (one request's time
   swings by 1.3x on a 2-core machine).
+
+``--faults`` (Linux, one rank) counts the minor page faults and CPU seconds of each server's
+generating process (mlx_nb's rank, mlx_lm.server's process) and of this one over each scenario:
+on a CPU, MLX allocates with malloc, and a pass that finds no free room in the heap waits for
+the kernel's new pages.
 
 Before timing, each server runs every scenario once with other words of about the same lengths
 (every kernel built, on a GPU every operation's first use paid), so that no timed request finds
@@ -153,11 +159,37 @@ def at_once(client, model: str, prompts: list[list[list[dict]]], tokens: int) ->
     }
 
 
-def scenarios(clients: Clients, model: str, args, seed: int, server=None, requests: int = 1) -> dict:
+def usage(pids: list[int]) -> tuple[int, float, float]:
+    """Minor page faults (a page the kernel hands out or maps anew) and user and system CPU seconds
+    of processes ``pids`` so far (Linux's /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = [0, 0.0, 0.0]
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total[0] += int(fields[7])
+        total[1] += int(fields[11]) / tick
+        total[2] += int(fields[12]) / tick
+    return total[0], total[1], total[2]
+
+
+def scenarios(
+    clients: Clients, model: str, args, seed: int, server=None, requests: int = 1, pids: list[int] = ()
+) -> dict:
     """Every scenario once; ``seed`` picks the words (the warm-up uses others of the same lengths).
     ``requests``: each distinct-prompt client's, one after another. With mlx_nb's ``server``,
-    each result has its requests' first token in parts ("parts")."""
+    each result has its requests' first token in parts ("parts"). With the server's ``pids``, each
+    has their faults and CPU seconds over it ("usage"; a chat turn's summed over the chats), and
+    this process's ("here": mlx_nb's server answers HTTP and talks to its ranks in it)."""
     out = Parted(server)
+
+    def counted(ask, *a) -> dict:
+        before = (usage(pids), usage([os.getpid()])) if pids else None
+        r = ask(*a)
+        if pids:
+            r["usage"] = tuple(x - y for x, y in zip(usage(pids), before[0]))
+            r["here"] = tuple(x - y for x, y in zip(usage([os.getpid()]), before[1]))
+        return r
+
     if "distinct" in args.only:
         for n in args.levels:
             story = "Write a long story about {} ({}-{}-{})."
@@ -168,7 +200,7 @@ def scenarios(clients: Clients, model: str, args, seed: int, server=None, reques
                 ]
                 for i in range(n)
             ]
-            out["distinct", n] = clients.at_once(model, prompts, args.tokens)
+            out["distinct", n] = counted(clients.at_once, model, prompts, args.tokens)
     if "shared" in args.only:
         system = {"role": "system", "content": text(args.system_words, seed)}
         for wave in (1, 2):
@@ -176,19 +208,23 @@ def scenarios(clients: Clients, model: str, args, seed: int, server=None, reques
                 [system, {"role": "user", "content": f"Question {wave}.{i}: what does the {WORDS[i + 8 * wave]} do?"}]
                 for i in range(8)
             ]
-            out["shared", wave] = clients.at_once(model, [[p] for p in prompts], args.tokens)
+            out["shared", wave] = counted(clients.at_once, model, [[p] for p in prompts], args.tokens)
     if "chat" in args.only:
         turns: dict[int, list] = {turn: [] for turn in range(1, args.turns + 1)}
         for c in range(args.chats):
             messages = [{"role": "system", "content": text(300, seed + 1 + 100 * c)}]
             for turn in turns:
                 messages.append({"role": "user", "content": f"Tell me about the {WORDS[turn + seed % 7]} ({turn})."})
-                r = clients.ask(model, messages, args.tokens)
+                r = counted(clients.ask, model, messages, args.tokens)
                 messages.append({"role": "assistant", "content": r["text"]})
-                turns[turn].append((r["ttft"], server.first_tokens[-1] if server is not None else None))
+                first = server.first_tokens[-1] if server is not None else None
+                turns[turn].append((r["ttft"], first, (r.get("usage"), r.get("here"))))
         for turn, got in turns.items():
-            ttft, parts = statistics.median(t for t, _ in got), [p for _, p in got if p is not None]
+            ttft, parts = statistics.median(t for t, _, _ in got), [p for _, p, _ in got if p is not None]
             out["chat", turn] = {"tps": float("nan"), "ttft": ttft, "errors": [], "parts": FirstToken.median(parts)}
+            if pids:
+                out["chat", turn]["usage"] = tuple(map(sum, zip(*(u[0] for _, _, u in got))))
+                out["chat", turn]["here"] = tuple(map(sum, zip(*(u[1] for _, _, u in got))))
     return dict(out)
 
 
@@ -314,6 +350,11 @@ def main() -> None:
         help="record both servers' generator steps (benchmarks/steps.py) and print each scenario's",
     )
     parser.add_argument(
+        "--faults",
+        action="store_true",
+        help="count each server's minor page faults and CPU seconds over each scenario (Linux; one rank)",
+    )
+    parser.add_argument(
         "--ours",
         default="",
         help="options for mlx_nb's serve(), as name=value,... (say, prefill_batch=16)",
@@ -327,6 +368,8 @@ def main() -> None:
     args = parser.parse_args()
     args.levels = [int(x) for x in args.levels.split(",")]
     args.only = set(args.only.split(","))
+    if args.faults and (args.n != 1 or not Path("/proc/self/stat").exists()):
+        parser.error("--faults counts one process's page faults through Linux's /proc: one rank (-n 1), on Linux")
     if any("=" not in o or o.startswith("line=") for o in args.ours.split(",") if o):
         parser.error(f"--ours takes serve() options as name=value,... (line: --no-line), got {args.ours!r}")
     options = {k: ast.literal_eval(v) for k, v in (o.split("=", 1) for o in args.ours.split(",") if o)}
@@ -338,14 +381,15 @@ def main() -> None:
     best: dict = {}
     errors: list[str] = []
 
-    def run(name: str, url: str, served: str, nth: int, server=None) -> None:
+    def run(name: str, url: str, served: str, nth: int, server=None, pids: list[int] = ()) -> None:
         # both servers of a round get the same words (a random-weight model's first tokens with
         # text come after as many steps as its prompt makes); each round and warm-up others
         clients.url = url
         t0 = time.perf_counter()
         scenarios(clients, served, args, seed=1000 + nth)  # warm-up: other words, same shapes
         print(f"{name}: warmed up in {time.perf_counter() - t0:.0f} s", flush=True)
-        timed = scenarios(clients, served, args, seed=nth, server=server, requests=args.requests)
+        pids = pids if args.faults else ()
+        timed = scenarios(clients, served, args, seed=nth, server=server, requests=args.requests, pids=pids)
         for key, r in timed.items():
             errors.extend(f"{name} {key}: {e}" for e in r["errors"])
             have = best.get((name, *key))
@@ -358,6 +402,8 @@ def main() -> None:
             print(f"{name:6s} {key}: {r['tps']:7.1f} tok/s, first token {r['ttft']:.3f} s", flush=True)
         if records:
             print(steps_table(name, nth, records, timed), flush=True)
+        if pids:
+            print(usage_table(name, nth, timed), flush=True)
 
     with clients:
         model = None  # the folder mlx_nb's ranks load (the bundled model: its copy for this BLAS) is mlx_lm's too
@@ -371,9 +417,10 @@ def main() -> None:
                         model = model["model"]
                         if records:
                             cluster.call(_record_steps, str(Path(__file__).parent), f"{records}/{name}-{i}")
+                        pids = cluster.call(os.getpid)  # before serving: a serving cluster takes no calls
                         server = serve(cluster, port=0, line=args.line, **options)
                         try:
-                            run(name, server.url, server.model.id, i, server)
+                            run(name, server.url, server.model.id, i, server, pids)
                         finally:
                             server.stop()
                     continue
@@ -381,7 +428,7 @@ def main() -> None:
                 steps_to = f"{records}/{name}-{i}" if records else ""
                 theirs = launch_mlx_lm(args.n, model, args.pipeline, port, steps_to)  # never beside ours
                 try:
-                    run(name, f"http://127.0.0.1:{port}/v1", "default_model", i)
+                    run(name, f"http://127.0.0.1:{port}/v1", "default_model", i, pids=[theirs.pid])
                 finally:
                     os.killpg(theirs.pid, 15)
                     theirs.wait(30)
@@ -461,6 +508,24 @@ def steps_table(name: str, nth: int, records: str, timed: dict) -> Table:
         f"the generator's call (median: the server's own loop), and the seconds stepping"
     )
     return Table(["scenario", *fields], out, title)
+
+
+def usage_table(name: str, nth: int, timed: dict) -> Table:
+    """The serving process's page faults and CPU seconds over each of round ``nth``'s scenarios."""
+    rows = [
+        [" ".join(map(str, key)), str(r["usage"][0]), f"{r['usage'][1]:.2f}", f"{r['usage'][2]:.2f}"]
+        + [f"{r['here'][1]:.2f}", f"{r['here'][2]:.2f}"]
+        for key, r in timed.items()
+        if "usage" in r
+    ]
+    title = (
+        f"{name}'s generating process ({'its rank' if name == 'mlx_nb' else 'mlx_lm.server'}), round {nth + 1}: "
+        f"minor page faults (each a page the kernel handed out or mapped anew) and CPU seconds, user and "
+        f"system, over each scenario (a chat turn's: summed over the chats); and the CPU seconds of this "
+        f"benchmark's process, where mlx_nb's server answers HTTP (mlx_lm.server answers in its own)"
+    )
+    header = ["scenario", "minor faults", "user s", "system s", "here: user s", "system s"]
+    return Table(header, rows, title)
 
 
 def parts_table(best: dict, args) -> Table:
