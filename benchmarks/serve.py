@@ -3,7 +3,7 @@
     python benchmarks/serve.py [-n 1] [--model PATH] [--tokens 32] [--levels 1,8,32] [--requests 3]
                                [--system-words 3000] [--turns 6] [--chats 3] [--rounds 2]
                                [--only distinct,shared,chat] [--no-line] [--steps] [--faults]
-                               [--ours name=value,...]
+                               [--cache-limit 2GB] [--ours name=value,...]
 
 Equal footing: by default both run on one rank (mlx_nb: a 1-rank cluster; mlx_lm.server: one
 process), so that neither pays for the other's processes; ``-n N`` runs mlx_nb on N ranks and
@@ -355,6 +355,11 @@ def main() -> None:
         help="count each server's minor page faults and CPU seconds over each scenario (Linux; one rank)",
     )
     parser.add_argument(
+        "--cache-limit",
+        default=None,
+        help="mlx_nb's prompt cache per rank, as load_model takes it (say 700MB; default: its own)",
+    )
+    parser.add_argument(
         "--ours",
         default="",
         help="options for mlx_nb's serve(), as name=value,... (say, prefill_batch=16)",
@@ -413,7 +418,10 @@ def main() -> None:
                     # a new cluster each round, as mlx_lm.server is a new process: on CUDA a process
                     # keeps what it built for each prompt shape, which a kept rank would carry over
                     with Cluster(n=args.n) as cluster:
-                        model = load_model(cluster, args.model, pipeline=args.pipeline and args.n > 1, progress=False)
+                        pipeline = args.pipeline and args.n > 1
+                        model = load_model(
+                            cluster, args.model, pipeline=pipeline, progress=False, cache_limit=args.cache_limit
+                        )
                         model = model["model"]
                         if records:
                             cluster.call(_record_steps, str(Path(__file__).parent), f"{records}/{name}-{i}")
@@ -462,6 +470,7 @@ def main() -> None:
         f"{args.system_words} words; best of {args.rounds} rounds; {blas.what_computes()}"
         + ("" if args.line else "; mlx_nb through ipyparallel's channels (--no-line)")
         + (f"; mlx_nb with {args.ours}" if options else "")
+        + (f"; mlx_nb's prompt cache {args.cache_limit} a rank" if args.cache_limit is not None else "")
     )
     header = ["scenario", "mlx_nb tok/s", "mlx_lm.server tok/s", "tok/s ratio", "mlx_nb first token (s)"]
     print(Table(header + ["mlx_lm first token (s)", "first token ratio"], rows, title))
