@@ -495,11 +495,11 @@ def _record_steps(where: str, path: str) -> None:
 
 def steps_table(name: str, nth: int, records: str, timed: dict) -> Table:
     """What the generator of ``name``'s rank 0 did in each of round ``nth``'s timed scenarios."""
-    from steps import read, summary
+    from steps import IDLE, read, summary
 
     rows = read(f"{records}/{name}-{nth}")
     fields = ["steps", "prefilling", "prompt tokens", "tokens", "batch", "step ms", "decode-only ms"]
-    fields += ["with prefill ms", "between ms", "stepping s"]
+    fields += ["with prefill ms", "prefill call ms", "between ms", "stepping s"]
     out = []
     for key, r in timed.items():
         if "window" in r:
@@ -513,8 +513,9 @@ def steps_table(name: str, nth: int, records: str, timed: dict) -> Table:
     title = (
         f"{name}'s generator steps, round {nth + 1} (rank 0): steps begun in each scenario, those that "
         f"also prefilled, the tokens prefilled and made, sequences decoding after a step (mean), the time "
-        f"from a step's start to the next's (median; everything between steps included), of that the time outside "
-        f"the generator's call (median: the server's own loop), and the seconds stepping"
+        f"from a step's start to the next's (median; everything between steps included; a gap over "
+        f"{IDLE} s is waiting, not stepping: left out), a prefilling step's own call (median; a long prefill "
+        f"counts here), the time outside the generator's call (median: the server's own loop), and the seconds stepping"
     )
     return Table(["scenario", *fields], out, title)
 

@@ -66,6 +66,8 @@ def summary(rows: list[tuple[float, int, int, int, float]], start: float, end: f
         "step ms": med([g for g, _ in gaps]),
         "decode-only ms": med(decoding),
         "with prefill ms": med(prefilling),
+        # a step that prefilled, the generator's call alone: a long prefill (past IDLE) counts here
+        "prefill call ms": med([r[4] for r in inside if r[2] > 0]),
         # the server's own time between two steps (its loop, its threads): the step's start to the
         # next's, less the time inside the generator's call (which waits for the step before)
         "between ms": med([g - r[4] for g, r in gaps]),
