@@ -186,6 +186,29 @@ def test_the_cluster_magic_shows_and_empties_the_cache(pipeline_pair, capsys):
         magics.use(None)
 
 
+def test_emptying_the_cache_gives_its_memory_back_to_the_system(pipeline_pair):
+    def resident(trim: bool) -> int:  # defined here: the ranks get it by value, not from this module
+        """A rank's resident memory (Linux): what the system counts it as holding."""
+        from mlx_nb.rank import memory
+
+        if trim:  # what was freed before goes back: only what the clearing frees is measured
+            memory.give_back()
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) << 10 for line in f if line.startswith("VmRSS:"))
+
+    # a CPU rank keeps freed memory for its next batch (memory.keep_freed): not what a cache holds
+    story = "The keeper climbed the stairs to light the lamp before the storm. " * 40
+    prompts = [[{"role": "user", "content": f"Story {i}. {story}"}] for i in range(3)]
+    generate_batch(pipeline_pair, prompts, 2, quiet=True)
+    held = [r.bytes for r in prompt_cache(pipeline_pair).ranks]
+    assert all(h > 30 << 20 for h in held), held
+    before = pipeline_pair.call(resident, True)
+    prompt_cache(pipeline_pair, clear=True)
+    after = pipeline_pair.call(resident, False)
+    for rank, (b, a, h) in enumerate(zip(before, after, held)):
+        assert b - a > 0.8 * h, f"rank {rank}: {(b - a) >> 20} MiB went back of the {h >> 20} MiB the cache held"
+
+
 def test_the_chat_widget_says_what_came_from_the_cache_and_new_chat_empties_it(pipeline_pair):
     chat = ChatWidget(pipeline_pair, max_tokens=TOKENS, system=SYSTEM)
     chat.ask(TURNS[0], wait=True)

@@ -219,12 +219,14 @@ def load_on_rank(
     state.loaded = None  # its prompt cache with it: the entries are the old model's
     gc.collect()
     mx.clear_cache()
+    memory.give_back()
     mx.reset_peak_memory()
     group = session.world()
     model_, tokenizer = load(path, group, pipeline, split)
     inner = model_.model if pipeline else None
     layers = (inner.start_idx, inner.end_idx) if inner is not None else (0, len(model_.layers))
     cache = prompt_cache.setup(model_, group, cache_limit)
+    memory.keep_freed()  # a CPU rank: the next batch's KV cache reuses the last one's pages
     state.loaded = Loaded(model_, tokenizer, group, Origin(model, path, pipeline, split), cache)
     active, peak = memory.in_use()
     return LoadResult(state.rank, time.perf_counter() - t0, active, peak, cache.status(), layers, memory.budget())
@@ -243,6 +245,7 @@ def cache_on_rank(clear: bool, set_limit: bool, limit: Optional[int]) -> prompt_
     m = loaded()
     if clear:
         m.cache.clear()
+        memory.give_back()
     if set_limit:
         prompt_cache.set_limit(m.cache, limit, m.group)
     return m.cache.status()
