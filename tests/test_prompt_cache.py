@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 
 import ipyparallel as ipp
+import mlx.core as mx
 import openai
 import pytest
 from conftest import CHAT_SYSTEM as SYSTEM
@@ -20,6 +21,7 @@ from mlx_nb import magics
 from mlx_nb.batch import generate_batch
 from mlx_nb.generate import generate, load_model, prompt_cache
 from mlx_nb.models import prepare_bundled
+from mlx_nb.rank import memory
 from mlx_nb.widgets import ChatWidget
 
 
@@ -186,6 +188,10 @@ def test_the_cluster_magic_shows_and_empties_the_cache(pipeline_pair, capsys):
         magics.use(None)
 
 
+@pytest.mark.skipif(
+    memory._glibc() is None or mx.default_device().type == mx.gpu,
+    reason="a CPU rank keeps freed memory with glibc (Linux); a GPU's MLX keeps its own cache of buffers",
+)
 def test_emptying_the_cache_gives_its_memory_back_to_the_system(pipeline_pair):
     def resident(trim: bool) -> int:  # defined here: the ranks get it by value, not from this module
         """A rank's resident memory (Linux): what the system counts it as holding."""

@@ -19,7 +19,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any, Union
 
-from . import checkpoint
+from . import checkpoint, memory
 from .full_finetune import FullRun
 from .state import state
 from .training import LORA_OPTIONS, FinetuneConfig, FinetuneResult, Steps, StoppedAt, batches_from, global_mean_loss
@@ -218,6 +218,7 @@ def train_on_rank(cfg: dict) -> FinetuneResult:
     )
     run = None  # the model, its gradients and Adam's state go, and MLX's cache of their buffers
     mx.clear_cache()
+    memory.give_back()  # and what a CPU rank keeps of them (memory.keep_freed)
     return result
 
 

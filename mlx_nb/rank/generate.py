@@ -248,6 +248,7 @@ def cache_on_rank(clear: bool, set_limit: bool, limit: Optional[int]) -> prompt_
         memory.give_back()
     if set_limit:
         prompt_cache.set_limit(m.cache, limit, m.group)
+        memory.give_back()  # a lower limit evicted entries
     return m.cache.status()
 
 

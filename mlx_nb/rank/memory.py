@@ -96,6 +96,7 @@ def budget() -> Budget:
             return Budget(rank, int(total) // shared, BudgetSource.GPU, shared, gpu=True)
         total = info.get("max_recommended_working_set_size") or info.get("memory_size") or 0
         return Budget(rank, int(total) // local, BudgetSource.WORKING_SET, local, gpu=True)
+    give_back()  # what glibc keeps for this rank (keep_freed) counts as the host's, not as held
     held = mx.get_active_memory() + mx.get_cache_memory()
     return Budget(rank, host_available() // local + held, BudgetSource.HOST, local)
 
@@ -147,15 +148,14 @@ def keep_freed() -> bool:
     libc = _glibc()
     if libc is None or mx.default_device().type == mx.gpu:
         return False
-    return all(
-        libc.mallopt(option, value) == 1
-        for option, value in ((_M_TRIM_THRESHOLD, KEEP_FREED), (_M_MMAP_THRESHOLD, HEAP_UP_TO), (_M_TOP_PAD, 64 << 20))
-    )
+    options = ((_M_TRIM_THRESHOLD, KEEP_FREED), (_M_MMAP_THRESHOLD, HEAP_UP_TO), (_M_TOP_PAD, 64 << 20))
+    return all([libc.mallopt(option, value) == 1 for option, value in options])  # each, whatever the others
 
 
 def give_back() -> None:
     """Return the freed memory this process keeps to the system (glibc's ``malloc_trim``): where
     mlx_nb empties MLX's cache of buffers (a model going, the prompt cache emptied)."""
     libc = _glibc()
-    if libc is not None:
+    if libc is not None:  # every arena's free pages (the rank generates on the engine's main thread)
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
         libc.malloc_trim(0)
