@@ -2,7 +2,8 @@
 are prefilled only past what the cache holds, and the replies are the ones one mlx-lm process
 gives without any cache, token for token: chat turns on pipeline and tensor-parallel ranks, a
 batch, served requests through the official openai client. Eviction under a small limit,
-emptied by a load, and no entry from a client that left mid-stream."""
+emptied by a load, its memory back to the system once emptied (a CPU rank), and no entry from
+a client that left mid-stream."""
 
 from __future__ import annotations
 
