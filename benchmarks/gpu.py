@@ -2,6 +2,7 @@
 
     python benchmarks/gpu.py [--tokenizer .gpu/tokenizer] [--out DIR] [--budget 540] [--only ranks,demo]
     python benchmarks/gpu.py prepare    # here, before: the tokenizer and the wheels, in calls
+    python benchmarks/gpu.py prepare --cpu  # the same with MLX's CPU build: serve.py on its CPU cores
 
 On one machine with one NVIDIA GPU this runs, each stage in a process of its own and
 under one time budget:
@@ -32,7 +33,10 @@ The lent machine has no package registry. ``prepare`` (here, once) copies the bu
 tokenizer into ``.gpu/tokenizer`` and has ``scripts/carry-wheels.py`` download the wheels of
 ``benchmarks/gpu-wheels.txt`` into ``.whl/`` in calls that each carry less than the tool takes;
 it prints what each call carries and runs, the last call ending in this script
-(docs/carrying-wheels.md).
+(docs/carrying-wheels.md). ``prepare --cpu`` carries MLX's CPU build instead (cpu-wheels.txt,
+into ``.whl/cpu/``), and its last call runs ``benchmarks/serve.py`` on the machine's 16 CPU
+cores, quieter than a small VM's, with a random model of the bundled SmolLM2's shape in float32
+(``benchmarks/random_llama.py``).
 
 NCCL is not measured: it needs one GPU per rank (``mlx.launch`` gives rank r
 ``CUDA_VISIBLE_DEVICES=r``), and the ``ranks`` stage shows how mlx_nb refuses two ranks
@@ -75,6 +79,15 @@ from random_llama import write_random_llama
 ROOT = Path(__file__).resolve().parent.parent
 HERE = Path(__file__).resolve()
 WHEELS = HERE.parent / "gpu-wheels.txt"  # what the lent machine lacks, at the versions measured
+CPU_WHEELS = HERE.parent / "cpu-wheels.txt"  # the same with MLX's CPU build, for its CPU cores
+# prepare --cpu's command: the serving benchmark on the machine's CPU cores (quiet, 16 of them), with
+# a random model of the bundled SmolLM2's shape in float32 (what the bundled model's dense copy computes
+# here; the bundled model is not there, and a call carries 64 MiB)
+CPU_RUN = (
+    "python3 benchmarks/random_llama.py --shape smollm2 --dtype float32 --tokenizer {tokenizer} "
+    "/tmp/mlx_nb-random-smollm2 && python3 benchmarks/serve.py --model /tmp/mlx_nb-random-smollm2 "
+    "--rounds 2 --system-words 1000 --steps > $OUT/serve.txt 2>&1; tail -c 8000 $OUT/serve.txt"
+)
 # where the lent machine's CUDA libraries are: libmlx.so looks in $ORIGIN/../../nvidia/*/lib
 NVIDIA = "/opt/torch/.venv/lib/python3.12/site-packages/nvidia"
 
@@ -432,9 +445,10 @@ def run_stage(name: str, args, log, deadline: float):
 
 
 # ------------------------------------------------------------------ prepare (here)
-def prepare(wheels: Path, tokenizer: Path) -> int:
+def prepare(wheels: Path, tokenizer: Path, cpu: bool = False) -> int:
     """Here, once: the bundled model's tokenizer into ``tokenizer``, and scripts/carry-wheels.py
-    for the wheels of gpu-wheels.txt (it says what each call carries and runs)."""
+    for the wheels of gpu-wheels.txt (it says what each call carries and runs). ``cpu``: those
+    of cpu-wheels.txt (MLX's CPU build) into ``wheels/cpu``, for CPU_RUN."""
     from mlx_nb.models import bundled_model
 
     tokenizer.mkdir(parents=True, exist_ok=True)
@@ -442,9 +456,14 @@ def prepare(wheels: Path, tokenizer: Path) -> int:
         (tokenizer / name).write_bytes((bundled_model() / name).read_bytes())
     print(f"{tokenizer}: the bundled model's tokenizer")
     here = lambda p: os.path.relpath(p, ROOT)  # the calls run in the tree's root
-    run = f"python3 benchmarks/gpu.py --tokenizer {here(tokenizer)} --out $OUT"
-    cmd = [sys.executable, str(ROOT / "scripts" / "carry-wheels.py"), "-r", here(WHEELS), "--python", "3.12"]
-    cmd += ["--out", here(wheels), "--also", here(tokenizer.parent), "--link", f"nvidia={NVIDIA}", "--then", run]
+    tok = here(tokenizer)
+    if cpu:
+        reqs, out, link, run = CPU_WHEELS, wheels / "cpu", [], CPU_RUN.format(tokenizer=tok)
+    else:
+        reqs, out, link = WHEELS, wheels, ["--link", f"nvidia={NVIDIA}"]
+        run = f"python3 benchmarks/gpu.py --tokenizer {tok} --out $OUT"
+    cmd = [sys.executable, str(ROOT / "scripts" / "carry-wheels.py"), "-r", here(reqs), "--python", "3.12"]
+    cmd += ["--out", here(out), "--also", here(tokenizer.parent), *link, "--then", run]
     return subprocess.run(cmd, cwd=ROOT).returncode
 
 
@@ -468,10 +487,13 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=float, default=540, help="seconds for all stages together (default 540)")
     p.add_argument("--only", default=None, help="comma-separated stages to run (default all)")
     p.add_argument("--wheels", type=Path, default=ROOT / ".whl", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--cpu", action="store_true", help="prepare: MLX's CPU build and the serving benchmark on the CPU cores"
+    )
     p.add_argument("--json", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.command == "prepare":
-        return prepare(args.wheels, args.tokenizer)
+        return prepare(args.wheels, args.tokenizer, args.cpu)
     if args.command == "stage":
         Path(args.json).write_text(json.dumps(asdict(STAGES[args.stage].run(args)), default=str))
         return 0

@@ -74,13 +74,25 @@ def size_of(text: str) -> int:
     return int(number * (1024 if binary or not unit else 1000) ** " KMG".index(unit or " "))
 
 
+def read_requirements(path: Path) -> list[str]:
+    """One ``-r`` file's requirements (a ``#`` starts a comment); a line ``-r OTHER`` takes
+    OTHER's too, relative to this file, as pip's requirement files do."""
+    found = []
+    for line in path.read_text().splitlines():
+        if not (line := line.split("#", 1)[0].strip()):
+            continue
+        if line.startswith("-r"):
+            found += read_requirements(path.parent / line[2:].strip())
+        else:
+            found.append(line)
+    return found
+
+
 def requirements(args: argparse.Namespace) -> list[str]:
-    """The requirements given, and those of the ``-r`` files (a ``#`` starts a comment)."""
+    """The requirements given, and those of the ``-r`` files."""
     found = list(args.requirement)
     for path in args.r:
-        for line in Path(path).read_text().splitlines():
-            if line := line.split("#", 1)[0].strip():
-                found.append(line)
+        found += read_requirements(Path(path))
     if not found:
         raise SystemExit("carry-wheels: no requirements: name them (mlx==0.32.4) or give a file with -r")
     if loose := [r for r in found if "==" not in r]:
