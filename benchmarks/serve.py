@@ -2,7 +2,7 @@
 
     python benchmarks/serve.py [-n 1] [--model PATH] [--tokens 32] [--levels 1,8,32] [--requests 3]
                                [--system-words 3000] [--turns 6] [--chats 3] [--rounds 2]
-                               [--only distinct,shared,chat] [--no-line] [--steps] [--faults]
+                               [--only distinct,shared,chat] [--no-line] [--steps] [--phases] [--faults]
                                [--cache-limit 2GB] [--ours name=value,...]
 
 Equal footing: by default both run on one rank (mlx_nb: a 1-rank cluster; mlx_lm.server: one
@@ -28,6 +28,10 @@ in this one, as in a notebook), streamed chat requests, greedy:
   ``--chats`` such conversations one after the other (each its own system prompt): the median
   first token of each turn over them, at turn 1 and at the last turn (one request's time
   swings by 1.3x on a 2-core machine).
+
+``--phases`` (with ``--steps``) times the parts of each prefilling step in both servers (the merge
+of the new sequences' caches, the model's pass, the split into the decoding batch; steps.py), with
+the page faults over each.
 
 ``--faults`` (Linux, one rank) counts the minor page faults and CPU seconds of each server's
 generating process (mlx_nb's rank, mlx_lm.server's process) and of this one over each scenario:
@@ -88,7 +92,8 @@ blas.use()
 if os.environ.get("MLX_NB_STEPS"):  # --steps: its BatchGenerator's steps recorded, as on mlx_nb's ranks
     sys.path.insert(0, os.environ["MLX_NB_STEPS_FROM"])
     import steps
-    steps.install(os.environ["MLX_NB_STEPS"], int(os.environ.get("MLX_RANK", "0")))  # under mlx.launch, a file a rank
+    rank, phases = int(os.environ.get("MLX_RANK", "0")), bool(os.environ.get("MLX_NB_PHASES"))
+    steps.install(os.environ["MLX_NB_STEPS"], rank, phases)  # under mlx.launch, a file a rank
 sys.argv = ["mlx_lm.server"] + sys.argv[1:]
 from mlx_lm.server import main  # its classes must live in mlx_lm.server: ranks share requests pickled
 main()
@@ -245,7 +250,9 @@ class Parted(dict):
         super().__setitem__(key, result)
 
 
-def launch_mlx_lm(n: int, model: str, pipeline: bool, port: int, steps_to: str = "") -> subprocess.Popen:
+def launch_mlx_lm(
+    n: int, model: str, pipeline: bool, port: int, steps_to: str = "", phases: bool = False
+) -> subprocess.Popen:
     hub = tempfile.mkdtemp(prefix="hf-hub-")  # its /v1/models lists a Hugging Face cache, which must exist
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
         f.write(LAUNCHED)
@@ -267,6 +274,7 @@ def launch_mlx_lm(n: int, model: str, pipeline: bool, port: int, steps_to: str =
             "HF_HUB_CACHE": hub,
             "MLX_NB_STEPS": steps_to,
             "MLX_NB_STEPS_FROM": str(Path(__file__).parent),
+            "MLX_NB_PHASES": "1" if phases else "",
         },
     )
     deadline = time.monotonic() + 600
@@ -350,6 +358,12 @@ def main() -> None:
         help="record both servers' generator steps (benchmarks/steps.py) and print each scenario's",
     )
     parser.add_argument(
+        "--phases",
+        action="store_true",
+        help="with --steps: time the parts of each prefilling step in both servers (steps.py), each "
+        "evaluated where it happens, which costs a little",
+    )
+    parser.add_argument(
         "--faults",
         action="store_true",
         help="count each server's minor page faults and CPU seconds over each scenario (Linux; one rank)",
@@ -378,6 +392,7 @@ def main() -> None:
     if any("=" not in o or o.startswith("line=") for o in args.ours.split(",") if o):
         parser.error(f"--ours takes serve() options as name=value,... (line: --no-line), got {args.ours!r}")
     options = {k: ast.literal_eval(v) for k, v in (o.split("=", 1) for o in args.ours.split(",") if o)}
+    args.steps = args.steps or args.phases
     records = tempfile.mkdtemp(prefix="serve-steps-") if args.steps else ""
     clients = Clients()
     # killed (timeout, kill PID), the finally blocks below still stop mlx_lm.server, which runs
@@ -407,6 +422,8 @@ def main() -> None:
             print(f"{name:6s} {key}: {r['tps']:7.1f} tok/s, first token {r['ttft']:.3f} s", flush=True)
         if records:
             print(steps_table(name, nth, records, timed), flush=True)
+        if args.phases:
+            print(phases_table(name, nth, records, timed), flush=True)
         if pids:
             print(usage_table(name, nth, timed), flush=True)
 
@@ -424,7 +441,8 @@ def main() -> None:
                         )
                         model = model["model"]
                         if records:
-                            cluster.call(_record_steps, str(Path(__file__).parent), f"{records}/{name}-{i}")
+                            where, to = str(Path(__file__).parent), f"{records}/{name}-{i}"
+                            cluster.call(_record_steps, where, to, args.phases)
                         pids = cluster.call(os.getpid)  # before serving: a serving cluster takes no calls
                         server = serve(cluster, port=0, line=args.line, **options)
                         try:
@@ -434,7 +452,7 @@ def main() -> None:
                     continue
                 port = free_port()
                 steps_to = f"{records}/{name}-{i}" if records else ""
-                theirs = launch_mlx_lm(args.n, model, args.pipeline, port, steps_to)  # never beside ours
+                theirs = launch_mlx_lm(args.n, model, args.pipeline, port, steps_to, args.phases)  # never beside ours
                 try:
                     run(name, f"http://127.0.0.1:{port}/v1", "default_model", i, pids=[theirs.pid])
                 finally:
@@ -480,7 +498,7 @@ def main() -> None:
         print("error:", e)
 
 
-def _record_steps(where: str, path: str) -> None:
+def _record_steps(where: str, path: str, phases: bool = False) -> None:
     """On each rank: its generator's steps recorded to ``path`` (``steps.install``)."""
     import sys
 
@@ -490,7 +508,7 @@ def _record_steps(where: str, path: str) -> None:
     import steps
 
     group = world()
-    steps.install(path, group.rank() if group is not None else 0)
+    steps.install(path, group.rank() if group is not None else 0, phases)
 
 
 def steps_table(name: str, nth: int, records: str, timed: dict) -> Table:
@@ -518,6 +536,25 @@ def steps_table(name: str, nth: int, records: str, timed: dict) -> Table:
         f"counts here), the time outside the generator's call (median: the server's own loop), and the seconds stepping"
     )
     return Table(["scenario", *fields], out, title)
+
+
+def phases_table(name: str, nth: int, records: str, timed: dict) -> Table:
+    """The parts of the prefilling steps of ``name``'s rank 0 in each of round ``nth``'s scenarios."""
+    from steps import PHASES, read_phases
+
+    names = list(PHASES.values())
+    out = []
+    for key, r in timed.items():
+        if "window" in r:
+            got = read_phases(f"{records}/{name}-{nth}.phases", *r["window"])
+            cells = [f"{got[p][1] * 1000:.0f} ({got[p][2]})" if p in got else "-" for p in names]
+            out.append([" ".join(map(str, key)), *cells])
+    title = (
+        f"{name}'s prefilling steps in parts, round {nth + 1} (rank 0; steps.py --phases): each part's "
+        f"milliseconds over the scenario, summed, each evaluated where it happens (the process's minor "
+        f"page faults over it)"
+    )
+    return Table(["scenario", *names], out, title)
 
 
 def usage_table(name: str, nth: int, timed: dict) -> Table:

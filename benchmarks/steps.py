@@ -11,10 +11,19 @@ in mlx_nb: the last of a batch whose sequences all end at ``max_tokens``, which 
 without the generator's call (``mlx_nb.rank.batch._last_tokens``).
 
     python benchmarks/serve.py --steps ...   installs it in both servers and prints the table
+
+``install(path, phases=True)`` (``serve.py --phases``) also times the parts of a prefilling step,
+each evaluated where it happens (MLX is lazy: otherwise each part's work lands in the next one's
+evaluation), with the process's minor page faults over each, to ``path.phases``: the merge of the
+new sequences' caches into one batch cache (``merge``), that batch joined to the prompt batch
+(``join prompts``), the model's pass over the prompt tokens (``prefill pass``), the prefilled
+sequences split off (``split``) and joined to the decoding batch (``join decoding``). The extra
+evaluations cost a little: time a server's steps without them.
 """
 
 from __future__ import annotations
 
+import resource
 import statistics
 import time
 from pathlib import Path
@@ -22,9 +31,9 @@ from pathlib import Path
 IDLE = 0.5  # seconds between two steps past which the server was waiting for work, not stepping
 
 
-def install(path: str, rank: int = 0) -> None:
+def install(path: str, rank: int = 0, phases: bool = False) -> None:
     """Record every ``BatchGenerator`` step of this process to ``path`` (appended, a line each;
-    a rank other than 0 to ``path.rankN``)."""
+    a rank other than 0 to ``path.rankN``); ``phases``: the parts of a prefilling step too."""
     from mlx_lm.generate import BatchGenerator
 
     out = open(path if rank == 0 else f"{path}.rank{rank}", "a", buffering=1)  # noqa: SIM115 (open for the process's life)
@@ -40,6 +49,57 @@ def install(path: str, rank: int = 0) -> None:
 
     _next.__wrapped__ = step
     BatchGenerator._next = _next
+    if phases:
+        _install_phases(open(f"{out.name}.phases", "a", buffering=1))  # noqa: SIM115
+
+
+PHASES = {  # (class, method) of mlx-lm's generate module -> the part of a step it is
+    ("PromptProcessingBatch", "__init__"): "merge",
+    ("PromptProcessingBatch", "extend"): "join prompts",
+    ("PromptProcessingBatch", "prompt"): "prefill pass",
+    ("PromptProcessingBatch", "split"): "split",
+    ("GenerationBatch", "extend"): "join decoding",
+}
+
+
+def _install_phases(out) -> None:
+    import sys
+
+    import mlx.core as mx
+    import mlx_lm.generate
+
+    generate = sys.modules["mlx_lm.generate"]  # the module (``mlx_lm.generate`` is also a function)
+
+    def timed(method, name: str):
+        def call(self, *args, **kwargs):
+            t, f = time.time(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            got = method(self, *args, **kwargs)
+            caches = [self, got] if name == "split" else [self]  # split: both halves
+            mx.eval([c.state for b in caches for c in b.prompt_cache if not c.empty()])
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f
+            out.write(f"{t:.6f} {name.replace(' ', '_')} {time.time() - t:.6f} {faults}\n")
+            return got
+
+        call.__wrapped__ = method
+        return call
+
+    for (cls, method), name in PHASES.items():
+        klass = getattr(generate, cls)
+        real = getattr(klass, method)
+        setattr(klass, method, timed(getattr(real, "__wrapped__", real), name))
+
+
+def read_phases(path: str, start: float, end: float) -> dict[str, tuple[int, float, int]]:
+    """Each part's calls, seconds and page faults over the steps begun in [start, end)."""
+    got: dict[str, tuple[int, float, int]] = {}
+    if not Path(path).exists():
+        return got
+    for line in Path(path).read_text().splitlines():
+        t, name, took, faults = line.split()
+        if start <= float(t) < end:
+            n, s, f = got.get(name.replace("_", " "), (0, 0.0, 0))
+            got[name.replace("_", " ")] = (n + 1, s + float(took), f + int(faults))
+    return got
 
 
 def read(path: str) -> list[tuple[float, int, int, int, float]]:

@@ -92,6 +92,85 @@ def test_a_batch_sharing_a_system_prompt_prefills_it_once_and_equals_the_uncache
         assert held.bytes <= (held.tokens - (len(prompts) - 2) * system_tokens * 0.9) * per_token, (held, single)
 
 
+def test_prompts_from_the_cache_batch_and_split_as_in_mlx_lm_without_its_copies():
+    """A rank's batch merges prompts that start from the prompt cache with room for their new
+    tokens, and hands prefilled prompts to decoding without mlx-lm's copies of the batch's KV
+    cache (``rank/batch.py``: ``_Roomy``, ``_PromptBatch``): the same greedy tokens as mlx-lm's
+    own generator, whether the whole batch is prefilled at once (its cache handed over) or some
+    prompts go on prefilling (a small prefill step: the batch split). A small random llama: the
+    generator's bookkeeping is what is compared, at any model's size."""
+    import random
+
+    from mlx_lm.generate import BatchGenerator
+    from mlx_lm.models import llama
+    from mlx_lm.models.cache import KVCache, make_prompt_cache
+
+    from mlx_nb.rank import batch
+
+    mx.random.seed(0)
+    model = llama.Model(
+        llama.ModelArgs(
+            model_type="llama",
+            hidden_size=64,
+            num_hidden_layers=2,
+            intermediate_size=128,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rms_norm_eps=1e-5,
+            vocab_size=512,
+        )
+    )
+    mx.eval(model.parameters())
+    rng = random.Random(0)
+    system = [rng.randrange(512) for _ in range(300)]
+    held = make_prompt_cache(model)
+    model(mx.array([system]), cache=held)
+    mx.eval([c.state for c in held])
+    cut = [300, 297, 40, 300, 250, 299]  # where each prompt's cached tokens end
+    asks = [system + [rng.randrange(512) for _ in range(n)] for n in (5, 20, 12, 1, 9, 30)]
+
+    def cached(n: int) -> list:
+        out = []
+        for c in held:
+            layer = KVCache()
+            layer.state = (c.keys[..., :n, :], c.values[..., :n, :], n)
+            out.append(layer)
+        return out
+
+    splits = []
+    real_split = batch._PromptBatch.split
+
+    def split(self, indices):  # a spy: the real split runs
+        splits.append("all" if sorted(indices) == list(range(len(self.uids))) else "some")
+        return real_split(self, indices)
+
+    def run(step: int, ours: bool) -> list[list[int]]:
+        gen = BatchGenerator(model, completion_batch_size=8, prefill_batch_size=8, prefill_step_size=step)
+        caches = [cached(n) for n in cut]
+        if ours:
+            batch._lighter_splits(gen)
+            assert type(gen._prompt_batch) is batch._PromptBatch
+            caches = [batch._roomy(c) for c in caches]
+        uids = gen.insert([a[n:] for a, n in zip(asks, cut)], [16] * len(asks), caches=caches)
+        got = {u: [] for u in uids}
+        while responses := gen.next_generated():
+            for r in responses:
+                got[r.uid].append(r.token)
+        gen.close()
+        return [got[u] for u in uids]
+
+    batch._PromptBatch.split = split
+    try:
+        for step, way in ((2048, "all"), (16, "some")):
+            splits.clear()
+            ours, theirs = run(step, ours=True), run(step, ours=False)
+            assert ours == theirs, step
+            assert all(len(t) == 16 for t in ours) and len({tuple(r) for r in ours}) > 3  # replies differ
+            assert way in splits, (step, splits)
+    finally:
+        batch._PromptBatch.split = real_split
+
+
 @ipp.interactive  # run in the engine's namespace: this test module is not importable there
 def count_forward_passes(on: bool):
     """On a rank, from ``on=True`` to ``on=False``: the length of each input its model was called with."""
