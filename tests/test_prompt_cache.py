@@ -2,8 +2,9 @@
 are prefilled only past what the cache holds, and the replies are the ones one mlx-lm process
 gives without any cache, token for token: chat turns on pipeline and tensor-parallel ranks, a
 batch, served requests through the official openai client. Eviction under a small limit,
-emptied by a load, its memory back to the system once emptied (a CPU rank), and no entry from
-a client that left mid-stream."""
+emptied by a load, its memory back to the system once emptied (a CPU rank), one malloc arena a
+rank, no entry from a client that left mid-stream; prompts from the cache merged with room and
+split without copies, token for token as mlx-lm's own generator."""
 
 from __future__ import annotations
 
@@ -293,6 +294,36 @@ def test_emptying_the_cache_gives_its_memory_back_to_the_system(pipeline_pair):
     after = pipeline_pair.call(resident, False)
     for rank, (b, a, h) in enumerate(zip(before, after, held)):
         assert b - a > 0.8 * h, f"rank {rank}: {(b - a) >> 20} MiB went back of the {h >> 20} MiB the cache held"
+
+
+def test_a_rank_allocates_from_one_malloc_arena_whatever_thread_asks(pipeline_pair):
+    """glibc gives each thread that allocates an arena of its own, and MLX's CPU streams each run
+    on a thread: memory one stream freed did not serve the generation stream's next batch, which
+    waited for fresh pages instead. A rank starts with ``MALLOC_ARENA_MAX=1``: after generating,
+    its process still has one arena (glibc's ``malloc_info`` lists them)."""
+    if memory._glibc() is None:
+        pytest.skip("malloc arenas are glibc's")
+
+    def arenas() -> int:  # defined here: the ranks get it by value, not from this module
+        import ctypes
+        import os
+        import tempfile
+
+        libc = ctypes.CDLL(None)
+        libc.fopen.restype, libc.fopen.argtypes = ctypes.c_void_p, [ctypes.c_char_p, ctypes.c_char_p]
+        libc.malloc_info.argtypes, libc.fclose.argtypes = [ctypes.c_int, ctypes.c_void_p], [ctypes.c_void_p]
+        fd, path = tempfile.mkstemp()
+        os.close(fd)
+        f = libc.fopen(path.encode(), b"w")
+        libc.malloc_info(0, f)
+        libc.fclose(f)
+        with open(path) as text:
+            count = text.read().count("<heap nr=")
+        os.unlink(path)
+        return count
+
+    generate_batch(pipeline_pair, [[{"role": "user", "content": q}] for q in TURNS], 4, quiet=True)
+    assert pipeline_pair.call(arenas) == [1, 1]
 
 
 def test_the_chat_widget_says_what_came_from_the_cache_and_new_chat_empties_it(pipeline_pair):

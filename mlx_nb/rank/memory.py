@@ -35,7 +35,8 @@ from .state import state
 # back to the system as soon as its thresholds allow, so the next batch's KV cache waits for the
 # kernel's fresh pages (a wave of 8 prompts of 1,400 tokens: ~70 thousand page faults, 0.2-0.3 s of
 # its prefill on a 2-core VM). keep_freed() has glibc keep up to KEEP_FREED of it, as MLX's GPU
-# cache keeps buffers; give_back() returns it where mlx_nb already lets go of memory.
+# cache keeps buffers; give_back() returns it where mlx_nb already lets go of memory. What is kept
+# serves every thread only in one arena: a rank starts with MALLOC_ARENA_MAX=1 (engines/sets.py).
 KEEP_FREED = 1 << 30  # freed bytes at the heap's top kept for the next allocations
 HEAP_UP_TO = 32 << 20  # arrays up to this size come from the heap, not a mapping of their own
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3  # glibc's malloc.h
