@@ -63,12 +63,11 @@ PHASES = {  # (class, method) of mlx-lm's generate module -> the part of a step 
 
 
 def _install_phases(out) -> None:
-    import sys
+    import importlib
 
     import mlx.core as mx
-    import mlx_lm.generate
 
-    generate = sys.modules["mlx_lm.generate"]  # the module (``mlx_lm.generate`` is also a function)
+    generate = importlib.import_module("mlx_lm.generate")  # the module (``mlx_lm.generate`` is also a function)
 
     def timed(method, name: str):
         def call(self, *args, **kwargs):
