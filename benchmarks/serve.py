@@ -502,6 +502,7 @@ def _record_steps(where: str, path: str, phases: bool = False) -> None:
     """On each rank: its generator's steps recorded to ``path`` (``steps.install``)."""
     import sys
 
+    import mlx_nb.rank.batch  # noqa: F401 (its overrides of mlx-lm's batches, timed by --phases too)
     from mlx_nb.rank.session import world
 
     sys.path.insert(0, where)

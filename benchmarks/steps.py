@@ -17,8 +17,10 @@ each evaluated where it happens (MLX is lazy: otherwise each part's work lands i
 evaluation), with the process's minor page faults over each, to ``path.phases``: the merge of the
 new sequences' caches into one batch cache (``merge``), that batch joined to the prompt batch
 (``join prompts``), the model's pass over the prompt tokens (``prefill pass``), the prefilled
-sequences split off (``split``) and joined to the decoding batch (``join decoding``). The extra
-evaluations cost a little: time a server's steps without them.
+sequences split off (``split``) and joined to the decoding batch (``join decoding``). Subclasses
+loaded by then that override one of these (mlx_nb's rank: ``mlx_nb.rank.batch``) are timed as
+the part too, counted once with the mlx-lm method they call. The extra evaluations cost a little:
+time a server's steps without them.
 """
 
 from __future__ import annotations
@@ -64,17 +66,25 @@ PHASES = {  # (class, method) of mlx-lm's generate module -> the part of a step 
 
 def _install_phases(out) -> None:
     import importlib
+    import threading
 
     import mlx.core as mx
 
     generate = importlib.import_module("mlx_lm.generate")  # the module (``mlx_lm.generate`` is also a function)
+    inside = threading.local()  # a part that calls another (an override calling mlx-lm's) counts once
 
     def timed(method, name: str):
         def call(self, *args, **kwargs):
-            t, f = time.time(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-            got = method(self, *args, **kwargs)
-            caches = [self, got] if name == "split" else [self]  # split: both halves
-            mx.eval([c.state for b in caches for c in b.prompt_cache if not c.empty()])
+            if getattr(inside, "part", None):
+                return method(self, *args, **kwargs)
+            inside.part = name
+            try:
+                t, f = time.time(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                got = method(self, *args, **kwargs)
+                caches = [self, got] if name == "split" else [self]  # split: both halves
+                mx.eval([c.state for b in caches for c in b.prompt_cache if not c.empty()])
+            finally:
+                inside.part = None
             faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f
             out.write(f"{t:.6f} {name.replace(' ', '_')} {time.time() - t:.6f} {faults}\n")
             return got
@@ -82,10 +92,18 @@ def _install_phases(out) -> None:
         call.__wrapped__ = method
         return call
 
+    def overriding(klass: type, method: str):
+        """``klass`` and those of its subclasses loaded so far that define ``method`` themselves
+        (mlx_nb's rank overrides some: ``mlx_nb.rank.batch``)."""
+        if method in vars(klass):
+            yield klass
+        for sub in klass.__subclasses__():
+            yield from overriding(sub, method)
+
     for (cls, method), name in PHASES.items():
-        klass = getattr(generate, cls)
-        real = getattr(klass, method)
-        setattr(klass, method, timed(getattr(real, "__wrapped__", real), name))
+        for klass in overriding(getattr(generate, cls), method):
+            real = vars(klass)[method]
+            setattr(klass, method, timed(getattr(real, "__wrapped__", real), name))
 
 
 def read_phases(path: str, start: float, end: float) -> dict[str, tuple[int, float, int]]:
