@@ -318,16 +318,15 @@ def _roomy(cache: list[Any]) -> list[Any]:
 
 
 def _lighter_splits(gen: BatchGenerator) -> None:
-    """``gen``'s prompt batch as :class:`_PromptBatch` (mlx-lm 0.32; another is left as it is)."""
-    batch = getattr(gen, "_prompt_batch", None)
-    if PromptProcessingBatch is not None and type(batch) is PromptProcessingBatch and not batch.uids:
-        if set(vars(batch)) == _PROMPT_BATCH_FIELDS:
-            gen._prompt_batch = _PromptBatch.__new__(_PromptBatch)
-            gen._prompt_batch.__dict__.update(vars(batch))
-    decoding = getattr(gen, "_generation_batch", None)
-    if PromptProcessingBatch is not None and type(decoding) is GenerationBatch:
-        if not decoding.uids:
-            decoding.__class__ = _DecodeBatch
+    """``gen``'s empty batches as :class:`_PromptBatch` and :class:`_DecodeBatch` (mlx-lm 0.32's
+    fields; another mlx-lm's batches are left as they are)."""
+    if PromptProcessingBatch is None:
+        return
+    prompts, decoding = getattr(gen, "_prompt_batch", None), getattr(gen, "_generation_batch", None)
+    if type(prompts) is PromptProcessingBatch and not prompts.uids and set(vars(prompts)) == _PROMPT_BATCH_FIELDS:
+        prompts.__class__ = _PromptBatch
+    if type(decoding) is GenerationBatch and not decoding.uids:
+        decoding.__class__ = _DecodeBatch
 
 
 def _common(a: list[int], b: list[int]) -> int:
